@@ -1,0 +1,153 @@
+"""The in-memory buffer between hooks and writer, and the conversion of its records to Arrow tables.
+
+Hooks append plain tuples (one ``list.append``); ``Buffer.take`` hands what they appended to the writer
+thread. Conversion runs on the writer thread: it concatenates the device
+tensors once per flush, moves them to the host in one transfer per device, and reduces per-sample norms
+to batch means with numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from normtrace import schema
+
+OutputRecord = tuple[str, int, int, bool, bool, int, Tensor]
+"""(module, pass, epoch, grad_enabled, training, numel per sample, per-sample norms)."""
+ParamRecord = tuple[int, int, float, list[tuple[str, str, int]], list[Tensor]]
+"""(epoch, pass, time, [(module, param, numel)], norms in key order, one tensor per device group)."""
+MetricRecord = tuple[int, int, str, "float | Tensor", "str | None", float]
+"""(epoch, pass, name, value, split, time)."""
+EventRecord = tuple[int, int, str, float]
+"""(epoch, pass, name, time)."""
+
+
+class Buffer:
+    """Rows recorded since the last flush, one list per table."""
+
+    def __init__(self) -> None:
+        self.outputs: list[OutputRecord] = []
+        self.params: list[ParamRecord] = []
+        self.metrics: list[MetricRecord] = []
+        self.events: list[EventRecord] = []
+
+    def take(self) -> dict[str, list[Any]]:
+        """Hand over a copy of the non-empty lists and empty them in place.
+
+        The lists stay the same objects because hooks hold their bound ``append``; ``take`` runs on the
+        training thread, between hook calls.
+        """
+        taken = {}
+        for table in schema.TABLES:
+            rows = getattr(self, table)
+            if rows:
+                taken[table] = rows.copy()
+                rows.clear()
+        return taken
+
+
+def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
+    """Concatenate 1-d/0-d tensors (possibly on several devices) into one float64 host array, in order.
+
+    One concatenation and one transfer per device; runs on the writer thread, so a transfer that waits
+    for the device blocks only the writer.
+    """
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+    sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = np.empty(int(sizes.sum()), dtype=np.float64)
+    for device in devices:
+        idx = [i for i, t in enumerate(tensors) if t.device == device]
+        host = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu", torch.float64).numpy()
+        offset = 0
+        for i in idx:
+            out[starts[i] : starts[i] + sizes[i]] = host[offset : offset + sizes[i]]
+            offset += sizes[i]
+    return out
+
+
+def outputs_table(records: list[OutputRecord], rank: int) -> pa.Table:
+    """Reduce each record's per-sample norms to their mean and lay the records out as ``outputs`` rows."""
+    names, passes, epochs, grads, trains, numels, norms = zip(*records, strict=True)
+    batch = np.fromiter((t.shape[0] for t in norms), dtype=np.int64, count=len(norms))
+    starts = np.concatenate([[0], np.cumsum(batch)[:-1]])
+    means = np.add.reduceat(host_concat(norms), starts) / batch
+    columns = {
+        "pass": np.asarray(passes, dtype=np.int64),
+        "epoch": np.asarray(epochs, dtype=np.int32),
+        "module": names,
+        "norm": means.astype(np.float32),
+        "numel": np.asarray(numels, dtype=np.int64),
+        "batch": batch.astype(np.int32),
+        "grad_enabled": np.asarray(grads, dtype=bool),
+        "training": np.asarray(trains, dtype=bool),
+        "rank": np.full(len(records), rank, dtype=np.int32),
+    }
+    return pa.table(columns, schema=schema.OUTPUTS)
+
+
+def params_table(records: list[ParamRecord], rank: int) -> pa.Table:
+    """One ``params`` row per (collection, parameter)."""
+    counts = [len(keys) for _, _, _, keys, _ in records]
+    keys = [k for _, _, _, ks, _ in records for k in ks]
+    norms = host_concat([t for *_, parts in records for t in parts])
+    columns = {
+        "epoch": np.repeat([r[0] for r in records], counts).astype(np.int32),
+        "pass": np.repeat([r[1] for r in records], counts).astype(np.int64),
+        "module": [k[0] for k in keys],
+        "param": [k[1] for k in keys],
+        "norm": norms.astype(np.float32),
+        "numel": np.asarray([k[2] for k in keys], dtype=np.int64),
+        "rank": np.full(len(keys), rank, dtype=np.int32),
+        "time": np.repeat([r[2] for r in records], counts).astype(np.float64),
+    }
+    return pa.table(columns, schema=schema.PARAMS)
+
+
+def metrics_table(records: list[MetricRecord], rank: int) -> pa.Table:
+    """One ``metrics`` row per record; tensor values are moved to the host together."""
+    epochs, passes, names, values, splits, times = zip(*records, strict=True)
+    host = np.asarray([v if not isinstance(v, Tensor) else np.nan for v in values], dtype=np.float64)
+    on_device = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+    if on_device:
+        host[on_device] = host_concat([values[i] for i in on_device])
+    columns = {
+        "epoch": np.asarray(epochs, dtype=np.int32),
+        "pass": np.asarray(passes, dtype=np.int64),
+        "name": names,
+        "value": host,
+        "split": splits,
+        "rank": np.full(len(records), rank, dtype=np.int32),
+        "time": np.asarray(times, dtype=np.float64),
+    }
+    return pa.table(columns, schema=schema.METRICS)
+
+
+def events_table(records: list[EventRecord], rank: int) -> pa.Table:
+    """One ``events`` row per record."""
+    epochs, passes, names, times = zip(*records, strict=True)
+    columns = {
+        "epoch": np.asarray(epochs, dtype=np.int32),
+        "pass": np.asarray(passes, dtype=np.int64),
+        "name": names,
+        "rank": np.full(len(records), rank, dtype=np.int32),
+        "time": np.asarray(times, dtype=np.float64),
+    }
+    return pa.table(columns, schema=schema.EVENTS)
+
+
+CONVERTERS = {
+    "outputs": outputs_table,
+    "params": params_table,
+    "metrics": metrics_table,
+    "events": events_table,
+}
+"""Table name -> function turning that table's buffered records into an Arrow table."""

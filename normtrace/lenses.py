@@ -1,0 +1,259 @@
+"""Lenses: what to record. Each lens is a small configuration object that installs its own hooks.
+
+The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on a
+detached view of the output and append the resulting device tensor to the recorder's buffer; the batch
+mean, the transfer to the host and the Arrow conversion all happen later, on the writer thread.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from normtrace.recorder import Recorder
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = tuple(
+    getattr(nn, name) for name in nn.modules.activation.__all__ if name != "MultiheadAttention"
+)
+"""The ``torch.nn`` activation classes that ``OutputNorm`` hooks by default."""
+
+_ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+Selector = type[nn.Module] | str
+"""A module class (matches instances and subclasses) or a glob over dotted module names."""
+
+
+def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
+    for sel in selectors:
+        if isinstance(sel, str):
+            if fnmatch.fnmatchcase(name, sel):
+                return True
+        elif isinstance(module, sel):
+            return True
+    return False
+
+
+def _check_selectors(arg: str, selectors: Sequence[Selector]) -> tuple[Selector, ...]:
+    out = tuple(selectors)
+    for sel in out:
+        if not (isinstance(sel, str) or (isinstance(sel, type) and issubclass(sel, nn.Module))):
+            raise TypeError(f"OutputNorm({arg}=...) takes nn.Module classes or name globs, got {sel!r}")
+    return out
+
+
+def _selector_names(selectors: Sequence[Selector]) -> list[str]:
+    return [s if isinstance(s, str) else f"{s.__module__}.{s.__qualname__}" for s in selectors]
+
+
+def sample_norms(x: Tensor) -> Tensor | None:
+    """Per-sample L2 norms of ``x`` flattened from dim 1 (a 0-d or 1-d tensor is one sample), on its device.
+
+    Returns None for an empty batch. Half precision is accumulated in float32 so large norms don't overflow.
+    """
+    x = x.detach()
+    if x.ndim < 2:
+        x = x.reshape(1, -1)
+    elif x.ndim > 2:
+        x = x.flatten(1)
+    if x.shape[0] == 0:
+        return None
+    if not (x.is_floating_point() or x.is_complex()):
+        x = x.float()
+    return torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+
+
+def _flatten_output(name: str, out: Any) -> Iterator[tuple[str, Any]]:
+    """Yield ``(suffixed name, leaf)`` for the leaves of nested tuple/list/dict outputs."""
+    if isinstance(out, (tuple, list)):
+        for i, item in enumerate(out):
+            yield from _flatten_output(f"{name}.{i}", item)
+    elif isinstance(out, dict):
+        for key, item in out.items():
+            yield from _flatten_output(f"{name}.{key}", item)
+    else:
+        yield name, out
+
+
+@dataclass
+class OutputNorm:
+    """Norm of module outputs on every forward pass: batch mean of per-sample L2 norms.
+
+    Hooks the ``torch.nn`` activation modules, plus ``include``, minus ``exclude`` (classes or name globs).
+    ``skip_no_grad_pass`` skips passes run under ``torch.no_grad`` (e.g. a DQN's acting passes).
+    ``normalize_by_size`` is recorded in the run metadata; the raw norm and element count are always stored
+    and the analysis divides by sqrt(numel) when asked.
+    """
+
+    include: Sequence[Selector] = ()
+    exclude: Sequence[Selector] = ()
+    skip_no_grad_pass: bool = True
+    normalize_by_size: bool = False
+
+    def __post_init__(self) -> None:
+        self.include = _check_selectors("include", self.include)
+        self.exclude = _check_selectors("exclude", self.exclude)
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        """Whether the module called ``name`` gets an output hook."""
+        chosen = isinstance(module, ACTIVATIONS) or _matches(name, module, self.include)
+        return chosen and not _matches(name, module, self.exclude)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready description for the run metadata."""
+        return {
+            "type": "OutputNorm",
+            "include": _selector_names(self.include),
+            "exclude": _selector_names(self.exclude),
+            "skip_no_grad_pass": self.skip_no_grad_pass,
+            "normalize_by_size": self.normalize_by_size,
+        }
+
+    def install(self, rec: Recorder, named: Sequence[tuple[str, nn.Module]]) -> list[RemovableHandle]:
+        """Register a forward hook on every selected module; returns the handles."""
+        return [
+            module.register_forward_hook(self._hook(rec, name))
+            for name, module in named
+            if self.selects(name, module)
+        ]
+
+    def _hook(self, rec: Recorder, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        skip_no_grad = self.skip_no_grad_pass
+        append = rec._buffer.outputs.append
+
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            grad = torch.is_grad_enabled()
+            if skip_no_grad and not grad:
+                return
+            try:
+                if isinstance(out, Tensor):
+                    norms = sample_norms(out)
+                    if norms is not None:
+                        numel = out.numel() // norms.shape[0]
+                        append((name, rec._pass, rec._epoch, grad, module.training, numel, norms))
+                    return
+                for leaf_name, leaf in _flatten_output(name, out):
+                    if isinstance(leaf, Tensor):
+                        norms = sample_norms(leaf)
+                        if norms is not None:
+                            numel = leaf.numel() // norms.shape[0]
+                            append((leaf_name, rec._pass, rec._epoch, grad, module.training, numel, norms))
+                    else:
+                        rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
+            except Exception as exc:  # the training loop must never break on a shape we cannot handle
+                rec._note(name, "hook_error", f"{type(exc).__name__}: {exc}")
+
+        return hook
+
+
+@dataclass
+class ParameterNorm:
+    """L2 norm of each listed parameter of every module that has all of them, at each epoch tick.
+
+    ``Recorder.collect()`` takes the same measurement on demand. Norms are computed with grouped
+    ``torch._foreach_norm`` calls (one per device and dtype) and stay on the device until the writer runs.
+    """
+
+    parameters: Sequence[str] = ("weight", "bias")
+    normalize_by_size: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parameters, str) or not all(isinstance(p, str) for p in self.parameters):
+            raise TypeError(
+                f"ParameterNorm(parameters=...) takes a sequence of names, got {self.parameters!r}"
+            )
+        self.parameters = tuple(self.parameters)
+
+    def select(self, named: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, str, nn.Parameter]]:
+        """``(module, param, tensor)`` for every module owning all the listed parameters."""
+        chosen = []
+        for name, module in named:
+            own = dict(module.named_parameters(recurse=False))
+            if all(own.get(p) is not None for p in self.parameters):
+                chosen.extend((name, p, own[p]) for p in self.parameters)
+        return chosen
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready description for the run metadata."""
+        return {
+            "type": "ParameterNorm",
+            "parameters": list(self.parameters),
+            "normalize_by_size": self.normalize_by_size,
+        }
+
+
+def parameter_norms(
+    params: Sequence[tuple[str, str, Tensor]],
+) -> tuple[list[tuple[str, str, int]], list[Tensor]]:
+    """Keys ``(module, param, numel)`` and 1-d tensors of L2 norms in the same order, without a sync.
+
+    Parameters are grouped by (device, dtype) for ``torch._foreach_norm``; norms come back as float32.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (_, _, p) in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    keys: list[tuple[str, str, int]] = []
+    parts: list[Tensor] = []
+    with torch.no_grad():
+        for (_, dtype), idx in groups.items():
+            tensors = [params[i][2].detach() for i in idx]
+            if dtype.is_floating_point:
+                acc = _ACCUMULATE.get(dtype, dtype)
+            else:
+                tensors, acc = [t.float() for t in tensors], torch.float32
+            norms = torch._foreach_norm(tensors, 2, dtype=acc)
+            parts.append(torch.stack(norms).to(torch.float32))
+            keys.extend((params[i][0], params[i][1], params[i][2].numel()) for i in idx)
+    return keys, parts
+
+
+@dataclass
+class LossMetrics:
+    """Every value returned by ``loss_fn`` (hooked; split ``train`` with grad enabled, else ``val``), plus
+    the named metrics the user pushes with ``Recorder.push_metric``. Undeclared names are stored too.
+    """
+
+    loss_fn: nn.Module | None = None
+    metrics: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.loss_fn is not None and not isinstance(self.loss_fn, nn.Module):
+            raise TypeError(
+                f"LossMetrics(loss_fn=...) needs an nn.Module to hook (e.g. nn.MSELoss()), got "
+                f"{type(self.loss_fn).__name__}; for a plain function call Recorder.push_loss(value)"
+            )
+        self.metrics = tuple(self.metrics or ())
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready description for the run metadata."""
+        return {
+            "type": "LossMetrics",
+            "loss_fn": None if self.loss_fn is None else type(self.loss_fn).__name__,
+            "metrics": list(self.metrics),
+        }
+
+    def install(self, rec: Recorder) -> list[RemovableHandle]:
+        """Hook ``loss_fn`` so each value it returns becomes a ``loss`` row; returns the handles."""
+        if self.loss_fn is None:
+            return []
+
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not isinstance(out, Tensor) or out.numel() == 0:
+                rec._note("loss", "non_tensor_output", type(out).__name__)
+                return
+            value = out.detach()
+            value = value.reshape(()) if value.numel() == 1 else value.float().mean()
+            split = "train" if torch.is_grad_enabled() else "val"
+            rec._buffer.metrics.append((rec._epoch, rec._pass, "loss", value, split, time.time()))
+
+        return [self.loss_fn.register_forward_hook(hook)]
+
+
+Lens = OutputNorm | ParameterNorm | LossMetrics

@@ -1,0 +1,371 @@
+"""The Recorder: attaches lenses to a model, keeps the pass/epoch counters, and feeds the writer."""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import os
+import platform
+import socket
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from normtrace import __version__, schema
+from normtrace.buffer import Buffer
+from normtrace.errors import NormtraceError, RunDirError
+from normtrace.lenses import Lens, LossMetrics, OutputNorm, ParameterNorm, parameter_norms
+from normtrace.writer import ShardWriter, write_json_atomic
+
+ROOT_NAME = "(root)"
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dist_rank() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Recorder:
+    """Records what the lenses see into Arrow IPC shards under ``run_dir``, off the training thread.
+
+    ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), and every ``tick_epoch()``,
+    the buffered rows go to the writer thread; a killed run keeps every earlier flush. Use as a context
+    manager or call ``close()``; a recorder still open at interpreter exit is closed then.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        lenses: Sequence[Lens] = (),
+        *,
+        run_name: str | None = None,
+        flush_every: int = 1000,
+        flush_secs: float = 10.0,
+        overwrite: bool = False,
+        compression: str | None = "lz4",
+    ) -> None:
+        if int(flush_every) < 1:
+            raise ValueError(f"Recorder(flush_every=...) must be at least 1 pass, got {flush_every!r}")
+        if not float(flush_secs) > 0:
+            raise ValueError(f"Recorder(flush_secs=...) must be positive, got {flush_secs!r}")
+        self.output_norm: OutputNorm | None = None
+        self.parameter_norm: ParameterNorm | None = None
+        self.loss_metrics: LossMetrics | None = None
+        for lens in lenses:
+            slot = {
+                OutputNorm: "output_norm",
+                ParameterNorm: "parameter_norm",
+                LossMetrics: "loss_metrics",
+            }.get(type(lens))
+            if slot is None:
+                raise TypeError(
+                    f"Recorder(lenses=...): {lens!r} is not an OutputNorm, ParameterNorm or LossMetrics"
+                )
+            if getattr(self, slot) is not None:
+                raise ValueError(f"Recorder(lenses=...): more than one {type(lens).__name__} lens")
+            setattr(self, slot, lens)
+        self.lenses = tuple(lenses)
+
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = _dist_rank()
+        self.flush_every = int(flush_every)
+        self.flush_secs = float(flush_secs)
+        self._prepare_run_dir(overwrite)
+
+        self._buffer = Buffer()
+        self._pass = -1
+        self._epoch = 0
+        self._last_flush_pass = -1
+        self._last_flush_time = time.monotonic()
+        self._root: nn.Module | None = None
+        self._handles: list[RemovableHandle] = []
+        self._params: list[tuple[str, str, nn.Parameter]] = []
+        self._notes: dict[tuple[str, str], str] = {}
+        self._closed = False
+        self._meta = self._initial_meta(run_name)
+        try:
+            write_json_atomic(self.run_dir / schema.meta_name(self.rank), self._meta)
+        except OSError as exc:
+            raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
+        self._writer = ShardWriter(self.run_dir, self.rank, compression)
+        self._atexit = _close_at_exit_callback(self)
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ attaching
+
+    def attach(self, model: nn.Module) -> Recorder:
+        """Hook ``model`` (the root whose forward calls count as passes) with the configured lenses."""
+        self._check()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
+        if self._root is not None:
+            raise NormtraceError(
+                f"Recorder for {self.run_dir} is already attached to a {type(self._root).__name__}; "
+                "call detach() first"
+            )
+        named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
+        self._root = model
+        self._handles.append(model.register_forward_pre_hook(self._on_pass))
+        hooked: list[dict[str, str]] = []
+        if self.output_norm is not None:
+            self._handles += self.output_norm.install(self, named)
+            hooked = [
+                {"name": n, "class": type(m).__name__} for n, m in named if self.output_norm.selects(n, m)
+            ]
+        if self.parameter_norm is not None:
+            self._params = self.parameter_norm.select(named)
+        if self.loss_metrics is not None:
+            self._handles += self.loss_metrics.install(self)
+        classes = dict(named)
+        self._meta["root"] = type(model).__name__
+        self._meta["modules"] = {
+            "outputs": hooked,
+            "params": [
+                {
+                    "name": n,
+                    "class": type(classes[n]).__name__,
+                    "params": list(self.parameter_norm.parameters),
+                }
+                for n in dict.fromkeys(n for n, _, _ in self._params)
+            ]
+            if self.parameter_norm is not None
+            else [],
+        }
+        self._writer.submit_meta(dict(self._meta))
+        return self
+
+    def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
+        """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""
+        self._check()
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"Recorder.track_target(module): expected an nn.Module, got {type(module).__name__}"
+            )
+        self._check_name("track_target(event=...)", event)
+
+        def hook(mod: nn.Module, incompatible_keys: Any) -> None:
+            self._buffer.events.append((self._epoch, self._pass, event, time.time()))
+
+        self._handles.append(module.register_load_state_dict_post_hook(hook))
+        self._meta["targets"].append({"class": type(module).__name__, "event": event})
+        self._writer.submit_meta(dict(self._meta))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this recorder registered (outputs, root, loss, targets)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._root = None
+
+    # ------------------------------------------------------------------ recording
+
+    def push_metric(
+        self, name: str, value: float | int | Tensor | np.number, *, split: str | None = None
+    ) -> None:
+        """Record a named value (e.g. an episode's total reward); a tensor stays on its device until flush."""
+        self._check()
+        self._check_name("push_metric(name)", name)
+        self._buffer.metrics.append(
+            (self._epoch, self._pass, name, self._metric_value(name, value), split, time.time())
+        )
+        self._maybe_flush()
+
+    def push_loss(self, value: float | Tensor, *, train: bool | None = None) -> None:
+        """Record a loss value computed outside a hooked ``loss_fn``; ``train`` defaults to grad mode."""
+        self._check()
+        train = torch.is_grad_enabled() if train is None else train
+        value = self._metric_value("loss", value)
+        self._buffer.metrics.append(
+            (self._epoch, self._pass, "loss", value, "train" if train else "val", time.time())
+        )
+        self._maybe_flush()
+
+    def event(self, name: str) -> None:
+        """Mark an event (a learning-rate drop, a curriculum step) at the current pass and epoch."""
+        self._check()
+        self._check_name("event(name)", name)
+        self._buffer.events.append((self._epoch, self._pass, name, time.time()))
+        self._maybe_flush()
+
+    def collect(self) -> None:
+        """Record the parameter norms now (``ParameterNorm``), in addition to every epoch tick."""
+        self._check()
+        if self._params:
+            keys, norms = parameter_norms(self._params)
+            self._buffer.params.append((self._epoch, self._pass, time.time(), keys, norms))
+
+    def tick_epoch(self) -> None:
+        """Close the current epoch: record parameter norms, advance the epoch counter, flush."""
+        self.collect()
+        self._epoch += 1
+        self._flush()
+
+    def flush(self) -> None:
+        """Hand everything buffered to the writer and wait until it is on disk."""
+        self._check()
+        self._flush()
+        self._writer.wait()
+        self._check()
+
+    def close(self, status: str = "closed") -> None:
+        """Detach, write everything, finish the metadata and stop the writer. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        self.detach()
+        self._flush()
+        self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._pass + 1)
+        self._writer.submit_meta(dict(self._meta))
+        self._writer.close()
+        err = self._writer.take_error()
+        if err is not None:
+            raise err
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close("failed" if exc_type is not None else "closed")
+
+    @property
+    def epoch(self) -> int:
+        """Number of ``tick_epoch()`` calls so far."""
+        return self._epoch
+
+    @property
+    def passes(self) -> int:
+        """Number of forward calls of the attached root so far."""
+        return self._pass + 1
+
+    # ------------------------------------------------------------------ internals
+
+    def _on_pass(self, module: nn.Module, args: Any) -> None:
+        self._pass += 1
+        if (
+            self._pass - self._last_flush_pass > self.flush_every
+            or time.monotonic() - self._last_flush_time > self.flush_secs
+        ):
+            self._flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush_time > self.flush_secs:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._last_flush_pass = self._pass
+        self._last_flush_time = time.monotonic()
+        self._writer.submit_records(self._buffer.take())
+
+    def _note(self, module: str, kind: str, detail: str) -> None:
+        """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
+        if (module, kind) not in self._notes:
+            self._notes[(module, kind)] = detail
+            self._meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self._notes.items()]
+            self._writer.submit_meta(dict(self._meta))
+
+    def _check(self) -> None:
+        if self._closed:
+            raise NormtraceError(f"Recorder for {self.run_dir} is closed")
+        err = self._writer.take_error()
+        if err is not None:
+            raise err
+
+    @staticmethod
+    def _check_name(what: str, name: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Recorder.{what}: expected a non-empty string, got {name!r}")
+
+    @staticmethod
+    def _metric_value(name: str, value: Any) -> float | Tensor:
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"metric {name!r}: expected a single value, got a tensor of shape {tuple(value.shape)}"
+                )
+            return value.detach().reshape(())
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(())[()]
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"metric {name!r}: expected a number or a one-element tensor, got {value!r}"
+            ) from None
+
+    def _prepare_run_dir(self, overwrite: bool) -> None:
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+        meta = run_dir / schema.meta_name(self.rank)
+        mine = [meta] if meta.exists() else []
+        for table in schema.TABLES:
+            mine += sorted(schema.shard_dir(run_dir, table).glob(f"rank{self.rank}-*{schema.SHARD_SUFFIX}"))
+        if mine and not overwrite:
+            raise RunDirError(
+                f"run directory {run_dir} already holds a trace for rank {self.rank} ({mine[0]}); "
+                "choose a new directory or pass overwrite=True"
+            )
+        for path in mine:
+            path.unlink()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create run directory {run_dir}: {exc}") from exc
+
+    def _initial_meta(self, run_name: str | None) -> dict[str, Any]:
+        normalize = {
+            "outputs": bool(self.output_norm and self.output_norm.normalize_by_size),
+            "params": bool(self.parameter_norm and self.parameter_norm.normalize_by_size),
+        }
+        return {
+            "schema_version": schema.SCHEMA_VERSION,
+            "normtrace_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "run_name": run_name or self.run_dir.resolve().name,
+            "start_time": _utcnow(),
+            "end_time": None,
+            "status": "running",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "lenses": [lens.config() for lens in self.lenses],
+            "normalize": normalize,
+            "root": None,
+            "modules": {"outputs": [], "params": []},
+            "targets": [],
+            "metrics": list(self.loss_metrics.metrics) if self.loss_metrics else [],
+            "flush": {"every_passes": self.flush_every, "every_secs": self.flush_secs},
+            "notes": [],
+        }
+
+
+def _close_at_exit_callback(rec: Recorder) -> Any:
+    """An atexit callback that closes ``rec`` if it is still alive, without keeping it alive."""
+    ref = weakref.ref(rec)
+
+    def close_at_exit() -> None:
+        live = ref()
+        if live is not None:
+            live.close(status="exited")
+
+    return close_at_exit
