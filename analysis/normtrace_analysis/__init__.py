@@ -1,3 +1,38 @@
-"""normtrace_analysis: read normtrace traces lazily with Polars, summarise, find spikes, chart."""
+"""normtrace_analysis: read normtrace traces lazily with Polars, summarise, find spikes, chart.
+
+No torch needed: it reads only the documented trace format (Arrow IPC shards + meta.json).
+
+``trace = load("runs/cartpole")`` then ``trace.epoch_summary("outputs")``, ``trace.spikes("outputs")``,
+``trace.event_alignment("target_update")``.
+"""
+
+from .errors import (
+    CorruptShardError,
+    EmptyRunError,
+    MetaError,
+    MissingTableError,
+    RunNotFoundError,
+    SchemaVersionError,
+    SkippedShardsWarning,
+    TraceError,
+)
+from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
+from .trace import Trace, load
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "SCHEMA_VERSION",
+    "CorruptShardError",
+    "EmptyRunError",
+    "MetaError",
+    "MissingTableError",
+    "RunNotFoundError",
+    "SchemaVersionError",
+    "SkippedShardsWarning",
+    "Trace",
+    "TraceError",
+    "__version__",
+    "load",
+]

@@ -1,0 +1,68 @@
+"""What the reader requires of a trace: the schema version it understands and each table's columns.
+
+This mirrors ``docs/trace-format.md`` (schema version 1) without importing the recorder, so the analysis
+package runs where torch is not installed; a contract test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+SCHEMA_VERSION = 1
+"""Newest trace-format version this reader understands; newer traces are refused."""
+
+META_FILE = "meta.json"
+"""Rank 0's run metadata; rank r > 0 writes ``meta.rank{r}.json``."""
+
+SHARD_SUFFIX = ".arrow"
+"""Only files ending in this are shards (temporary ``.arrow.tmp`` files are ignored)."""
+
+REQUIRED_COLUMNS: dict[str, dict[str, pl.DataType]] = {
+    "outputs": {
+        "pass": pl.Int64(),
+        "epoch": pl.Int32(),
+        "module": pl.String(),
+        "norm": pl.Float32(),
+        "numel": pl.Int64(),
+        "batch": pl.Int32(),
+        "grad_enabled": pl.Boolean(),
+        "training": pl.Boolean(),
+        "rank": pl.Int32(),
+    },
+    "params": {
+        "epoch": pl.Int32(),
+        "pass": pl.Int64(),
+        "module": pl.String(),
+        "param": pl.String(),
+        "norm": pl.Float32(),
+        "numel": pl.Int64(),
+        "rank": pl.Int32(),
+        "time": pl.Float64(),
+    },
+    "metrics": {
+        "epoch": pl.Int32(),
+        "pass": pl.Int64(),
+        "name": pl.String(),
+        "value": pl.Float64(),
+        "split": pl.String(),
+        "rank": pl.Int32(),
+        "time": pl.Float64(),
+    },
+    "events": {
+        "epoch": pl.Int32(),
+        "pass": pl.Int64(),
+        "name": pl.String(),
+        "rank": pl.Int32(),
+        "time": pl.Float64(),
+    },
+}
+"""Per table, the columns (name -> Polars dtype) every shard must have; extra columns are allowed."""
+
+TABLES: tuple[str, ...] = tuple(REQUIRED_COLUMNS)
+"""The four trace tables, each a folder of shards under the run directory."""
+
+
+def check_table(table: str) -> None:
+    """Raise ``ValueError`` naming the valid tables when ``table`` is not one of them."""
+    if table not in REQUIRED_COLUMNS:
+        raise ValueError(f"unknown trace table {table!r}; expected one of {list(TABLES)}")

@@ -1,0 +1,448 @@
+"""Load one or more run directories lazily: validate shard footers with pyarrow, scan them with Polars.
+
+Nothing but ``meta.json`` files and shard footers is read at load time, so a run of many shards and tens
+of millions of rows loads in milliseconds; rows are read when a query collects.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from .errors import (
+    CorruptShardError,
+    EmptyRunError,
+    MetaError,
+    MissingTableError,
+    RunNotFoundError,
+    SchemaVersionError,
+    SkippedShardsWarning,
+)
+from .schema import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SHARD_SUFFIX, TABLES, check_table
+
+if TYPE_CHECKING:
+    from .spikes import Level
+
+PathLike = str | os.PathLike[str]
+SPLITS = ("train", "no_grad")
+"""Values of the derived ``split`` column of ``outputs``: grad-enabled passes vs ``torch.no_grad`` passes."""
+
+_SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)\.arrow$")
+_META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run directory as found at load: its name, metadata and the shards that passed validation."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    rank_metas: dict[int, dict[str, Any]]
+    shards: dict[str, list[tuple[Path, pl.Schema]]]
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """Row filters of a Trace; ``None`` (or no module spec) means no restriction; module specs all apply."""
+
+    modules: tuple[tuple[str, ...] | str, ...] = ()
+    split: tuple[str, ...] | None = None
+    epochs: tuple[int | None, int | None] | None = None
+    passes: tuple[int | None, int | None] | None = None
+    ranks: tuple[int, ...] | None = None
+    runs: tuple[str, ...] | None = None
+
+
+@dataclass
+class Trace:
+    """A lazily loaded set of runs; every table is a ``polars.LazyFrame`` with a ``run`` column.
+
+    ``outputs`` and ``params`` also carry ``value`` (float64: ``norm``, or ``norm / sqrt(numel)`` where
+    normalized) and ``outputs`` a ``split`` column ("train" when grad was enabled, else "no_grad").
+    Build one with :func:`load`; :meth:`filter` returns a narrower Trace, the original is unchanged.
+    """
+
+    _runs: list[_Run]
+    _normalize: dict[str, dict[str, bool]]
+    _base: dict[str, pl.LazyFrame]
+    skipped: list[Path]
+    _filters: _Filters = field(default_factory=_Filters)
+
+    @property
+    def runs(self) -> list[str]:
+        """Names of the loaded runs (directory names, suffixed ``#2``, ``#3`` … where two collide)."""
+        return [r.name for r in self._runs]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The first run's ``meta.json`` (rank 0's metadata)."""
+        return self._runs[0].meta
+
+    @property
+    def metas(self) -> dict[str, dict[str, Any]]:
+        """Every run's ``meta.json``, by run name."""
+        return {r.name: r.meta for r in self._runs}
+
+    @property
+    def rank_metas(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Per run, the metadata of every rank that wrote one (rank 0 is ``meta.json``)."""
+        return {r.name: r.rank_metas for r in self._runs}
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """Each run's directory, by run name."""
+        return {r.name: r.path for r in self._runs}
+
+    @property
+    def normalize(self) -> dict[str, dict[str, bool]]:
+        """Per run, whether ``value`` is ``norm / sqrt(numel)`` (True) or the raw norm, for outputs and params."""
+        return self._normalize
+
+    @property
+    def outputs(self) -> pl.LazyFrame:
+        """Per-module output norms, one row per module per recorded pass (filters applied)."""
+        return self.table("outputs")
+
+    @property
+    def params(self) -> pl.LazyFrame:
+        """Parameter norms, one row per parameter per collection (filters applied)."""
+        return self.table("params")
+
+    @property
+    def metrics(self) -> pl.LazyFrame:
+        """Losses and pushed metrics (filters on epochs, passes, ranks and runs applied)."""
+        return self.table("metrics")
+
+    @property
+    def events(self) -> pl.LazyFrame:
+        """Events such as ``target_update`` (filters on epochs, passes, ranks and runs applied)."""
+        return self.table("events")
+
+    def shards(self, table: str) -> list[Path]:
+        """The validated shard files of ``table`` across all runs (empty when no run recorded it)."""
+        check_table(table)
+        return [p for r in self._runs for p, _ in r.shards[table]]
+
+    def require(self, table: str) -> None:
+        """Raise :class:`MissingTableError` naming the folders searched when no run has ``table`` shards."""
+        if not self.shards(table):
+            where = ", ".join(str(r.path / table) for r in self._runs)
+            raise MissingTableError(
+                f"no {table} shards in {where}: the run recorded no {table} (is the lens attached?)",
+                self._runs[0].path / table,
+            )
+
+    def table(self, name: str) -> pl.LazyFrame:
+        """Any of the four tables by name, with this Trace's filters applied."""
+        check_table(name)
+        lf = self._base[name]
+        f = self._filters
+        conds: list[pl.Expr] = []
+        if f.runs is not None:
+            conds.append(pl.col("run").is_in(list(f.runs)))
+        if f.ranks is not None:
+            conds.append(pl.col("rank").is_in(list(f.ranks)))
+        for col, bounds in (("epoch", f.epochs), ("pass", f.passes)):
+            if bounds is not None:
+                lo, hi = bounds
+                if lo is not None:
+                    conds.append(pl.col(col) >= lo)
+                if hi is not None:
+                    conds.append(pl.col(col) <= hi)
+        if name in ("outputs", "params"):
+            for spec in f.modules:
+                conds.append(module_filter(spec))
+        if name == "outputs" and f.split is not None:
+            conds.append(pl.col("split").is_in(list(f.split)))
+        return lf.filter(*conds) if conds else lf
+
+    def filter(
+        self,
+        modules: Sequence[str] | str | None = None,
+        split: str | Sequence[str] | None = None,
+        epochs: int | tuple[int | None, int | None] | None = None,
+        passes: int | tuple[int | None, int | None] | None = None,
+        ranks: int | Sequence[int] | None = None,
+        runs: str | Sequence[str] | None = None,
+    ) -> Trace:
+        """A new Trace restricted to some rows; filters combine with this Trace's own (logical and).
+
+        ``modules``: a list of exact names, or a regex string (searched, so anchor it with ``^…$`` for an
+        exact match); applies to outputs and params. ``split``: "train" (grad-enabled passes) or "no_grad",
+        applies to outputs. ``epochs``/``passes``: an int or an inclusive ``(lo, hi)`` range, either end may
+        be None; with ``ranks`` and ``runs`` they apply to every table.
+        """
+        f = self._filters
+        if modules is not None:
+            if isinstance(modules, str):
+                re.compile(modules)
+            else:
+                modules = tuple(modules)
+            f = replace(f, modules=(*f.modules, modules))
+        if split is not None:
+            splits = (split,) if isinstance(split, str) else tuple(split)
+            bad = [s for s in splits if s not in SPLITS]
+            if bad:
+                raise ValueError(f"unknown split {bad[0]!r}; outputs splits are {list(SPLITS)}")
+            f = replace(f, split=_intersect(f.split, splits))
+        if epochs is not None:
+            f = replace(f, epochs=_narrow(f.epochs, epochs))
+        if passes is not None:
+            f = replace(f, passes=_narrow(f.passes, passes))
+        if ranks is not None:
+            f = replace(f, ranks=_intersect(f.ranks, (ranks,) if isinstance(ranks, int) else tuple(ranks)))
+        if runs is not None:
+            names = (runs,) if isinstance(runs, str) else tuple(runs)
+            unknown = [r for r in names if r not in self.runs]
+            if unknown:
+                raise ValueError(f"unknown run {unknown[0]!r}; loaded runs are {self.runs}")
+            f = replace(f, runs=_intersect(f.runs, names))
+        return replace(self, _filters=f)
+
+    def epoch_summary(self, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
+        """Per-epoch statistics of ``value`` per module (and param / split); see :mod:`.summary`."""
+        from .summary import epoch_summary
+
+        return epoch_summary(self, table)
+
+    def spikes(
+        self,
+        table: Literal["outputs", "params"] = "outputs",
+        level: Level = "pass",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+    ) -> pl.DataFrame:
+        """Spikes of each module's series with the nearest preceding event; see :func:`.spikes.spikes`."""
+        from .spikes import spikes
+
+        return spikes(
+            self, table, level=level, modules=modules, threshold=threshold, baseline_window=baseline_window
+        )
+
+    def event_alignment(
+        self,
+        event: str = "target_update",
+        window: int | None = None,
+        level: Level = "pass",
+        *,
+        table: Literal["outputs", "params"] = "outputs",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+    ) -> pl.DataFrame:
+        """Does spiking cluster right after ``event``? One row per series; see :func:`.spikes.event_alignment`."""
+        from .spikes import event_alignment
+
+        return event_alignment(
+            self,
+            event,
+            window=window,
+            level=level,
+            table=table,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+        )
+
+
+def load(
+    path: PathLike | Iterable[PathLike],
+    *,
+    normalize: bool | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> Trace:
+    """Open run directories lazily: a path, a list of paths, or a glob such as ``"runs/*"``.
+
+    ``normalize=None`` follows each run's ``meta["normalize"]`` (what the lenses asked for); True/False
+    forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` leaves out
+    corrupt or truncated shards with a :class:`SkippedShardsWarning` instead of raising.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    dirs = _expand(path)
+    skipped: list[Path] = []
+    runs: list[_Run] = []
+    taken: set[str] = set()
+    for d in dirs:
+        name = d.name or str(d)
+        unique, i = name, 1
+        while unique in taken:
+            i += 1
+            unique = f"{name}#{i}"
+        taken.add(unique)
+        runs.append(_open_run(d, unique, on_error, skipped))
+    if skipped:
+        listing = "\n  ".join(str(p) for p in skipped)
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable shard(s):\n  {listing}", SkippedShardsWarning, stacklevel=2
+        )
+    norm = {
+        r.name: {t: bool(normalize if normalize is not None else _meta_normalize(r.meta, t)) for t in TABLES}
+        for r in runs
+    }
+    base = {t: pl.concat([_scan(r, t, norm[r.name]) for r in runs], how="diagonal") for t in TABLES}
+    return Trace(runs, {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}, base, skipped)
+
+
+def _expand(path: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped."""
+    items = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not items:
+        raise RunNotFoundError("no run directory given", None)
+    dirs: list[Path] = []
+    for item in items:
+        s = os.fspath(item)
+        if not os.path.exists(s) and any(c in s for c in "*?["):
+            matches = sorted(p for p in glob.glob(s) if os.path.isdir(p))
+            if not matches:
+                raise RunNotFoundError(f"no run directory matches {s!r}", s)
+            dirs.extend(Path(m) for m in matches)
+        elif not os.path.isdir(s):
+            raise RunNotFoundError(f"run directory not found: {s}", s)
+        else:
+            dirs.append(Path(s))
+    return list({d.resolve(): d for d in dirs}.values())
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """Parse one metadata file and refuse a schema version newer than :data:`SCHEMA_VERSION`."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MetaError(f"cannot read run metadata {path}: {exc}", path) from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("schema_version"), int):
+        raise MetaError(f"{path} is not normtrace metadata: no integer 'schema_version'", path)
+    if meta["schema_version"] > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} has trace schema version {meta['schema_version']}, newer than the {SCHEMA_VERSION} "
+            "this normtrace_analysis understands: upgrade normtrace-analysis",
+            path,
+        )
+    return meta
+
+
+def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
+    """Read a run's metadata and validate every shard's footer and columns without reading rows."""
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        nested = sorted(p.parent.name for p in d.glob(f"*/{META_FILE}"))
+        hint = f" (it holds runs {nested[:5]}: pass '{d}/*' to load them)" if nested else ""
+        raise MetaError(f"{d} is not a normtrace run: no {META_FILE}{hint}", meta_path)
+    meta = _read_meta(meta_path)
+    rank_metas = {0: meta}
+    for p in d.iterdir():
+        m = _META_RANK.match(p.name)
+        if m:
+            rank_metas[int(m.group(1))] = _read_meta(p)
+    shards: dict[str, list[tuple[Path, pl.Schema]]] = {}
+    for table in TABLES:
+        folder = d / table
+        files = sorted(folder.glob(f"*{SHARD_SUFFIX}"), key=_shard_key) if folder.is_dir() else []
+        good = []
+        for f in files:
+            try:
+                good.append((f, _validate_shard(f, table)))
+            except CorruptShardError:
+                if on_error == "raise":
+                    raise
+                skipped.append(f)
+        shards[table] = good
+    if not any(shards.values()):
+        why = " (every shard was unreadable and skipped)" if any(p.is_relative_to(d) for p in skipped) else ""
+        raise EmptyRunError(f"run {d} has no shards in any of {'/, '.join(TABLES)}/{why}", d)
+    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards)
+
+
+def _shard_key(p: Path) -> tuple[int, int, str]:
+    """Sort shards by rank then sequence number (names outside the pattern last, by name)."""
+    m = _SHARD_NAME.match(p.name)
+    return (int(m.group(1)), int(m.group(2)), p.name) if m else (1 << 62, 0, p.name)
+
+
+_SCHEMA_CACHE: dict[pa.Schema, pl.Schema] = {}
+
+
+def _validate_shard(path: Path, table: str) -> pl.Schema:
+    """Open a shard's footer (memory-mapped, no rows read) and check its required columns and types."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            arrow_schema = ipc.open_file(source).schema
+    except (OSError, pa.ArrowException) as exc:
+        raise CorruptShardError(f"corrupt or truncated shard {path}: {exc}", path) from exc
+    schema = _SCHEMA_CACHE.get(arrow_schema)
+    if schema is None:
+        schema = _SCHEMA_CACHE[arrow_schema] = pl.from_arrow(arrow_schema.empty_table()).schema
+    for col, dtype in REQUIRED_COLUMNS[table].items():
+        if col not in schema:
+            raise CorruptShardError(f"shard {path} lacks the required {table} column {col!r}", path)
+        if schema[col] != dtype:
+            raise CorruptShardError(
+                f"shard {path}: column {col!r} is {schema[col]}, the trace format says {dtype}", path
+            )
+    return schema
+
+
+def _meta_normalize(meta: dict[str, Any], table: str) -> bool:
+    """What the recorder's lens asked for: ``meta["normalize"][table]`` (False when absent)."""
+    norm = meta.get("normalize") or {}
+    return bool(norm.get(table, False)) if isinstance(norm, dict) else False
+
+
+def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
+    """Lazy scan of one run's table (one scan per distinct shard schema) with the derived columns."""
+    groups: dict[tuple[tuple[str, pl.DataType], ...], list[str]] = {}
+    for path, schema in run.shards[table]:
+        groups.setdefault(tuple(schema.items()), []).append(str(path))
+    if groups:
+        lf = pl.concat([pl.scan_ipc(files) for files in groups.values()], how="diagonal")
+    else:
+        lf = pl.LazyFrame(schema=REQUIRED_COLUMNS[table])
+    derived = [pl.lit(run.name, dtype=pl.String).alias("run")]
+    if table in ("outputs", "params"):
+        value = pl.col("norm").cast(pl.Float64)
+        if normalize[table]:
+            value = value / pl.col("numel").cast(pl.Float64).sqrt()
+        derived.append(value.alias("value"))
+    if table == "outputs":
+        derived.append(
+            pl.when(pl.col("grad_enabled")).then(pl.lit("train")).otherwise(pl.lit("no_grad")).alias("split")
+        )
+    return lf.with_columns(derived)
+
+
+def _intersect(old: tuple | None, new: tuple) -> tuple:
+    """Values allowed by both an existing filter (None = all) and a new one."""
+    return new if old is None else tuple(v for v in old if v in new)
+
+
+def _narrow(
+    old: tuple[int | None, int | None] | None, new: int | tuple[int | None, int | None]
+) -> tuple[int | None, int | None]:
+    """Intersection of two inclusive ranges whose ends may be None (unbounded)."""
+    lo, hi = (new, new) if isinstance(new, int) else new
+    if old is None:
+        return lo, hi
+    olo, ohi = old
+    lo = olo if lo is None else (lo if olo is None else max(lo, olo))
+    hi = ohi if hi is None else (hi if ohi is None else min(hi, ohi))
+    return lo, hi
+
+
+def module_filter(spec: Sequence[str] | str) -> pl.Expr:
+    """Polars predicate on ``module``: a regex string is searched, a sequence of names matched exactly."""
+    if isinstance(spec, str):
+        return pl.col("module").str.contains(spec)
+    return pl.col("module").is_in(list(spec))
