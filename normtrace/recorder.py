@@ -89,7 +89,7 @@ class Recorder:
         self._buffer = Buffer()
         self._pass = -1
         self._epoch = 0
-        self._last_flush_pass = -1
+        self._flush_start = 0  # first pass of the buffer being filled
         self._last_flush_time = time.monotonic()
         self._root: nn.Module | None = None
         self._handles: list[RemovableHandle] = []
@@ -258,19 +258,19 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
-        self._pass += 1
         if (
-            self._pass - self._last_flush_pass > self.flush_every
+            self._pass + 1 - self._flush_start >= self.flush_every
             or time.monotonic() - self._last_flush_time > self.flush_secs
         ):
-            self._flush()
+            self._flush()  # hands over exactly the passes before this one
+        self._pass += 1
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush_time > self.flush_secs:
             self._flush()
 
     def _flush(self) -> None:
-        self._last_flush_pass = self._pass
+        self._flush_start = self._pass + 1
         self._last_flush_time = time.monotonic()
         self._writer.submit_records(self._buffer.take())
 

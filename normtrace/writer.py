@@ -8,6 +8,7 @@ user at the next call into the recorder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -116,8 +117,9 @@ class ShardWriter:
                 w.write_table(data)
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             self._fail(final, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
         self._seq[table] += 1
 

@@ -1,0 +1,382 @@
+"""The recorder's lenses against norms computed directly with torch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from recorder_models import SEED_OUTPUT_MODULES, QNetwork, expected_output_norms, read_table
+from torch import nn
+
+import normtrace as nt
+from normtrace import schema
+
+
+def seed_lenses(loss_fn: nn.Module | None = None) -> list:
+    return [
+        nt.LossMetrics(loss_fn=loss_fn, metrics=["total_reward", "smoothed_treward"]),
+        nt.OutputNorm(include=[nn.Identity], normalize_by_size=True),
+        nt.ParameterNorm(normalize_by_size=True),
+    ]
+
+
+def test_output_norms_are_batch_means_of_per_sample_norms(tmp_path):
+    torch.manual_seed(0)
+    model = QNetwork()
+    batches = [torch.randn(32, 4), torch.randn(7, 4), torch.randn(1, 4)]
+    with nt.Recorder(tmp_path, lenses=seed_lenses()) as rec:
+        rec.attach(model)
+        for x in batches:
+            model(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [p for p in range(3) for _ in SEED_OUTPUT_MODULES]
+    for p, x in enumerate(batches):
+        want = expected_output_norms(model, x)
+        got = {r["module"]: r for r in rows if r["pass"] == p}
+        assert list(got) == SEED_OUTPUT_MODULES
+        for name, value in want.items():
+            assert got[name]["norm"] == pytest.approx(value, rel=1e-5)
+            assert got[name]["batch"] == x.shape[0]
+            assert got[name]["numel"] == (2 if name == "net.output" else 128)
+            assert got[name]["grad_enabled"] and got[name]["training"]
+
+
+def test_no_grad_passes_are_skipped_but_counted(tmp_path):
+    model = QNetwork()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        model(torch.randn(4, 4))
+        with torch.no_grad():
+            model(torch.randn(4, 4))
+        model.eval()
+        model(torch.randn(4, 4))
+        assert rec.passes == 3
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert sorted({r["pass"] for r in rows}) == [0, 2]
+    assert {r["training"] for r in rows if r["pass"] == 2} == {False}
+
+
+def test_no_grad_passes_recorded_when_asked(tmp_path):
+    model = QNetwork()
+    x = torch.randn(5, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(skip_no_grad_pass=False)]) as rec:
+        rec.attach(model)
+        with torch.no_grad():
+            model(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert {r["grad_enabled"] for r in rows} == {False}
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == {
+        k: v for k, v in want.items() if k != "net.output"
+    }
+
+
+class Odd(nn.Module):
+    """Returns every shape the output hook must cope with."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor):
+        if self.kind == "tuple":
+            return x * 2, {"a": x + 1, "b": "not a tensor"}
+        if self.kind == "scalar":
+            return x.sum()
+        if self.kind == "vector":
+            return x.flatten()
+        if self.kind == "image":
+            return x.reshape(x.shape[0], 2, 2)
+        if self.kind == "int":
+            return (x > 0).long()
+        if self.kind == "bf16":
+            return (x * 1000).to(torch.bfloat16)
+        if self.kind == "empty":
+            return x[:0]
+        return None
+
+
+class OddNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds = ["tuple", "scalar", "vector", "image", "int", "bf16", "empty", "none"]
+        self.layers = nn.ModuleDict({k: Odd(k) for k in self.kinds})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            layer(x)
+        return x
+
+
+def test_structured_and_odd_outputs_never_break_training(tmp_path):
+    x = torch.randn(3, 4)
+    model = OddNet()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[Odd])]) as rec:
+        rec.attach(model)
+        model(x)
+    got = {r["module"]: r for r in read_table(tmp_path, "outputs").to_pylist()}
+
+    def per_sample_mean(t: torch.Tensor) -> float:
+        return torch.linalg.vector_norm(t.double().flatten(1), dim=1).mean().item()
+
+    assert got["layers.tuple.0"]["norm"] == pytest.approx(per_sample_mean(x * 2), rel=1e-5)
+    assert got["layers.tuple.1.a"]["norm"] == pytest.approx(per_sample_mean(x + 1), rel=1e-5)
+    # 0-d and 1-d outputs are one sample
+    assert got["layers.scalar"]["batch"] == 1
+    assert got["layers.scalar"]["norm"] == pytest.approx(abs(x.sum().item()), rel=1e-5)
+    assert got["layers.vector"]["batch"] == 1 and got["layers.vector"]["numel"] == 12
+    assert got["layers.vector"]["norm"] == pytest.approx(torch.linalg.vector_norm(x).item(), rel=1e-5)
+    # >2-d outputs are flattened from dim 1
+    assert got["layers.image"]["numel"] == 4
+    assert got["layers.image"]["norm"] == pytest.approx(per_sample_mean(x), rel=1e-5)
+    assert got["layers.int"]["norm"] == pytest.approx(per_sample_mean((x > 0).double()), rel=1e-5)
+    # bfloat16 is accumulated in float32: no overflow, error within bfloat16 rounding
+    assert got["layers.bf16"]["norm"] == pytest.approx(
+        per_sample_mean((x * 1000).to(torch.bfloat16)), rel=1e-3
+    )
+    assert "layers.empty" not in got and "layers.none" not in got
+    notes = {(n["module"], n["kind"]) for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
+    assert notes == {("layers.tuple.1.b", "non_tensor_output"), ("layers.none", "non_tensor_output")}
+
+
+def test_include_exclude_by_class_and_name():
+    model = QNetwork()
+    named = list(model.named_modules())
+    default = [n for n, m in named if nt.OutputNorm().selects(n, m)]
+    assert default == ["net.relu1", "net.relu2", "net.relu3", "net.relu4"]
+    lens = nt.OutputNorm(include=[nn.Identity, "net.lin1"], exclude=["net.relu[23]"])
+    assert [n for n, m in named if lens.selects(n, m)] == ["net.lin1", "net.relu1", "net.relu4", "net.output"]
+    with pytest.raises(TypeError, match="include"):
+        nt.OutputNorm(include=[42])
+
+
+def test_parameter_norms_at_ticks_and_collect(tmp_path):
+    torch.manual_seed(1)
+    model = QNetwork()
+    model.net.lin2.bias = None  # a module without every listed parameter is not tracked
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshots = []
+    with nt.Recorder(tmp_path, lenses=[nt.ParameterNorm()]) as rec:
+        rec.attach(model)
+        for _ in range(3):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.collect()
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            rec.tick_epoch()
+            snapshots.append(snapshots[-1])
+    rows = read_table(tmp_path, "params").to_pylist()
+    modules = sorted({r["module"] for r in rows})
+    assert modules == ["net.lin1", "net.lin3", "net.lin4", "net.lin_out"]
+    assert len(rows) == 6 * len(modules) * 2
+    for i, snapshot in enumerate(snapshots):
+        chunk = rows[i * 8 : (i + 1) * 8]
+        assert {r["epoch"] for r in chunk} == {i // 2}
+        for r in chunk:
+            tensor = snapshot[f"{r['module']}.{r['param']}"]
+            assert r["norm"] == pytest.approx(torch.linalg.vector_norm(tensor).item(), rel=1e-5)
+            assert r["numel"] == tensor.numel()
+
+
+def test_foreach_norm_groups_dtypes():
+    from normtrace.lenses import parameter_norms
+
+    params = [
+        ("a", "weight", torch.randn(3, 3)),
+        ("b", "weight", torch.randn(5, dtype=torch.float64)),
+        ("c", "weight", (torch.randn(4) * 300).to(torch.float16)),
+        ("d", "weight", torch.arange(6)),
+    ]
+    keys, parts = parameter_norms(params)
+    norms = torch.cat(parts)
+    by_key = {k[0]: v.item() for k, v in zip(keys, norms, strict=True)}
+    for name, _, tensor in params:
+        want = torch.linalg.vector_norm(tensor.double()).item()
+        assert by_key[name] == pytest.approx(want, rel=1e-3)
+
+
+def test_losses_metrics_and_events(tmp_path):
+    model, target = QNetwork(), QNetwork()
+    loss_fn = nn.MSELoss()
+    losses = []
+    with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn)) as rec:
+        rec.attach(model)
+        rec.track_target(target)
+        for epoch in range(4):
+            y = model(torch.randn(6, 4))
+            losses.append(("train", loss_fn(y, torch.zeros_like(y)).item()))
+            with torch.no_grad():
+                losses.append(("val", loss_fn(y, torch.ones_like(y)).item()))
+            rec.push_metric("total_reward", 10.0 * epoch)
+            rec.push_metric("not_declared", torch.tensor(epoch + 0.5))
+            rec.push_metric("numpy_value", np.float32(2.5), split="val")
+            rec.tick_epoch()
+            if epoch % 2 == 0:
+                target.load_state_dict(model.state_dict())
+        rec.event("lr_drop")
+        rec.push_loss(3.25, train=False)
+    metrics = read_table(tmp_path, "metrics").to_pylist()
+    loss_rows = [(r["split"], r["value"]) for r in metrics if r["name"] == "loss"]
+    assert loss_rows == [(s, pytest.approx(v, rel=1e-6)) for s, v in losses] + [("val", 3.25)]
+    assert [r["value"] for r in metrics if r["name"] == "total_reward"] == [0.0, 10.0, 20.0, 30.0]
+    assert [r["split"] for r in metrics if r["name"] == "total_reward"] == [None] * 4
+    assert [r["value"] for r in metrics if r["name"] == "not_declared"] == [0.5, 1.5, 2.5, 3.5]
+    assert {r["split"] for r in metrics if r["name"] == "numpy_value"} == {"val"}
+    events = read_table(tmp_path, "events").to_pylist()
+    assert [(e["name"], e["epoch"], e["pass"]) for e in events] == [
+        ("target_update", 1, 0),
+        ("target_update", 3, 2),
+        ("lr_drop", 4, 3),
+    ]
+
+
+def test_bad_metric_values_name_the_metric(tmp_path):
+    with nt.Recorder(tmp_path) as rec:
+        with pytest.raises(TypeError, match="'reward'"):
+            rec.push_metric("reward", "high")
+        with pytest.raises(ValueError, match="'q'.*shape"):
+            rec.push_metric("q", torch.ones(3))
+        with pytest.raises(ValueError, match="push_metric"):
+            rec.push_metric("", 1.0)
+        rec.push_metric("ok", 1.0)
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["ok"]
+    with pytest.raises(TypeError, match="plain function"):
+        nt.LossMetrics(loss_fn=torch.nn.functional.mse_loss)
+
+
+def test_detach_and_close_remove_every_hook(tmp_path):
+    model, target, loss_fn = QNetwork(), QNetwork(), nn.MSELoss()
+    rec = nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn))
+    rec.attach(model)
+    rec.track_target(target)
+
+    def hook_count() -> int:
+        count = 0
+        for module in [*model.modules(), *target.modules(), loss_fn]:
+            count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            count += len(module._load_state_dict_post_hooks)
+        return count
+
+    assert hook_count() == 5 + 1 + 1 + 1  # outputs, root pass counter, loss, target
+    rec.detach()
+    assert hook_count() == 0
+    rec.attach(model)
+    assert hook_count() == 5 + 1 + 1
+    rec.close()
+    assert hook_count() == 0
+    with pytest.raises(nt.NormtraceError, match="closed"):
+        rec.push_metric("late", 1.0)
+
+
+def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
+    model = QNetwork()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=10, flush_secs=3600) as rec:
+        rec.attach(model)
+        for _ in range(35):
+            model(torch.randn(2, 4))
+        rec._writer.wait()
+        shards = sorted((tmp_path / "outputs").glob("*.arrow"))
+        assert [s.name for s in shards] == [schema.shard_name(0, i) for i in (1, 2, 3)]
+        passes = read_table(tmp_path, "outputs").column("pass").to_pylist()
+        assert sorted(set(passes)) == list(range(30))
+    assert sorted(set(read_table(tmp_path, "outputs").column("pass").to_pylist())) == list(range(35))
+
+
+def test_shards_match_the_schema_and_scan_with_polars(tmp_path):
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn), flush_every=3) as rec:
+        rec.attach(model)
+        rec.track_target(QNetwork())
+        for _ in range(2):
+            for _ in range(7):
+                y = model(torch.randn(4, 4))
+                loss_fn(y, y.detach() + 1)
+            rec.push_metric("total_reward", 1.0)
+            rec.event("marker")
+            rec.tick_epoch()
+    for table, expected in schema.TABLES.items():
+        files = sorted((tmp_path / table).glob("*.arrow"))
+        assert files, table
+        for f in files:
+            assert pa_schema(f).equals(expected), f
+        frame = pl.scan_ipc(str(tmp_path / table / "*.arrow")).collect()
+        assert frame.columns == expected.names
+    outputs = pl.scan_ipc(str(tmp_path / "outputs" / "*.arrow")).collect()
+    assert outputs.height == 14 * 5
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["schema_version"] == schema.SCHEMA_VERSION
+    assert meta["status"] == "closed" and meta["epochs"] == 2 and meta["passes"] == 14
+    assert meta["normalize"] == {"outputs": True, "params": True}
+    assert [m["name"] for m in meta["modules"]["outputs"]] == SEED_OUTPUT_MODULES
+
+
+def pa_schema(path):
+    import pyarrow as pa
+
+    return pa.ipc.open_file(path).schema
+
+
+def test_existing_trace_is_not_overwritten_by_accident(tmp_path):
+    with nt.Recorder(tmp_path) as rec:
+        rec.push_metric("x", 1.0)
+    with pytest.raises(nt.RunDirError, match=str(tmp_path)):
+        nt.Recorder(tmp_path)
+    assert read_table(tmp_path, "metrics").num_rows == 1
+    with nt.Recorder(tmp_path, overwrite=True) as rec:
+        rec.push_metric("y", 2.0)
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["y"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(nt.RunDirError, match="not a directory"):
+        nt.Recorder(tmp_path / "file")
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="flush_every"):
+        nt.Recorder(tmp_path, flush_every=0)
+    with pytest.raises(TypeError, match="lenses"):
+        nt.Recorder(tmp_path, lenses=["OutputNorm"])
+    with pytest.raises(ValueError, match="more than one OutputNorm"):
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), nt.OutputNorm()])
+    with nt.Recorder(tmp_path) as rec:
+        with pytest.raises(TypeError, match="attach"):
+            rec.attach("model")
+        rec.attach(QNetwork())
+        with pytest.raises(nt.NormtraceError, match="already attached"):
+            rec.attach(QNetwork())
+
+
+def test_writer_failure_surfaces_with_the_path_and_loses_nothing(tmp_path):
+    model = QNetwork()
+    (tmp_path / "outputs").write_text("a file where the outputs folder should be")
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()])
+    rec.attach(model)
+    for _ in range(3):
+        model(torch.randn(2, 4))
+    rec.tick_epoch()
+    rec._writer.wait()
+    with pytest.raises(nt.WriterError, match=r"outputs.rank0-000001\.arrow") as info:
+        rec.push_metric("after", 1.0)
+    assert info.value.path.parent == tmp_path / "outputs"
+    (tmp_path / "outputs").unlink()  # the user fixes the disk; the kept rows are retried
+    for _ in range(2):
+        model(torch.randn(2, 4))
+    rec.close()
+    passes = read_table(tmp_path, "outputs").column("pass").to_pylist()
+    assert sorted(set(passes)) == list(range(5))
+    assert read_table(tmp_path, "metrics").num_rows == 0  # push_metric raised before recording
+
+
+def test_nan_and_inf_outputs_are_recorded_not_dropped(tmp_path):
+    model = nn.Sequential(nn.ReLU())
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 1.0], [3.0, 4.0]])
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        model(x)
+        model(x[2:])
+    norms = read_table(tmp_path, "outputs").column("norm").to_pylist()
+    assert math.isnan(norms[0]) and norms[1] == pytest.approx(5.0)
