@@ -248,7 +248,7 @@ def synthetic_dqn(
     events = {
         "epoch": sync_epochs.astype(np.int32),
         "pass": (sync_epochs * per_epoch - 1).astype(np.int64),
-        "name": np.array(["target_update"] * len(sync_epochs)),
+        "name": np.full(len(sync_epochs), "target_update", dtype=object),
     }
     train_idx = np.flatnonzero(grad)
     numel = {m: int(2 ** (3 + i)) for i, m in enumerate(modules)}
