@@ -9,7 +9,7 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = os.environ.get("NORMTRACE_PYTHON", "3.11")
+PYTHON = os.environ.get("NORMTRACE_PYTHON")  # default: the interpreter running nox
 
 
 def _install_project(session: nox.Session, *extras: str) -> None:
