@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,9 +14,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from recorder_models import QNetwork, expected_output_norms, read_table
+from dist_worker import distributed_worker
+from recorder_models import QNetwork, read_table
 from torch import nn
 
 import normtrace as nt
@@ -147,37 +146,12 @@ def test_sigkill_at_any_moment_leaves_only_complete_shards(tmp_path):
         assert frame.height == read_table(run, table).num_rows > 0
 
 
-def _distributed_worker(rank: int, world: int, init: str, run: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(rank)
-    model = QNetwork()
-    xs = [torch.randn(8, 4) for _ in range(5)]
-    collectives: list[str] = []
-    for name in ["all_reduce", "broadcast", "all_gather", "barrier", "send", "recv", "all_gather_object"]:
-        original = getattr(dist, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            collectives.append(_name)
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, spy)
-    with nt.Recorder(run, lenses=[nt.OutputNorm(include=[nn.Identity]), nt.ParameterNorm()]) as rec:
-        rec.attach(model)
-        for x in xs:
-            model(x)
-        rec.push_metric("rank_metric", float(rank))
-        rec.tick_epoch()
-    expected = [expected_output_norms(model, x) for x in xs]
-    Path(out).write_text(json.dumps({"collectives": collectives, "expected": expected}))
-    dist.destroy_process_group()
-
-
 def test_each_rank_writes_its_own_shards(tmp_path):
     run = tmp_path / "run"
     init = f"file://{tmp_path / 'store'}"
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
     mp.start_processes(
-        _distributed_worker_entry, args=(2, init, str(run), str(tmp_path)), nprocs=2, start_method="spawn"
+        distributed_worker, args=(2, init, str(run), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     for table in ("outputs", "params", "metrics"):
         for shard in sorted((run / table).glob("*.arrow")):
@@ -193,8 +167,3 @@ def test_each_rank_writes_its_own_shards(tmp_path):
             assert got == pytest.approx(want, rel=1e-5)
     metas = [json.loads((run / name).read_text()) for name in ("meta.json", "meta.rank1.json")]
     assert [(m["rank"], m["world_size"]) for m in metas] == [(0, 2), (1, 2)]
-
-
-def _distributed_worker_entry(rank: int, world: int, init: str, run: str, tmp: str) -> None:
-    sys.path.insert(0, str(TESTS))
-    _distributed_worker(rank, world, init, run, os.path.join(tmp, f"rank{rank}.json"))
