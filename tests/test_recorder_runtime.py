@@ -167,3 +167,33 @@ def test_each_rank_writes_its_own_shards(tmp_path):
             assert got == pytest.approx(want, rel=1e-5)
     metas = [json.loads((run / name).read_text()) for name in ("meta.json", "meta.rank1.json")]
     assert [(m["rank"], m["world_size"]) for m in metas] == [(0, 2), (1, 2)]
+
+
+CRASHED = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import normtrace as nt
+from recorder_models import QNetwork
+model = QNetwork()
+rec = nt.Recorder({run!r}, lenses=[nt.OutputNorm()], flush_every=10_000, flush_secs=3600)
+rec.attach(model)
+for step in range(7):
+    model(torch.randn(3, 4))
+rec.push_metric("last_words", 7.0)
+raise RuntimeError("training diverged")
+"""
+
+
+def test_crashed_run_without_close_is_flushed_at_exit(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHED.format(tests=str(TESTS), run=str(run))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "training diverged" in proc.stderr
+    assert sorted(set(read_table(run, "outputs").column("pass").to_pylist())) == list(range(7))
+    assert read_table(run, "metrics").column("name").to_pylist() == ["last_words"]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "exited" and meta["passes"] == 7
