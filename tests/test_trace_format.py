@@ -44,3 +44,42 @@ def test_document_types_are_arrow_types():
     for columns in documented_tables().values():
         for _, dtype, _ in columns:
             assert isinstance(pa.type_for_alias(dtype), pa.DataType)
+
+
+def test_analysis_reader_requires_exactly_the_documented_columns():
+    import polars as pl
+    from normtrace_analysis import schema as reader
+
+    assert reader.SCHEMA_VERSION == schema.SCHEMA_VERSION
+    assert (reader.META_FILE, reader.SHARD_SUFFIX) == (schema.META_FILE, schema.SHARD_SUFFIX)
+    for table, columns in documented_tables().items():
+        documented = {
+            name: pl.from_arrow(pa.table({name: pa.array([], pa.type_for_alias(dtype))})).dtypes[0]
+            for name, dtype, _ in columns
+        }
+        assert reader.REQUIRED_COLUMNS[table] == documented, table
+
+
+def test_recorder_shards_load_with_the_analysis_reader(tmp_path):
+    """A trace the recorder wrote is what the reader expects, end to end, column for column."""
+    import normtrace_analysis as na
+    import torch
+    from recorder_models import QNetwork
+    from torch import nn
+
+    import normtrace as nt
+
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    with nt.Recorder(tmp_path, lenses=[nt.LossMetrics(loss_fn), nt.OutputNorm(), nt.ParameterNorm()]) as rec:
+        rec.attach(model)
+        rec.track_target(QNetwork())
+        y = model(torch.randn(4, 4))
+        loss_fn(y, torch.zeros_like(y))
+        rec.event("marker")
+        rec.tick_epoch()
+    trace = na.load(tmp_path)
+    for table in schema.TABLES:
+        frame = getattr(trace, table).collect()
+        assert frame.height > 0, table
+        for name, dtype in na.schema.REQUIRED_COLUMNS[table].items():
+            assert frame.schema[name] == dtype, (table, name)
