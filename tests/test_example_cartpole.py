@@ -1,0 +1,154 @@
+"""The CartPole examples: recording must not change training, and the trace must say what happened.
+
+A few episodes of the real configuration (batch 256, so optimisation starts after 257 environment
+steps) are trained twice with the same seed, once recorded and once without a recorder; every per-step
+loss must be identical. The recorded trace is then checked against what ``train`` itself returned.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("tqdm")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EPISODES = 16  # seed 42 plays ~500 steps in 16 episodes: ~250 optimisation steps
+SEED = 42
+
+
+@pytest.fixture(scope="module")
+def examples() -> ModuleType:
+    """``examples/cartpole_dqn.py`` imported as a module (examples/ is not a package)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield importlib.import_module("cartpole_dqn")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def read_table(run: Path, table: str) -> pa.Table:
+    """All shards of ``table`` in ``run``, in shard order, read with pyarrow's IPC file reader."""
+    shards = sorted((run / table).glob("rank0-*.arrow"))
+    return pa.concat_tables([ipc.open_file(pa.memory_map(str(s))).read_all() for s in shards])
+
+
+@pytest.fixture(scope="module")
+def paired(examples: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object, Path]:
+    """The same seed trained twice: (recorded result, unrecorded result, run dir)."""
+    run = tmp_path_factory.mktemp("cartpole") / "run"
+    recorded = examples.train(EPISODES, run, sync_every=3, seed=SEED, progress=False)
+    plain = examples.train(EPISODES, None, sync_every=3, seed=SEED, progress=False)
+    return recorded, plain, run
+
+
+@pytest.mark.slow
+def test_recorder_does_not_change_training(paired: tuple[object, object, Path]) -> None:
+    """Same seed, same per-step losses (exactly) and rewards, with and without the recorder."""
+    recorded, plain, _ = paired
+    assert len(plain.losses) > 100, "too few optimisation steps for the comparison to mean anything"
+    assert recorded.losses == plain.losses
+    assert recorded.rewards == plain.rewards
+    assert recorded.steps == plain.steps == sum(plain.rewards)
+
+
+@pytest.mark.slow
+def test_trace_holds_what_train_returned(paired: tuple[object, object, Path]) -> None:
+    """Loss rows are the returned losses in order; rewards and syncs per episode are in the trace."""
+    recorded, _, run = paired
+    metrics = read_table(run, "metrics").to_pylist()
+    losses = [r["value"] for r in sorted(metrics, key=lambda r: r["pass"]) if r["name"] == "loss"]
+    assert losses == recorded.losses
+    rewards = sorted((r["epoch"], r["value"]) for r in metrics if r["name"] == "total_reward")
+    assert rewards == list(enumerate(recorded.rewards))
+    smoothed = sorted((r["epoch"], r["value"]) for r in metrics if r["name"] == "smoothed_treward")
+    assert [v for _, v in smoothed] == recorded.smoothed
+
+    events = read_table(run, "events").to_pylist()
+    assert recorded.sync_episodes == [e for e in range(EPISODES) if e % 3 == 0]
+    assert sorted(r["epoch"] for r in events) == [e + 1 for e in recorded.sync_episodes]
+    assert {r["name"] for r in events} == {"target_update"}
+    meta = json.loads((run / "meta.json").read_text())
+    assert (meta["status"], meta["epochs"]) == ("closed", EPISODES)
+
+
+@pytest.mark.slow
+def test_soft_updates_log_only_the_schedule_marker(examples: ModuleType, tmp_path: Path) -> None:
+    """Soft updates never call load_state_dict (no target_update); the placebo marker follows the
+    hard-sync schedule; and the soft run trains differently from the hard one."""
+    run = tmp_path / "soft"
+    soft = examples.train(
+        EPISODES, run, sync_every=3, seed=SEED, progress=False, target="soft", schedule_event="sync_schedule"
+    )
+    events = read_table(run, "events").to_pylist()
+    assert soft.sync_episodes == []
+    assert [r["name"] for r in events] == ["sync_schedule"] * len(range(0, EPISODES, 3))
+    assert [r["epoch"] for r in events] == [e + 1 for e in range(0, EPISODES, 3)]
+    hard = examples.train(EPISODES, None, sync_every=3, seed=SEED, progress=False)
+    n = min(len(soft.losses), len(hard.losses))
+    assert n > 0 and soft.losses[:n] != hard.losses[:n]
+
+
+def test_soft_update_is_polyak_averaging(examples: ModuleType) -> None:
+    """target <- (1 - tau) target + tau policy, for every parameter."""
+    import torch
+
+    torch.manual_seed(0)
+    policy, target = examples.QNetwork(4, 2), examples.QNetwork(4, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    examples.soft_update(target, policy, 0.25)
+    for old, new, pol in zip(before, target.parameters(), policy.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * pol, rtol=1e-6, atol=1e-7)
+
+
+def test_epsilon_schedule_is_the_seeds(examples: ModuleType) -> None:
+    """1.0 at step 0, 0.05 + 0.95/e at step 1000, approaching 0.05."""
+    cfg = examples.Config()
+    assert examples.epsilon(0, cfg) == pytest.approx(1.0)
+    assert examples.epsilon(1000, cfg) == pytest.approx(0.05 + 0.95 / np.e)
+    assert examples.epsilon(100_000, cfg) == pytest.approx(0.05)
+
+
+def test_cli_refuses_to_overwrite_without_the_flag(examples: ModuleType, tmp_path: Path) -> None:
+    """A second run into the same directory stops with a hint; --overwrite replaces the trace."""
+    run = tmp_path / "run"
+    args = ["--episodes", "2", "--run-dir", str(run), "--no-progress", "--no-report"]
+    assert examples.main(args) == 0
+    first = json.loads((run / "meta.json").read_text())
+    with pytest.raises(SystemExit, match="--overwrite"):
+        examples.main(args)
+    assert examples.main([*args, "--overwrite"]) == 0
+    assert first["epochs"] == json.loads((run / "meta.json").read_text())["epochs"] == 2
+    rewards = [r for r in read_table(run, "metrics").to_pylist() if r["name"] == "total_reward"]
+    assert [r["epoch"] for r in rewards] == [0, 1]  # the first run's rows are gone, not appended to
+
+
+def test_no_record_writes_nothing(
+    examples: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-record trains without creating the run directory."""
+    monkeypatch.chdir(tmp_path)
+    assert examples.main(["--episodes", "2", "--no-record", "--no-progress"]) == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_report_without_analysis_package_explains(
+    examples: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without normtrace_analysis the run still succeeds and says how to install it and what to run."""
+    monkeypatch.setitem(sys.modules, "normtrace_analysis", None)  # makes the import raise ImportError
+    run = tmp_path / "run"
+    assert examples.main(["--episodes", "1", "--run-dir", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "pip install -e ./analysis" in err
+    assert f"normtrace report {run} -o {run / 'report.html'}" in err
+    assert (run / "meta.json").exists() and not (run / "report.html").exists()
