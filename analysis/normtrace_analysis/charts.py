@@ -1,0 +1,418 @@
+"""Altair charts of a trace: norm curves per module, each layer's share of the norm, and metrics.
+
+Every chart aggregates with Polars before it reaches Altair: the x axis (epochs or passes) is cut into
+bins so that a chart's curves embed at most about ``max_rows`` rows whatever the run length, and event
+rules and spike markers are bounded too. A 10-million-row trace therefore still gives a small chart.
+Events (target-network updates, user events) are vertical rules on every panel and detected spikes are
+marked points. Each function returns an Altair chart object for notebooks to compose and restyle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import altair as alt
+import polars as pl
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+Level = Literal["epoch", "pass"]
+Band = Literal["p05-p95", "min-max", "none"]
+Table = Literal["outputs", "params"]
+
+MAX_ROWS = 3000
+"""Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
+
+MAX_SPIKES = 300
+"""Most spike markers drawn on one chart: the highest scores are kept."""
+
+_BANDS = {"p05-p95": (0.05, 0.95), "min-max": (0.0, 1.0)}
+_WIDE, _TALL = 640, 300
+_SMALL_WIDE, _SMALL_TALL = 260, 150
+_FORMAT = ".4~g"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Bins along x shared by all curves of a chart: ``width`` consecutive epochs or passes from ``lo``."""
+
+    lo: int
+    hi: int
+    width: int
+
+    @classmethod
+    def fit(cls, lo: int, hi: int, bins: int) -> Grid:
+        """The narrowest grid covering ``lo..hi`` with at most ``bins`` bins."""
+        return cls(lo, hi, max(1, math.ceil((hi - lo + 1) / max(1, bins))))
+
+    def start(self, x: str) -> pl.Expr:
+        """First x value of the bin that column ``x`` falls in."""
+        return pl.lit(self.lo, pl.Int64) + (pl.col(x).cast(pl.Int64) - self.lo) // self.width * self.width
+
+
+def x_domain(trace: Trace, level: Level = "epoch") -> tuple[int, int]:
+    """Smallest and largest epoch (or pass) in any table, so that separate charts share one x axis."""
+    x = _x_column(level)
+    frames = [getattr(trace, name) for name in ("outputs", "params", "metrics", "events")]
+    bounds = pl.collect_all([lf.select(lo=pl.col(x).min(), hi=pl.col(x).max()) for lf in frames])
+    los = [b["lo"][0] for b in bounds if b["lo"][0] is not None]
+    his = [b["hi"][0] for b in bounds if b["hi"][0] is not None]
+    if not los:
+        raise ValueError("the trace has no rows in any table")
+    return int(min(los)), int(max(his))
+
+
+def norms(
+    trace: Trace,
+    table: Table = "outputs",
+    *,
+    level: Level = "epoch",
+    band: Band = "p05-p95",
+    log: bool = False,
+    events: bool | Sequence[str] = True,
+    spikes: bool | pl.DataFrame = True,
+    max_rows: int = MAX_ROWS,
+    domain: tuple[int, int] | None = None,
+) -> alt.TopLevelMixin:
+    """Norm curves of every module (outputs) or parameter (params) in one view, per epoch or per pass.
+
+    With one run, every series shares one panel (colour = module) so the layers can be compared in a
+    single window; with several runs, each series gets a small panel and colour is the run. The line
+    is the mean over the rows in each x bin and the band spans ``band`` (p05-p95 or min-max) of them.
+    ``spikes`` is True to run ``trace.spikes`` at this level, False for none, or a frame it returned.
+    """
+    lf = getattr(trace, table)
+    x = _x_column(level)
+    ids = ["run", "module", "split"] if table == "outputs" else ["run", "module", "param"]
+    groups = lf.group_by(ids).agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
+    if groups.is_empty():
+        raise ValueError(f"the trace has no {table} rows to chart")
+    label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
+    grid = _grid(groups, domain, max(2, max_rows // groups.height))
+    curves = _curves(lf.with_columns(series=label), x, ["run", "series"], band, grid)
+    if log:
+        curves = _positive_only(curves)
+    rules = _event_rules(trace, x, grid, events)
+    marks = _spike_marks(trace, table, level, label, spikes)
+    y_title = value_title(trace, table)
+    several_runs = curves["run"].n_unique() > 1
+    if not several_runs:
+        layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True)
+        title = f"{y_title} per {level} — {curves['run'][0]}"
+        return alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=title)
+    panels = []
+    for (series,), part in curves.group_by("series", maintain_order=True):
+        spots = marks.filter(pl.col("series") == series)
+        layers = _layers(part, rules, spots, "run", grid, level, y_title, log, select=False)
+        panels.append(alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=series))
+    return alt.concat(*panels, columns=3).properties(title=f"{y_title} per {level}, by run")
+
+
+def share(
+    trace: Trace,
+    table: Table = "outputs",
+    *,
+    events: bool | Sequence[str] = True,
+    max_rows: int = MAX_ROWS,
+    domain: tuple[int, int] | None = None,
+) -> alt.TopLevelMixin:
+    """Each layer's fraction of the summed norm per epoch, as stacked areas (one panel per run).
+
+    Outputs use the leaf modules only (a container's output repeats its children's), each module's
+    epoch mean; parameters combine a module's tensors as the root of the summed squared norms.
+    """
+    lf = getattr(trace, table)
+    if table == "outputs":
+        leaves = _leaf_modules(lf.select(pl.col("module").unique()).collect()["module"].to_list())
+        per_module = (
+            lf.filter(pl.col("module").is_in(leaves))
+            .group_by("run", "epoch", "module")
+            .agg(norm=pl.col("value").mean())
+        )
+    else:
+        per_module = (
+            lf.group_by("run", "epoch", "module", "param")
+            .agg(norm=pl.col("value").mean())
+            .group_by("run", "epoch", "module")
+            .agg(norm=(pl.col("norm") ** 2).sum().sqrt())
+        )
+    frame = per_module.with_columns(
+        share=pl.col("norm") / pl.col("norm").sum().over("run", "epoch")
+    ).collect()
+    if frame.is_empty():
+        raise ValueError(f"the trace has no {table} rows to chart")
+    groups = frame.group_by("run", "module").agg(lo=pl.col("epoch").min(), hi=pl.col("epoch").max())
+    grid = _grid(groups, domain, max(2, max_rows // groups.height))
+    areas = (
+        frame.with_columns(x_lo=grid.start("epoch"))
+        .group_by("run", "module", "x_lo")
+        .agg(share=pl.col("share").mean(), x_hi=pl.col("epoch").max())
+        .with_columns(x=pl.col("x_lo") + (grid.width - 1) / 2)
+        .sort("run", "module", "x_lo")
+    )
+    rules = _event_rules(trace, "epoch", grid, events)
+    x_enc = _x_encoding("epoch", grid)
+    one_run = areas["run"].n_unique() == 1
+    panels = []
+    for (run,), part in areas.group_by("run", maintain_order=True):
+        pick = alt.selection_point(fields=["module"], bind="legend") if one_run else None
+        stack = (
+            alt.Chart(part)
+            .mark_area()
+            .encode(
+                x=x_enc,
+                y=alt.Y("share:Q", stack="normalize", title="share of the norm", axis=alt.Axis(format="%")),
+                color=alt.Color("module:N", title="module"),
+                opacity=alt.when(pick).then(alt.value(0.9)).otherwise(alt.value(0.2))
+                if pick
+                else alt.value(0.9),
+                tooltip=[
+                    "module:N",
+                    alt.Tooltip("x_lo:Q", title="epochs from"),
+                    alt.Tooltip("x_hi:Q", title="to"),
+                    alt.Tooltip("share:Q", format=".1%"),
+                ],
+            )
+        )
+        layers = [
+            stack.add_params(pick) if pick else stack,
+            *_rule_layer(rules.filter(pl.col("run") == run), x_enc),
+        ]
+        width = _WIDE if one_run else 360
+        panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=str(run)))
+    what = "output" if table == "outputs" else "parameter"
+    return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch")
+
+
+def metrics(
+    trace: Trace,
+    names: Sequence[str] | None = None,
+    *,
+    level: Level = "epoch",
+    band: Band = "p05-p95",
+    log: bool = False,
+    events: bool | Sequence[str] = True,
+    max_rows: int = MAX_ROWS,
+    domain: tuple[int, int] | None = None,
+) -> alt.TopLevelMixin:
+    """One panel per metric (loss, total_reward, ...) stacked vertically over the same x axis.
+
+    Colour is the run when there are several, else the split (train/val) when the metric has one.
+    """
+    lf = trace.metrics
+    if names is not None:
+        lf = lf.filter(pl.col("name").is_in(list(names)))
+    x = _x_column(level)
+    groups = lf.group_by("run", "name", "split").agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
+    if groups.is_empty():
+        raise ValueError("the trace has no metrics to chart")
+    several_runs = groups["run"].n_unique() > 1
+    parts = [pl.col("run")] if several_runs else []
+    label = pl.concat_str([*parts, pl.col("split").fill_null(pl.col("name"))], separator=" ")
+    grid = _grid(groups, domain, max(2, max_rows // groups.height))
+    curves = _curves(lf.with_columns(series=label), x, ["run", "name", "series"], band, grid)
+    if log:
+        curves = _positive_only(curves)
+    rules = _event_rules(trace, x, grid, events)
+    no_spikes = pl.DataFrame(schema={"series": pl.String, "x": pl.Float64, "y": pl.Float64})
+    order = sorted(curves["name"].unique().to_list(), key=lambda n: (n != "loss", n))
+    panels = []
+    for name in order:
+        part = curves.filter(pl.col("name") == name)
+        layers = _layers(part, rules, no_spikes, "series", grid, level, name, log, select=False)
+        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=name))
+    return alt.vconcat(*panels).properties(title=f"metrics per {level}")
+
+
+def value_title(trace: Trace, table: Table) -> str:
+    """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel))."""
+    what = "output" if table == "outputs" else "parameter"
+    views = {flags[table] for flags in trace.normalize.values()}
+    if views == {True}:
+        return f"{what} RMS (norm/√numel)"
+    if views == {False}:
+        return f"{what} norm (L2)"
+    return f"{what} norm (RMS in some runs, L2 in others)"
+
+
+def _x_column(level: Level) -> str:
+    if level not in ("epoch", "pass"):
+        raise ValueError(f"level must be 'epoch' or 'pass', not {level!r}")
+    return level
+
+
+def _grid(groups: pl.DataFrame, domain: tuple[int, int] | None, bins: int) -> Grid:
+    """Grid over ``domain`` (or the groups' own x range) with at most ``bins`` bins."""
+    lo, hi = domain if domain is not None else (int(groups["lo"].min()), int(groups["hi"].max()))
+    return Grid.fit(lo, hi, bins)
+
+
+def _series_label(table: Table, *, several_splits: bool) -> pl.Expr:
+    """Name of a curve: the module, ``module.param`` for parameters, plus the split when both occur."""
+    if table == "params":
+        return pl.concat_str([pl.col("module"), pl.col("param")], separator=".")
+    if several_splits:
+        return pl.concat_str([pl.col("module"), pl.lit(" ("), pl.col("split"), pl.lit(")")])
+    return pl.col("module")
+
+
+def _curves(lf: pl.LazyFrame, x: str, keys: list[str], band: Band, grid: Grid) -> pl.DataFrame:
+    """Mean of ``value`` per key and x bin, with the band's bounds, the bin's range and its row count."""
+    value = pl.col("value")
+    if band == "none":
+        bounds = [pl.lit(None, pl.Float64).alias("lo"), pl.lit(None, pl.Float64).alias("hi")]
+    elif band in _BANDS:
+        q_lo, q_hi = _BANDS[band]
+        bounds = [value.quantile(q_lo, "linear").alias("lo"), value.quantile(q_hi, "linear").alias("hi")]
+    else:
+        raise ValueError(f"band must be one of {[*_BANDS, 'none']}, not {band!r}")
+    inside = pl.col(x).is_between(grid.lo, grid.hi)
+    return (
+        lf.filter(inside & value.is_finite())
+        .with_columns(x_lo=grid.start(x))
+        .group_by(*keys, "x_lo")
+        .agg(value.mean().alias("y"), *bounds, pl.len().alias("n"), pl.col(x).max().alias("x_hi"))
+        .with_columns(x=(pl.col("x_lo") + (grid.width - 1) / 2).cast(pl.Float64))
+        .sort(*keys, "x_lo")
+        .collect()
+    )
+
+
+def _positive_only(curves: pl.DataFrame) -> pl.DataFrame:
+    """Blank values a log scale cannot show (zero norms, e.g. a bias at initialisation)."""
+    return curves.with_columns(pl.when(pl.col(c) > 0).then(pl.col(c)).alias(c) for c in ("y", "lo", "hi"))
+
+
+def _event_rules(trace: Trace, x: str, grid: Grid, which: bool | Sequence[str]) -> pl.DataFrame:
+    """One rule per run, event name and x bin (at the bin's first event), with how many it stands for."""
+    events = trace.events.filter(pl.col(x).is_between(grid.lo, grid.hi))
+    if which is False:
+        events = events.filter(pl.lit(False))
+    elif which is not True:
+        events = events.filter(pl.col("name").is_in(list(which)))
+    return (
+        events.with_columns(x_bin=grid.start(x))
+        .group_by("run", "name", "x_bin")
+        .agg(x=pl.col(x).min().cast(pl.Float64), count=pl.len(), last=pl.col(x).max())
+        .drop("x_bin")
+        .sort("run", "name", "x")
+        .collect()
+    )
+
+
+def _spike_marks(
+    trace: Trace, table: Table, level: Level, label: pl.Expr, spikes: bool | pl.DataFrame
+) -> pl.DataFrame:
+    """The ``MAX_SPIKES`` highest-scoring spikes as points: run, series, x, y, score."""
+    columns = {"run": pl.String, "series": pl.String, "x": pl.Float64, "y": pl.Float64, "score": pl.Float64}
+    if spikes is False:
+        return pl.DataFrame(schema=columns)
+    found = trace.spikes(table=table, level=level) if spikes is True else spikes
+    return (
+        found.sort("score", descending=True)
+        .head(MAX_SPIKES)
+        .select(
+            pl.col("run"),
+            label.alias("series"),
+            pl.col(level).cast(pl.Float64).alias("x"),
+            pl.col("value").cast(pl.Float64).alias("y"),
+            pl.col("score").cast(pl.Float64),
+        )
+    )
+
+
+def _x_encoding(level: Level, grid: Grid) -> alt.X:
+    return alt.X("x:Q", title=level, scale=alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False))
+
+
+def _layers(
+    curves: pl.DataFrame,
+    rules: pl.DataFrame,
+    marks: pl.DataFrame,
+    color: str,
+    grid: Grid,
+    level: Level,
+    y_title: str,
+    log: bool,
+    *,
+    select: bool,
+) -> list[alt.Chart]:
+    """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend."""
+    x_enc = _x_encoding(level, grid)
+    y_scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+    base = alt.Chart(curves)
+    pick = alt.selection_point(fields=[color], bind="legend") if select else None
+    strong = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(0.15)) if pick else alt.value(1.0)
+    faint = alt.when(pick).then(alt.value(0.18)).otherwise(alt.value(0.03)) if pick else alt.value(0.18)
+    tooltip = [
+        alt.Tooltip(f"{color}:N"),
+        alt.Tooltip("x_lo:Q", title=f"{level}s from"),
+        alt.Tooltip("x_hi:Q", title="to"),
+        alt.Tooltip("y:Q", title="mean", format=_FORMAT),
+        alt.Tooltip("lo:Q", format=_FORMAT),
+        alt.Tooltip("hi:Q", format=_FORMAT),
+        alt.Tooltip("n:Q", title="rows"),
+    ]
+    layers = []
+    if curves["lo"].is_not_null().any():
+        layers.append(
+            base.mark_area(clip=True).encode(
+                x=x_enc, y=alt.Y("lo:Q", scale=y_scale), y2="hi:Q", color=f"{color}:N", opacity=faint
+            )
+        )
+    line = base.mark_line(clip=True, point=curves.height <= 60).encode(
+        x=x_enc,
+        y=alt.Y("y:Q", title=y_title, scale=y_scale),
+        color=alt.Color(f"{color}:N", title=color),
+        opacity=strong,
+        tooltip=tooltip,
+    )
+    layers.append(line.add_params(pick) if pick else line)
+    layers.extend(_rule_layer(rules, x_enc))
+    if not marks.is_empty():
+        layers.append(
+            alt.Chart(marks)
+            .mark_point(shape="triangle-up", filled=True, size=70, color="#d62728", clip=True)
+            .encode(
+                x=x_enc,
+                y=alt.Y("y:Q", scale=y_scale),
+                tooltip=[
+                    alt.Tooltip("series:N", title="spike in"),
+                    alt.Tooltip("x:Q", title=level),
+                    alt.Tooltip("y:Q", title="value", format=_FORMAT),
+                    alt.Tooltip("score:Q", format=".3~g"),
+                ],
+            )
+        )
+    return layers
+
+
+def _rule_layer(rules: pl.DataFrame, x_enc: alt.X) -> list[alt.Chart]:
+    """Dashed grey vertical rules at events (empty list when there are none)."""
+    if rules.is_empty():
+        return []
+    return [
+        alt.Chart(rules)
+        .mark_rule(color="#555", strokeWidth=1, opacity=0.6, clip=True)
+        .encode(
+            x=x_enc,
+            strokeDash=alt.StrokeDash("name:N", title="event"),
+            tooltip=[
+                alt.Tooltip("name:N", title="event"),
+                alt.Tooltip("run:N"),
+                alt.Tooltip("x:Q", title="at"),
+                alt.Tooltip("count:Q", title="events in bin"),
+            ],
+        )
+    ]
+
+
+def _leaf_modules(modules: list[str]) -> list[str]:
+    """Modules that contain no other recorded module (and not the root), so shares do not double count."""
+    named = [m for m in modules if m != "(root)"]
+    leaves = [m for m in named if not any(other.startswith(m + ".") for other in named)]
+    return sorted(leaves or modules)

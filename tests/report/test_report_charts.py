@@ -1,0 +1,190 @@
+"""Charts: the data they embed matches the trace computed independently, and stays small at any length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import normtrace_analysis as na
+import numpy as np
+import polars as pl
+import pytest
+from normtrace_analysis import charts
+from reportgen import MODULES, PARAMS, long_run, param_norm, read_table
+
+
+def datasets(chart: alt.TopLevelMixin) -> dict[str, list[dict[str, Any]]]:
+    """The rows a chart embeds, by dataset name; no chart may embed data anywhere else."""
+    spec = chart.to_dict()
+    assert '"values"' not in str({k: v for k, v in spec.items() if k != "datasets"}).replace("'", '"')
+    return spec.get("datasets", {})
+
+
+def rows_with(chart: alt.TopLevelMixin, column: str) -> list[dict[str, Any]]:
+    """Rows of the datasets that have ``column`` (curves: "n", event rules: "count", spikes: "score")."""
+    return [row for rows in datasets(chart).values() for row in rows if column in row]
+
+
+def units(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every single-mark view of a (possibly layered or concatenated) spec."""
+    if "mark" in spec:
+        yield spec
+    for key in ("layer", "concat", "hconcat", "vconcat"):
+        for child in spec.get(key, []):
+            yield from units(child)
+
+
+def test_epoch_curves_are_means_and_percentiles_of_each_epoch(run_a: Path) -> None:
+    out = read_table(run_a, "outputs")
+    chart = charts.norms(na.load(run_a), spikes=False)
+    curves = {(r["series"], r["x"]): r for r in rows_with(chart, "n")}
+    assert len(curves) == len(MODULES) * 2 * 40  # every module x split x epoch, nothing binned
+    for module in MODULES:
+        for grad, split in ((True, "train"), (False, "no_grad")):
+            for epoch in (0, 17, 39):
+                sel = (out["module"] == module) & (out["grad_enabled"] == grad) & (out["epoch"] == epoch)
+                values = out["norm"][sel].astype(np.float64)
+                row = curves[(f"{module} ({split})", float(epoch))]
+                assert row["n"] == sel.sum() == 20
+                assert row["y"] == pytest.approx(values.mean(), rel=1e-9)
+                assert row["lo"] == pytest.approx(np.percentile(values, 5), rel=1e-9)
+                assert row["hi"] == pytest.approx(np.percentile(values, 95), rel=1e-9)
+
+
+def test_min_max_band_and_pass_level(run_a: Path) -> None:
+    out = read_table(run_a, "outputs")
+    chart = charts.norms(na.load(run_a).filter(split="train"), level="pass", band="min-max", spikes=False)
+    curves = rows_with(chart, "n")
+    width = curves[1]["x_lo"] - curves[0]["x_lo"]  # one bin of passes; 4 series x 800 passes > budget
+    assert width > 1 and all(r["x_hi"] - r["x_lo"] < width for r in curves)
+    start = curves[1]["x_lo"]  # the second bin of a series: passes [start, start + width)
+    first = next(r for r in curves if r["series"] == "net.2" and r["x_lo"] == start)
+    inside = (out["pass"] >= start) & (out["pass"] < start + width)
+    sel = (out["module"] == "net.2") & out["grad_enabled"] & inside
+    assert first["n"] == sel.sum()
+    assert first["y"] == pytest.approx(out["norm"][sel].astype(np.float64).mean(), rel=1e-9)
+    assert (first["lo"], first["hi"]) == pytest.approx((out["norm"][sel].min(), out["norm"][sel].max()))
+
+
+@pytest.mark.parametrize("level", ["epoch", "pass"])
+def test_embedded_rows_are_bounded_whatever_the_trace_length(tmp_path: Path, level: str) -> None:
+    budget = 600
+    sizes = {}
+    for n_epochs in (50, 5000):
+        trace = na.load(long_run(tmp_path / f"run{n_epochs}", n_epochs))
+        built = {
+            "norms": charts.norms(trace, level=level, spikes=False, max_rows=budget),
+            "metrics": charts.metrics(trace, level=level, max_rows=budget),
+            "share": charts.share(trace, max_rows=budget),
+        }
+        for name, chart in built.items():
+            curves = rows_with(chart, "n") or rows_with(chart, "share")
+            rules = rows_with(chart, "count")
+            assert len(curves) <= budget, (n_epochs, name)
+            assert len(rules) <= budget  # one rule per x bin at most
+            total = sum(len(rows) for rows in datasets(chart).values())
+            assert total == len(curves) + len(rules)
+            sizes[(n_epochs, name)] = total
+    # 50 epochs x 3 modules fit the budget unbinned; 100x the rows still embeds no more than the budget
+    assert len(rows_with(charts.norms(na.load(tmp_path / "run50"), spikes=False), "n")) == 150
+    assert sizes[(5000, "norms")] <= budget + budget // 3 + 1
+
+
+def test_events_are_rules_on_every_panel(run_a: Path, run_b: Path) -> None:
+    trace = na.load([run_a, run_b])
+    events = read_table(run_a, "events")
+    built = [
+        charts.norms(trace, spikes=False),
+        charts.metrics(trace),
+        charts.share(trace),
+        charts.norms(trace, "params", spikes=False),
+    ]
+    for chart in built:
+        spec = chart.to_dict()
+        panels = [
+            u for u in units(spec) if u["mark"]["type"] in ("line", "area") and "y2" not in u["encoding"]
+        ]
+        rules = [u for u in units(spec) if u["mark"]["type"] == "rule"]
+        assert len(rules) == len(panels) > 1
+        rows = spec["datasets"][rules[0]["data"]["name"]]
+        assert sorted(r["x"] for r in rows if r["run"] == "run-a") == sorted(events["epoch"].astype(float))
+
+
+def test_spikes_are_marked_highest_scores_first(run_a: Path) -> None:
+    trace = na.load(run_a)
+    n = charts.MAX_SPIKES + 50
+    found = pl.DataFrame(
+        {
+            "run": ["run-a"] * n,
+            "module": ["net.2"] * n,
+            "split": ["train"] * n,
+            "epoch": np.arange(n) % 40,
+            "pass": np.arange(n),
+            "value": np.linspace(1.0, 2.0, n),
+            "score": np.arange(n, dtype=float),
+        }
+    )
+    marks = rows_with(charts.norms(trace, spikes=found), "score")
+    assert len(marks) == charts.MAX_SPIKES
+    assert min(m["score"] for m in marks) == n - charts.MAX_SPIKES
+    top = max(marks, key=lambda m: m["score"])
+    assert (top["series"], top["x"], top["y"]) == ("net.2 (train)", float((n - 1) % 40), 2.0)
+
+
+def test_share_is_each_leaf_modules_fraction_per_epoch(run_a: Path) -> None:
+    out = read_table(run_a, "outputs")
+    rows = rows_with(charts.share(na.load(run_a)), "share")
+    assert {r["module"] for r in rows} == {"net.0", "net.2", "net.4"}  # the root repeats its children
+    for epoch in (0, 21):
+        means = {m: out["norm"][(out["module"] == m) & (out["epoch"] == epoch)].astype(float).mean()
+                 for m in ("net.0", "net.2", "net.4")}  # fmt: skip
+        got = {r["module"]: r["share"] for r in rows if r["x"] == epoch}
+        assert sum(got.values()) == pytest.approx(1.0)
+        for module, mean in means.items():
+            assert got[module] == pytest.approx(mean / sum(means.values()), rel=1e-9)
+
+
+def test_parameter_norms_and_log_scale(run_a: Path) -> None:
+    chart = charts.norms(na.load(run_a), "params", log=True, spikes=False)
+    curves = {(r["series"], r["x"]): r["y"] for r in rows_with(chart, "n")}
+    for module, param in PARAMS:
+        for epoch in (1, 30):
+            expected = param_norm(module, param, np.array(epoch))
+            assert curves[(f"{module}.{param}", float(epoch))] == pytest.approx(expected, rel=1e-6)
+    assert curves[("net.0.bias", 0.0)] is None  # a zero norm has no place on a log axis
+    scales = [
+        u["encoding"]["y"].get("scale", {}) for u in units(chart.to_dict()) if u["mark"]["type"] == "line"
+    ]
+    assert scales and all(s.get("type") == "log" for s in scales)
+
+
+def test_several_runs_get_a_panel_per_series_coloured_by_run(run_a: Path, run_b: Path) -> None:
+    chart = charts.norms(na.load([run_a, run_b]).filter(split="train"), spikes=False)
+    lines = [u for u in units(chart.to_dict()) if u["mark"]["type"] == "line"]
+    assert len(lines) == len(MODULES)
+    assert all(u["encoding"]["color"]["field"] == "run" for u in lines)
+    assert {r["run"] for r in rows_with(chart, "n")} == {"run-a", "run-b"}
+
+
+def test_metrics_get_one_panel_each_sharing_the_x_range(run_a: Path) -> None:
+    chart = charts.metrics(na.load(run_a), domain=(0, 50))
+    spec = chart.to_dict()
+    titles = [v["title"] for v in spec["vconcat"]]
+    assert titles == ["loss", "total_reward"]
+    domains = {tuple(u["encoding"]["x"]["scale"]["domain"]) for u in units(spec) if "x" in u["encoding"]}
+    assert domains == {(0, 50)}
+    reward = {r["x"]: r["y"] for r in rows_with(chart, "n") if r["name"] == "total_reward"}
+    assert reward[12.0] == pytest.approx(10.0 + 2.0 * 12)
+
+
+def test_filters_carry_through_and_bad_options_are_refused(run_a: Path) -> None:
+    trace = na.load(run_a).filter(modules=["net.0"], split="train")
+    assert {r["series"] for r in rows_with(charts.norms(trace, spikes=False), "n")} == {"net.0"}
+    with pytest.raises(ValueError, match="level"):
+        charts.norms(trace, level="batch", spikes=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="band"):
+        charts.norms(trace, band="iqr", spikes=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no outputs rows"):
+        charts.norms(trace.filter(epochs=(500, 600)), spikes=False)
