@@ -31,3 +31,28 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def cartpole(session: nox.Session) -> None:
+    """The main job: train the CartPole DQN into runs/cartpole and write runs/cartpole/report.html.
+
+    60 episodes by default (a first look, ~1-2 min on 2 CPU cores: rewards already climb, and there are
+    12 target syncs to align spikes with); `nox -s cartpole -- --episodes 300` is the seed's full run.
+    Arguments after `--` go to examples/cartpole_dqn.py and override these defaults (see its --help).
+    """
+    session.install("-e", ".[examples]", "-e", "./analysis")
+    defaults = ["--episodes", "60", "--run-dir", "runs/cartpole", "--overwrite"]
+    session.run("python", "examples/cartpole_dqn.py", *defaults, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Hook overhead of normtrace vs an untraced model, a bare hook and monitorch (benchmarks/overhead.py).
+
+    monitorch==0.1.0.7 (the seed's library, the comparison D) is installed here only, never a dependency.
+    Arguments after `--` go to the script: `nox -s bench -- --quick`, `-- --json bench.json`.
+    """
+    session.install("-e", ".", "-e", "./analysis")
+    session.install("monitorch==0.1.0.7")
+    session.run("python", "benchmarks/overhead.py", *session.posargs)
