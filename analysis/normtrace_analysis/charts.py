@@ -361,7 +361,11 @@ def _layers(
     if curves["lo"].is_not_null().any():
         layers.append(
             base.mark_area(clip=True).encode(
-                x=x_enc, y=alt.Y("lo:Q", scale=y_scale), y2="hi:Q", color=f"{color}:N", opacity=faint
+                x=x_enc,
+                y=alt.Y("lo:Q", scale=y_scale),
+                y2="hi:Q",
+                color=alt.Color(f"{color}:N", legend=None),  # the legend shows the lines' full colours
+                opacity=faint,
             )
         )
     line = base.mark_line(clip=True, point=curves.height <= 60).encode(

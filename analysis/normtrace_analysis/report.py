@@ -1,0 +1,413 @@
+"""One self-contained HTML report of a trace, and static PNG/SVG export of its charts.
+
+The report inlines the Vega, Vega-Lite and vega-embed JavaScript (from vl-convert), so opening it makes
+no network request of any kind: it can be mailed, archived, or opened on an air-gapped machine. Every
+chart is its own embedded view under its own heading, and a chart that fails (in Python or in the
+browser) shows an error in its place without blanking the rest of the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import altair as alt
+import polars as pl
+import vl_convert
+from tqdm import tqdm
+
+from . import charts
+from .charts import MAX_ROWS, Band, Level
+from .summary import SUMMARY_KEYS
+from .trace import Trace, load
+
+Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+SPIKE_ROWS = 50
+"""Spikes listed in the report's table (highest scores first); the charts mark up to charts.MAX_SPIKES."""
+
+
+@dataclass(frozen=True)
+class ChartSection:
+    """A chart of the report: file-safe ``slug``, its heading, and how to build it (None: no data)."""
+
+    slug: str
+    heading: str
+    build: Callable[[], alt.TopLevelMixin] | None
+    missing: str = ""
+
+
+def report(
+    source: Source,
+    path: str | os.PathLike[str] = "report.html",
+    *,
+    level: Level = "epoch",
+    band: Band = "p05-p95",
+    log: bool = False,
+    event: str = "target_update",
+    max_rows: int = MAX_ROWS,
+    progress: bool = False,
+) -> Path:
+    """Write one offline HTML report of ``source`` (a Trace, a run directory, a glob or a list of them).
+
+    It shows each run's metadata, a per-module summary, every chart (output and parameter norms with
+    events and spikes, metrics, norm shares), the spike table and the ``event`` alignment with one
+    plain-language finding per module. ``progress`` shows a tqdm bar on stderr for slow reports.
+    """
+    trace = _as_trace(source)
+    spikes = _spikes_or_none(trace, level)
+    sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+    blocks: list[tuple[str, Callable[[], str]]] = [
+        ("metadata", lambda: _metadata_html(trace)),
+        ("summary", lambda: _summary_html(trace)),
+        ("alignment", lambda: _alignment_html(trace, event, level)),
+        ("spikes", lambda: _spikes_html(spikes, level)),
+    ]
+    parts: dict[str, str] = {}
+    steps = [*((name, build) for name, build in blocks), *((s.slug, s) for s in sections)]
+    for name, step in _progress(steps, "report", progress):
+        parts[name] = _chart_html(step) if isinstance(step, ChartSection) else _guarded(name, step)
+    body = [
+        parts["alignment"],
+        parts["metadata"],
+        parts["summary"],
+        '<section id="charts"><h2>Charts</h2>',
+        *(parts[s.slug] for s in sections),
+        "</section>",
+        parts["spikes"],
+    ]
+    out = Path(path)
+    out.write_text(_page(trace, body), encoding="utf-8")
+    return out
+
+
+def export_charts(
+    source: Source,
+    directory: str | os.PathLike[str],
+    format: Literal["png", "svg"] = "svg",
+    *,
+    level: Level = "epoch",
+    band: Band = "p05-p95",
+    log: bool = False,
+    max_rows: int = MAX_ROWS,
+    scale: float = 2.0,
+    progress: bool = False,
+) -> list[Path]:
+    """Write each of the report's charts as ``directory/<slug>.png|svg`` (vl-convert, no browser needed).
+
+    For papers and READMEs. Charts without data are left out; one that fails is skipped with a warning.
+    Returns the files written, in report order.
+    """
+    if format not in ("png", "svg"):
+        raise ValueError(f"format must be 'png' or 'svg', not {format!r}")
+    trace = _as_trace(source)
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    spikes = _spikes_or_none(trace, level)
+    sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+    written = []
+    for section in _progress([s for s in sections if s.build], f"export {format}", progress):
+        try:
+            spec = section.build().to_dict()
+            target = folder / f"{section.slug}.{format}"
+            if format == "svg":
+                target.write_text(
+                    vl_convert.vegalite_to_svg(spec, vl_version=_vl_version()), encoding="utf-8"
+                )
+            else:
+                target.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=_vl_version(), scale=scale))
+        except Exception as exc:  # one chart's failure must not lose the others
+            warnings.warn(f"chart {section.slug!r} was not exported: {exc}", stacklevel=2)
+            continue
+        written.append(target)
+    return written
+
+
+def chart_sections(
+    trace: Trace,
+    *,
+    level: Level = "epoch",
+    band: Band = "p05-p95",
+    log: bool = False,
+    max_rows: int = MAX_ROWS,
+    spikes: pl.DataFrame | None = None,
+) -> list[ChartSection]:
+    """The report's charts, in order, sharing one x axis range; unbuilt until ``build()`` is called.
+
+    ``spikes`` (from ``trace.spikes(level=level)``) is drawn on the output-norm chart.
+    """
+    present = {t: _has_rows(trace, t) for t in ("outputs", "params", "metrics")}
+    domain = charts.x_domain(trace, level) if any(present.values()) else None
+    epoch_domain = charts.x_domain(trace, "epoch") if any(present.values()) else None
+    common = {"max_rows": max_rows}
+    curves = {"level": level, "band": band, "log": log, "domain": domain, **common}
+    marks: bool | pl.DataFrame = spikes if spikes is not None else False
+    specs = [
+        ("output-norms", f"Output norms per {level}", "outputs",
+         lambda: charts.norms(trace, "outputs", spikes=marks, **curves)),
+        ("parameter-norms", f"Parameter norms per {level}", "params",
+         lambda: charts.norms(trace, "params", spikes=False, **curves)),
+        ("metrics", f"Metrics per {level}", "metrics", lambda: charts.metrics(trace, **curves)),
+        ("output-share", "Share of the output norm per layer", "outputs",
+         lambda: charts.share(trace, "outputs", domain=epoch_domain, **common)),
+        ("parameter-share", "Share of the parameter norm per layer", "params",
+         lambda: charts.share(trace, "params", domain=epoch_domain, **common)),
+    ]  # fmt: skip
+    return [
+        ChartSection(slug, heading, build if present[table] else None, f"The trace has no {table} rows.")
+        for slug, heading, table, build in specs
+    ]
+
+
+@cache
+def _vl_version() -> str | None:
+    """The Vega-Lite version Altair writes specs for, as vl-convert names it (None: its newest)."""
+    major_minor = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    return major_minor if major_minor in vl_convert.get_vegalite_versions() else None
+
+
+@cache
+def _javascript() -> str:
+    """vega, vega-lite and vega-embed in one script, safe to inline in a ``<script>`` element."""
+    return vl_convert.javascript_bundle(vl_version=_vl_version()).replace("</script", "<\\/script")
+
+
+def _as_trace(source: Source) -> Trace:
+    return source if isinstance(source, Trace) else load(source)
+
+
+def _has_rows(trace: Trace, table: str) -> bool:
+    return trace.table(table).head(1).collect().height > 0
+
+
+def _spikes_or_none(trace: Trace, level: Level) -> pl.DataFrame | None:
+    """Output-norm spikes at the report's level, or None when there are no outputs to search."""
+    return trace.spikes(table="outputs", level=level) if _has_rows(trace, "outputs") else None
+
+
+def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
+    """``items`` with a tqdm bar on stderr that appears only once the work has taken over a second."""
+    return tqdm(items, desc=desc, unit="step", file=sys.stderr, delay=1.0, disable=not enabled, leave=False)
+
+
+def _guarded(name: str, build: Callable[[], str]) -> str:
+    """A section's HTML, or an error note in its place if building it failed."""
+    try:
+        return build()
+    except Exception as exc:  # the rest of the report is still worth writing
+        warnings.warn(f"report section {name!r} failed: {exc}", stacklevel=3)
+        return (
+            f'<section id="{name}"><p class="error">{_esc(f"{name} could not be built: {exc}")}</p></section>'
+        )
+
+
+def _chart_html(section: ChartSection) -> str:
+    """A chart's heading and container, with its Vega-Lite spec as inline JSON (or why it is absent)."""
+    head = f'<h3 id="{section.slug}">{_esc(section.heading)}</h3>'
+    if section.build is None:
+        return f'{head}<p class="note">{_esc(section.missing)}</p>'
+    try:
+        spec = section.build().to_dict()
+        spec.pop("$schema", None)
+        text = json.dumps(spec, separators=(",", ":"), allow_nan=False)
+    except Exception as exc:  # one failing chart never blanks the report
+        warnings.warn(f"chart {section.slug!r} failed: {exc}", stacklevel=3)
+        return f'{head}<p class="error">{_esc(f"This chart could not be built: {exc}")}</p>'
+    target = f"chart-{section.slug}"
+    safe = text.replace("<", "\\u003c")  # JSON escape: no "</script>" can end the element early
+    return (
+        f'{head}<div class="chart" id="{target}" data-chart="{section.slug}"></div>'
+        f'<script type="application/json" data-for="{target}">{safe}</script>'
+    )
+
+
+def _metadata_html(trace: Trace) -> str:
+    """Each run's meta.json as one column of a key/value table, plus any recorder notes."""
+    metas = trace.metas
+    keys = [k for k in _META_ORDER if any(k in m for m in metas.values())]
+    keys += sorted({k for m in metas.values() for k in m} - set(keys))
+    head = "".join(f"<th>{_esc(run)}</th>" for run in metas)
+    rows = "".join(
+        f"<tr><th>{_esc(k)}</th>{''.join(f'<td>{_esc(_meta_value(k, m.get(k)))}</td>' for m in metas.values())}</tr>"
+        for k in keys
+    )
+    notes = [
+        f"<li><b>{_esc(run)}</b> {_esc(str(n.get('module')))}: {_esc(str(n.get('kind')))} — "
+        f"{_esc(str(n.get('detail')))}</li>"
+        for run, m in metas.items()
+        for n in (m.get("notes") or [])
+        if isinstance(n, dict)
+    ]
+    note_html = f"<h3>Recorder notes</h3><ul>{''.join(notes)}</ul>" if notes else ""
+    table = f'<table class="meta"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    return f'<section id="metadata"><h2>Runs</h2>{table}{note_html}</section>'
+
+
+_META_ORDER = (
+    "run_name", "status", "start_time", "end_time", "root", "world_size", "hostname", "pid", "normalize",
+    "lenses", "modules", "targets", "metrics", "flush", "notes", "schema_version", "normtrace_version",
+    "torch_version", "python_version", "rank",
+)  # fmt: skip
+
+
+def _meta_value(key: str, value: Any) -> str:
+    """A metadata value in a few words (lists of modules become counts, configs compact JSON)."""
+    if value is None:
+        return "–"
+    if key == "normalize" and isinstance(value, dict):
+        return ", ".join(f"{t}: {'RMS' if v else 'L2'}" for t, v in value.items())
+    if key == "modules" and isinstance(value, dict):
+        return ", ".join(f"{len(v)} {t}" for t, v in value.items() if isinstance(v, list))
+    if key == "lenses" and isinstance(value, list):
+        return ", ".join(
+            str(lens.get("type", lens)) if isinstance(lens, dict) else str(lens) for lens in value
+        )
+    if key == "notes" and isinstance(value, list):
+        return f"{len(value)} (listed below)" if value else "none"
+    if isinstance(value, str | int | float | bool):
+        return str(value)
+    text = json.dumps(value, separators=(", ", ": "))
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _summary_html(trace: Trace) -> str:
+    """Per module (and parameter): epochs seen, first and last epoch mean, their ratio, and the peak."""
+    parts = []
+    for table, title in (("outputs", "Output norms"), ("params", "Parameter norms")):
+        if not _has_rows(trace, table):
+            continue
+        per_epoch = trace.epoch_summary(table)
+        keys = [k for k in SUMMARY_KEYS[table] if k != "epoch"]
+        summary = (
+            per_epoch.sort("epoch")
+            .group_by(keys, maintain_order=True)
+            .agg(
+                epochs=pl.len(),
+                rows=pl.col("count").sum(),
+                nonfinite=pl.col("nonfinite").sum(),
+                first_mean=pl.col("mean").first(),
+                last_mean=pl.col("mean").last(),
+                peak=pl.col("max").max(),
+                peak_epoch=pl.col("epoch").get(pl.col("max").arg_max()),
+            )
+            .with_columns(change=pl.col("last_mean") / pl.col("first_mean"))
+            .sort(keys)
+        )
+        parts.append(f"<h3>{title} ({charts.value_title(trace, table)})</h3>{_table(summary)}")
+    body = "".join(parts) or '<p class="note">The trace has no output or parameter norms.</p>'
+    return f'<section id="summary"><h2>Summary per module</h2>{body}</section>'
+
+
+def _alignment_html(trace: Trace, event: str, level: Level) -> str:
+    """The plain-language finding per module and the alignment statistics behind it."""
+    head = f'<section id="alignment"><h2>Findings: spikes after {_esc(event)}</h2>'
+    has_event = trace.events.filter(pl.col("name") == event).head(1).collect().height > 0
+    if not _has_rows(trace, "outputs") or not has_event:
+        why = "no output norms" if not _has_rows(trace, "outputs") else f"no {event} events"
+        return f'{head}<p class="note">Not computed: the trace has {_esc(why)}.</p></section>'
+    aligned = trace.event_alignment(event=event, level=level)
+    findings = "".join(f"<li>{_esc(s)}</li>" for s in aligned["finding"].to_list())
+    table = _table(aligned.drop("finding"))
+    return f'{head}<ul class="findings">{findings}</ul>{table}</section>'
+
+
+def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
+    """The highest-scoring spikes with the event that preceded each."""
+    head = f'<section id="spikes"><h2>Spikes in output norms (per {level})</h2>'
+    if spikes is None or spikes.is_empty():
+        return f'{head}<p class="note">No spikes detected.</p></section>'
+    top = spikes.sort("score", descending=True).head(SPIKE_ROWS)
+    shown = f"the {SPIKE_ROWS} highest scores of {spikes.height}" if spikes.height > SPIKE_ROWS else "all"
+    return f'{head}<p class="note">{spikes.height} spikes, {shown} shown.</p>{_table(top)}</section>'
+
+
+def _table(df: pl.DataFrame) -> str:
+    """An HTML table of a small frame; numbers formatted to four significant digits."""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    rows = "".join(
+        "<tr>"
+        + "".join(f"<td>{_esc(_cell(c, v))}</td>" for c, v in zip(df.columns, row, strict=True))
+        + "</tr>"
+        for row in df.iter_rows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if column == "p_value" and value < 0.001:
+            return "< 0.001"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _page(trace: Trace, body: list[str]) -> str:
+    """The whole document: style, sections, the inlined Vega bundle and the loader that embeds charts."""
+    from . import __version__  # the package's __init__ imports this module before defining it
+
+    runs = ", ".join(trace.runs)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>normtrace report — {_esc(runs)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header><h1>normtrace report</h1>
+<p class="note">Runs: {_esc(runs)}. Written {stamp} by normtrace-analysis {__version__}.</p></header>
+<main>
+{"".join(body)}
+</main>
+<script>{_javascript()}</script>
+<script>{_LOADER}</script>
+</body>
+</html>
+"""
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f4f4f4; } table.meta td, table.meta th { text-align: left; }
+.note { color: #555; } .error { color: #b00; font-weight: bold; }
+.findings li { margin: .3em 0; } .chart { margin: 1em 0 2em; }
+"""
+
+_LOADER = """
+(function () {
+  var options = {actions: false, mode: "vega-lite", renderer: "svg"};
+  function fail(el, err) {
+    el.dataset.state = "error";
+    el.textContent = "This chart could not be drawn: " + err;
+    console.error("normtrace: chart " + el.id + " failed:", err);
+  }
+  document.querySelectorAll('script[type="application/json"][data-for]').forEach(function (spec) {
+    var el = document.getElementById(spec.dataset.for);
+    try {
+      vegaEmbed(el, JSON.parse(spec.textContent), options)
+        .then(function () { el.dataset.state = "rendered"; })
+        .catch(function (err) { fail(el, err); });
+    } catch (err) { fail(el, err); }
+  });
+})();
+"""

@@ -1,0 +1,167 @@
+"""The HTML report: complete, self-contained (no network of any kind), and every chart drawn by Chromium."""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import normtrace_analysis as na
+import pytest
+from normtrace_analysis import charts
+from normtrace_analysis.report import ChartSection, chart_sections, export_charts, report
+from reportgen import MODULES
+
+SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share"]
+_SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
+
+
+def specs(text: str) -> dict[str, dict[str, Any]]:
+    """The Vega-Lite spec embedded for each chart container, by slug."""
+    found = re.findall(
+        r'<script type="application/json" data-for="chart-([\w-]+)">(.*?)</script>', text, re.S
+    )
+    return {slug: json.loads(body) for slug, body in found}
+
+
+def test_report_is_self_contained(run_a: Path, tmp_path: Path) -> None:
+    text = report(run_a, tmp_path / "report.html").read_text()
+    scripts = _SCRIPT.findall(text)
+    assert scripts and all("src" not in attrs.lower() for attrs, _ in scripts)  # everything inlined
+    markup = _SCRIPT.sub("", text)
+    assert not re.search(r"https?:|//[\w.-]+\.\w", markup)  # no URL outside the scripts' code
+    assert not re.search(r"<(link|img|iframe|object|embed)\b", markup, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "vegaEmbed" in scripts[-1][1] and len(scripts[-2][1]) > 100_000  # the bundled Vega libraries
+
+
+def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path: Path) -> None:
+    trace = na.load(run_a)
+    text = report(trace, tmp_path / "report.html").read_text()
+    assert ">run-a<" in text and ">synthetic<" in text  # run name and hostname from meta.json
+    assert "net.3: non-tensor — returned None" in text  # the recorder's note
+    summary = text[text.index('id="summary"') : text.index('id="charts"')]
+    for module in MODULES:
+        assert f"<td>{html.escape(module)}</td>" in summary
+    aligned = trace.event_alignment("target_update", level="epoch")
+    assert aligned.height > 0
+    for finding in aligned["finding"]:
+        assert f"<li>{html.escape(finding)}</li>" in text
+    found = trace.spikes(level="epoch")
+    assert f"{found.height} spikes" in text
+    assert list(specs(text)) == SLUGS
+
+
+def test_report_embeds_little_data_and_shares_the_x_range(run_a: Path, tmp_path: Path) -> None:
+    text = report(run_a, tmp_path / "report.html", max_rows=500).read_text()
+    embedded = specs(text)
+    for slug in ("output-norms", "parameter-norms", "metrics"):
+        spec = embedded[slug]
+        rows = sum(len(v) for v in spec["datasets"].values())
+        assert rows <= 500 + 500 + charts.MAX_SPIKES, slug  # curves + rules per bin + spike marks
+        assert '"domain":[0,39]' in json.dumps(spec, separators=(",", ":")), slug
+
+
+def test_a_failing_chart_leaves_the_rest_of_the_report(
+    run_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> alt.Chart:
+        raise RuntimeError("metrics exploded")
+
+    monkeypatch.setattr(charts, "metrics", broken)
+    with pytest.warns(UserWarning, match="metrics exploded"):
+        text = report(run_a, tmp_path / "report.html").read_text()
+    assert "This chart could not be built: metrics exploded" in text
+    assert list(specs(text)) == [s for s in SLUGS if s != "metrics"]
+
+
+def test_charts_without_data_say_so(tmp_path: Path) -> None:
+    from tracegen import write_trace
+
+    run = write_trace(
+        tmp_path / "bare", outputs={"pass": [0, 1], "epoch": [0, 0], "module": ["a", "a"], "norm": [1.0, 2.0]}
+    )
+    text = report(run, tmp_path / "report.html").read_text()
+    assert list(specs(text)) == ["output-norms", "output-share"]
+    assert "The trace has no params rows." in text and "The trace has no metrics rows." in text
+    assert "Not computed: the trace has no target_update events." in text
+
+
+def test_static_export_writes_one_file_per_chart(run_a: Path, tmp_path: Path) -> None:
+    svgs = export_charts(run_a, tmp_path / "svg", "svg")
+    assert [p.name for p in svgs] == [f"{s}.svg" for s in SLUGS]
+    for path in svgs:
+        root = ET.parse(path).getroot()
+        assert root.tag.endswith("svg") and len(list(root.iter())) > 50  # drawn, not an empty frame
+    pngs = export_charts(na.load(run_a).filter(modules=["net.0"]), tmp_path / "png", "png", scale=1.0)
+    assert [p.name for p in pngs] == [f"{s}.png" for s in SLUGS]
+    assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    with pytest.raises(ValueError, match="format"):
+        export_charts(run_a, tmp_path, "pdf")  # type: ignore[arg-type]
+
+
+def open_report(browser: Any, path: Path) -> dict[str, Any]:
+    """Load a report with every http(s) request intercepted; what rendered, what failed, what was asked."""
+    page = browser.new_page()
+    requests: list[str] = []
+    errors: list[str] = []
+    page.route(re.compile(r"^https?://"), lambda route: route.abort())
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-chart]')].every(el => el.dataset.state)", timeout=30_000
+    )
+    charts_state = page.eval_on_selector_all(
+        "[data-chart]",
+        """els => els.map(el => ({
+            slug: el.dataset.chart,
+            state: el.dataset.state,
+            views: el.querySelectorAll('svg.marks, canvas').length,
+            marks: el.querySelectorAll('g.mark-line path, g.mark-area path, g.mark-rule line').length,
+        }))""",
+    )
+    page.close()
+    return {"charts": charts_state, "errors": errors, "requests": requests}
+
+
+@pytest.mark.browser
+def test_report_renders_every_chart_offline_in_chromium(
+    browser: Any, run_a: Path, run_b: Path, tmp_path: Path
+) -> None:
+    for name, runs in (("one", [run_a]), ("two", [run_a, run_b])):
+        path = report(na.load(runs), tmp_path / f"{name}.html")
+        seen = open_report(browser, path)
+        assert seen["errors"] == [], name
+        assert seen["requests"] == [path.as_uri()], name  # the file itself and nothing else
+        assert [c["slug"] for c in seen["charts"]] == SLUGS
+        for chart in seen["charts"]:
+            assert chart["state"] == "rendered", (name, chart)
+            assert chart["views"] == 1 and chart["marks"] > 0, (name, chart)
+
+
+@pytest.mark.browser
+def test_a_chart_failing_in_the_browser_does_not_blank_the_others(
+    browser: Any, run_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unrenderable:
+        def to_dict(self) -> dict[str, Any]:
+            return {"mark": "no-such-mark", "data": {"values": [{"a": 1}]}}
+
+    report_module = importlib.import_module("normtrace_analysis.report")  # the package exports a function too
+
+    def sections(trace: na.Trace, **options: Any) -> list[ChartSection]:
+        real = chart_sections(trace, **options)
+        return [*real[:2], ChartSection("broken", "Broken", lambda: Unrenderable()), *real[2:]]  # type: ignore[arg-type, return-value]
+
+    monkeypatch.setattr(report_module, "chart_sections", sections)
+    seen = open_report(browser, report(run_a, tmp_path / "report.html"))
+    states = {c["slug"]: c["state"] for c in seen["charts"]}
+    assert states == {**dict.fromkeys(SLUGS, "rendered"), "broken": "error"}
+    assert len(seen["errors"]) == 1 and "chart-broken" in seen["errors"][0]
