@@ -1,0 +1,327 @@
+"""The ``normtrace`` command: summarise a trace, list spikes, write the HTML report, export a table.
+
+Bad input (no such run, a corrupt shard, a bad argument) ends with exit code 2 and one line on stderr,
+never a traceback; anything slower than a second shows progress on stderr so stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from .charts import MAX_ROWS, value_title
+from .errors import TraceError
+from .report import export_charts, report
+from .summary import SUMMARY_KEYS
+from .trace import Trace, load
+
+EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
+"""Output file extension -> format written by ``normtrace export``."""
+
+_STATS = ("mean", "p50", "p05", "p95", "min", "max", "std", "count")
+_SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "event",
+                  "lag_passes", "lag_epochs")  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (exit code 2) instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``normtrace`` command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.handler(args)
+        except BrokenPipeError:  # e.g. `normtrace spikes RUN --csv | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (TraceError, ValueError, re.error, OSError, pl.exceptions.PolarsError) as exc:
+            print(f"normtrace: error: {_one_line(exc, 1)}", file=sys.stderr)
+            return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``normtrace`` argument parser with its four sub-commands."""
+    parser = _Parser(prog="normtrace", description="Analyse normtrace traces from the shell.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    loading = _Parser(add_help=False)
+    loading.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or a glob such as 'runs/*'")
+    view = loading.add_mutually_exclusive_group()
+    view.add_argument(
+        "--rms",
+        dest="normalize",
+        action="store_const",
+        const=True,
+        help="norms divided by sqrt(numel) (default: what the recorder's lens asked for)",
+    )
+    view.add_argument("--raw", dest="normalize", action="store_const", const=False, help="raw L2 norms")
+    loading.add_argument("--modules", metavar="REGEX", help="only modules whose name matches REGEX")
+    loading.add_argument(
+        "--epochs", metavar="LO:HI", type=_range, help="only epochs LO..HI (either may be empty)"
+    )
+    loading.add_argument("--split", choices=["train", "no_grad"], help="only grad-enabled or no_grad passes")
+    loading.add_argument(
+        "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
+    )
+    script = argparse.ArgumentParser(add_help=False)
+    out = script.add_mutually_exclusive_group()
+    out.add_argument("--json", dest="output", action="store_const", const="json", help="JSON on stdout")
+    out.add_argument("--csv", dest="output", action="store_const", const="csv", help="CSV on stdout")
+
+    summary = commands.add_parser("summary", parents=[loading, script], help="modules x epochs statistics")
+    summary.add_argument("--table", choices=["outputs", "params"], default="outputs")
+    summary.add_argument("--stat", choices=_STATS, default="mean", help="statistic shown per epoch (text)")
+    summary.add_argument(
+        "--columns",
+        type=_positive,
+        default=8,
+        metavar="N",
+        help="at most N epoch columns in the text table (first and last always)",
+    )
+    summary.set_defaults(handler=_summary)
+
+    spikes = commands.add_parser(
+        "spikes", parents=[loading, script], help="spikes and their alignment to events"
+    )
+    spikes.add_argument("--table", choices=["outputs", "params"], default="outputs")
+    spikes.add_argument("--event", default="target_update", help="event to align spikes with")
+    spikes.add_argument("--level", choices=["pass", "epoch"], default="pass")
+    spikes.add_argument("--threshold", type=float, help="robust z-score above which a value is a spike")
+    spikes.add_argument("--window", type=_positive, help="passes/epochs after an event that count as near it")
+    spikes.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="spikes listed in text output"
+    )
+    spikes.set_defaults(handler=_spikes)
+
+    rep = commands.add_parser(
+        "report", parents=[loading], help="self-contained HTML report (or PNG/SVG charts)"
+    )
+    rep.add_argument("-o", "--output", type=Path, help="HTML file (default report.html), or with --format "
+                     "png|svg a directory for the chart files (default charts/)")  # fmt: skip
+    rep.add_argument("--format", choices=["html", "png", "svg"], default="html")
+    rep.add_argument("--level", choices=["epoch", "pass"], default="epoch", help="x axis of the curves")
+    rep.add_argument("--band", choices=["p05-p95", "min-max", "none"], default="p05-p95")
+    rep.add_argument("--log", action="store_true", help="log-scale y axes")
+    rep.add_argument("--event", default="target_update", help="event the findings align spikes with")
+    rep.add_argument(
+        "--max-rows", type=_positive, default=MAX_ROWS, metavar="N", help="rows per chart's curves"
+    )
+    rep.set_defaults(handler=_report)
+
+    export = commands.add_parser("export", parents=[loading], help="write a table to parquet, csv or arrow")
+    export.add_argument("--table", choices=["outputs", "params", "metrics", "events"], default="outputs")
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help=f"output file; its extension picks the format ({', '.join(EXPORT_FORMATS)})",
+    )
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Trace:
+    """The runs named on the command line, with the row filters applied."""
+    trace = load(args.runs, normalize=args.normalize, on_error="skip" if args.skip_corrupt else "raise")
+    filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
+    return trace.filter(**filters)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    with _busy("summary"):
+        trace = _load(args)
+        table = trace.epoch_summary(args.table)
+    if args.output:
+        _write_frame(table, args.output)
+        return 0
+    keys = [k for k in SUMMARY_KEYS[args.table] if k not in ("run", "epoch")]
+    for (run,), part in table.group_by("run", maintain_order=True):
+        epochs = part["epoch"].unique().sort().to_list()
+        shown = _spread(epochs, args.columns)
+        wide = part.filter(pl.col("epoch").is_in(shown)).pivot(
+            "epoch", index=keys, values=args.stat, sort_columns=True
+        )
+        note = (
+            ""
+            if len(shown) == len(epochs)
+            else f" ({len(shown)} of {len(epochs)} epochs shown; --csv for all)"
+        )
+        print(f"{run} · {args.table}: {args.stat} of the {value_title(trace, args.table)} per epoch{note}")
+        headers = [*keys, *(f"epoch {e}" for e in shown)]
+        print(_text_table(headers, wide.rows()))
+        print()
+    return 0
+
+
+def _spikes(args: argparse.Namespace) -> int:
+    with _busy("spikes"):
+        trace = _load(args)
+        found = trace.spikes(table=args.table, level=args.level, threshold=args.threshold)
+        has_event = trace.events.filter(pl.col("name") == args.event).head(1).collect().height > 0
+        aligned = (
+            trace.event_alignment(
+                args.event, window=args.window, level=args.level, table=args.table, threshold=args.threshold
+            )  # fmt: skip
+            if has_event
+            else None
+        )
+    if args.output == "csv":
+        _write_frame(found, "csv")
+    elif args.output == "json":
+        doc = {"spikes": found.to_dicts(), "alignment": aligned.to_dicts() if aligned is not None else []}
+        print(json.dumps(doc, default=str, allow_nan=False))
+    else:
+        columns = [c for c in _SPIKE_COLUMNS if c in found.columns]
+        top = found.sort("score", descending=True).head(args.limit).select(columns)
+        shown = f", top {top.height} by score" if found.height > top.height else ""
+        print(f"{found.height} spikes in {args.table} (per {args.level}){shown}")
+        if top.height:
+            print(_text_table(columns, top.rows()))
+        print()
+        if aligned is None:
+            print(f"no {args.event} events recorded: nothing to align the spikes with")
+        for finding in aligned["finding"] if aligned is not None else []:
+            print(finding)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    trace = _load(args)
+    options = {"level": args.level, "band": args.band, "log": args.log, "max_rows": args.max_rows}
+    if args.format == "html":
+        path = report(trace, args.output or Path("report.html"), event=args.event, progress=True, **options)
+        print(path)
+        return 0
+    written = export_charts(trace, args.output or Path("charts"), args.format, progress=True, **options)
+    if not written:
+        raise ValueError("no chart could be exported: the trace has no rows to chart")
+    for path in written:
+        print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    kind = EXPORT_FORMATS.get(args.output.suffix.lower())
+    if kind is None:
+        raise ValueError(f"cannot tell the format of {args.output}: use one of {', '.join(EXPORT_FORMATS)}")
+    with _busy(f"export {args.table}"):
+        lf = _load(args).table(args.table)
+        getattr(lf, f"sink_{kind}")(args.output)
+    print(args.output)
+    return 0
+
+
+def _write_frame(df: pl.DataFrame, output: str) -> None:
+    """A frame on stdout as CSV or as a JSON array of row objects."""
+    if output == "csv":
+        sys.stdout.write(df.write_csv())
+    else:
+        print(json.dumps(df.to_dicts(), default=str, allow_nan=False))
+
+
+def _spread(values: list[Any], at_most: int) -> list[Any]:
+    """At most ``at_most`` items spread evenly over ``values``, keeping the first and the last."""
+    if len(values) <= at_most:
+        return values
+    picks = np.unique(np.linspace(0, len(values) - 1, at_most).round().astype(int))
+    return [values[i] for i in picks]
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns aligned for a terminal: text left, numbers right at four significant digits."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    numeric = [all(isinstance(r[i], int | float) or r[i] is None for r in rows) for i in range(len(headers))]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        )
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _range(text: str) -> tuple[int | None, int | None]:
+    """``LO:HI`` with either end optional (``10:``, ``:50``), or a single epoch ``N``."""
+    lo, sep, hi = text.partition(":")
+    try:
+        if not sep:
+            return int(lo), int(lo)
+        return (int(lo) if lo else None, int(hi) if hi else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with integers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+@contextmanager
+def _busy(desc: str) -> Iterator[None]:
+    """While a single long step runs, an elapsed-time line on stderr (shown only after one second)."""
+    done = threading.Event()
+
+    def show() -> None:
+        if done.wait(1.0):
+            return
+        with tqdm(total=None, desc=desc, file=sys.stderr, bar_format="{desc}: {elapsed}", leave=False) as bar:
+            while not done.wait(0.5):
+                bar.refresh()
+
+    thread = threading.Thread(target=show, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings as one ``normtrace: warning:`` line each, without Python's source context."""
+    print(f"normtrace: warning: {_one_line(message, 4)}", file=sys.stderr)
+
+
+def _one_line(message: object, keep: int) -> str:
+    """The first ``keep`` non-blank lines of a message joined into one line."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(lines[:keep]) + (" …" if len(lines) > keep else "") if lines else type(message).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The ``normtrace`` command: outputs match the trace computed independently; bad input exits 2 in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import normtrace_analysis as na
+import numpy as np
+import polars as pl
+import pytest
+from normtrace_analysis.cli import main
+from reportgen import MODULES, PARAMS, param_norm, read_table
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summary_csv_holds_every_epochs_statistics(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "summary", run_a, "--csv")
+    assert code == 0
+    table = pl.read_csv(io.StringIO(out))
+    assert table.height == len(MODULES) * 2 * 40
+    raw = read_table(run_a, "outputs")
+    for row in table.filter(pl.col("epoch").is_in([0, 25])).iter_rows(named=True):
+        sel = (raw["module"] == row["module"]) & (raw["epoch"] == row["epoch"])
+        sel &= raw["grad_enabled"] == (row["split"] == "train")
+        values = raw["norm"][sel].astype(np.float64)
+        assert row["count"] == len(values)
+        assert row["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert row["p95"] == pytest.approx(np.percentile(values, 95), rel=1e-9)
+
+
+def test_summary_text_is_a_modules_by_epochs_table(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "summary", run_a, "--split", "train", "--columns", "3")
+    assert code == 0
+    lines = out.splitlines()
+    assert (
+        lines[0]
+        == "run-a · outputs: mean of the output norm (L2) per epoch (3 of 40 epochs shown; --csv for all)"
+    )
+    assert lines[1].split() == ["module", "split", "epoch", "0", "epoch", "20", "epoch", "39"]
+    raw = read_table(run_a, "outputs")
+    row = next(line for line in lines if line.startswith("net.2 "))
+    means = [
+        raw["norm"][(raw["module"] == "net.2") & raw["grad_enabled"] & (raw["epoch"] == e)]
+        .astype(float)
+        .mean()
+        for e in (0, 20, 39)
+    ]
+    assert row.split()[2:] == [f"{m:.4g}" for m in means]
+
+
+def test_summary_json_of_parameters(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "summary", run_a, "--table", "params", "--json", "--epochs", "10:12")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == len(PARAMS) * 3
+    for row in rows:
+        expected = param_norm(row["module"], row["param"], np.array(row["epoch"]))
+        assert row["mean"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_spikes_json_and_text_match_the_analysis(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = na.load(run_a)
+    found = trace.spikes("outputs", level="pass")
+    aligned = trace.event_alignment("target_update", level="pass")
+    code, out, _ = run_cli(capsys, "spikes", run_a, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert sorted((s["module"], s["pass"]) for s in doc["spikes"]) == sorted(
+        zip(found["module"], found["pass"], strict=True)
+    )
+    assert [a["finding"] for a in doc["alignment"]] == aligned["finding"].to_list()
+    code, out, _ = run_cli(capsys, "spikes", run_a, "--limit", "3")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"{found.height} spikes in outputs (per pass), top 3 by score"
+    assert all(finding in lines for finding in aligned["finding"])
+    code, out, _ = run_cli(capsys, "spikes", run_a, "--csv")
+    assert pl.read_csv(io.StringIO(out)).height == found.height
+
+
+def test_spikes_without_the_event_says_so(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "spikes", run_a, "--event", "lr_drop")
+    assert code == 0
+    assert "no lr_drop events recorded: nothing to align the spikes with" in out.splitlines()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".arrow"])
+def test_export_hands_the_table_to_other_tools(
+    run_a: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / f"outputs{suffix}"
+    code, out, _ = run_cli(capsys, "export", run_a, "--table", "outputs", "-o", target)
+    assert (code, out.strip()) == (0, str(target))
+    read = {".parquet": pl.read_parquet, ".csv": pl.read_csv, ".arrow": pl.read_ipc}[suffix]
+    back = read(target).sort("pass", "module")
+    raw = read_table(run_a, "outputs")
+    order = np.lexsort((raw["module"], raw["pass"]))
+    assert back.height == len(raw["pass"])
+    assert np.array_equal(back["norm"].cast(pl.Float32).to_numpy(), raw["norm"][order])  # csv: f32 digits
+    assert set(back["run"]) == {"run-a"}
+
+
+def test_report_writes_html_or_static_charts(
+    run_a: Path, run_b: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "both.html"
+    code, out, _ = run_cli(capsys, "report", run_a, run_b, "-o", page)
+    assert (code, out.strip()) == (0, str(page))
+    text = page.read_text()
+    assert text.count('data-chart="') == 5 and "run-a, run-b" in text
+    code, out, _ = run_cli(
+        capsys, "report", run_a, "--format", "svg", "-o", tmp_path / "svg", "--modules", "net.0"
+    )
+    assert code == 0
+    files = [Path(line) for line in out.splitlines()]
+    assert len(files) == 5 and all(f.suffix == ".svg" and f.read_text().startswith("<svg") for f in files)
+
+
+def corrupt_copy(run: Path, where: Path) -> Path:
+    """A copy of ``run`` whose first outputs shard lost its second half (and so its footer)."""
+    copy = Path(shutil.copytree(run, where))
+    shard = sorted((copy / "outputs").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return copy
+
+
+def bad_inputs(run: Path, tmp: Path) -> dict[str, list[object]]:
+    bad_meta = Path(shutil.copytree(run, tmp / "bad-meta"))
+    (bad_meta / "meta.json").write_text("{not json")
+    return {
+        "no such run": ["summary", tmp / "missing"],
+        "no run matches a glob": ["report", tmp / "nothing-*"],
+        "corrupt shard": ["spikes", corrupt_copy(run, tmp / "corrupt")],
+        "bad meta.json": ["summary", bad_meta],
+        "bad epoch range": ["summary", run, "--epochs", "a:b"],
+        "unknown export format": ["export", run, "-o", tmp / "out.xlsx"],
+        "bad level": ["spikes", run, "--level", "batch"],
+        "bad regex": ["summary", run, "--modules", "("],
+        "unknown command": ["frobnicate", run],
+        "no command": [],
+        "table never recorded": ["summary", write_outputs_only(tmp / "outputs-only"), "--table", "params"],
+    }
+
+
+def write_outputs_only(path: Path) -> Path:
+    from tracegen import write_trace
+
+    return write_trace(path, outputs={"pass": [0], "epoch": [0], "module": ["a"], "norm": [1.0]})
+
+
+def test_bad_input_exits_2_with_one_line(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for case, argv in bad_inputs(run_a, tmp_path).items():
+        try:
+            code, out, err = run_cli(capsys, *argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code, (out, err) = exit_.code, capsys.readouterr()
+        assert code == 2, case
+        assert out == "", case
+        assert len(err.splitlines()) == 1 and err.startswith("normtrace"), (case, err)
+        assert "Traceback" not in err, case
+
+
+def test_skip_corrupt_warns_in_one_line_and_goes_on(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = corrupt_copy(run_a, tmp_path / "corrupt")
+    code, out, err = run_cli(capsys, "summary", broken, "--skip-corrupt", "--csv")
+    assert code == 0
+    assert err.startswith("normtrace: warning: skipped 1 unreadable shard(s):") and len(err.splitlines()) == 1
+    assert 0 < pl.read_csv(io.StringIO(out))["count"].sum() < len(read_table(run_a, "outputs")["pass"])
+
+
+def test_the_installed_command_never_prints_a_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "normtrace_analysis.cli", "spikes", str(tmp_path / "missing"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == f"normtrace: error: run directory not found: {tmp_path / 'missing'}\n"
