@@ -16,6 +16,7 @@ from .errors import (
     SkippedShardsWarning,
     TraceError,
 )
+from .report import charts, report  # noqa: F401 -- public: na.report(...), na.charts.norms(...)
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
 from .trace import Trace, load
 
