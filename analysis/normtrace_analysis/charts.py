@@ -27,6 +27,9 @@ Table = Literal["outputs", "params"]
 MAX_ROWS = 3000
 """Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
 
+DIGITS = 6
+"""Significant digits kept in embedded values: far below what a chart or its tooltip can show."""
+
 MAX_SPIKES = 300
 """Most spike markers drawn on one chart: the highest scores are kept."""
 
@@ -93,7 +96,7 @@ def norms(
         raise ValueError(f"the trace has no {table} rows to chart")
     label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
     grid = _grid(groups, domain, max(2, max_rows // groups.height))
-    curves = _curves(lf.with_columns(series=label), x, ["run", "series"], band, grid)
+    curves = _curves(lf, x, ids, band, grid, label)
     if log:
         curves = _positive_only(curves)
     rules = _event_rules(trace, x, grid, events)
@@ -150,7 +153,7 @@ def share(
     areas = (
         frame.with_columns(x_lo=grid.start("epoch"))
         .group_by("run", "module", "x_lo")
-        .agg(share=pl.col("share").mean(), x_hi=pl.col("epoch").max())
+        .agg(share=pl.col("share").mean().round_sig_figs(DIGITS), x_hi=pl.col("epoch").max())
         .with_columns(x=pl.col("x_lo") + (grid.width - 1) / 2)
         .sort("run", "module", "x_lo")
     )
@@ -214,7 +217,7 @@ def metrics(
     parts = [pl.col("run")] if several_runs else []
     label = pl.concat_str([*parts, pl.col("split").fill_null(pl.col("name"))], separator=" ")
     grid = _grid(groups, domain, max(2, max_rows // groups.height))
-    curves = _curves(lf.with_columns(series=label), x, ["run", "name", "series"], band, grid)
+    curves = _curves(lf, x, ["run", "name", "split"], band, grid, label)
     if log:
         curves = _positive_only(curves)
     rules = _event_rules(trace, x, grid, events)
@@ -260,8 +263,14 @@ def _series_label(table: Table, *, several_splits: bool) -> pl.Expr:
     return pl.col("module")
 
 
-def _curves(lf: pl.LazyFrame, x: str, keys: list[str], band: Band, grid: Grid) -> pl.DataFrame:
-    """Mean of ``value`` per key and x bin, with the band's bounds, the bin's range and its row count."""
+def _curves(
+    lf: pl.LazyFrame, x: str, keys: list[str], band: Band, grid: Grid, label: pl.Expr
+) -> pl.DataFrame:
+    """Mean of ``value`` per key and x bin, with the band's bounds, the bin's range and its row count.
+
+    The curve's name (``label`` of the keys, as column ``series``) is computed after aggregating, so a
+    long trace pays for it once per bin rather than once per row.
+    """
     value = pl.col("value")
     if band == "none":
         bounds = [pl.lit(None, pl.Float64).alias("lo"), pl.lit(None, pl.Float64).alias("hi")]
@@ -276,8 +285,13 @@ def _curves(lf: pl.LazyFrame, x: str, keys: list[str], band: Band, grid: Grid) -
         .with_columns(x_lo=grid.start(x))
         .group_by(*keys, "x_lo")
         .agg(value.mean().alias("y"), *bounds, pl.len().alias("n"), pl.col(x).max().alias("x_hi"))
-        .with_columns(x=(pl.col("x_lo") + (grid.width - 1) / 2).cast(pl.Float64))
+        .with_columns(
+            pl.col("y", "lo", "hi").round_sig_figs(DIGITS),
+            x=(pl.col("x_lo") + (grid.width - 1) / 2).cast(pl.Float64),
+            series=label,
+        )
         .sort(*keys, "x_lo")
+        .select("run", *(["name"] if "name" in keys else []), "series", pl.exclude(*keys, "series"))
         .collect()
     )
 

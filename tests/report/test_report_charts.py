@@ -1,4 +1,7 @@
-"""Charts: the data they embed matches the trace computed independently, and stays small at any length."""
+"""Charts: the data they embed matches the trace computed independently, and stays small at any length.
+
+Embedded values keep charts.DIGITS (6) significant digits, hence the 1e-5 relative tolerance.
+"""
 
 from __future__ import annotations
 
@@ -48,9 +51,9 @@ def test_epoch_curves_are_means_and_percentiles_of_each_epoch(run_a: Path) -> No
                 values = out["norm"][sel].astype(np.float64)
                 row = curves[(f"{module} ({split})", float(epoch))]
                 assert row["n"] == sel.sum() == 20
-                assert row["y"] == pytest.approx(values.mean(), rel=1e-9)
-                assert row["lo"] == pytest.approx(np.percentile(values, 5), rel=1e-9)
-                assert row["hi"] == pytest.approx(np.percentile(values, 95), rel=1e-9)
+                assert row["y"] == pytest.approx(values.mean(), rel=1e-5)
+                assert row["lo"] == pytest.approx(np.percentile(values, 5), rel=1e-5)
+                assert row["hi"] == pytest.approx(np.percentile(values, 95), rel=1e-5)
 
 
 def test_min_max_band_and_pass_level(run_a: Path) -> None:
@@ -59,13 +62,15 @@ def test_min_max_band_and_pass_level(run_a: Path) -> None:
     curves = rows_with(chart, "n")
     width = curves[1]["x_lo"] - curves[0]["x_lo"]  # one bin of passes; 4 series x 800 passes > budget
     assert width > 1 and all(r["x_hi"] - r["x_lo"] < width for r in curves)
-    start = curves[1]["x_lo"]  # the second bin of a series: passes [start, start + width)
-    first = next(r for r in curves if r["series"] == "net.2" and r["x_lo"] == start)
+    first = next(r for r in curves if r["series"] == "net.2" and r["n"] > 1)
+    start = first["x_lo"]  # the bin holds passes [start, start + width)
     inside = (out["pass"] >= start) & (out["pass"] < start + width)
     sel = (out["module"] == "net.2") & out["grad_enabled"] & inside
     assert first["n"] == sel.sum()
-    assert first["y"] == pytest.approx(out["norm"][sel].astype(np.float64).mean(), rel=1e-9)
-    assert (first["lo"], first["hi"]) == pytest.approx((out["norm"][sel].min(), out["norm"][sel].max()))
+    assert first["y"] == pytest.approx(out["norm"][sel].astype(np.float64).mean(), rel=1e-5)
+    assert (first["lo"], first["hi"]) == pytest.approx(
+        (out["norm"][sel].min(), out["norm"][sel].max()), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("level", ["epoch", "pass"])
@@ -143,7 +148,7 @@ def test_share_is_each_leaf_modules_fraction_per_epoch(run_a: Path) -> None:
         got = {r["module"]: r["share"] for r in rows if r["x"] == epoch}
         assert sum(got.values()) == pytest.approx(1.0)
         for module, mean in means.items():
-            assert got[module] == pytest.approx(mean / sum(means.values()), rel=1e-9)
+            assert got[module] == pytest.approx(mean / sum(means.values()), rel=1e-5)
 
 
 def test_parameter_norms_and_log_scale(run_a: Path) -> None:
