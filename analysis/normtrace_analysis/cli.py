@@ -11,19 +11,17 @@ import json
 import os
 import re
 import sys
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 import polars as pl
-from tqdm import tqdm
 
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
+from .progress import progress as show_progress
 from .report import export_charts, report
 from .summary import SUMMARY_KEYS
 from .trace import Trace, load
@@ -148,7 +146,7 @@ def _load(args: argparse.Namespace) -> Trace:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    with _busy("summary"):
+    with show_progress("summary"):
         trace = _load(args)
         table = trace.epoch_summary(args.table)
     if args.output:
@@ -174,7 +172,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _spikes(args: argparse.Namespace) -> int:
-    with _busy("spikes"):
+    with show_progress("spikes"):
         trace = _load(args)
         found = trace.spikes(table=args.table, level=args.level, threshold=args.threshold)
         has_event = trace.events.filter(pl.col("name") == args.event).head(1).collect().height > 0
@@ -224,7 +222,7 @@ def _export(args: argparse.Namespace) -> int:
     kind = EXPORT_FORMATS.get(args.output.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot tell the format of {args.output}: use one of {', '.join(EXPORT_FORMATS)}")
-    with _busy(f"export {args.table}"):
+    with show_progress(f"export {args.table}"):
         lf = _load(args).table(args.table)
         getattr(lf, f"sink_{kind}")(args.output)
     print(args.output)
@@ -289,27 +287,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
-
-
-@contextmanager
-def _busy(desc: str) -> Iterator[None]:
-    """While a single long step runs, an elapsed-time line on stderr (shown only after one second)."""
-    done = threading.Event()
-
-    def show() -> None:
-        if done.wait(1.0):
-            return
-        with tqdm(total=None, desc=desc, file=sys.stderr, bar_format="{desc}: {elapsed}", leave=False) as bar:
-            while not done.wait(0.5):
-                bar.refresh()
-
-    thread = threading.Thread(target=show, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

@@ -12,9 +12,8 @@ import datetime as dt
 import html
 import json
 import os
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any, Literal
 import altair as alt
 import polars as pl
 import vl_convert
-from tqdm import tqdm
 
 from . import charts
 from .charts import MAX_ROWS, Band, Level
+from .progress import progress as show_progress
 from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
@@ -61,21 +60,32 @@ def report(
 
     It shows each run's metadata, a per-module summary, every chart (output and parameter norms with
     events and spikes, metrics, norm shares), the spike table and the ``event`` alignment with one
-    plain-language finding per module. ``progress`` shows a tqdm bar on stderr for slow reports.
+    plain-language finding per module. ``progress`` shows what it is doing on stderr when slow.
     """
     trace = _as_trace(source)
-    spikes = _spikes_or_none(trace, level)
-    sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
-    blocks: list[tuple[str, Callable[[], str]]] = [
-        ("metadata", lambda: _metadata_html(trace)),
-        ("summary", lambda: _summary_html(trace)),
-        ("alignment", lambda: _alignment_html(trace, event, level)),
-        ("spikes", lambda: _spikes_html(spikes, level)),
-    ]
     parts: dict[str, str] = {}
-    steps = [*((name, build) for name, build in blocks), *((s.slug, s) for s in sections)]
-    for name, step in _progress(steps, "report", progress):
-        parts[name] = _chart_html(step) if isinstance(step, ChartSection) else _guarded(name, step)
+    with show_progress("report", enabled=progress) as bar:
+        bar.set_postfix_str("spikes", refresh=False)
+        try:
+            spikes = _spikes_or_none(trace, level)
+            parts["spikes"] = _spikes_html(spikes, level)
+        except Exception as exc:  # the charts and the other tables are still worth writing
+            spikes, parts["spikes"] = None, _failed("spikes", exc)
+        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+        blocks: list[tuple[str, Callable[[], str]]] = [
+            ("metadata", lambda: _metadata_html(trace)),
+            ("summary", lambda: _summary_html(trace)),
+            ("alignment", lambda: _alignment_html(trace, event, level)),
+        ]
+        for name, step in [*blocks, *((s.slug, s) for s in sections)]:
+            bar.set_postfix_str(name, refresh=False)
+            if isinstance(step, ChartSection):
+                parts[name] = _chart_html(step)
+            else:
+                try:
+                    parts[name] = step()
+                except Exception as exc:  # the rest of the report is still worth writing
+                    parts[name] = _failed(name, exc)
     body = [
         parts["alignment"],
         parts["metadata"],
@@ -112,24 +122,34 @@ def export_charts(
     trace = _as_trace(source)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    spikes = _spikes_or_none(trace, level)
-    sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
     written = []
-    for section in _progress([s for s in sections if s.build], f"export {format}", progress):
-        try:
-            spec = section.build().to_dict()
-            target = folder / f"{section.slug}.{format}"
-            if format == "svg":
-                target.write_text(
-                    vl_convert.vegalite_to_svg(spec, vl_version=_vl_version()), encoding="utf-8"
-                )
-            else:
-                target.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=_vl_version(), scale=scale))
-        except Exception as exc:  # one chart's failure must not lose the others
-            warnings.warn(f"chart {section.slug!r} was not exported: {exc}", stacklevel=2)
-            continue
-        written.append(target)
+    with show_progress(f"export {format}", enabled=progress) as bar:
+        bar.set_postfix_str("spikes", refresh=False)
+        spikes = _spikes_or_none(trace, level)
+        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+        for section in (s for s in sections if s.build):
+            bar.set_postfix_str(section.slug, refresh=False)
+            target = _export_one(section.slug, section.build, folder, format, scale)
+            if target is not None:
+                written.append(target)
     return written
+
+
+def _export_one(
+    slug: str, build: Callable[[], alt.TopLevelMixin], folder: Path, format: str, scale: float
+) -> Path | None:
+    """Write one chart as SVG or PNG; None (and a warning) when it fails, so the others still get out."""
+    try:
+        spec = build().to_dict()
+        target = folder / f"{slug}.{format}"
+        if format == "svg":
+            target.write_text(vl_convert.vegalite_to_svg(spec, vl_version=_vl_version()), encoding="utf-8")
+        else:
+            target.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=_vl_version(), scale=scale))
+    except Exception as exc:  # one chart's failure must not lose the others
+        warnings.warn(f"chart {slug!r} was not exported: {exc}", stacklevel=3)
+        return None
+    return target
 
 
 def chart_sections(
@@ -194,20 +214,10 @@ def _spikes_or_none(trace: Trace, level: Level) -> pl.DataFrame | None:
     return trace.spikes(table="outputs", level=level) if _has_rows(trace, "outputs") else None
 
 
-def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
-    """``items`` with a tqdm bar on stderr that appears only once the work has taken over a second."""
-    return tqdm(items, desc=desc, unit="step", file=sys.stderr, delay=1.0, disable=not enabled, leave=False)
-
-
-def _guarded(name: str, build: Callable[[], str]) -> str:
-    """A section's HTML, or an error note in its place if building it failed."""
-    try:
-        return build()
-    except Exception as exc:  # the rest of the report is still worth writing
-        warnings.warn(f"report section {name!r} failed: {exc}", stacklevel=3)
-        return (
-            f'<section id="{name}"><p class="error">{_esc(f"{name} could not be built: {exc}")}</p></section>'
-        )
+def _failed(name: str, exc: Exception) -> str:
+    """An error note standing in for a section that could not be built (also issued as a warning)."""
+    warnings.warn(f"report section {name!r} failed: {exc}", stacklevel=3)
+    return f'<section id="{name}"><p class="error">{_esc(f"{name} could not be built: {exc}")}</p></section>'
 
 
 def _chart_html(section: ChartSection) -> str:
