@@ -21,7 +21,7 @@ import sys
 import time
 from collections import OrderedDict, deque, namedtuple
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,8 +271,7 @@ def train(
     """
     if target not in ("hard", "soft"):
         raise ValueError(f"train(target=...) must be 'hard' or 'soft', got {target!r}")
-    base = config or Config()
-    cfg = Config(**{**base.__dict__, "sync_every": int(sync_every), "target": target, "tau": float(tau)})
+    cfg = replace(config or Config(), sync_every=int(sync_every), target=target, tau=float(tau))
     seed_everything(seed)
     env = gym.make("CartPole-v1")
     loss_fn = nn.MSELoss()

@@ -82,9 +82,11 @@ def test_trace_holds_what_train_returned(paired: tuple[object, object, Path]) ->
 
 
 @pytest.mark.slow
-def test_soft_updates_log_only_the_schedule_marker(examples: ModuleType, tmp_path: Path) -> None:
+def test_soft_updates_log_only_the_schedule_marker(
+    examples: ModuleType, paired: tuple[object, object, Path], tmp_path: Path
+) -> None:
     """Soft updates never call load_state_dict (no target_update); the placebo marker follows the
-    hard-sync schedule; and the soft run trains differently from the hard one."""
+    hard-sync schedule; and training matches the hard run up to the first soft update, then departs."""
     run = tmp_path / "soft"
     soft = examples.train(
         EPISODES, run, sync_every=3, seed=SEED, progress=False, target="soft", schedule_event="sync_schedule"
@@ -93,9 +95,9 @@ def test_soft_updates_log_only_the_schedule_marker(examples: ModuleType, tmp_pat
     assert soft.sync_episodes == []
     assert [r["name"] for r in events] == ["sync_schedule"] * len(range(0, EPISODES, 3))
     assert [r["epoch"] for r in events] == [e + 1 for e in range(0, EPISODES, 3)]
-    hard = examples.train(EPISODES, None, sync_every=3, seed=SEED, progress=False)
-    n = min(len(soft.losses), len(hard.losses))
-    assert n > 0 and soft.losses[:n] != hard.losses[:n]
+    _, hard, _ = paired  # same seed; its syncs before the first optimisation step copy an unchanged policy
+    assert soft.losses[0] == hard.losses[0]  # both targets are still the initial copy
+    assert soft.losses[1] != hard.losses[1]  # the soft target has moved by tau towards the policy
 
 
 def test_soft_update_is_polyak_averaging(examples: ModuleType) -> None:
