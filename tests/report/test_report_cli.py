@@ -7,13 +7,16 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import normtrace_analysis as na
+import normtrace_analysis.progress as progress_module
 import numpy as np
 import polars as pl
 import pytest
 from normtrace_analysis.cli import main
+from normtrace_analysis.progress import progress
 from reportgen import MODULES, PARAMS, param_norm, read_table
 
 
@@ -192,3 +195,24 @@ def test_the_installed_command_never_prints_a_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr == f"normtrace: error: run directory not found: {tmp_path / 'missing'}\n"
+
+
+def test_progress_is_a_line_on_stderr_once_work_is_slow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)  # "slow" from the start, no waiting in the test
+    seen = ""
+    with progress("crunching") as bar:
+        bar.set_postfix_str("step one", refresh=False)
+        for _ in range(200):  # until the ticker thread has drawn the line (it does at once)
+            out, err = capsys.readouterr()
+            assert out == ""
+            seen += err
+            if "step one" in seen:
+                break
+            threading.Event().wait(0.05)
+    assert "crunching: 00:0" in seen and "step one" in seen
+    assert capsys.readouterr().out == ""
+    with progress("quiet", enabled=False) as bar:
+        bar.set_postfix_str("never shown")
+    assert capsys.readouterr() == ("", "")
