@@ -97,10 +97,10 @@ def norms(
     label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
     grid = _grid(groups, domain, max(2, max_rows // groups.height))
     curves = _curves(lf, x, ids, band, grid, label)
-    if log:
-        curves = _positive_only(curves)
     rules = _event_rules(trace, x, grid, events)
     marks = _spike_marks(trace, table, level, label, spikes)
+    if log:
+        curves, marks = _positive_only(curves), marks.filter(pl.col("y") > 0)
     y_title = value_title(trace, table)
     several_runs = curves["run"].n_unique() > 1
     if not several_runs:
@@ -321,13 +321,17 @@ def _event_rules(trace: Trace, x: str, grid: Grid, which: bool | Sequence[str]) 
 def _spike_marks(
     trace: Trace, table: Table, level: Level, label: pl.Expr, spikes: bool | pl.DataFrame
 ) -> pl.DataFrame:
-    """The ``MAX_SPIKES`` highest-scoring spikes as points: run, series, x, y, score."""
+    """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) that have a finite value to draw.
+
+    Columns: run, series, x, y, score, and direction ("up" or "down", the sign of the score).
+    """
     columns = {"run": pl.String, "series": pl.String, "x": pl.Float64, "y": pl.Float64, "score": pl.Float64}
     if spikes is False:
-        return pl.DataFrame(schema=columns)
+        return pl.DataFrame(schema={**columns, "direction": pl.String})
     found = trace.spikes(table=table, level=level) if spikes is True else spikes
     return (
-        found.sort("score", descending=True)
+        found.filter(pl.col("value").is_finite())
+        .sort(pl.col("score").abs(), descending=True)
         .head(MAX_SPIKES)
         .select(
             pl.col("run"),
@@ -335,6 +339,7 @@ def _spike_marks(
             pl.col(level).cast(pl.Float64).alias("x"),
             pl.col("value").cast(pl.Float64).alias("y"),
             pl.col("score").cast(pl.Float64),
+            pl.when(pl.col("score") < 0).then(pl.lit("down")).otherwise(pl.lit("up")).alias("direction"),
         )
     )
 
@@ -394,10 +399,15 @@ def _layers(
     if not marks.is_empty():
         layers.append(
             alt.Chart(marks)
-            .mark_point(shape="triangle-up", filled=True, size=70, color="#d62728", clip=True)
+            .mark_point(filled=True, size=70, color="#d62728", opacity=1.0, clip=True)
             .encode(
                 x=x_enc,
                 y=alt.Y("y:Q", scale=y_scale),
+                shape=alt.Shape(
+                    "direction:N",
+                    title="spike",
+                    scale=alt.Scale(domain=["up", "down"], range=["triangle-up", "triangle-down"]),
+                ),
                 tooltip=[
                     alt.Tooltip("series:N", title="spike in"),
                     alt.Tooltip("x:Q", title=level),

@@ -30,8 +30,8 @@ EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc":
 """Output file extension -> format written by ``normtrace export``."""
 
 _STATS = ("mean", "p50", "p05", "p95", "min", "max", "std", "count")
-_SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "event",
-                  "lag_passes", "lag_epochs")  # fmt: skip
+_SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "points",
+                  "event", "lag_passes", "lag_epochs")  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,30 +175,22 @@ def _spikes(args: argparse.Namespace) -> int:
     with show_progress("spikes"):
         trace = _load(args)
         found = trace.spikes(table=args.table, level=args.level, threshold=args.threshold)
-        has_event = trace.events.filter(pl.col("name") == args.event).head(1).collect().height > 0
-        aligned = (
-            trace.event_alignment(
-                args.event, window=args.window, level=args.level, table=args.table, threshold=args.threshold
-            )  # fmt: skip
-            if has_event
-            else None
+        aligned = trace.event_alignment(
+            args.event, window=args.window, level=args.level, table=args.table, threshold=args.threshold
         )
     if args.output == "csv":
         _write_frame(found, "csv")
     elif args.output == "json":
-        doc = {"spikes": found.to_dicts(), "alignment": aligned.to_dicts() if aligned is not None else []}
-        print(json.dumps(doc, default=str, allow_nan=False))
+        print(json.dumps({"spikes": _records(found), "alignment": _records(aligned)}))
     else:
         columns = [c for c in _SPIKE_COLUMNS if c in found.columns]
-        top = found.sort("score", descending=True).head(args.limit).select(columns)
-        shown = f", top {top.height} by score" if found.height > top.height else ""
+        top = found.sort(pl.col("score").abs(), descending=True).head(args.limit).select(columns)
+        shown = f", the {top.height} strongest shown" if found.height > top.height else ""
         print(f"{found.height} spikes in {args.table} (per {args.level}){shown}")
         if top.height:
             print(_text_table(columns, top.rows()))
         print()
-        if aligned is None:
-            print(f"no {args.event} events recorded: nothing to align the spikes with")
-        for finding in aligned["finding"] if aligned is not None else []:
+        for finding in aligned["finding"]:
             print(finding)
     return 0
 
@@ -230,11 +222,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _write_frame(df: pl.DataFrame, output: str) -> None:
-    """A frame on stdout as CSV or as a JSON array of row objects."""
+    """A frame on stdout as CSV (NaN and inf spelled out) or as a JSON array of row objects."""
     if output == "csv":
         sys.stdout.write(df.write_csv())
     else:
-        print(json.dumps(df.to_dicts(), default=str, allow_nan=False))
+        print(json.dumps(_records(df)))
+
+
+def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts; NaN and ±inf (which JSON cannot hold) become null, as in Polars' JSON."""
+    return json.loads(df.write_json())
 
 
 def _spread(values: list[Any], at_most: int) -> list[Any]:

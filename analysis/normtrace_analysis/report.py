@@ -320,12 +320,11 @@ def _summary_html(trace: Trace) -> str:
 def _alignment_html(trace: Trace, event: str, level: Level) -> str:
     """The plain-language finding per module and the alignment statistics behind it."""
     head = f'<section id="alignment"><h2>Findings: spikes after {_esc(event)}</h2>'
-    has_event = trace.events.filter(pl.col("name") == event).head(1).collect().height > 0
-    if not _has_rows(trace, "outputs") or not has_event:
-        why = "no output norms" if not _has_rows(trace, "outputs") else f"no {event} events"
-        return f'{head}<p class="note">Not computed: the trace has {_esc(why)}.</p></section>'
+    if not _has_rows(trace, "outputs"):
+        return f'{head}<p class="note">Not computed: the trace has no output norms.</p></section>'
     aligned = trace.event_alignment(event=event, level=level)
-    findings = "".join(f"<li>{_esc(s)}</li>" for s in aligned["finding"].to_list())
+    first = aligned.sort(pl.col("spikes") == 0, "p_value", nulls_last=True)  # spiking series first
+    findings = "".join(f"<li>{_esc(s)}</li>" for s in first["finding"].to_list())
     table = _table(aligned.drop("finding"))
     return f'{head}<ul class="findings">{findings}</ul>{table}</section>'
 
@@ -335,7 +334,7 @@ def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
     head = f'<section id="spikes"><h2>Spikes in output norms (per {level})</h2>'
     if spikes is None or spikes.is_empty():
         return f'{head}<p class="note">No spikes detected.</p></section>'
-    top = spikes.sort("score", descending=True).head(SPIKE_ROWS)
+    top = spikes.sort(pl.col("score").abs(), descending=True).head(SPIKE_ROWS)
     shown = f"the {SPIKE_ROWS} highest scores of {spikes.height}" if spikes.height > SPIKE_ROWS else "all"
     return f'{head}<p class="note">{spikes.height} spikes, {shown} shown.</p>{_table(top)}</section>'
 

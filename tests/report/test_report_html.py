@@ -12,6 +12,7 @@ from typing import Any
 
 import altair as alt
 import normtrace_analysis as na
+import polars as pl
 import pytest
 from normtrace_analysis import charts
 from normtrace_analysis.report import ChartSection, chart_sections, export_charts, report
@@ -54,7 +55,10 @@ def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path
         assert f"<li>{html.escape(finding)}</li>" in text
     found = trace.spikes(level="epoch")
     assert f"{found.height} spikes" in text
-    assert list(specs(text)) == SLUGS
+    embedded = specs(text)
+    assert list(embedded) == SLUGS
+    marks = [r for rows in embedded["output-norms"]["datasets"].values() for r in rows if "score" in r]
+    assert len(marks) == min(found.filter(pl.col("value").is_finite()).height, charts.MAX_SPIKES) > 0
 
 
 def test_report_embeds_little_data_and_shares_the_x_range(run_a: Path, tmp_path: Path) -> None:
@@ -89,7 +93,6 @@ def test_charts_without_data_say_so(tmp_path: Path) -> None:
     text = report(run, tmp_path / "report.html").read_text()
     assert list(specs(text)) == ["output-norms", "output-share"]
     assert "The trace has no params rows." in text and "The trace has no metrics rows." in text
-    assert "Not computed: the trace has no target_update events." in text
 
 
 def test_static_export_writes_one_file_per_chart(run_a: Path, tmp_path: Path) -> None:
