@@ -17,6 +17,10 @@ marker asks the same question of both runs ("do output-norm spikes cluster right
 episode?"). In the hard run the marker coincides with the sync; in the soft run it is a placebo, so an
 enrichment there would mean the schedule itself (episode boundaries, say), not the sync, explains it.
 Marking every soft update instead would put an event at every pass and make "near an event" meaningless.
+The control earns its keep: over all passes the soft run's placebo looks enriched too, because the
+spike detector fires in the first few hundred optimisation passes (norms moving fast on a short
+history) and the early markers sit there; after a warm-up (``--warmup-passes``, default 1000) the soft
+run has no spikes at all while every hard-run spike still follows a sync. The script prints both views.
 
     python examples/soft_vs_hard_target.py --episodes 150 --out-dir runs/soft_vs_hard
     normtrace report runs/soft_vs_hard/hard runs/soft_vs_hard/soft --event sync_schedule
@@ -62,16 +66,27 @@ def run_pair(
     return results
 
 
-def alignment_report(run_dirs: Sequence[Path], event: str = MARKER) -> str | None:
-    """Per-module event alignment of each run on ``event`` as text; None without ``normtrace_analysis``."""
+def alignment_report(run_dirs: Sequence[Path], event: str = MARKER, warmup_passes: int = 1000) -> str | None:
+    """Event alignment on ``event`` per run and module, over all passes and after ``warmup_passes``.
+
+    The second view matters: at the start of optimisation the norms move fast on a short history, the
+    spike detector fires there, and the first markers happen to sit there too -- the soft run's placebo
+    can look enriched for that reason alone. Returns None without ``normtrace_analysis``.
+    """
     try:
         import normtrace_analysis as na
     except ImportError:
         return None
+    columns = ["module", "events", "spikes", "near_event", "enrichment", "p_value"]
     blocks = []
     for run in run_dirs:
-        table = na.load(run).event_alignment(event, level="pass")
-        blocks.append(f"{run.name}:\n{table}")
+        trace = na.load(run)
+        for label, view in (
+            ("all passes", trace),
+            (f"passes >= {warmup_passes}", trace.filter(passes=(warmup_passes, None))),
+        ):
+            table = view.event_alignment(event, level="pass").select(columns)
+            blocks.append(f"{run.name}, {label}:\n{table}")
     return "\n".join(blocks)
 
 
@@ -83,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-every", type=int, default=5, help="hard sync (and marker) period in episodes")
     p.add_argument("--tau", type=float, default=0.005, help="Polyak factor of the soft run, per step")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--warmup-passes", type=int, default=1000, help="also align spikes after this pass (default: 1000)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace traces already in the run dirs")
     p.add_argument("--report", type=Path, default=None, help="HTML report (default: OUT_DIR/report.html)")
     p.add_argument("--no-report", action="store_true", help="skip the alignment tables and the HTML report")
@@ -108,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n[{name}] {summarize(result)}")
     runs = [args.out_dir / name for name in results]
     if not args.no_report:
-        aligned = alignment_report(runs)
+        aligned = alignment_report(runs, warmup_passes=args.warmup_passes)
         print(
             f"\nevent alignment on {MARKER!r}:\n{aligned}" if aligned else f"\n(no alignment: {INSTALL_HINT})"
         )
