@@ -19,7 +19,7 @@ DELAY_S = 1.0
 
 @contextmanager
 def progress(desc: str, total: int | None = None, *, enabled: bool = True) -> Iterator[tqdm]:
-    """A tqdm bar on stderr for the ``with`` block: ``bar.set_postfix_str(step)``, ``bar.update()``.
+    """A tqdm bar on stderr for the ``with`` block: ``bar.set_postfix_str(step, refresh=False)``.
 
     With ``total=None`` the line shows only the description, the current step and the elapsed time.
     """
@@ -34,7 +34,7 @@ def progress(desc: str, total: int | None = None, *, enabled: bool = True) -> It
         if done.wait(DELAY_S):
             return
         while not done.is_set():
-            bar.refresh()
+            bar.update(0)  # redraws (elapsed time, current step) and lets close() erase the line
             done.wait(0.5)
 
     ticker = threading.Thread(target=tick, daemon=True)
