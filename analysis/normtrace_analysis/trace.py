@@ -79,6 +79,11 @@ class Trace:
     _base: dict[str, pl.LazyFrame]
     skipped: list[Path]
     _filters: _Filters = field(default_factory=_Filters)
+    _cache: dict[tuple, pl.DataFrame] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Memoised analysis results (small frames), per Trace: a filtered Trace starts with its own.
+        self._cache = {}
 
     @property
     def runs(self) -> list[str]:
