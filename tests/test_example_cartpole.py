@@ -154,3 +154,19 @@ def test_report_without_analysis_package_explains(
     assert "pip install -e ./analysis" in err
     assert f"normtrace report {run} -o {run / 'report.html'}" in err
     assert (run / "meta.json").exists() and not (run / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_report_is_written_when_the_analysis_package_is_there(
+    examples: ModuleType, paired: tuple[object, object, Path]
+) -> None:
+    """With normtrace_analysis installed, the report lands where asked and names the run and its event."""
+    na = pytest.importorskip("normtrace_analysis")
+    if not callable(getattr(na, "report", None)):
+        pytest.skip("normtrace_analysis has no report() yet")
+    _, _, run = paired
+    out = run / "report.html"
+    assert examples.write_report([run], out) == out
+    page = out.read_text(encoding="utf-8")
+    assert page.lstrip().lower().startswith("<!doctype html")
+    assert "target_update" in page and run.name in page
