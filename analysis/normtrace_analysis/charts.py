@@ -383,14 +383,15 @@ def _layers(
                 x=x_enc,
                 y=alt.Y("lo:Q", scale=y_scale),
                 y2="hi:Q",
-                color=alt.Color(f"{color}:N", legend=None),  # the legend shows the lines' full colours
-                opacity=faint,
+                color=alt.Color(f"{color}:N"),
+                fillOpacity=faint,  # not opacity: the shared legend would draw its symbols faint
             )
         )
     line = base.mark_line(clip=True, point=curves.height <= 60).encode(
         x=x_enc,
         y=alt.Y("y:Q", title=y_title, scale=y_scale),
-        color=alt.Color(f"{color}:N", title=color),
+        # one legend for band and line, drawn as full-strength strokes rather than the faint band
+        color=alt.Color(f"{color}:N", title=color, legend=alt.Legend(symbolType="stroke", symbolOpacity=1)),
         opacity=strong,
         tooltip=tooltip,
     )

@@ -340,11 +340,17 @@ def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
 
 
 def _table(df: pl.DataFrame) -> str:
-    """An HTML table of a small frame; numbers formatted to four significant digits."""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    """An HTML table of a small frame; numbers right-aligned at four significant digits."""
+    numeric = [df.schema[c].is_numeric() for c in df.columns]
+    head = "".join(
+        f"<th{' class=num' if n else ''}>{_esc(c)}</th>" for c, n in zip(df.columns, numeric, strict=True)
+    )
     rows = "".join(
         "<tr>"
-        + "".join(f"<td>{_esc(_cell(c, v))}</td>" for c, v in zip(df.columns, row, strict=True))
+        + "".join(
+            f"<td{' class=num' if n else ''}>{_esc(_cell(c, v))}</td>"
+            for c, v, n in zip(df.columns, row, numeric, strict=True)
+        )
         + "</tr>"
         for row in df.iter_rows()
     )
@@ -396,8 +402,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 13px; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f4f4f4; } table.meta td, table.meta th { text-align: left; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+th { background: #f4f4f4; } .num { text-align: right; font-variant-numeric: tabular-nums; }
 .note { color: #555; } .error { color: #b00; font-weight: bold; }
 .findings li { margin: .3em 0; } .chart { margin: 1em 0 2em; }
 """
