@@ -44,6 +44,7 @@ def test_report_is_self_contained(run_a: Path, tmp_path: Path) -> None:
 def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path: Path) -> None:
     trace = na.load(run_a)
     text = report(trace, tmp_path / "report.html").read_text()
+    assert 'class="error"' not in text  # every section built
     assert ">run-a<" in text and ">synthetic<" in text  # run name and hostname from meta.json
     assert "net.3: non-tensor — returned None" in text  # the recorder's note
     summary = text[text.index('id="summary"') : text.index('id="charts"')]
