@@ -23,7 +23,7 @@ history) and the early markers sit there; after a warm-up (``--warmup-passes``, 
 run has no spikes at all while every hard-run spike still follows a sync. The script prints both views.
 
     python examples/soft_vs_hard_target.py --episodes 150 --out-dir runs/soft_vs_hard
-    normtrace report runs/soft_vs_hard/hard runs/soft_vs_hard/soft --event sync_schedule
+    normtrace report runs/soft_vs_hard/hard runs/soft_vs_hard/soft --level pass --event sync_schedule
 """
 
 from __future__ import annotations

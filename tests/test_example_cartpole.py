@@ -152,7 +152,7 @@ def test_report_without_analysis_package_explains(
     assert examples.main(["--episodes", "1", "--run-dir", str(run), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "pip install -e ./analysis" in err
-    assert f"normtrace report {run} -o {run / 'report.html'}" in err
+    assert f"normtrace report {run} --level pass -o {run / 'report.html'}" in err
     assert (run / "meta.json").exists() and not (run / "report.html").exists()
 
 
