@@ -13,7 +13,9 @@ cells, applies only these substitutions (each must match exactly once):
 - ``N_EPISODES = 300`` becomes ``N_EPISODES = 20`` so the test trains for seconds, not minutes (20
   episodes of near-random play are enough to fill a 256-transition batch and optimise for a while).
 
-It then runs the cells in order in one namespace, in a temporary working directory, and checks the
+It then runs the cells in order in one namespace, in a temporary working directory (seeding torch,
+random, numpy and -- with one ``env.reset(seed=0)`` before the notebook's own unseeded resets -- the
+environment from outside the notebook's code, so the run is reproducible), and checks the
 trace (read with pyarrow/polars, not with normtrace_analysis) against expectations measured
 independently while the notebook ran: forward calls of the policy net counted in its ``forward``,
 the output norms recomputed there by calling each layer's ``forward`` directly (which bypasses the
