@@ -48,6 +48,7 @@ def run_pair(
     tau: float = 0.005,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, TrainResult]:
     """Train the hard-sync and the soft-update run into ``out_dir/hard`` and ``out_dir/soft``."""
     results: dict[str, TrainResult] = {}
@@ -62,6 +63,7 @@ def run_pair(
             target=target,
             tau=tau,
             schedule_event=MARKER,
+            threads=threads,
         )
     return results
 
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="HTML report (default: OUT_DIR/report.html)")
     p.add_argument("--no-report", action="store_true", help="skip the alignment tables and the HTML report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     return p
 
 
@@ -121,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tau=args.tau,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     for name, result in results.items():
         print(f"\n[{name}] {summarize(result)}")

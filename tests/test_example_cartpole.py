@@ -170,3 +170,15 @@ def test_report_is_written_when_the_analysis_package_is_there(
     page = out.read_text(encoding="utf-8")
     assert page.lstrip().lower().startswith("<!doctype html")
     assert "target_update" in page and run.name in page
+
+
+def test_torch_threads_is_scoped(examples: ModuleType) -> None:
+    """The thread setting applies inside the block only; None leaves it alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    with examples.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with examples.torch_threads(None):
+        assert torch.get_num_threads() == before

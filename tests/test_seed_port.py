@@ -15,7 +15,8 @@ cells, applies only these substitutions (each must match exactly once):
 
 It then runs the cells in order in one namespace, in a temporary working directory (seeding torch,
 random, numpy and -- with one ``env.reset(seed=0)`` before the notebook's own unseeded resets -- the
-environment from outside the notebook's code, so the run is reproducible), and checks the
+environment from outside the notebook's code, so the run is reproducible, and using one torch thread,
+which is much faster for this tiny network), and checks the
 trace (read with pyarrow/polars, not with normtrace_analysis) against expectations measured
 independently while the notebook ran: forward calls of the policy net counted in its ``forward``,
 the output norms recomputed there by calling each layer's ``forward`` directly (which bypasses the
@@ -210,11 +211,16 @@ def run_ported_notebook(cells: list[str]) -> tuple[dict[str, Any], Probe]:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    with warnings.catch_warnings():  # the notebook calls warnings.simplefilter('ignore')
-        for cell in cells:
-            exec(compile(cell, "seed_notebook", "exec"), ns)
-            for name in [n for n in installs if n in ns]:
-                installs.pop(name)(ns[name])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny net: one thread is far faster on a busy machine (see the example)
+    try:
+        with warnings.catch_warnings():  # the notebook calls warnings.simplefilter('ignore')
+            for cell in cells:
+                exec(compile(cell, "seed_notebook", "exec"), ns)
+                for name in [n for n in installs if n in ns]:
+                    installs.pop(name)(ns[name])
+    finally:
+        torch.set_num_threads(threads)
     assert not installs, f"the notebook never defined {sorted(installs)}"
     return ns, probe
 
