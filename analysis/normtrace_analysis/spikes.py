@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from .series import SERIES_KEYS, Series, epoch_series, pass_series
 from .stats import binom_sf
-from .trace import module_filter
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -44,17 +45,15 @@ EVENT_WINDOW: dict[str, int] = {"pass": 20, "epoch": 1}
 """Default ``event_alignment`` window per level: the 20 passes after an event (about 10 environment steps
 of a DQN recording an acting and a training pass per step), or the epoch the event opens."""
 
+SCALE_SPAN = 4
+"""The scale (rolling MAD) spans this many baseline windows: noise levels change slowly, and a MAD of
+only one window's points is so variable that on 1e5-point series it would flag pure noise."""
+
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for Gaussian noise."""
 
 SCALE_FLOOR = 1e-4
 """Smallest scale relative to the baseline, so a flat series (MAD 0) does not flag float rounding."""
-
-SERIES_KEYS: dict[str, list[str]] = {
-    "outputs": ["run", "rank", "module", "split"],
-    "params": ["run", "rank", "module", "param"],
-}
-"""Columns identifying one series per table."""
 
 
 def spikes(
@@ -77,7 +76,9 @@ def spikes(
     window = _check(table, level, baseline_window)
     key = ("spikes", table, level, _modules_key(modules), threshold, window)
     if key not in trace._cache:
-        found = _detect(_series(trace, table, level, modules), table, level, threshold, window)
+        series = pass_series(trace, table, modules)
+        frame = series.data if level == "pass" else epoch_series(series)
+        found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
         trace._cache[key] = _attach_nearest_event(found, trace.events, table, level)
     return trace._cache[key]
 
@@ -114,10 +115,10 @@ def event_alignment(
         .collect()
         .sort("run", "rank", level)
     )
-    coverage = _coverage(trace, table, level, modules, events, window)
+    coverage = _coverage(pass_series(trace, table, modules), level, events, window)
     near = _near_counts(found, events, keys, level, window)
     rows = (
-        coverage.join(near, on=keys, how="left", nulls_equal=True)
+        coverage.join(near, on=keys, how="left")
         .join(events.group_by("run", "rank").len("events"), on=["run", "rank"], how="left")
         .with_columns(pl.col("spikes", "near_event", "events").fill_null(0).cast(pl.Int64))
         .with_columns(
@@ -174,89 +175,107 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
     return modules if modules is None or isinstance(modules, str) else tuple(modules)
 
 
-def _points(trace: Trace, table: str, modules: Sequence[str] | str | None) -> pl.LazyFrame:
-    """The table's rows restricted to ``modules`` (which must exist as a table in some run)."""
-    trace.require(table)
-    lf = trace.table(table)
-    return lf if modules is None else lf.filter(module_filter(modules))
+def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
+    """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; contiguous per sid, time-ordered).
 
-
-def _series(trace: Trace, table: str, level: str, modules: Sequence[str] | str | None) -> pl.DataFrame:
-    """Every series' points (keys, [pass,] epoch, value), contiguous per series and ordered in time.
-
-    A ``sid`` column numbers the series. Epoch level: the mean ``value`` per epoch. Pass level: rows in
-    the order the recorder wrote them (pass order within a rank), stably grouped by series.
+    The frame is cut at series boundaries into one part per Polars thread, scored in parallel.
     """
-    keys = SERIES_KEYS[table]
-    lf = _points(trace, table, modules)
-    if level == "epoch":
-        lf = lf.group_by(*keys, "epoch").agg(pl.col("value").mean()).sort(*keys, "epoch")
-        return lf.with_columns(pl.struct(keys).rank("dense").alias("sid")).collect()
-    run_index = {name: i for i, name in enumerate(trace.runs)}
-    # Pack the keys into one integer: run (15 bits) | rank (16) | split (1) | module[+param] code (32).
-    name = pl.col("module") if table == "outputs" else pl.concat_str("module", "param", separator="\x00")
-    flag = pl.col("grad_enabled") if table == "outputs" else pl.lit(False)
-    sid = (
-        pl.col("run").replace_strict(run_index, return_dtype=pl.UInt64) * (1 << 49)
-        + pl.col("rank").cast(pl.UInt64) * (1 << 33)
-        + flag.cast(pl.UInt64) * (1 << 32)
-        + name.cast(pl.Categorical).to_physical().cast(pl.UInt64)
-    )
-    df = (
-        lf.select(*keys, "pass", "epoch", "value", sid.alias("sid"))
-        .collect()
-        .sort("sid", maintain_order=True)
-    )
-    unordered = df.select(((pl.col("pass").diff() < 0) & (pl.col("sid").diff() == 0)).any()).item()
-    return df.sort("sid", "pass", maintain_order=True) if unordered else df
+    parts = _split(frame, pl.thread_pool_size())
+    with ThreadPoolExecutor(len(parts)) as pool:
+        found = list(pool.map(lambda part: _detect_part(part, level, threshold, window), parts))
+    return pl.concat(found)
 
 
-def _detect(series: pl.DataFrame, table: str, level: str, threshold: float, window: int) -> pl.DataFrame:
-    """Flag points off the rolling median by more than ``threshold`` rolling MADs; merge runs of flags."""
-    keys = SERIES_KEYS[table]
+def _split(frame: pl.DataFrame, n: int) -> list[pl.DataFrame]:
+    """Up to ``n`` slices of about equal rows, cut only where the sid changes."""
+    if frame.height < 100_000 or n < 2:
+        return [frame]
+    starts = frame.select(pl.arg_where(pl.col("sid") != pl.col("sid").shift(1))).to_series()
+    cuts = [0]
+    for k in range(1, n):
+        i = int(starts.search_sorted(k * frame.height // n))
+        if i < starts.len() and cuts[-1] < int(starts[i]) < frame.height:
+            cuts.append(int(starts[i]))
+    cuts.append(frame.height)
+    return [frame.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+_ROW = pl.int_range(pl.len(), dtype=pl.UInt32)
+_POSITION = (
+    _ROW - pl.when((pl.col("sid") != pl.col("sid").shift(1)).fill_null(True)).then(_ROW).forward_fill()
+).alias("_pos")
+"""Each row's index within its series (rows contiguous per sid)."""
+
+
+def _centred_median(frame: pl.DataFrame, x: pl.Expr, window: int) -> pl.Series:
+    """Centred rolling median of ``x`` within each sid of ``frame`` (needs ``_pos``, the row's index in
+    its series); the last half-window of a series keeps its last full window's median; windows need
+    half a window of non-null values, else the last median is carried forward.
+
+    Same as ``x.rolling_median(window).shift(-half).forward_fill().over("sid")`` but ~3x cheaper: one
+    trailing median over the whole column (shifted back by half a window, which centres it), with the
+    first half-window of each series, whose windows would reach into the previous series, recomputed.
+    """
     half = window // 2
+    med = x.rolling_median(window, min_samples=half + 1)
+    inside = (pl.col("sid").shift(-half) == pl.col("sid")) & (pl.col("_pos") >= half)
+    centred = frame.select(pl.when(inside.fill_null(False)).then(med.shift(-half)).alias("m")).to_series()
+    head = (
+        frame.with_row_index("_row")
+        .filter(pl.col("_pos") < window)
+        .with_columns(med.shift(-half).over("sid").alias("m"))
+        .filter(pl.col("_pos") < half)
+    )
+    centred = centred.scatter(head["_row"], head["m"])
+    carried = frame.select(centred.alias("m"), "sid").select(
+        pl.when(pl.when(pl.col("m").is_not_null()).then(pl.col("sid")).forward_fill() == pl.col("sid")).then(
+            pl.col("m").forward_fill()
+        )
+    )
+    return carried.to_series()
+
+
+def _detect_part(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
+    """Score one part's points, flag them and merge consecutive flags into spikes (at their peak)."""
     finite = pl.col("value").is_finite()
-
-    def centred_median(x: pl.Expr) -> pl.Expr:
-        # A trailing median shifted back by half a window is the centred one (and much cheaper in Polars);
-        # the last half-window of a series keeps the last full window's median.
-        return x.rolling_median(window, min_samples=half + 1).shift(-half).forward_fill().over("sid")
-
-    scored = (
-        series.lazy()
-        .with_columns(centred_median(pl.when(finite).then(pl.col("value"))).alias("baseline"))
-        .with_columns(
-            centred_median(pl.when(finite).then((pl.col("value") - pl.col("baseline")).abs())).alias("mad")
-        )
-        .with_columns(
-            pl.when(~finite)
-            .then(pl.when(pl.col("value") < 0).then(-math.inf).otherwise(math.inf))
-            .otherwise(
-                (pl.col("value") - pl.col("baseline"))
-                / pl.max_horizontal(
-                    MAD_TO_SIGMA * pl.col("mad"), SCALE_FLOOR * pl.col("baseline").abs(), pl.lit(1e-300)
-                )
-            )
-            .alias("score")
-        )
+    block = max(1, window // 4)
+    df = frame.with_columns(_POSITION)
+    df = df.with_columns(_centred_median(df, pl.when(finite).then(pl.col("value")), window).alias("baseline"))
+    df = df.with_columns(
+        pl.when(finite).then((pl.col("value") - pl.col("baseline")).abs()).alias("_absdev"),
+        (pl.col("_pos") % block == 0).cum_sum().alias("_b"),
+    ).with_columns(pl.col("_b").set_sorted())
+    # Rolling MAD at block resolution: the median absolute deviation of each block of ``block`` points,
+    # then the centred rolling median of those over the blocks spanning SCALE_SPAN windows.
+    blocks = df.group_by("_b", maintain_order=True).agg(pl.col("sid").first(), pl.col("_absdev").median())
+    blocks = blocks.with_columns(_POSITION)
+    mad = _centred_median(blocks, pl.col("_absdev"), max(3, (SCALE_SPAN * window // block) | 1))
+    df = df.with_columns(mad.gather(df["_b"] - 1).alias("mad"))
+    scale = pl.max_horizontal(
+        MAD_TO_SIGMA * pl.col("mad"), SCALE_FLOOR * pl.col("baseline").abs(), pl.lit(1e-300)
+    )
+    signed_inf = pl.when(pl.col("value") < 0).then(-math.inf).otherwise(math.inf)
+    score = pl.when(~finite).then(signed_inf).otherwise((pl.col("value") - pl.col("baseline")) / scale)
+    flagged = (
+        df.lazy()
+        .with_columns(score.alias("score"))
         .with_columns(flag=(~finite | (pl.col("score").abs() > threshold)).fill_null(False))
         .with_columns(
-            start=pl.col("flag")
-            & (~pl.col("flag").shift(1, fill_value=False) | (pl.col("sid") != pl.col("sid").shift(1)))
+            spike=(
+                pl.col("flag") & (~pl.col("flag").shift(1, fill_value=False) | (pl.col("_pos") == 0))
+            ).cum_sum()
         )
-        .with_columns(spike=pl.col("start").cum_sum())
         .filter("flag")
     )
-    position = [*keys, "pass", "epoch"] if level == "pass" else [*keys, "epoch"]
+    position = ["sid", "pass", "epoch"] if level == "pass" else ["sid", "epoch"]
     peak = pl.col("score").abs().arg_max()
     return (
-        scored.group_by("spike")
+        flagged.group_by("spike")
         .agg(
             *[pl.col(c).get(peak) for c in [*position, "value", "baseline", "score"]],
-            pl.len().alias("points"),
+            pl.len().cast(pl.Int64).alias("points"),
         )
         .drop("spike")
-        .with_columns(pl.col("points").cast(pl.Int64))
         .collect()
     )
 
@@ -323,41 +342,35 @@ def _near_counts(
     )
 
 
-def _coverage(
-    trace: Trace,
-    table: str,
-    level: str,
-    modules: Sequence[str] | str | None,
-    events: pl.DataFrame,
-    window: int,
-) -> pl.DataFrame:
-    """Per series: its points, and how many of them lie within ``window`` after an event."""
-    keys = SERIES_KEYS[table]
-    # The units (passes or epochs) that fall inside some event's window, per run and rank.
+def _coverage(series: Series, level: str, events: pl.DataFrame, window: int) -> pl.DataFrame:
+    """Per series (keys): its points, and how many of them lie within ``window`` after an event."""
     first = 1 if level == "pass" else 0
+    at = pl.col(level).cast(pl.Int64)
     covered = (
-        events.select(
-            "run",
-            "rank",
-            pl.int_ranges(
-                pl.col(level).cast(pl.Int64) + first, pl.col(level).cast(pl.Int64) + first + window
-            ).alias("_at"),
-        )
+        events.select("run", "rank", pl.int_ranges(at + first, at + first + window).alias("_at"))
         .explode("_at")
         .unique()
-        .with_columns(pl.lit(True).alias("_near"))
     )
-    lf = _points(trace, table, modules)
-    if level == "epoch":
-        lf = lf.select(*keys, "epoch").unique()
-    points = lf.select(*keys, pl.col(level).cast(pl.Int64).alias("_at")).join(
-        covered.lazy(), on=["run", "rank", "_at"], how="left"
+    frame = series.data if level == "pass" else epoch_series(series)
+    counts = []
+    # Series of one (run, rank) are contiguous: test their points against that rank's covered units.
+    spans = series.keys.group_by("run", "rank").agg(
+        pl.col("sid").min().alias("lo"), pl.col("sid").max().alias("hi")
     )
-    return (
-        points.group_by(keys)
-        .agg(pl.len().cast(pl.Int64).alias("points"), pl.col("_near").sum().cast(pl.Int64).alias("covered"))
-        .collect()
-    )
+    for run, rank, lo, hi in spans.iter_rows():
+        units = covered.filter(pl.col("run") == run, pl.col("rank") == rank)["_at"]
+        part = frame.filter(pl.col("sid").is_between(lo, hi)) if spans.height > 1 else frame
+        counts.append(
+            part.group_by("sid").agg(
+                pl.len().cast(pl.Int64).alias("points"),
+                pl.col(level).cast(pl.Int64).is_in(units.implode()).sum().cast(pl.Int64).alias("covered"),
+            )
+        )
+    if not counts:
+        return series.keys.drop("start", "length").with_columns(
+            points=pl.lit(0, pl.Int64), covered=pl.lit(0, pl.Int64)
+        )
+    return series.keys.drop("start", "length").join(pl.concat(counts), on="sid", how="left").fill_null(0)
 
 
 def _finding(

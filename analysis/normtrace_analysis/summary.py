@@ -6,14 +6,16 @@ from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from .series import pass_series
+
 if TYPE_CHECKING:
     from .trace import Trace
 
 SUMMARY_KEYS: dict[str, list[str]] = {
-    "outputs": ["run", "epoch", "module", "split"],
-    "params": ["run", "epoch", "module", "param"],
+    "outputs": ["run", "module", "split"],
+    "params": ["run", "module", "param"],
 }
-"""Group keys of :func:`epoch_summary` per table (ranks are pooled: filter the Trace for one rank)."""
+"""Group keys of :func:`epoch_summary` besides ``epoch`` (ranks are pooled: filter the Trace for one)."""
 
 
 def epoch_summary(trace: Trace, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
@@ -26,14 +28,29 @@ def epoch_summary(trace: Trace, table: Literal["outputs", "params"] = "outputs")
     """
     if table not in SUMMARY_KEYS:
         raise ValueError(f"epoch_summary works on 'outputs' or 'params', not {table!r}")
-    trace.require(table)
     keys = SUMMARY_KEYS[table]
+    series = pass_series(trace, table, None)
+    # One group per summary key: a series, unless several ranks share the key (then they are pooled).
+    groups = series.keys.select("sid", *keys).with_columns(
+        pl.col("sid").min().over(keys).cast(pl.UInt64).alias("group")
+    )
+    pooled = groups["group"].n_unique() < groups.height
+    group = (
+        pl.col("sid").replace_strict(groups["sid"], groups["group"], return_dtype=pl.UInt64)
+        if pooled
+        else pl.col("sid").cast(pl.UInt64)
+    )
+    # Epochs never decrease along a series, so (series, epoch) packed in one integer is sorted when each
+    # group is one series: Polars then groups contiguous slices instead of hashing.
+    packed = series.data.select((group * (1 << 32) + pl.col("epoch").cast(pl.UInt64)).alias("g"), "value")
+    if not pooled and packed["g"].is_sorted():
+        packed = packed.with_columns(pl.col("g").set_sorted())
     v = pl.col("value")
-    return (
-        trace.table(table)
-        .group_by(keys)
+    stats = (
+        packed.lazy()
+        .group_by("g")
         .agg(
-            pl.len().alias("count"),
+            pl.len().cast(pl.Int64).alias("count"),
             v.mean().alias("mean"),
             v.std(ddof=1).alias("std"),
             v.min().alias("min"),
@@ -41,9 +58,29 @@ def epoch_summary(trace: Trace, table: Literal["outputs", "params"] = "outputs")
             v.quantile(0.05, "linear").alias("p05"),
             v.quantile(0.50, "linear").alias("p50"),
             v.quantile(0.95, "linear").alias("p95"),
-            (~v.is_finite()).sum().alias("nonfinite"),
+            (~v.is_finite()).sum().cast(pl.Int64).alias("nonfinite"),
         )
-        .with_columns(pl.col("count").cast(pl.Int64), pl.col("nonfinite").cast(pl.Int64))
-        .sort([k for k in keys if k != "epoch"] + ["epoch"])
+        .with_columns(
+            (pl.col("g") // (1 << 32)).alias("group"), (pl.col("g") % (1 << 32)).cast(pl.Int32).alias("epoch")
+        )
         .collect()
+    )
+    names = groups.unique("group").select("group", *keys).with_columns(pl.col("group").cast(pl.UInt64))
+    return (
+        stats.join(names, on="group")
+        .select(
+            *keys[:1],
+            "epoch",
+            *keys[1:],
+            "count",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "p05",
+            "p50",
+            "p95",
+            "nonfinite",
+        )
+        .sort(*keys, "epoch")
     )
