@@ -260,7 +260,7 @@ def synthetic_dqn(
     clean_all = []
     t = passes / n_pass
     for i, m in enumerate(modules):
-        base = np.sqrt(numel[m]) * (1.0 + i) * (1.0 + 0.5 * t + 0.1 * np.sin(2 * np.pi * t))
+        base = np.sqrt(numel[m]) * (1.0 + i) * (1.0 + 0.5 * t + 0.1 * np.sin(2 * np.pi * 3 * t))
         base = np.where(grad, base, 0.7 * base)
         jitter = 1.0 + epoch_noise * rng.standard_normal(n_epochs)
         clean = base * jitter[epochs] * (1.0 + noise * rng.standard_normal(n_pass))

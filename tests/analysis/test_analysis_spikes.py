@@ -133,7 +133,7 @@ def test_nearest_preceding_event_and_lags(tmp_path: Path) -> None:
 
 
 def test_epoch_level_event_opens_its_epoch(tmp_path: Path) -> None:
-    syn = synthetic_dqn(n_epochs=100, passes_per_epoch=10, level="epoch", n_spikes=6, after_event=1.0, seed=3)
+    syn = synthetic_dqn(n_epochs=300, passes_per_epoch=10, level="epoch", n_spikes=6, after_event=1.0, seed=3)
     run = write_trace(tmp_path / "r", outputs=syn.outputs, events=syn.events)
     spikes = na.load(run).spikes(level="epoch", modules=["net.0"])
     planted = {e for m, e in syn.after_event if m == "net.0"}
