@@ -2,13 +2,14 @@
 
 Detector (a Hampel filter): for every series (run, rank, module, split for outputs; run, rank, module,
 param for params), ordered by pass, the baseline is the centred rolling median of ``baseline_window``
-points and the scale the rolling median of absolute deviations from it (the rolling MAD, times 1.4826
-so that it estimates a standard deviation for Gaussian noise). A point is flagged when
-``|value - baseline| / scale > threshold``; NaN and ±Inf values are always flagged (score ±inf) and left
-out of every baseline. Consecutive flagged points form one spike, reported at its peak (largest
-``|score|``) with ``points`` = how many points it spans. Because the window is centred, a level shift is
-absorbed into the baseline within half a window: it yields at most one short spike, never a spike per
-point; an excursion shorter than half a window is a spike.
+points, and the scale a rolling MAD (median absolute deviation from the baseline, times 1.4826 so that it
+estimates a standard deviation for Gaussian noise) over ``SCALE_SPAN`` times as many points, computed at
+block resolution: the median of the blocks' MADs, blocks of ``baseline_window // 4`` points. A point is
+flagged when ``|value - baseline| / scale > threshold``; NaN and ±Inf values are always flagged (score
+±inf) and left out of every baseline. Consecutive flagged points form one spike, reported at its peak
+(largest ``|score|``) with ``points`` = how many points it spans. Because the window is centred, a level
+shift is absorbed into the baseline within half a window: it yields at most one short spike, never a
+spike per point; an excursion shorter than half a window is a spike.
 
 Event timing: events are recorded between passes with the last pass started, so at level "pass" an event
 precedes a spike when ``spike.pass > event.pass``; at level "epoch" an event of epoch ``e`` (a DQN's
@@ -34,12 +35,14 @@ Level = Literal["pass", "epoch"]
 
 THRESHOLD = 6.0
 """Default spike threshold in robust standard deviations. High because a pass-level series has ~1e5
-points: at 6 MADs Gaussian noise yields ~2e-9 false flags per point, while real spikes (target syncs,
-exploding activations) are typically tens of MADs."""
+points: on 10 million points of log-normal noise it flags about one point per million, while the spikes
+worth explaining (target syncs, exploding activations) are tens of SDs."""
 
 BASELINE_WINDOW: dict[str, int] = {"pass": 51, "epoch": 11}
-"""Default rolling-window length (points) per level: about a CartPole episode of training passes, and
-two target-sync periods of 5 epochs, so one sync's effect never dominates a window's median."""
+"""Default rolling-window length (points) per level. 51 passes: a transient of a few passes (what a
+target sync does to a DQN's activations) cannot move the median, while learning trends over a few
+episodes are followed. 11 epochs: two sync periods of the seed's DQN (a sync every 5 episodes), so no
+window's median is set by sync epochs."""
 
 EVENT_WINDOW: dict[str, int] = {"pass": 20, "epoch": 1}
 """Default ``event_alignment`` window per level: the 20 passes after an event (about 10 environment steps
@@ -135,8 +138,7 @@ def event_alignment(
         .sort(keys)
     )
     p_values = [
-        binom_sf(k, n, min(max(p, 0.0), 1.0))
-        for k, n, p in rows.select("near_event", "spikes", "expected_fraction").iter_rows()
+        binom_sf(k, n, p) for k, n, p in rows.select("near_event", "spikes", "expected_fraction").iter_rows()
     ]
     rows = rows.with_columns(pl.Series("p_value", p_values, dtype=pl.Float64))
     multi_run = rows["run"].n_unique() > 1
@@ -212,7 +214,7 @@ def _centred_median(frame: pl.DataFrame, x: pl.Expr, window: int) -> pl.Series:
     its series); the last half-window of a series keeps its last full window's median; windows need
     half a window of non-null values, else the last median is carried forward.
 
-    Same as ``x.rolling_median(window).shift(-half).forward_fill().over("sid")`` but ~3x cheaper: one
+    Same as ``x.rolling_median(window).shift(-half).forward_fill().over("sid")`` but cheaper: one
     trailing median over the whole column (shifted back by half a window, which centres it), with the
     first half-window of each series, whose windows would reach into the previous series, recomputed.
     """

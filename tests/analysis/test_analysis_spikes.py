@@ -268,3 +268,21 @@ def test_bad_arguments(tmp_path: Path) -> None:
         trace.event_alignment(window=0)
     with pytest.raises(na.MissingTableError):
         trace.spikes("params")
+
+
+def test_ranks_are_separate_series_with_their_own_events(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    spiky = _noise(1000, seed=1)
+    spiky[[205, 505]] += 3.0
+    write_trace(
+        run, **_single_series(spiky, {"epoch": [20, 50], "pass": [199, 499], "name": ["target_update"] * 2})
+    )
+    write_trace(
+        run,
+        rank=1,
+        **_single_series(_noise(1000, seed=2), {"epoch": [30], "pass": [299], "name": ["target_update"]}),
+    )
+    table = na.load(run).event_alignment(window=10)
+    assert table.select("rank", "events", "spikes", "near_event").rows() == [(0, 2, 2, 2), (1, 1, 0, 0)]
+    assert table["expected_fraction"].to_list() == pytest.approx([20 / 1000, 10 / 1000])
+    assert table["finding"][0].startswith("m on rank 0: 100% of spikes (2 of 2) fall within 10 passes")
