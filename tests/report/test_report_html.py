@@ -43,18 +43,18 @@ def test_report_is_self_contained(run_a: Path, tmp_path: Path) -> None:
 
 def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path: Path) -> None:
     trace = na.load(run_a)
-    text = report(trace, tmp_path / "report.html").read_text()
+    text = report(trace, tmp_path / "report.html", level="pass").read_text()  # the planted spikes' level
     assert 'class="error"' not in text  # every section built
     assert ">run-a<" in text and ">synthetic<" in text  # run name and hostname from meta.json
     assert "net.3: non-tensor — returned None" in text  # the recorder's note
     summary = text[text.index('id="summary"') : text.index('id="charts"')]
     for module in MODULES:
         assert f"<td>{html.escape(module)}</td>" in summary
-    aligned = trace.event_alignment("target_update", level="epoch")
+    aligned = trace.event_alignment("target_update", level="pass")
     assert aligned.height > 0
     for finding in aligned["finding"]:
         assert f"<li>{html.escape(finding)}</li>" in text
-    found = trace.spikes(level="epoch")
+    found = trace.spikes(level="pass")
     assert f"{found.height} spikes" in text
     embedded = specs(text)
     assert list(embedded) == SLUGS
