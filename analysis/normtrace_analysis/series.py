@@ -28,6 +28,9 @@ SERIES_KEYS: dict[str, list[str]] = {
 """Columns identifying one series per table."""
 
 
+_DATA_SCHEMA = {"sid": pl.UInt32, "pass": pl.Int64, "epoch": pl.Int32, "value": pl.Float64}
+
+
 @dataclass(frozen=True)
 class Series:
     """``data``: sid (u32), pass, epoch, value, contiguous per sid and in pass order within it.
@@ -57,8 +60,7 @@ def pass_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -
     parts = [_run_series(lf.filter(pl.col("run") == run), table, run) for run in trace.runs]
     parts = [p for p in parts if p.keys.height]
     if not parts:
-        schema = {"sid": pl.UInt32, "pass": pl.Int64, "epoch": pl.Int32, "value": pl.Float64}
-        result = Series(pl.DataFrame(schema=schema), _empty_keys(table))
+        result = Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
     else:
         offsets = [0]
         rows = [0]
@@ -105,14 +107,12 @@ def _run_series(lf: pl.LazyFrame, table: str, run: str) -> Series:
         + flag.cast(pl.UInt64) * (1 << 32)
         + name.to_physical().cast(pl.UInt64)
     )
-    raw = lf.select("pass", "epoch", "value", key.alias("key"), name.alias("name")).collect(
-        engine="streaming"
-    )
-    if raw.height == 0:
-        return Series(raw.select("pass", "epoch", "value"), _empty_keys(table))
-    # Column by column, so that at most one column exists twice: rechunk (gathers across the hundreds of
-    # chunks that one chunk per shard gives are many times slower), then permute.
-    keys_first = pl.DataFrame([raw.drop_in_place("key").rechunk(), raw.drop_in_place("name")])
+    # One column at a time, so that the rows exist about once in memory: read it (the shards are
+    # column-oriented: a column costs what it weighs), make it one chunk (gathers across the hundreds of
+    # chunks that one chunk per shard gives are many times slower), permute it.
+    keys_first = lf.select(key.alias("key"), name.alias("name")).collect(engine="streaming").rechunk()
+    if keys_first.height == 0:
+        return Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
     names = keys_first.filter(pl.col("key").is_first_distinct()).with_columns(pl.col("name").cast(pl.String))
     order = _strided_order(keys_first["key"])
     if order is None:
@@ -120,7 +120,12 @@ def _run_series(lf: pl.LazyFrame, table: str, run: str) -> Series:
         order = order.to_series()
     key = keys_first["key"].gather(order)
     del keys_first
-    data = pl.DataFrame([raw.drop_in_place(c).rechunk().gather(order) for c in ("pass", "epoch", "value")])
+    data = pl.DataFrame(
+        [
+            lf.select(c).collect(engine="streaming").to_series().rechunk().gather(order)
+            for c in ("pass", "epoch", "value")
+        ]
+    )
     del order
     runs = key.rle().struct.unnest()
     bounds = runs.select(

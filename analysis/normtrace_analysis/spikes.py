@@ -180,12 +180,19 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
 def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
     """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; contiguous per sid, time-ordered).
 
-    The frame is cut at series boundaries into one part per Polars thread, scored in parallel.
+    The frame is cut at series boundaries into parts of at most about PART_ROWS rows (and at least one
+    per Polars thread), scored in parallel: all cores work, and the scoring's temporary columns exist
+    for a few parts at a time only.
     """
-    parts = _split(frame, pl.thread_pool_size())
-    with ThreadPoolExecutor(len(parts)) as pool:
+    threads = pl.thread_pool_size()
+    parts = _split(frame, max(threads, -(-frame.height // PART_ROWS)))
+    with ThreadPoolExecutor(min(threads, len(parts))) as pool:
         found = list(pool.map(lambda part: _detect_part(part, level, threshold, window), parts))
     return pl.concat(found)
+
+
+PART_ROWS = 2_000_000
+"""Rows scored at once per thread by the detector (bounds its memory: ~50 bytes per row)."""
 
 
 def _split(frame: pl.DataFrame, n: int) -> list[pl.DataFrame]:
