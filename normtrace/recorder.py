@@ -28,6 +28,11 @@ from normtrace.writer import ShardWriter, write_json_atomic
 ROOT_NAME = "(root)"
 
 
+def default_run_dir() -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>_<hostname>`` under the working directory, like ``SummaryWriter``'s default."""
+    return Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}_{socket.gethostname()}"
+
+
 def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -42,6 +47,9 @@ def _dist_rank() -> tuple[int, int]:
 class Recorder:
     """Records what the lenses see into Arrow IPC shards under ``run_dir``, off the training thread.
 
+    ``run_dir`` defaults to ``runs/<date>-<time>_<host>`` (as torch's ``SummaryWriter`` does), so code
+    written for the seed's ``PyTorchInspector(lenses=[...])`` runs unchanged.
+
     ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), and every ``tick_epoch()``,
     the buffered rows go to the writer thread; a killed run keeps every earlier flush. Use as a context
     manager or call ``close()``; a recorder still open at interpreter exit is closed then.
@@ -49,7 +57,7 @@ class Recorder:
 
     def __init__(
         self,
-        run_dir: str | os.PathLike[str],
+        run_dir: str | os.PathLike[str] | None = None,
         lenses: Sequence[Lens] = (),
         *,
         run_name: str | None = None,
@@ -80,7 +88,7 @@ class Recorder:
             setattr(self, slot, lens)
         self.lenses = tuple(lenses)
 
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.rank, self.world_size = _dist_rank()
         self.flush_every = int(flush_every)
         self.flush_secs = float(flush_secs)
@@ -222,10 +230,13 @@ class Recorder:
         self._writer.wait()
         self._check()
 
-    def close(self, status: str = "closed") -> None:
-        """Detach, write everything, finish the metadata and stop the writer. Safe to call twice."""
+    def close(self, status: str = "closed") -> Path:
+        """Detach, write everything, finish the metadata and stop the writer; returns the run directory.
+
+        Safe to call twice. Returning the directory makes ``na.report(rec.close(), "report.html")`` a line.
+        """
         if self._closed:
-            return
+            return self.run_dir
         self._closed = True
         atexit.unregister(self._atexit)
         self.detach()
@@ -236,6 +247,7 @@ class Recorder:
         err = self._writer.take_error()
         if err is not None:
             raise err
+        return self.run_dir
 
     def __enter__(self) -> Recorder:
         return self

@@ -380,3 +380,18 @@ def test_nan_and_inf_outputs_are_recorded_not_dropped(tmp_path):
         model(x[2:])
     norms = read_table(tmp_path, "outputs").column("norm").to_pylist()
     assert math.isnan(norms[0]) and norms[1] == pytest.approx(5.0)
+
+
+def test_default_run_dir_and_close_returns_it(tmp_path, monkeypatch):
+    """Like SummaryWriter: no run_dir means runs/<date>-<time>_<host> under the working directory."""
+    import re
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    rec = nt.Recorder(lenses=[nt.OutputNorm()])
+    assert rec.run_dir.parent == type(rec.run_dir)("runs")
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}_{re.escape(socket.gethostname())}", rec.run_dir.name)
+    rec.push_metric("m", 1.0)
+    assert rec.close() == rec.run_dir
+    assert rec.close() == rec.run_dir  # idempotent
+    assert read_table(tmp_path / rec.run_dir, "metrics").num_rows == 1

@@ -5,11 +5,11 @@ export of the monitorch notebook that started the project. This test extracts it
 cells, applies only these substitutions (each must match exactly once):
 
 - imports: ``pandas`` and ``matplotlib`` (imported, never used, not dependencies) are dropped; the two
-  ``monitorch`` imports become ``normtrace`` imports;
-- the constructor call: ``PyTorchInspector(`` becomes ``Recorder("runs/cartpole",`` -- normtrace's
-  Recorder needs a run directory, monitorch's inspector kept everything in memory;
+  ``monitorch`` imports become ``normtrace`` imports (``Recorder as PyTorchInspector``, whose default run
+  directory is ``runs/<date>-<time>_<host>``) plus ``normtrace_analysis``;
 - one added line: ``inspector.track_target(target_net)`` after ``inspector.attach(policy_net)``;
-- the final plotting line ``fig = inspector.visualizer.show_fig()`` becomes ``inspector.close()``;
+- the final plotting line ``fig = inspector.visualizer.show_fig()`` becomes
+  ``report = na.report(inspector.close(), "report.html")``;
 - ``N_EPISODES = 300`` becomes ``N_EPISODES = 20`` so the test trains for seconds, not minutes (20
   episodes of near-random play are enough to fill a 256-transition batch and optimise for a while).
 
@@ -36,36 +36,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 import torch
-
-pl = pytest.importorskip("polars")
-pytest.importorskip("gymnasium")
-pytest.importorskip("tqdm")
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_DIR = REPO.parent / "shared" / "seed"
 SEED_FILE = SEED_DIR / "000_11b433e77477edad.txt"
 N_EPISODES = 20
 SYNC_EVERY = 5  # the seed's `if episode % 5 == 0`
-RUN = Path("runs/cartpole")
 
 SUBSTITUTIONS: list[tuple[str, str]] = [
     ("import pandas as pd\n", ""),
     ("import matplotlib.pyplot as plt\n", ""),
-    ("from monitorch.inspector import PyTorchInspector\n", "from normtrace import Recorder\n"),
+    (
+        "from monitorch.inspector import PyTorchInspector\n",
+        "from normtrace import Recorder as PyTorchInspector\nimport normtrace_analysis as na\n",
+    ),
     (
         "from monitorch.lens import LossMetrics, OutputNorm, ParameterNorm\n",
         "from normtrace import LossMetrics, OutputNorm, ParameterNorm\n",
     ),
-    ("inspector = PyTorchInspector(\n", 'inspector = Recorder("runs/cartpole",\n'),
     (
         "inspector.attach(policy_net)\n",
         "inspector.attach(policy_net)\ninspector.track_target(target_net)\n",
     ),
-    ("fig = inspector.visualizer.show_fig()", "inspector.close()"),
+    ("fig = inspector.visualizer.show_fig()", 'report = na.report(inspector.close(), "report.html")'),
     ("N_EPISODES = 300\n", f"N_EPISODES = {N_EPISODES}\n"),
 ]
 """(old, new) pairs applied in order to the notebook's code; each ``old`` must occur exactly once."""
@@ -131,17 +129,16 @@ def test_code_cells_are_extracted_verbatim() -> None:
         "import matplotlib.pyplot as plt",
         "from monitorch.inspector import PyTorchInspector",
         "from monitorch.lens import LossMetrics, OutputNorm, ParameterNorm",
-        "inspector = PyTorchInspector(",
         "N_EPISODES = 300",
         "fig = inspector.visualizer.show_fig()",
     ]
     assert added == [
-        "from normtrace import Recorder",
+        "from normtrace import Recorder as PyTorchInspector",
+        "import normtrace_analysis as na",
         "from normtrace import LossMetrics, OutputNorm, ParameterNorm",
-        'inspector = Recorder("runs/cartpole",',
         "inspector.track_target(target_net)",
         f"N_EPISODES = {N_EPISODES}",
-        "inspector.close()",
+        'report = na.report(inspector.close(), "report.html")',
     ]
 
 
@@ -244,7 +241,9 @@ def ported_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
         ns, probe = run_ported_notebook(cells)
     finally:
         os.chdir(old)
-    return cwd / RUN, ns, probe
+    runs = list((cwd / "runs").iterdir())
+    assert runs == [cwd / ns["inspector"].run_dir], "the default run directory is runs/<date>-<time>_<host>"
+    return runs[0], ns, probe
 
 
 # ---------------------------------------------------------------- the checks
@@ -354,3 +353,14 @@ def test_parameter_norms_at_last_tick(ported_run: tuple[Path, dict[str, Any], Pr
         norm, numel = recorded[key]
         assert numel == tensor.numel()
         assert norm == pytest.approx(float(torch.linalg.vector_norm(tensor)), rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_the_replaced_plotting_line_writes_a_report(ported_run: tuple[Path, dict[str, Any], Probe]) -> None:
+    """The notebook's last line now writes the offline HTML report, with the target-update alignment."""
+    run, ns, _ = ported_run
+    report = run.parents[1] / ns["report"]  # relative to the notebook's working directory
+    assert ns["report"].name == "report.html" and report.is_file()
+    text = report.read_text()
+    assert "target_update" in text and run.name in text
+    assert "<script src=" not in text  # Vega is inlined: the report opens offline
