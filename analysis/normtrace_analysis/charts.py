@@ -128,7 +128,7 @@ def share(
     Outputs use the leaf modules only (a container's output repeats its children's), each module's
     epoch mean; parameters combine a module's tensors as the root of the summed squared norms.
     """
-    lf = getattr(trace, table)
+    lf = getattr(trace, table).filter(pl.col("value").is_finite())
     if table == "outputs":
         leaves = _leaf_modules(lf.select(pl.col("module").unique()).collect()["module"].to_list())
         per_module = (
@@ -143,9 +143,8 @@ def share(
             .group_by("run", "epoch", "module")
             .agg(norm=(pl.col("norm") ** 2).sum().sqrt())
         )
-    frame = per_module.with_columns(
-        share=pl.col("norm") / pl.col("norm").sum().over("run", "epoch")
-    ).collect()
+    total = pl.col("norm").sum().over("run", "epoch")
+    frame = per_module.with_columns(share=(pl.col("norm") / total).fill_nan(None)).collect()  # 0/0: no share
     if frame.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
     groups = frame.group_by("run", "module").agg(lo=pl.col("epoch").min(), hi=pl.col("epoch").max())

@@ -5,6 +5,7 @@ Embedded values keep charts.DIGITS (6) significant digits, hence the 1e-5 relati
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import polars as pl
 import pytest
 from normtrace_analysis import charts
 from reportgen import MODULES, PARAMS, long_run, param_norm, read_table
+from tracegen import write_trace
 
 
 def datasets(chart: alt.TopLevelMixin) -> dict[str, list[dict[str, Any]]]:
@@ -193,3 +195,32 @@ def test_filters_carry_through_and_bad_options_are_refused(run_a: Path) -> None:
         charts.norms(trace, band="iqr", spikes=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no outputs rows"):
         charts.norms(trace.filter(epochs=(500, 600)), spikes=False)
+
+
+def test_non_finite_and_all_zero_norms_never_reach_a_chart(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    run = write_trace(
+        tmp_path / "odd",
+        outputs={
+            "pass": np.repeat(np.arange(6), 2),
+            "epoch": np.repeat([0, 0, 1, 1, 2, 2], 2).astype(np.int32),
+            "module": ["a", "b"] * 6,
+            "norm": np.array([1, 3, 1, 3, 0, 0, 0, 0, nan, inf, 2, 2], dtype=np.float32),
+        },
+    )
+    trace = na.load(run)
+    built = [
+        charts.norms(trace, spikes=False),
+        charts.norms(trace, spikes=False, log=True),
+        charts.share(trace),
+    ]
+    for chart in built:
+        json.dumps(chart.to_dict(), allow_nan=False)  # what the report embeds must be strict JSON
+    curves = {(r["series"], r["x"]): r for r in rows_with(built[0], "n")}
+    assert (curves[("a", 2.0)]["y"], curves[("a", 2.0)]["n"]) == (2.0, 1)  # the NaN row is left out
+    assert curves[("b", 2.0)]["n"] == 1
+    assert {r["y"] for r in rows_with(built[1], "n") if r["x"] == 1.0} == {None}  # zeros: off a log axis
+    shares = {(r["module"], r["x"]): r["share"] for r in rows_with(built[2], "share")}
+    assert shares[("a", 0.0)] == pytest.approx(0.25)
+    assert shares[("a", 1.0)] is None and shares[("b", 1.0)] is None  # 0 of 0 is no share
+    assert shares[("a", 2.0)] == pytest.approx(0.5)
