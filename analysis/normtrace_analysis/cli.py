@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 import polars as pl
 
 from .charts import MAX_ROWS, value_title
@@ -238,8 +237,8 @@ def _spread(values: list[Any], at_most: int) -> list[Any]:
     """At most ``at_most`` items spread evenly over ``values``, keeping the first and the last."""
     if len(values) <= at_most:
         return values
-    picks = np.unique(np.linspace(0, len(values) - 1, at_most).round().astype(int))
-    return [values[i] for i in picks]
+    step = (len(values) - 1) / max(at_most - 1, 1)
+    return [values[i] for i in sorted({round(k * step) for k in range(at_most)})]
 
 
 def _text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
