@@ -16,7 +16,7 @@ from .errors import (
     SkippedShardsWarning,
     TraceError,
 )
-from .report import charts, report  # noqa: F401 -- public: na.report(...), na.charts.norms(...)
+from .report import charts, report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
 from .trace import Trace, load
 
@@ -35,5 +35,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "__version__",
+    "charts",
     "load",
+    "report",
 ]

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", type=Path, help="HTML file (default report.html), or with --format "
                      "png|svg a directory for the chart files (default charts/)")  # fmt: skip
     rep.add_argument("--format", choices=["html", "png", "svg"], default="html")
-    rep.add_argument("--level", choices=["epoch", "pass"], default="epoch", help="x axis of the curves")
+    rep.add_argument(
+        "--level", choices=["pass", "epoch"], default="pass", help="x axis of the curves, and spike level"
+    )
     rep.add_argument("--band", choices=["p05-p95", "min-max", "none"], default="p05-p95")
     rep.add_argument("--log", action="store_true", help="log-scale y axes")
     rep.add_argument("--event", default="target_update", help="event the findings align spikes with")

@@ -49,7 +49,7 @@ def report(
     source: Source,
     path: str | os.PathLike[str] = "report.html",
     *,
-    level: Level = "epoch",
+    level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
     event: str = "target_update",
@@ -61,6 +61,9 @@ def report(
     It shows each run's metadata, a per-module summary, every chart (output and parameter norms with
     events and spikes, metrics, norm shares), the spike table and the ``event`` alignment with one
     plain-language finding per module. ``progress`` shows what it is doing on stderr when slow.
+
+    ``level`` defaults to "pass" (curves binned over passes, spikes and alignment per pass): a DQN's
+    target-sync transients last a few dozen passes and average away in per-epoch means.
     """
     trace = _as_trace(source)
     parts: dict[str, str] = {}
@@ -105,7 +108,7 @@ def export_charts(
     directory: str | os.PathLike[str],
     format: Literal["png", "svg"] = "svg",
     *,
-    level: Level = "epoch",
+    level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
     max_rows: int = MAX_ROWS,
@@ -155,7 +158,7 @@ def _export_one(
 def chart_sections(
     trace: Trace,
     *,
-    level: Level = "epoch",
+    level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
     max_rows: int = MAX_ROWS,

@@ -63,7 +63,7 @@ def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path
 
 
 def test_report_embeds_little_data_and_shares_the_x_range(run_a: Path, tmp_path: Path) -> None:
-    text = report(run_a, tmp_path / "report.html", max_rows=500).read_text()
+    text = report(run_a, tmp_path / "report.html", level="epoch", max_rows=500).read_text()
     embedded = specs(text)
     for slug in ("output-norms", "parameter-norms", "metrics"):
         spec = embedded[slug]
