@@ -357,8 +357,9 @@ class TrainStep:
             self.target.load_state_dict(self.model.state_dict())
 
 
-def run_block(work: Workload, tracer: Tracer, steps: int, epoch_len: int) -> tuple[float, float]:
-    """Wall and CPU seconds for ``steps`` units of work with ``tracer`` attached, ticks and finish included.
+def run_block(work: Workload, tracer: Tracer, steps: int, epoch_len: int) -> tuple[float, float, float]:
+    """Wall and CPU seconds for ``steps`` units of work with ``tracer`` attached, ticks and finish included,
+    and the wall seconds of the finish alone (normtrace's close(): the writer drains what is left).
 
     CPU time is ``time.process_time()``: every thread of this process (normtrace's writer included), and
     none of the other processes that share the machine, so it is the figure to trust on a busy machine.
@@ -372,8 +373,10 @@ def run_block(work: Workload, tracer: Tracer, steps: int, epoch_len: int) -> tup
             smoothed = 0.8 * epoch + 0.2 * smoothed
             tracer.epoch(float(epoch), smoothed)
             work.end_epoch(epoch)
+    f0 = time.perf_counter()
     tracer.finish()
-    return time.perf_counter() - t0, time.process_time() - c0
+    end = time.perf_counter()
+    return end - t0, time.process_time() - c0, end - f0
 
 
 CLOCKS = ("wall", "cpu")
@@ -385,6 +388,8 @@ class Samples:
     """Per-unit times (seconds) of each variant on each clock, one per repeat."""
 
     per_unit: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    finish_per_unit: dict[str, list[float]] = field(default_factory=dict)
+    """Wall seconds per unit spent in the block's final ``finish()`` (already inside ``per_unit``)."""
 
     def median(self, clock: str, key: str) -> float:
         """Median over repeats."""
@@ -412,7 +417,7 @@ def measure(
     Every variant first runs one warm-up block (not recorded) so that allocator, caches and lazy imports
     are settled before any recorded block.
     """
-    out = Samples({clock: {k: [] for k in variants} for clock in CLOCKS})
+    out = Samples({clock: {k: [] for k in variants} for clock in CLOCKS}, {k: [] for k in variants})
     for key in variants:
         tracer = make(key, work.model, work.loss_fn)
         run_block(work, tracer, warmup, epoch_len)
@@ -422,10 +427,11 @@ def measure(
         for key in order:
             tracer = make(key, work.model, work.loss_fn)
             gc.collect()
-            wall, cpu = run_block(work, tracer, steps, epoch_len)
+            wall, cpu, finish = run_block(work, tracer, steps, epoch_len)
             tracer.cleanup()
             out.per_unit["wall"][key].append(wall / steps)
             out.per_unit["cpu"][key].append(cpu / steps)
+            out.finish_per_unit[key].append(finish / steps)
         log(
             f"  repeat {r + 1}/{repeats} ({''.join(order)}) us/unit wall (cpu): "
             + "  ".join(
@@ -594,6 +600,13 @@ def render(info: dict[str, Any], cfg: dict[str, Any], w1: Samples, w2: Samples, 
         f"{_verdict(wall['verdicts']['w2_c_over_a_le_1.05']):<7} {cpu['w2']['over_a']['C']:6.3f} "
         f"{_verdict(cpu['verdicts']['w2_c_over_a_le_1.05']):<7}",
     ]
+    fin1 = statistics.median(w1.finish_per_unit["C"]) * 1e6
+    fin2 = statistics.median(w2.finish_per_unit["C"]) * 1e6
+    lines += [
+        "",
+        f"  of C's time, the block-final close() (the writer drains what is left; once per run in real use):"
+        f" W1 {fin1:.2f} us/pass ({fin1 / HOOKED:.2f} us/module), W2 {fin2:.1f} us/step",
+    ]
     if "D" not in w1.variants:
         lines.append("  (D skipped: monitorch is not installed here; `nox -s bench` installs it)")
     return "\n".join(lines)
@@ -606,7 +619,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; ``--quick`` shrinks every count for a smoke run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (fewer passes and repeats)")
-    p.add_argument("--repeats", type=int, help="repeats per variant (default 9, quick 3)")
+    p.add_argument("--repeats", type=int, help="repeats per variant (default 11, quick 3)")
     p.add_argument("--w1-passes", type=int, help="W1 forward passes per block (default 3000, quick 600)")
     p.add_argument("--w2-steps", type=int, help="W2 training steps per block (default 600, quick 150)")
     p.add_argument("--epoch-len", type=int, help="units of work per epoch tick (default 200, quick 50)")
@@ -622,7 +635,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     quick = args.quick
-    args.repeats = args.repeats or (3 if quick else 9)
+    args.repeats = args.repeats or (3 if quick else 11)
     args.w1_passes = args.w1_passes or (600 if quick else 3000)
     args.w2_steps = args.w2_steps or (150 if quick else 600)
     args.epoch_len = args.epoch_len or (50 if quick else 200)
@@ -704,6 +717,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, w in (("w1", w1), ("w2", w2))
             },
             **summ,
+            "finish_us_per_unit": {
+                name: {k: statistics.median(v) * 1e6 for k, v in w.finish_per_unit.items()}
+                for name, w in (("w1", w1), ("w2", w2))
+            },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
