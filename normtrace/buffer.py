@@ -1,7 +1,7 @@
 """The in-memory buffer between hooks and writer, and the conversion of its records to Arrow tables.
 
-Hooks append plain tuples (one ``list.append``); ``Buffer.take`` hands what they appended to the writer
-thread. Conversion runs on the writer thread: it concatenates the device
+Hooks append a tuple of plain values and a device tensor of per-sample norms; ``Buffer.take`` hands what
+they appended to the writer thread. Conversion runs on the writer thread: it concatenates the device
 tensors once per flush, moves them to the host in one transfer per device, and reduces per-sample norms
 to batch means with numpy.
 """
@@ -18,8 +18,12 @@ from torch import Tensor
 
 from normtrace import schema
 
-OutputRecord = tuple[str, int, int, bool, bool, int, Tensor]
-"""(module, pass, epoch, grad_enabled, training, numel per sample, per-sample norms)."""
+OutputRecord = tuple[str, int, int, bool, bool, int, int]
+"""(module, pass, epoch, grad_enabled, training, numel per sample, batch). Only atomic values, so the
+garbage collector stops tracking the tuple; the per-sample norms are in ``Buffer.norms``, in record order."""
+
+COMPACT_EVERY = 64
+"""``Buffer.compact`` concatenates the pending norm tensors once this many have accumulated."""
 ParamRecord = tuple[int, int, float, list[tuple[str, str, int]], list[Tensor]]
 """(epoch, pass, time, [(module, param, numel)], norms in key order, one tensor per device group)."""
 MetricRecord = tuple[int, int, str, "float | Tensor", "str | None", float]
@@ -33,6 +37,8 @@ class Buffer:
 
     def __init__(self) -> None:
         self.outputs: list[OutputRecord] = []
+        self.norms: list[Tensor] = []  # per-sample norms of the newest records, one tensor per record
+        self.norm_chunks: list[Tensor] = []  # older ones, concatenated: few objects for the GC to track
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
@@ -43,13 +49,31 @@ class Buffer:
         The lists stay the same objects because hooks hold their bound ``append``; ``take`` runs on the
         training thread, between hook calls.
         """
-        taken = {}
+        taken: dict[str, Any] = {}
         for table in schema.TABLES:
             rows = getattr(self, table)
             if rows:
                 taken[table] = rows.copy()
                 rows.clear()
+        if "outputs" in taken:
+            self.compact()
+            taken["outputs"] = (taken["outputs"], self.norm_chunks)
+            self.norm_chunks = []
         return taken
+
+    def compact(self) -> None:
+        """Concatenate the pending norm tensors into one (one kernel on their device, no host sync).
+
+        Per-record tensors then die young instead of being promoted through the GC generations, and the
+        writer frees one tensor per chunk.
+        """
+        if not self.norms:
+            return
+        try:
+            self.norm_chunks.append(torch.cat(self.norms))
+        except RuntimeError:  # several devices: host_concat sorts them out
+            self.norm_chunks.extend(self.norms)
+        self.norms.clear()
 
 
 def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
@@ -58,6 +82,10 @@ def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
     One concatenation and one transfer per device; runs on the writer thread, so a transfer that waits
     for the device blocks only the writer.
     """
+    try:  # the common case, 1-d tensors on one device: no per-tensor Python work
+        return torch.cat(tensors).to("cpu", torch.float64).numpy()
+    except RuntimeError:  # 0-d tensors, or several devices
+        pass
     devices = {t.device for t in tensors}
     if len(devices) == 1:
         return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
@@ -74,12 +102,13 @@ def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
     return out
 
 
-def outputs_table(records: list[OutputRecord], rank: int) -> pa.Table:
+def outputs_table(taken: tuple[list[OutputRecord], list[Tensor]], rank: int) -> pa.Table:
     """Reduce each record's per-sample norms to their mean and lay the records out as ``outputs`` rows."""
-    names, passes, epochs, grads, trains, numels, norms = zip(*records, strict=True)
-    batch = np.fromiter((t.shape[0] for t in norms), dtype=np.int64, count=len(norms))
+    records, norm_chunks = taken
+    names, passes, epochs, grads, trains, numels, batches = zip(*records, strict=True)
+    batch = np.asarray(batches, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(batch)[:-1]])
-    means = np.add.reduceat(host_concat(norms), starts) / batch
+    means = np.add.reduceat(host_concat(norm_chunks), starts) / batch
     columns = {
         "pass": np.asarray(passes, dtype=np.int64),
         "epoch": np.asarray(epochs, dtype=np.int32),

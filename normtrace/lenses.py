@@ -1,8 +1,9 @@
 """Lenses: what to record. Each lens is a small configuration object that installs its own hooks.
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on a
-detached view of the output and append the resulting device tensor to the recorder's buffer; the batch
-mean, the transfer to the host and the Arrow conversion all happen later, on the writer thread.
+detached view of the output, append the resulting device tensor to the buffer's ``norms`` and a tuple of
+plain values to its ``outputs``; the batch mean, the transfer to the host and the Arrow conversion all
+happen later, on the writer thread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = tuple(
 """The ``torch.nn`` activation classes that ``OutputNorm`` hooks by default."""
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_FAST_DTYPES = frozenset({torch.float32, torch.float64})
+vector_norm = torch.linalg.vector_norm
+is_grad_enabled = torch.is_grad_enabled
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -71,7 +75,7 @@ def sample_norms(x: Tensor) -> Tensor | None:
 
 
 def _flatten_output(name: str, out: Any) -> Iterator[tuple[str, Any]]:
-    """Yield ``(suffixed name, leaf)`` for the leaves of nested tuple/list/dict outputs."""
+    """Yield ``(suffixed name, leaf)`` for the leaves of nested tuple/list/dict outputs (a leaf: itself)."""
     if isinstance(out, (tuple, list)):
         for i, item in enumerate(out):
             yield from _flatten_output(f"{name}.{i}", item)
@@ -126,26 +130,35 @@ class OutputNorm:
 
     def _hook(self, rec: Recorder, name: str) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
-        append = rec._buffer.outputs.append
+        append, keep = rec._buffer.outputs.append, rec._buffer.norms.append
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            grad = torch.is_grad_enabled()
+            grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
             try:
-                if isinstance(out, Tensor):
-                    norms = sample_norms(out)
-                    if norms is not None:
-                        numel = out.numel() // norms.shape[0]
-                        append((name, rec._pass, rec._epoch, grad, module.training, numel, norms))
+                if type(out) is Tensor and out.ndim == 2 and out.shape[0] and out.dtype in _FAST_DTYPES:
+                    # the common case, a batch of feature vectors: sample_norms without its conversions
+                    record = (name, rec._pass, rec._epoch, grad, module.training, out.shape[1], out.shape[0])
+                    keep(vector_norm(out.detach(), dim=1))
+                    append(record)
                     return
                 for leaf_name, leaf in _flatten_output(name, out):
-                    if isinstance(leaf, Tensor):
-                        norms = sample_norms(leaf)
-                        if norms is not None:
-                            numel = leaf.numel() // norms.shape[0]
-                            append((leaf_name, rec._pass, rec._epoch, grad, module.training, numel, norms))
-                    else:
+                    norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
+                    if norms is not None:
+                        batch = norms.shape[0]
+                        record = (
+                            leaf_name,
+                            rec._pass,
+                            rec._epoch,
+                            grad,
+                            module.training,
+                            leaf.numel() // batch,
+                            batch,
+                        )
+                        keep(norms)
+                        append(record)
+                    elif not isinstance(leaf, Tensor):
                         rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle
                 rec._note(name, "hook_error", f"{type(exc).__name__}: {exc}")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from normtrace import __version__, schema
-from normtrace.buffer import Buffer
+from normtrace.buffer import COMPACT_EVERY, Buffer
 from normtrace.errors import NormtraceError, RunDirError
 from normtrace.lenses import Lens, LossMetrics, OutputNorm, ParameterNorm, parameter_norms
 from normtrace.writer import ShardWriter, write_json_atomic
@@ -270,6 +270,8 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
+        if len(self._buffer.norms) >= COMPACT_EVERY:
+            self._buffer.compact()
         if (
             self._pass + 1 - self._flush_start >= self.flush_every
             or time.monotonic() - self._last_flush_time > self.flush_secs

@@ -395,3 +395,29 @@ def test_default_run_dir_and_close_returns_it(tmp_path, monkeypatch):
     assert rec.close() == rec.run_dir
     assert rec.close() == rec.run_dir  # idempotent
     assert read_table(tmp_path / rec.run_dir, "metrics").num_rows == 1
+
+
+def test_mixed_output_shapes_stay_aligned_across_compactions(tmp_path):
+    """Fast-path (2-d) and general-path (3-d, 1-d, tuple) records interleave over many compactions."""
+    model = OddNet()
+    xs = [torch.randn(2 + i % 5, 4) for i in range(40)]  # 40 passes x 7 records: several compactions
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[Odd])], flush_every=10_000) as rec:
+        rec.attach(model)
+        for x in xs:
+            model(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert len(rows) == 40 * 7
+    for r in rows:
+        x = xs[r["pass"]]
+        t = {
+            "layers.tuple.0": x * 2,
+            "layers.tuple.1.a": x + 1,
+            "layers.scalar": x.sum().reshape(1, 1),
+            "layers.vector": x.reshape(1, -1),
+            "layers.image": x,
+            "layers.int": (x > 0).double(),
+            "layers.bf16": (x * 1000).to(torch.bfloat16).double(),
+        }[r["module"]]
+        want = torch.linalg.vector_norm(t.double().flatten(1), dim=1).mean().item()
+        assert r["norm"] == pytest.approx(want, rel=1e-3 if r["module"] == "layers.bf16" else 1e-5)
+        assert r["batch"] == t.shape[0]
