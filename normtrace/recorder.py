@@ -50,7 +50,8 @@ class Recorder:
     ``run_dir`` defaults to ``runs/<date>-<time>_<host>`` (as torch's ``SummaryWriter`` does), so code
     written for the seed's ``PyTorchInspector(lenses=[...])`` runs unchanged.
 
-    ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), and every ``tick_epoch()``,
+    ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), at ``tick_epoch()`` once at
+    least ``epoch_flush_secs`` have passed since the last flush (0: at every tick), and at ``close()``,
     the buffered rows go to the writer thread; a killed run keeps every earlier flush. Use as a context
     manager or call ``close()``; a recorder still open at interpreter exit is closed then.
     """
@@ -63,6 +64,7 @@ class Recorder:
         run_name: str | None = None,
         flush_every: int = 1000,
         flush_secs: float = 10.0,
+        epoch_flush_secs: float = 1.0,
         overwrite: bool = False,
         compression: str | None = "lz4",
     ) -> None:
@@ -92,6 +94,9 @@ class Recorder:
         self.rank, self.world_size = _dist_rank()
         self.flush_every = int(flush_every)
         self.flush_secs = float(flush_secs)
+        if not float(epoch_flush_secs) >= 0:
+            raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
+        self.epoch_flush_secs = float(epoch_flush_secs)
         self._prepare_run_dir(overwrite)
 
         self._buffer = Buffer()
@@ -218,10 +223,16 @@ class Recorder:
             self._buffer.params.append((self._epoch, self._pass, time.time(), keys, norms))
 
     def tick_epoch(self) -> None:
-        """Close the current epoch: record parameter norms, advance the epoch counter, flush."""
+        """Close the current epoch: record parameter norms, advance the epoch counter, flush.
+
+        The flush is skipped when the last one is less than ``epoch_flush_secs`` old: a short episode
+        (a few ms of CartPole) would otherwise cost three tiny files each, and the writer's work competes
+        with training for the GIL. Nothing is dropped; the rows go with the next flush.
+        """
         self.collect()
         self._epoch += 1
-        self._flush()
+        if time.monotonic() - self._last_flush_time >= self.epoch_flush_secs:
+            self._flush()
 
     def flush(self) -> None:
         """Hand everything buffered to the writer and wait until it is on disk."""
@@ -368,7 +379,11 @@ class Recorder:
             "modules": {"outputs": [], "params": []},
             "targets": [],
             "metrics": list(self.loss_metrics.metrics) if self.loss_metrics else [],
-            "flush": {"every_passes": self.flush_every, "every_secs": self.flush_secs},
+            "flush": {
+                "every_passes": self.flush_every,
+                "every_secs": self.flush_secs,
+                "epoch_min_secs": self.epoch_flush_secs,
+            },
             "notes": [],
         }
 

@@ -353,7 +353,7 @@ def test_bad_arguments_name_the_argument(tmp_path):
 def test_writer_failure_surfaces_with_the_path_and_loses_nothing(tmp_path):
     model = QNetwork()
     (tmp_path / "outputs").write_text("a file where the outputs folder should be")
-    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()])
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], epoch_flush_secs=0)
     rec.attach(model)
     for _ in range(3):
         model(torch.randn(2, 4))
@@ -421,3 +421,19 @@ def test_mixed_output_shapes_stay_aligned_across_compactions(tmp_path):
         want = torch.linalg.vector_norm(t.double().flatten(1), dim=1).mean().item()
         assert r["norm"] == pytest.approx(want, rel=1e-3 if r["module"] == "layers.bf16" else 1e-5)
         assert r["batch"] == t.shape[0]
+
+
+@pytest.mark.parametrize("epoch_flush_secs", [0.0, 3600.0])
+def test_tick_epoch_flushes_unless_the_last_flush_is_recent(tmp_path, epoch_flush_secs):
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_secs=3600, epoch_flush_secs=epoch_flush_secs)
+    rec.attach(model)
+    for _ in range(3):
+        model(torch.randn(2, 4))
+        rec.tick_epoch()
+    rec._writer.wait()
+    shards = len(list((tmp_path / "outputs").glob("*.arrow")))
+    assert shards == (3 if epoch_flush_secs == 0 else 0)
+    rec.close()
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [(r["pass"], r["epoch"]) for r in rows[::4]] == [(0, 0), (1, 1), (2, 2)]
