@@ -50,7 +50,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -61,6 +60,9 @@ import torch
 from torch import Tensor, nn
 
 import normtrace as nt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from qnetwork import QNetwork  # noqa: E402  (the seed's network, shared with the example and tests)
 
 HOOKED = 5
 """Modules hooked by B, C and D in the seed's network: relu1..relu4 and the Identity output."""
@@ -80,33 +82,6 @@ TARGETS = {
     "w1_d_over_c_min": 2.0,  # C at least 2x cheaper than D
     "w2_c_over_a_max": 1.05,  # the seed's training step at most 5 % slower with normtrace
 }
-
-
-class QNetwork(nn.Module):
-    """The seed notebook's Q-network, verbatim (module names matter: they are what the tracers see)."""
-
-    def __init__(self, state_dim: int = STATE_DIM, action_dim: int = ACTION_DIM) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            OrderedDict(
-                [
-                    ("lin1", nn.Linear(state_dim, 128)),
-                    ("relu1", nn.ReLU()),
-                    ("lin2", nn.Linear(128, 128)),
-                    ("relu2", nn.ReLU()),
-                    ("lin3", nn.Linear(128, 128)),
-                    ("relu3", nn.ReLU()),
-                    ("lin4", nn.Linear(128, 128)),
-                    ("relu4", nn.ReLU()),
-                    ("lin_out", nn.Linear(128, action_dim)),
-                    ("output", nn.Identity()),
-                ]
-            )
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Q-values of each action for a batch of states."""
-        return self.net(x)
 
 
 # ---------------------------------------------------------------------------------------------- tracers

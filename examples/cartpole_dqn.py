@@ -19,7 +19,7 @@ import contextlib
 import random
 import sys
 import time
-from collections import OrderedDict, deque, namedtuple
+from collections import deque, namedtuple
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +29,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+from qnetwork import QNetwork
 from tqdm import trange
 
 import normtrace as nt
@@ -36,32 +37,6 @@ import normtrace as nt
 Transition = namedtuple("Transition", ("state", "action", "reward", "next_state", "done"))
 
 INSTALL_HINT = "python -m pip install -e ./analysis   (from the normtrace checkout)"
-
-
-class QNetwork(nn.Module):
-    """The seed's 4x128 ReLU MLP; ``net.output`` is an Identity so OutputNorm can see the Q-values."""
-
-    def __init__(self, state_dim: int, action_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            OrderedDict(
-                [
-                    ("lin1", nn.Linear(state_dim, 128)),
-                    ("relu1", nn.ReLU()),
-                    ("lin2", nn.Linear(128, 128)),
-                    ("relu2", nn.ReLU()),
-                    ("lin3", nn.Linear(128, 128)),
-                    ("relu3", nn.ReLU()),
-                    ("lin4", nn.Linear(128, 128)),
-                    ("relu4", nn.ReLU()),
-                    ("lin_out", nn.Linear(128, action_dim)),
-                    ("output", nn.Identity()),
-                ]
-            )
-        )
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return self.net(X)
 
 
 class ReplayBuffer:

@@ -23,6 +23,7 @@ import normtrace as nt
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
+EXAMPLES = REPO / "examples"
 
 
 def test_hooks_and_recorder_calls_never_synchronise(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_no_sync_on_cuda(tmp_path):
 
 KILLED_AFTER_FLUSHES = """
 import os, signal, sys, time, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {examples!r}]
 import normtrace as nt
 from recorder_models import QNetwork
 torch.manual_seed(0)
@@ -104,7 +105,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_sigkill_keeps_every_earlier_flush(tmp_path):
     run = tmp_path / "run"
-    script = KILLED_AFTER_FLUSHES.format(tests=str(TESTS), run=str(run))
+    script = KILLED_AFTER_FLUSHES.format(tests=str(TESTS), examples=str(EXAMPLES), run=str(run))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     passes = read_table(run, "outputs").column("pass").to_pylist()
@@ -116,7 +117,7 @@ def test_sigkill_keeps_every_earlier_flush(tmp_path):
 
 KILLED_ANY_TIME = """
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {examples!r}]
 import normtrace as nt
 from recorder_models import QNetwork
 model = QNetwork()
@@ -131,7 +132,7 @@ while True:
 
 def test_sigkill_at_any_moment_leaves_only_complete_shards(tmp_path):
     run = tmp_path / "run"
-    script = KILLED_ANY_TIME.format(tests=str(TESTS), run=str(run))
+    script = KILLED_ANY_TIME.format(tests=str(TESTS), examples=str(EXAMPLES), run=str(run))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(1.5)  # the writer is busy writing one shard per pass when the kill lands
@@ -171,7 +172,7 @@ def test_each_rank_writes_its_own_shards(tmp_path):
 
 CRASHED = """
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {examples!r}]
 import normtrace as nt
 from recorder_models import QNetwork
 model = QNetwork()
@@ -187,7 +188,7 @@ raise RuntimeError("training diverged")
 def test_crashed_run_without_close_is_flushed_at_exit(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", CRASHED.format(tests=str(TESTS), run=str(run))],
+        [sys.executable, "-c", CRASHED.format(tests=str(TESTS), examples=str(EXAMPLES), run=str(run))],
         capture_output=True,
         text=True,
         timeout=120,
