@@ -335,6 +335,13 @@ def write_report(
     return Path(report(source, out, event=event, level=level))
 
 
+def findings(run_dir: str | Path, *, event: str = "target_update", level: str = "pass") -> list[str]:
+    """The analysis' one-sentence verdict per module on spikes after ``event`` (the report's headline)."""
+    import normtrace_analysis as na
+
+    return na.load(run_dir).event_alignment(event, level=level)["finding"].to_list()
+
+
 def summarize(result: TrainResult) -> str:
     """A few lines on the learning curve: first/last/max smoothed reward, steps and time."""
     if not result.rewards:
@@ -400,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_report([run_dir], args.report or run_dir / "report.html", level=args.level)
         if written is not None:
             print(f"report: {written}")
+            print(f"findings (output-norm spikes after target_update, per {args.level}):")
+            for finding in findings(run_dir, level=args.level):
+                print(f"  {finding}")
     return 0
 
 

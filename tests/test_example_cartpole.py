@@ -161,9 +161,6 @@ def test_report_is_written_when_the_analysis_package_is_there(
     examples: ModuleType, paired: tuple[object, object, Path]
 ) -> None:
     """With normtrace_analysis installed, the report lands where asked and names the run and its event."""
-    na = pytest.importorskip("normtrace_analysis")
-    if not callable(getattr(na, "report", None)):
-        pytest.skip("normtrace_analysis has no report() yet")
     _, _, run = paired
     out = run / "report.html"
     assert examples.write_report([run], out) == out
@@ -182,3 +179,17 @@ def test_torch_threads_is_scoped(examples: ModuleType) -> None:
     assert torch.get_num_threads() == before
     with examples.torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+def test_main_prints_the_findings(
+    examples: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The main job ends with the analysis' verdict, one sentence per hooked module, not only a picture."""
+    run = tmp_path / "run"
+    assert examples.main(["--episodes", "16", "--run-dir", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = out.split("findings (output-norm spikes after target_update, per pass):\n", 1)[1].splitlines()
+    modules = sorted(line.strip().split(":", 1)[0] for line in lines if line.startswith("  "))
+    assert modules == ["net.output", "net.relu1", "net.relu2", "net.relu3", "net.relu4"]
+    assert (run / "report.html").is_file()
