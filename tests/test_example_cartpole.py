@@ -18,9 +18,6 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-pytest.importorskip("gymnasium")
-pytest.importorskip("tqdm")
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EPISODES = 16  # seed 42 plays ~500 steps in 16 episodes: ~250 optimisation steps
 SEED = 42

@@ -13,9 +13,6 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-pytest.importorskip("gymnasium")
-pytest.importorskip("tqdm")
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
