@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except (TraceError, ValueError, re.error, OSError, pl.exceptions.PolarsError) as exc:
+            if os.environ.get("NORMTRACE_DEBUG"):  # the full traceback, for a bug report
+                raise
             print(f"normtrace: error: {_one_line(exc, 1)}", file=sys.stderr)
             return 2
 

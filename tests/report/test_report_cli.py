@@ -218,3 +218,15 @@ def test_progress_is_a_line_on_stderr_once_work_is_slow(
     with progress("quiet", enabled=False) as bar:
         bar.set_postfix_str("never shown")
     assert capsys.readouterr() == ("", "")
+
+
+def test_debug_variable_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad input is one line and exit 2, unless NORMTRACE_DEBUG asks for the exception itself."""
+    missing = tmp_path / "no-such-run"
+    code, _, err = run_cli(capsys, "summary", missing)
+    assert code == 2 and err.strip() == f"normtrace: error: run directory not found: {missing}"
+    monkeypatch.setenv("NORMTRACE_DEBUG", "1")
+    with pytest.raises(na.RunNotFoundError):
+        main(["summary", str(missing)])
