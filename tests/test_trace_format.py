@@ -83,11 +83,3 @@ def test_recorder_shards_load_with_the_analysis_reader(tmp_path):
         assert frame.height > 0, table
         for name, dtype in na.schema.REQUIRED_COLUMNS[table].items():
             assert frame.schema[name] == dtype, (table, name)
-
-
-def test_synthetic_trace_writer_follows_the_format():
-    """tests/tracegen.py writes traces for the analysis tests without the recorder: same schemas."""
-    from tracegen import SCHEMA_VERSION, SCHEMAS
-
-    assert SCHEMA_VERSION == schema.SCHEMA_VERSION
-    assert {t: s for t, s in SCHEMAS.items()} == schema.TABLES

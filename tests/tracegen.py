@@ -8,66 +8,32 @@ ground truth is known, for detector and report tests.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-SCHEMA_VERSION = 1
 
-# The trace format's tables, written out independently of normtrace/schema.py so the tests check the doc.
-SCHEMAS: dict[str, pa.Schema] = {
-    "outputs": pa.schema(
-        [
-            pa.field("pass", pa.int64(), nullable=False),
-            pa.field("epoch", pa.int32(), nullable=False),
-            pa.field("module", pa.string(), nullable=False),
-            pa.field("norm", pa.float32(), nullable=False),
-            pa.field("numel", pa.int64(), nullable=False),
-            pa.field("batch", pa.int32(), nullable=False),
-            pa.field("grad_enabled", pa.bool_(), nullable=False),
-            pa.field("training", pa.bool_(), nullable=False),
-            pa.field("rank", pa.int32(), nullable=False),
-        ]
-    ),
-    "params": pa.schema(
-        [
-            pa.field("epoch", pa.int32(), nullable=False),
-            pa.field("pass", pa.int64(), nullable=False),
-            pa.field("module", pa.string(), nullable=False),
-            pa.field("param", pa.string(), nullable=False),
-            pa.field("norm", pa.float32(), nullable=False),
-            pa.field("numel", pa.int64(), nullable=False),
-            pa.field("rank", pa.int32(), nullable=False),
-            pa.field("time", pa.float64(), nullable=False),
-        ]
-    ),
-    "metrics": pa.schema(
-        [
-            pa.field("epoch", pa.int32(), nullable=False),
-            pa.field("pass", pa.int64(), nullable=False),
-            pa.field("name", pa.string(), nullable=False),
-            pa.field("value", pa.float64(), nullable=False),
-            pa.field("split", pa.string(), nullable=True),
-            pa.field("rank", pa.int32(), nullable=False),
-            pa.field("time", pa.float64(), nullable=False),
-        ]
-    ),
-    "events": pa.schema(
-        [
-            pa.field("epoch", pa.int32(), nullable=False),
-            pa.field("pass", pa.int64(), nullable=False),
-            pa.field("name", pa.string(), nullable=False),
-            pa.field("rank", pa.int32(), nullable=False),
-            pa.field("time", pa.float64(), nullable=False),
-        ]
-    ),
-}
+def _load_trace_schema() -> ModuleType:
+    """``normtrace/schema.py``, the format's one definition, loaded by path: it needs only pyarrow, while
+    ``import normtrace`` would import torch (and inflate the analysis benchmark's memory figure)."""
+    path = Path(__file__).resolve().parents[1] / "normtrace" / "schema.py"
+    spec = importlib.util.spec_from_file_location("_normtrace_trace_schema", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_schema = _load_trace_schema()
+SCHEMA_VERSION: int = _schema.SCHEMA_VERSION
+SCHEMAS: dict[str, pa.Schema] = _schema.TABLES
 
 Columns = Mapping[str, Any]
 
