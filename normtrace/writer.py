@@ -64,11 +64,6 @@ class ShardWriter:
         err, self._error = self._error, None
         return err
 
-    @property
-    def unwritten_tables(self) -> int:
-        """How many converted tables are waiting for a retry after a failed write."""
-        return len(self._pending)
-
     def close(self) -> None:
         """Write what is queued, retry what failed, and stop the thread."""
         if self._thread.is_alive():
