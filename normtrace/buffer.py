@@ -1,9 +1,10 @@
 """The in-memory buffer between hooks and writer, and the conversion of its records to Arrow tables.
 
-Hooks append a tuple of plain values and a device tensor of per-sample norms; ``Buffer.take`` hands what
-they appended to the writer thread. Conversion runs on the writer thread: it concatenates the device
-tensors once per flush, moves them to the host in one transfer per device, and reduces per-sample norms
-to batch means with numpy.
+Hooks append a tuple of plain values and a device tensor of per-sample norms; every ``COMPACT_EVERY``
+records the buffer reduces those to batch means on their device (two kernels, no host sync), so what
+waits for a flush is one number per record whatever the batch size. ``Buffer.take`` hands the records
+to the writer thread, which moves each device's numbers to the host in one transfer and lays out the
+Arrow tables.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ OutputRecord = tuple[str, int, int, bool, bool, int, int]
 garbage collector stops tracking the tuple; the per-sample norms are in ``Buffer.norms``, in record order."""
 
 COMPACT_EVERY = 64
-"""``Buffer.compact`` concatenates the pending norm tensors once this many have accumulated."""
+"""The recorder compacts the pending norm tensors once this many have accumulated."""
+
+NormChunk = tuple[Tensor, int, bool]
+"""(values, number of records they cover, reduced): batch means when ``reduced``, else the records'
+per-sample norms end to end (batch sizes or devices differed, so the writer takes the means)."""
 ParamRecord = tuple[int, int, float, list[tuple[str, str, int]], list[Tensor]]
 """(epoch, pass, time, [(module, param, numel)], norms in key order, one tensor per device group)."""
 MetricRecord = tuple[int, int, str, "float | Tensor", "str | None", float]
@@ -32,13 +37,30 @@ EventRecord = tuple[int, int, str, float]
 """(epoch, pass, name, time)."""
 
 
+def compact(norms: Sequence[Tensor]) -> list[NormChunk]:
+    """Reduce per-record per-sample norms to one batch mean per record, on their device, without a sync.
+
+    Records of different batch sizes are kept per sample, concatenated; several devices, per record.
+    """
+    if not norms:
+        return []
+    try:  # one batch size, one device: the common case
+        return [(torch.stack(norms).mean(1), len(norms), True)]
+    except RuntimeError:
+        pass
+    try:
+        return [(torch.cat(norms), len(norms), False)]
+    except RuntimeError:  # several devices: host_concat sorts them out
+        return [(n, 1, False) for n in norms]
+
+
 class Buffer:
     """Rows recorded since the last flush, one list per table."""
 
     def __init__(self) -> None:
         self.outputs: list[OutputRecord] = []
         self.norms: list[Tensor] = []  # per-sample norms of the newest records, one tensor per record
-        self.norm_chunks: list[Tensor] = []  # older ones, concatenated: few objects for the GC to track
+        self.norm_chunks: list[NormChunk] = []  # older ones, compacted, in record order
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
@@ -47,8 +69,9 @@ class Buffer:
         """Hand over a copy of the non-empty lists and empty them in place.
 
         The lists stay the same objects because hooks hold their bound ``append``; ``take`` runs on the
-        training thread, between hook calls.
+        training thread, between hook calls. ``outputs`` goes as (records, compacted norm chunks).
         """
+        self.compact()
         taken: dict[str, Any] = {}
         for table in schema.TABLES:
             rows = getattr(self, table)
@@ -56,24 +79,20 @@ class Buffer:
                 taken[table] = rows.copy()
                 rows.clear()
         if "outputs" in taken:
-            self.compact()
             taken["outputs"] = (taken["outputs"], self.norm_chunks)
             self.norm_chunks = []
         return taken
 
     def compact(self) -> None:
-        """Concatenate the pending norm tensors into one (one kernel on their device, no host sync).
+        """Compact the pending norm tensors (see ``compact``), on the training thread.
 
-        Per-record tensors then die young instead of being promoted through the GC generations, and the
-        writer frees one tensor per chunk.
+        Kernels queue on the stream that made the norms, device memory held until a flush stays one
+        number per record, and the per-record tensors die young. (Leaving CPU norms to the writer thread
+        was measured slower: their late, cross-thread frees cost the training thread more.)
         """
-        if not self.norms:
-            return
-        try:
-            self.norm_chunks.append(torch.cat(self.norms))
-        except RuntimeError:  # several devices: host_concat sorts them out
-            self.norm_chunks.extend(self.norms)
-        self.norms.clear()
+        if self.norms:
+            self.norm_chunks += compact(self.norms)
+            self.norms.clear()
 
 
 def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
@@ -82,9 +101,10 @@ def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
     One concatenation and one transfer per device; runs on the writer thread, so a transfer that waits
     for the device blocks only the writer.
     """
-    try:  # the common case, 1-d tensors on one device: no per-tensor Python work
-        return torch.cat(tensors).to("cpu", torch.float64).numpy()
-    except RuntimeError:  # 0-d tensors, or several devices
+    try:  # the common cases, all 1-d or all 0-d on one device: no per-tensor Python work
+        joined = torch.stack(tensors) if tensors[0].ndim == 0 else torch.cat(tensors)
+        return joined.to("cpu", torch.float64).numpy()
+    except RuntimeError:  # 0-d and 1-d mixed, or several devices
         pass
     devices = {t.device for t in tensors}
     if len(devices) == 1:
@@ -102,13 +122,32 @@ def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
     return out
 
 
-def outputs_table(taken: tuple[list[OutputRecord], list[Tensor]], rank: int) -> pa.Table:
-    """Reduce each record's per-sample norms to their mean and lay the records out as ``outputs`` rows."""
+def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:
+    """One mean norm per record from compacted chunks; ``batch`` holds the records' batch sizes, in order."""
+    host = host_concat([values for values, _, _ in chunks])
+    means = np.empty(len(batch), dtype=np.float64)
+    pos = first = 0
+    for values, count, reduced in chunks:
+        size = values.numel()
+        if reduced:
+            means[first : first + count] = host[pos : pos + count]
+        else:
+            sizes = batch[first : first + count]
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            means[first : first + count] = np.add.reduceat(host[pos : pos + size], starts) / sizes
+        pos += size
+        first += count
+    if first != len(batch):
+        raise RuntimeError(f"norm chunks cover {first} records, the buffer holds {len(batch)}")
+    return means
+
+
+def outputs_table(taken: tuple[list[OutputRecord], list[NormChunk]], rank: int) -> pa.Table:
+    """Lay the records and their batch-mean norms out as ``outputs`` rows."""
     records, norm_chunks = taken
     names, passes, epochs, grads, trains, numels, batches = zip(*records, strict=True)
     batch = np.asarray(batches, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(batch)[:-1]])
-    means = np.add.reduceat(host_concat(norm_chunks), starts) / batch
+    means = batch_means(norm_chunks, batch)
     columns = {
         "pass": np.asarray(passes, dtype=np.int64),
         "epoch": np.asarray(epochs, dtype=np.int32),

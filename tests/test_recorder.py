@@ -423,6 +423,29 @@ def test_mixed_output_shapes_stay_aligned_across_compactions(tmp_path):
         assert r["batch"] == t.shape[0]
 
 
+def test_compacted_chunks_of_both_kinds_line_up_with_their_records():
+    """Runs of equal batches reduce to one batch mean per record; a chunk mixing batch sizes stays per
+    sample. ``batch_means`` must give every record its own mean, whichever kinds a flush holds."""
+    from normtrace.buffer import batch_means, compact
+
+    torch.manual_seed(1)
+    sizes = [16] * 64 + [3, 16, 5] * 20 + [16] * 64 + [1]
+    norms = [torch.linalg.vector_norm(torch.randn(n, 6), dim=1) for n in sizes]
+    chunks = compact(norms[:64]) + compact(norms[64:124]) + compact(norms[124:188]) + compact(norms[188:])
+    assert (
+        [(values.numel(), count, reduced) for values, count, reduced in chunks]
+        == [
+            (64, 64, True),  # one number per record, not 16
+            (sum(sizes[64:124]), 60, False),
+            (64, 64, True),
+            (1, 1, True),
+        ]
+    )
+    got = batch_means(chunks, np.asarray(sizes))
+    want = [n.double().mean().item() for n in norms]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize("epoch_flush_secs", [0.0, 3600.0])
 def test_tick_epoch_flushes_unless_the_last_flush_is_recent(tmp_path, epoch_flush_secs):
     model = QNetwork()
