@@ -1,9 +1,9 @@
 """Lenses: what to record. Each lens is a small configuration object that installs its own hooks.
 
-The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on a
-detached view of the output, append the resulting device tensor to the buffer's ``norms`` and a tuple of
-plain values to its ``outputs``; the batch mean, the transfer to the host and the Arrow conversion all
-happen later, on the writer thread.
+The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
+output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and a tuple of
+plain values to its ``outputs``; the batch means are taken on the device every few dozen records (see
+``buffer.compact``), the transfer to the host and the Arrow conversion on the writer thread.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _FAST_DTYPES = frozenset({torch.float32, torch.float64})
 vector_norm = torch.linalg.vector_norm
 is_grad_enabled = torch.is_grad_enabled
+set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, without the context manager
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -137,12 +138,21 @@ class OutputNorm:
             if skip_no_grad and not grad:
                 return
             try:
-                if type(out) is Tensor and out.ndim == 2 and out.shape[0] and out.dtype in _FAST_DTYPES:
-                    # the common case, a batch of feature vectors: sample_norms without its conversions
-                    record = (name, rec._pass, rec._epoch, grad, module.training, out.shape[1], out.shape[0])
-                    keep(vector_norm(out.detach(), dim=1))
-                    append(record)
-                    return
+                if type(out) is Tensor and out.dtype in _FAST_DTYPES:
+                    shape = out.shape
+                    if len(shape) == 2 and shape[0]:
+                        # the common case, a batch of feature vectors: sample_norms without its conversions,
+                        # and grad mode switched off instead of a detach() (measured: ~1 us less per call)
+                        if grad:
+                            set_grad_enabled(False)
+                            try:
+                                keep(vector_norm(out, 2, 1))
+                            finally:
+                                set_grad_enabled(True)
+                        else:
+                            keep(vector_norm(out, 2, 1))
+                        append((name, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
+                        return
                 for leaf_name, leaf in _flatten_output(name, out):
                     norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
                     if norms is not None:
@@ -257,14 +267,17 @@ class LossMetrics:
         if self.loss_fn is None:
             return []
 
+        append = rec._buffer.metrics.append
+
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
                 return
             value = out.detach()
-            value = value.reshape(()) if value.numel() == 1 else value.float().mean()
-            split = "train" if torch.is_grad_enabled() else "val"
-            rec._buffer.metrics.append((rec._epoch, rec._pass, "loss", value, split, time.time()))
+            if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
+                value = value.reshape(()) if value.numel() == 1 else value.float().mean()
+            split = "train" if is_grad_enabled() else "val"
+            append((rec._epoch, rec._pass, "loss", value, split, time.time()))
 
         return [self.loss_fn.register_forward_hook(hook)]
 

@@ -102,8 +102,9 @@ class Recorder:
         self._buffer = Buffer()
         self._pass = -1
         self._epoch = 0
-        self._flush_start = 0  # first pass of the buffer being filled
         self._last_flush_time = time.monotonic()
+        self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
+        self._flush_deadline = self._last_flush_time + self.flush_secs
         self._root: nn.Module | None = None
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[str, str, nn.Parameter]] = []
@@ -281,22 +282,21 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
+        """The root's forward pre-hook: runs once per pass, so it does only two comparisons usually."""
         if len(self._buffer.norms) >= COMPACT_EVERY:
             self._buffer.compact()
-        if (
-            self._pass + 1 - self._flush_start >= self.flush_every
-            or time.monotonic() - self._last_flush_time > self.flush_secs
-        ):
+        if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
             self._flush()  # hands over exactly the passes before this one
         self._pass += 1
 
     def _maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush_time > self.flush_secs:
+        if time.monotonic() > self._flush_deadline:
             self._flush()
 
     def _flush(self) -> None:
-        self._flush_start = self._pass + 1
-        self._last_flush_time = time.monotonic()
+        self._flush_at_pass = self._pass + 1 + self.flush_every
+        self._last_flush_time = now = time.monotonic()
+        self._flush_deadline = now + self.flush_secs
         self._writer.submit_records(self._buffer.take())
 
     def _note(self, module: str, kind: str, detail: str) -> None:

@@ -143,6 +143,25 @@ def test_structured_and_odd_outputs_never_break_training(tmp_path):
     assert notes == {("layers.tuple.1.b", "non_tensor_output"), ("layers.none", "non_tensor_output")}
 
 
+def test_a_failing_norm_leaves_grad_mode_on_and_training_unbroken(tmp_path, monkeypatch):
+    """The fast path switches grad mode off around the norm kernel; an error there must restore it."""
+    import normtrace.lenses
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("norm kernel failed")
+
+    model = QNetwork()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        monkeypatch.setattr(normtrace.lenses, "vector_norm", broken)
+        out = model(torch.randn(8, 4))
+        assert torch.is_grad_enabled() and out.requires_grad
+        out.sum().backward()  # the graph is intact
+        assert model.net.lin1.weight.grad is not None
+    notes = json.loads((tmp_path / schema.meta_name(0)).read_text())["notes"]
+    assert {(n["kind"], n["detail"]) for n in notes} == {("hook_error", "RuntimeError: norm kernel failed")}
+
+
 def test_include_exclude_by_class_and_name():
     model = QNetwork()
     named = list(model.named_modules())
