@@ -282,7 +282,7 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
-        """The root's forward pre-hook: runs once per pass, so it does only two comparisons usually."""
+        """The root's forward pre-hook, once per pass: counts it, compacts and flushes when due."""
         if len(self._buffer.norms) >= COMPACT_EVERY:
             self._buffer.compact()
         if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
