@@ -87,8 +87,9 @@ class Buffer:
         """Compact the pending norm tensors (see ``compact``), on the training thread.
 
         Kernels queue on the stream that made the norms, device memory held until a flush stays one
-        number per record, and the per-record tensors die young. (Leaving CPU norms to the writer thread
-        was measured slower: their late, cross-thread frees cost the training thread more.)
+        number per record, and the per-record tensors die young. (Leaving CPU norms for the writer was
+        measured slower: thousands of small tensors alive until a flush make the allocator give memory
+        back and fault it in again, on the training thread.)
         """
         if self.norms:
             self.norm_chunks += compact(self.norms)
