@@ -27,7 +27,8 @@ Workloads:
 Why paired: on a shared VM the machine's speed drifts by several percent within one run. Blocks of one
 repeat run back to back, so a repeat's ``X - A`` or ``X / A`` cancels the drift, where a ratio of
 medians compares A's and X's samples taken at different moments (measured here: the same code gave a
-ratio of medians of 1.083 and a paired median of 1.036 in one run). Both are printed.
+ratio of medians of 1.083 and a paired median of 1.036 in one run). Both are printed, and for W2
+the middle half of the repeats' ratios, which shows when a verdict is within the noise.
 
 What is inside a block's timing window: every pass, every epoch boundary (``push_metric`` twice and
 ``tick_epoch()`` every ``--epoch-len`` passes, as the seed does once per episode; W2 also reloads the
@@ -376,10 +377,14 @@ class Samples:
         """Median over repeats."""
         return statistics.median(self.per_unit[clock][key])
 
-    def paired(self, clock: str, key: str, op: Callable[[float, float], float]) -> float:
-        """Median over repeats of ``op(X, A)``, X and A being the blocks of the same repeat."""
+    def paired_values(self, clock: str, key: str, op: Callable[[float, float], float]) -> list[float]:
+        """``op(X, A)`` for each repeat, X and A being the blocks of the same repeat."""
         pairs = zip(self.per_unit[clock][key], self.per_unit[clock]["A"], strict=True)
-        return statistics.median(op(x, a) for x, a in pairs)
+        return [op(x, a) for x, a in pairs]
+
+    def paired(self, clock: str, key: str, op: Callable[[float, float], float]) -> float:
+        """Median over repeats of ``op(X, A)``."""
+        return statistics.median(self.paired_values(clock, key, op))
 
     @property
     def variants(self) -> list[str]:
@@ -490,6 +495,9 @@ def summarise_clock(w1: Samples, w2: Samples, clock: str) -> dict[str, Any]:
     per_module = {k: w1.paired(clock, k, lambda x, a: x - a) * 1e6 / HOOKED for k in w1.variants if k != "A"}
     over_a = {k: w2.paired(clock, k, lambda x, a: x / a) for k in w2.variants}
     over_a_of_medians = {k: w2.median(clock, k) / w2.median(clock, "A") for k in w2.variants}
+    ratios = {k: w2.paired_values(clock, k, lambda x, a: x / a) for k in w2.variants}
+    # the spread of the repeats' ratios: when it straddles a target, one more run may flip the verdict
+    over_a_quartiles = {k: _quartiles(v) for k, v in ratios.items()}
     c_over_b = per_module["C"] / per_module["B"] if per_module["B"] > 0 else float("inf")
     d_over_c = None
     if "D" in per_module:
@@ -511,9 +519,18 @@ def summarise_clock(w1: Samples, w2: Samples, clock: str) -> dict[str, Any]:
             "per_step_us": {k: w2.median(clock, k) * 1e6 for k in w2.variants},
             "over_a": over_a,
             "over_a_of_medians": over_a_of_medians,
+            "over_a_quartiles": over_a_quartiles,
         },
         "verdicts": verdicts,
     }
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles (the two ends of the middle half); both the value itself for one repeat."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def _spread(samples: list[float]) -> str:
@@ -593,6 +610,9 @@ def render(info: dict[str, Any], cfg: dict[str, Any], w1: Samples, w2: Samples, 
         f"  {'W2 C/A step time <= 1.05':<52} {wall['w2']['over_a']['C']:6.3f} "
         f"{_verdict(wall['verdicts']['w2_c_over_a_le_1.05']):<7} {cpu['w2']['over_a']['C']:6.3f} "
         f"{_verdict(cpu['verdicts']['w2_c_over_a_le_1.05']):<7}",
+        "  W2 C/A over the repeats, middle half (q1..q3): wall {:.3f}..{:.3f}, cpu {:.3f}..{:.3f}".format(
+            *wall["w2"]["over_a_quartiles"]["C"], *cpu["w2"]["over_a_quartiles"]["C"]
+        ),
     ]
     fin1 = statistics.median(w1.finish_per_unit["C"]) * 1e6
     fin2 = statistics.median(w2.finish_per_unit["C"]) * 1e6
