@@ -273,7 +273,9 @@ class LossMetrics:
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
                 return
-            value = out.detach()
+            # .data: the same alias as detach() without a trip through the dispatcher (measured inside
+            # the W2 step: the loss hook 12-15 -> 10-11 us); the value is only read, at the flush
+            value = out.data
             if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
                 value = value.reshape(()) if value.numel() == 1 else value.float().mean()
             split = "train" if is_grad_enabled() else "val"
