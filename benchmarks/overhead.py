@@ -278,6 +278,21 @@ class ForwardOnly:
         """Nothing between episodes."""
 
 
+PHASES = (
+    "acting pass (no_grad, batch 1)",
+    "policy forward (batch 256)",
+    "target forward (no_grad, not hooked)",
+    "loss",
+    "zero_grad + backward",
+    "optimizer step",
+)
+"""The parts of a W2 step, in order; ``TrainStep.step`` calls its ``lap`` at the end of each."""
+
+
+def _no_lap() -> None:
+    """The default phase marker of ``TrainStep.step``: nothing."""
+
+
 @dataclass
 class _Batch:
     states: Tensor
@@ -318,20 +333,29 @@ class TrainStep:
                 )
             )
 
-    def step(self, i: int) -> None:
-        """Act once, then one optimisation step, exactly as the seed's loop body does."""
+    def step(self, i: int, lap: Callable[[], object] = _no_lap) -> None:
+        """Act once, then one optimisation step, exactly as the seed's loop body does.
+
+        ``lap`` is called at the end of each of the ``PHASES`` (``benchmarks/phases.py`` times them).
+        """
         with torch.no_grad():
             self.model(self.acting_state).argmax(dim=1, keepdim=True)
+        lap()
         b = self.batches[i % len(self.batches)]
         q_values = self.model(b.states).gather(1, b.actions)
+        lap()
         next_q_values = torch.zeros(self.batch)
         with torch.no_grad():
             next_q_values[b.non_final] = self.target(b.next_states).max(1)[0]
         expected = b.rewards + self.gamma * next_q_values
+        lap()
         loss = self.loss_fn(q_values.squeeze(), expected)
+        lap()
         self.optimizer.zero_grad()
         loss.backward()
+        lap()
         self.optimizer.step()
+        lap()
 
     def end_epoch(self, epoch: int) -> None:
         """The seed reloads the target network every 5 episodes."""
