@@ -75,6 +75,12 @@ def sample_norms(x: Tensor) -> Tensor | None:
     return torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
 
 
+def is_data_parallel_replica(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``nn.DataParallel``'s per-device replicas, which share their original's
+    hooks and are recorded as it is (a deepcopy is not: it is another model)."""
+    return getattr(module, "_is_replica", False)
+
+
 def _flatten_output(name: str, out: Any) -> Iterator[tuple[str, Any]]:
     """Yield ``(suffixed name, leaf)`` for the leaves of nested tuple/list/dict outputs (a leaf: itself)."""
     if isinstance(out, (tuple, list)):
@@ -124,16 +130,18 @@ class OutputNorm:
     def install(self, rec: Recorder, named: Sequence[tuple[str, nn.Module]]) -> list[RemovableHandle]:
         """Register a forward hook on every selected module; returns the handles."""
         return [
-            module.register_forward_hook(self._hook(rec, name))
+            module.register_forward_hook(self._hook(rec, name, module))
             for name, module in named
             if self.selects(name, module)
         ]
 
-    def _hook(self, rec: Recorder, name: str) -> Callable[[nn.Module, Any, Any], None]:
+    def _hook(self, rec: Recorder, name: str, owner: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
         extend, keep = rec._buffer.outputs.extend, rec._buffer.norms.append
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if module is not owner and not is_data_parallel_replica(module):
+                return  # a deepcopy of the model: PyTorch copied the hook along with it
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
@@ -267,9 +275,11 @@ class LossMetrics:
         if self.loss_fn is None:
             return []
 
-        append = rec._buffer.metrics.append
+        append, loss_fn = rec._buffer.metrics.append, self.loss_fn
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if module is not loss_fn:  # a deepcopy of the loss module carries the hook; it is not ours
+                return
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
                 return

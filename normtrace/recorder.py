@@ -22,7 +22,14 @@ from torch.utils.hooks import RemovableHandle
 from normtrace import __version__, schema
 from normtrace.buffer import COMPACT_EVERY, Buffer
 from normtrace.errors import NormtraceError, RunDirError
-from normtrace.lenses import Lens, LossMetrics, OutputNorm, ParameterNorm, parameter_norms
+from normtrace.lenses import (
+    Lens,
+    LossMetrics,
+    OutputNorm,
+    ParameterNorm,
+    is_data_parallel_replica,
+    parameter_norms,
+)
 from normtrace.writer import ShardWriter, write_json_atomic
 
 ROOT_NAME = "(root)"
@@ -172,6 +179,8 @@ class Recorder:
         self._check_name("track_target(event=...)", event)
 
         def hook(mod: nn.Module, incompatible_keys: Any) -> None:
+            if mod is not module:  # a deepcopy of the target net carries the hook; it is not ours
+                return
             self._buffer.events.append((self._epoch, self._pass, event, time.time()))
 
         self._handles.append(module.register_load_state_dict_post_hook(hook))
@@ -261,6 +270,15 @@ class Recorder:
             raise err
         return self.run_dir
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Recorder:
+        """The recorder itself: a writer thread and a run directory are not copied.
+
+        ``copy.deepcopy(model)`` on an attached model (a DQN target net, ``AveragedModel``, an EMA
+        teacher) copies PyTorch's hook dicts, and with them the bound pass hook; it then refers to this
+        recorder, and every hook ignores modules other than the ones it was attached to.
+        """
+        return self
+
     def __enter__(self) -> Recorder:
         return self
 
@@ -283,6 +301,8 @@ class Recorder:
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
         """The root's forward pre-hook, once per pass: counts it, compacts and flushes when due."""
+        if module is not self._root and not is_data_parallel_replica(module):
+            return  # a deepcopy of the attached model: its passes are not ours
         if len(self._buffer.norms) >= COMPACT_EVERY:
             self._buffer.compact()
         if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:

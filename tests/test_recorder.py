@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -290,6 +291,52 @@ def test_detach_and_close_remove_every_hook(tmp_path):
     assert hook_count() == 0
     with pytest.raises(nt.NormtraceError, match="closed"):
         rec.push_metric("late", 1.0)
+
+
+def test_a_deepcopy_of_an_attached_model_works_and_records_nothing(tmp_path):
+    """``copy.deepcopy`` mid-run (a DQN target copied from the policy, ``AveragedModel``, an EMA teacher)
+    copies PyTorch's hook dicts: the copy must work, and nothing it does may land in the trace."""
+    model, loss_fn, target = QNetwork(), nn.MSELoss(), QNetwork()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn)) as rec:
+        rec.attach(model).track_target(target)
+        model(x)
+        clone, loss_clone, target_clone = copy.deepcopy((model, loss_fn, target))
+        averaged = torch.optim.swa_utils.AveragedModel(model)  # deep-copies the model inside
+        averaged.update_parameters(model)
+        loss_clone(clone(x).sum(1), torch.zeros(3)).backward()
+        averaged(x)
+        target_clone.load_state_dict(model.state_dict())
+        assert rec.passes == 1
+        loss_fn(model(x).sum(1), torch.zeros(3))
+        target.load_state_dict(model.state_dict())
+    outputs = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in outputs] == [0] * 5 + [1] * 5
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in outputs if r["pass"] == 1} == want
+    assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [1]  # the one loss_fn call
+    assert read_table(tmp_path, "events").column("pass").to_pylist() == [1]  # the one real sync
+
+
+def test_data_parallel_replicas_are_recorded_as_their_original(tmp_path):
+    """nn.DataParallel runs shallow replicas that share the original's hooks: unlike a deepcopy they are
+    the attached model, on another device (replicated by hand here, as DataParallel does, on the CPU)."""
+    model = QNetwork()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+
+        def replicate(module: nn.Module) -> nn.Module:
+            replica = module._replicate_for_data_parallel()
+            replica._parameters = dict(module._parameters)  # DataParallel broadcasts them to a device
+            replica._modules = {k: replicate(child) for k, child in module._modules.items()}
+            return replica
+
+        replicate(model)(x)
+        assert rec.passes == 1
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
 
 
 def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
