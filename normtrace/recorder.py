@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -21,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from normtrace import __version__, schema
 from normtrace.buffer import COMPACT_EVERY, Buffer
-from normtrace.errors import NormtraceError, RunDirError
+from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import (
     Lens,
     LossMetrics,
@@ -33,6 +34,9 @@ from normtrace.lenses import (
 from normtrace.writer import ShardWriter, write_json_atomic
 
 ROOT_NAME = "(root)"
+
+_OPEN: weakref.WeakValueDictionary[tuple[str, int], Recorder] = weakref.WeakValueDictionary()
+"""This process's open recorders by (resolved run directory, rank): two never write one directory."""
 
 
 def default_run_dir() -> Path:
@@ -104,6 +108,8 @@ class Recorder:
         if not float(epoch_flush_secs) >= 0:
             raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
         self.epoch_flush_secs = float(epoch_flush_secs)
+        self._key = (str(self.run_dir.resolve()), self.rank)
+        self._stop_other_writer(overwrite)
         self._prepare_run_dir(overwrite)
 
         self._buffer = Buffer()
@@ -125,6 +131,7 @@ class Recorder:
         self._writer = ShardWriter(self.run_dir, self.rank, compression)
         self._atexit = _close_at_exit_callback(self)
         atexit.register(self._atexit)
+        _OPEN[self._key] = self
 
     # ------------------------------------------------------------------ attaching
 
@@ -260,6 +267,8 @@ class Recorder:
             return self.run_dir
         self._closed = True
         atexit.unregister(self._atexit)
+        if _OPEN.get(self._key) is self:
+            del _OPEN[self._key]
         self.detach()
         self._flush()
         self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._pass + 1)
@@ -354,6 +363,23 @@ class Recorder:
             raise TypeError(
                 f"metric {name!r}: expected a number or a one-element tensor, got {value!r}"
             ) from None
+
+    def _stop_other_writer(self, overwrite: bool) -> None:
+        """Refuse, or with ``overwrite`` close, another open recorder of this process on this directory.
+
+        Re-running a notebook cell leaves the previous recorder open and attached; both writing one
+        directory would give two shards the same name.
+        """
+        other = _OPEN.get(self._key)
+        if other is None or other._closed:
+            return
+        if not overwrite:
+            raise RunDirError(
+                f"run directory {self.run_dir} is being written by an open Recorder in this process; "
+                "close that one, choose a new directory, or pass overwrite=True to close it and start over"
+            )
+        with contextlib.suppress(WriterError):  # its trace is about to be overwritten anyway
+            other.close(status="replaced")
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         run_dir = self.run_dir

@@ -401,6 +401,34 @@ def test_existing_trace_is_not_overwritten_by_accident(tmp_path):
         nt.Recorder(tmp_path / "file")
 
 
+def test_overwriting_a_run_dir_an_open_recorder_writes_to_closes_that_recorder(tmp_path):
+    """Re-running a notebook cell with overwrite=True: the old recorder, still open and attached, must
+    stop (its hooks off the model, its writer done) before the new one takes the directory, or both
+    would write shards of the same names into it."""
+    model = QNetwork()
+    x = torch.randn(2, 4)
+    old = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], flush_every=1).attach(model)
+    for _ in range(3):
+        model(x)
+    new = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], overwrite=True)
+    with pytest.raises(nt.NormtraceError, match="closed"):
+        old.push_metric("late", 1.0)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    new.attach(model)
+    for _ in range(2):
+        model(x)
+    new.close()
+    outputs = read_table(tmp_path, "outputs")
+    assert outputs.num_rows == 2 * 5
+    assert sorted(set(outputs.column("pass").to_pylist())) == [0, 1]
+    assert json.loads((tmp_path / schema.meta_name(0)).read_text())["status"] == "closed"
+
+
+def test_an_open_recorders_run_dir_is_refused_without_overwrite(tmp_path):
+    with nt.Recorder(tmp_path), pytest.raises(nt.RunDirError, match="open Recorder"):
+        nt.Recorder(tmp_path)
+
+
 def test_bad_arguments_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="flush_every"):
         nt.Recorder(tmp_path, flush_every=0)
