@@ -138,13 +138,22 @@ class OutputNorm:
     def _hook(self, rec: Recorder, name: str, owner: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
         extend, keep = rec._buffer.outputs.extend, rec._buffer.norms.append
+        last_pass: int | None = None  # the pass of this module's latest recorded call
+        calls = 0  # its recorded calls in that pass, less one
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            nonlocal last_pass, calls
             if module is not owner and not is_data_parallel_replica(module):
                 return  # a deepcopy of the model: PyTorch copied the hook along with it
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
+            label = name
+            if rec._pass == last_pass:  # called again in the same pass (one activation after every layer)
+                calls += 1
+                label = f"{name}#{calls}"
+            else:
+                last_pass, calls = rec._pass, 0
             try:
                 if type(out) is Tensor and out.dtype in _FAST_DTYPES:
                     shape = out.shape
@@ -159,9 +168,9 @@ class OutputNorm:
                                 set_grad_enabled(True)
                         else:
                             keep(vector_norm(out, 2, 1))
-                        extend((name, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
+                        extend((label, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
                         return
-                for leaf_name, leaf in _flatten_output(name, out):
+                for leaf_name, leaf in _flatten_output(label, out):
                     norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
                     if norms is not None:
                         batch = norms.shape[0]
@@ -179,7 +188,7 @@ class OutputNorm:
                     elif not isinstance(leaf, Tensor):
                         rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle
-                rec._note(name, "hook_error", f"{type(exc).__name__}: {exc}")
+                rec._note(label, "hook_error", f"{type(exc).__name__}: {exc}")
 
         return hook
 

@@ -76,6 +76,47 @@ def test_no_grad_passes_recorded_when_asked(tmp_path):
     }
 
 
+class SharedActivation(nn.Module):
+    """One ReLU instance used after each of three layers, as much model code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc3(self.act(self.fc2(self.act(self.fc1(x))))))
+
+
+def test_a_module_called_several_times_in_a_pass_gets_a_row_per_call(tmp_path):
+    """One series per call site: ``act`` for the first call of a pass, ``act#1``, ``act#2`` for the next
+    ones, so a shared activation never zigzags between layers within one series."""
+    model = SharedActivation()
+    xs = [torch.randn(5, 4), torch.randn(2, 4)]
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        for x in xs:
+            model(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    got = [(r["pass"], r["module"], r["norm"], r["numel"]) for r in rows]
+    want = []
+    for p, x in enumerate(xs):
+        with torch.no_grad():
+            h1 = torch.relu(model.fc1(x))
+            h2 = torch.relu(model.fc2(h1))
+            h3 = torch.relu(model.fc3(h2))
+        for label, h in (("act", h1), ("act#1", h2), ("act#2", h3)):
+            want.append(
+                (
+                    p,
+                    label,
+                    pytest.approx(torch.linalg.vector_norm(h, dim=1).mean().item(), rel=1e-5),
+                    h.shape[1],
+                )
+            )
+    assert got == want
+
+
 class Odd(nn.Module):
     """Returns every shape the output hook must cope with."""
 
