@@ -143,8 +143,10 @@ class OutputNorm:
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             nonlocal last_pass, calls
-            if module is not owner and not is_data_parallel_replica(module):
-                return  # a deepcopy of the model: PyTorch copied the hook along with it
+            if module is not owner:
+                if not is_data_parallel_replica(module):
+                    return  # a deepcopy of the model: PyTorch copied the hook along with it
+                last_pass = None  # DataParallel: a row per device's share of the call, under its name
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
