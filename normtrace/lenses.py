@@ -2,8 +2,9 @@
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
 output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and extend its
-flat ``outputs`` list with the record's plain values; the batch means are taken on the device every few dozen records (see
-``buffer.compact``), the transfer to the host and the Arrow conversion on the writer thread.
+flat ``outputs`` list with the record's plain values; the batch means are taken on the device every few
+dozen records (see ``buffer.compact``), the transfer to the host and the Arrow conversion on the writer
+thread.
 """
 
 from __future__ import annotations
