@@ -9,6 +9,7 @@ import os
 import platform
 import socket
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +159,7 @@ class Recorder:
             self._params = self.parameter_norm.select(named)
         if self.loss_metrics is not None:
             self._handles += self.loss_metrics.install(self)
+        self._warn_if_empty(model, hooked)
         classes = dict(named)
         self._meta["root"] = type(model).__name__
         self._meta["modules"] = {
@@ -175,6 +177,26 @@ class Recorder:
         }
         self._writer.submit_meta(dict(self._meta))
         return self
+
+    def _warn_if_empty(self, model: nn.Module, hooked: list[dict[str, str]]) -> None:
+        """Say so (a warning now, a note in meta.json) when a lens finds nothing to record in ``model``."""
+        root = type(model).__name__
+        if self.output_norm is not None and not hooked:
+            detail = (
+                f"OutputNorm selects no module of {root}: it has no torch.nn activation module (a "
+                "function call such as F.relu cannot be hooked) and nothing matches include=...; pass "
+                "include=[nn.Linear] or name globs such as include=['encoder.*']"
+            )
+            warnings.warn(detail, stacklevel=3)
+            self._note(ROOT_NAME, "no_output_modules", detail)
+        if self.parameter_norm is not None and not self._params:
+            wanted = ", ".join(repr(p) for p in self.parameter_norm.parameters)
+            detail = (
+                f"ParameterNorm finds no module of {root} that has all of {wanted}; pass "
+                "parameters=['weight'] for layers without a bias"
+            )
+            warnings.warn(detail, stacklevel=3)
+            self._note(ROOT_NAME, "no_param_modules", detail)
 
     def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
         """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import polars as pl
@@ -378,6 +379,40 @@ def test_data_parallel_replicas_are_recorded_as_their_original(tmp_path):
     rows = read_table(tmp_path, "outputs").to_pylist()
     want = expected_output_norms(model, x)
     assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+
+
+class FunctionalRelu(nn.Module):
+    """Activations as function calls: nothing for OutputNorm's default selection to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8, bias=False), nn.Linear(8, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def test_a_lens_that_selects_nothing_says_so(tmp_path):
+    """An OutputNorm or ParameterNorm that finds no module would leave its table silently empty."""
+    model = FunctionalRelu()
+    with (
+        pytest.warns(UserWarning) as caught,
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), nt.ParameterNorm()]) as rec,
+    ):
+        rec.attach(model)
+        model(torch.randn(2, 4))
+    messages = [str(w.message) for w in caught]
+    assert any("OutputNorm" in m and "FunctionalRelu" in m and "include=" in m for m in messages), messages
+    assert any("ParameterNorm" in m and "'bias'" in m and "parameters=" in m for m in messages), messages
+    notes = {n["kind"] for n in json.loads((tmp_path / schema.meta_name(0)).read_text())["notes"]}
+    assert {"no_output_modules", "no_param_modules"} <= notes
+    # and a lens that does select something stays quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nt.Recorder(
+            tmp_path / "ok",
+            lenses=[nt.OutputNorm(include=[nn.Linear]), nt.ParameterNorm(parameters=["weight"])],
+        ).attach(model).close()
 
 
 def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
