@@ -137,7 +137,10 @@ class Recorder:
     # ------------------------------------------------------------------ attaching
 
     def attach(self, model: nn.Module) -> Recorder:
-        """Hook ``model`` (the root whose forward calls count as passes) with the configured lenses."""
+        """Hook ``model`` (the root whose forward calls count as passes) with the configured lenses.
+
+        A ``torch.compile``'d model is unwrapped: the module it compiled is hooked, under its own names.
+        """
         self._check()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
@@ -146,6 +149,7 @@ class Recorder:
                 f"Recorder for {self.run_dir} is already attached to a {type(self._root).__name__}; "
                 "call detach() first"
             )
+        model = _unwrap_compiled(model)
         named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
         self._root = model
         self._handles.append(model.register_forward_pre_hook(self._on_pass))
@@ -454,6 +458,16 @@ class Recorder:
             },
             "notes": [],
         }
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (its ``_orig_mod``), else ``model`` itself.
+
+    Hooks on the inner module still fire under compilation, and its names carry no ``_orig_mod.``
+    prefix, so a compiled run and an eager run of one model have the same series.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _close_at_exit_callback(rec: Recorder) -> Any:

@@ -415,6 +415,28 @@ def test_a_lens_that_selects_nothing_says_so(tmp_path):
         ).attach(model).close()
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the pass hook's clock, once
+def test_a_compiled_model_is_recorded_under_its_own_names(tmp_path):
+    """attach(torch.compile(model)) hooks the model inside the wrapper: the same module names (no
+    ``_orig_mod.`` prefix) and root as an eager run, so the two traces compare side by side."""
+    model = QNetwork()
+    compiled = torch.compile(model, backend="eager")  # dynamo without a C++ toolchain: fast and portable
+    xs = [torch.randn(3, 4) for _ in range(3)]
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(compiled)
+        for x in xs:
+            compiled(x)
+        with torch.no_grad():
+            compiled(xs[0])
+        assert rec.passes == 4
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert json.loads((tmp_path / schema.meta_name(0)).read_text())["root"] == "QNetwork"
+    for p, x in enumerate(xs):
+        got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
+        assert got == {k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()}
+    assert sorted({r["pass"] for r in rows}) == [0, 1, 2]
+
+
 def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
     model = QNetwork()
     with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=10, flush_secs=3600) as rec:
