@@ -139,7 +139,8 @@ class Recorder:
     def attach(self, model: nn.Module) -> Recorder:
         """Hook ``model`` (the root whose forward calls count as passes) with the configured lenses.
 
-        A ``torch.compile``'d model is unwrapped: the module it compiled is hooked, under its own names.
+        A ``torch.compile`` or ``DistributedDataParallel`` wrapper is looked through: the model inside is
+        hooked, under its own names.
         """
         self._check()
         if not isinstance(model, nn.Module):
@@ -149,7 +150,7 @@ class Recorder:
                 f"Recorder for {self.run_dir} is already attached to a {type(self._root).__name__}; "
                 "call detach() first"
             )
-        model = _unwrap_compiled(model)
+        model = _unwrap(model)
         named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
         self._root = model
         self._handles.append(model.register_forward_pre_hook(self._on_pass))
@@ -460,14 +461,22 @@ class Recorder:
         }
 
 
-def _unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile`` wrapper (its ``_orig_mod``), else ``model`` itself.
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and ``DistributedDataParallel`` (``module``)
+    wrappers, however nested, else ``model`` itself.
 
-    Hooks on the inner module still fire under compilation, and its names carry no ``_orig_mod.``
-    prefix, so a compiled run and an eager run of one model have the same series.
+    Both wrappers call the inner module once per forward, so its hooks fire and passes count as before,
+    and its names carry no ``_orig_mod.``/``module.`` prefix: a compiled, a distributed and an eager run
+    of one model have the same series. (``nn.DataParallel`` is not unwrapped: its replicas call the inner
+    module once per device, so the wrapper is what counts passes.)
     """
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _close_at_exit_callback(rec: Recorder) -> Any:

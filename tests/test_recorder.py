@@ -437,6 +437,29 @@ def test_a_compiled_model_is_recorded_under_its_own_names(tmp_path):
     assert sorted({r["pass"] for r in rows}) == [0, 1, 2]
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+def test_a_ddp_wrapped_model_is_recorded_under_its_own_names(tmp_path):
+    """attach(DistributedDataParallel(model)) hooks the model inside: names without ``module.``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = QNetwork()
+        wrapped = nn.parallel.DistributedDataParallel(torch.compile(model, backend="eager"))
+        x = torch.randn(3, 4)
+        with nt.Recorder(tmp_path / "run", lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+            rec.attach(wrapped)
+            wrapped(x)
+            assert rec.passes == 1
+    finally:
+        dist.destroy_process_group()
+    rows = read_table(tmp_path / "run", "outputs").to_pylist()
+    assert {r["module"]: r["norm"] for r in rows} == {
+        k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()
+    }
+    assert json.loads((tmp_path / "run" / schema.meta_name(0)).read_text())["root"] == "QNetwork"
+
+
 def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
     model = QNetwork()
     with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=10, flush_secs=3600) as rec:
