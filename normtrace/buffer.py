@@ -74,8 +74,9 @@ class Buffer:
     def take(self) -> dict[str, list[Any]]:
         """Hand over a copy of the non-empty lists and empty them in place.
 
-        The lists stay the same objects because hooks hold their bound ``append``; ``take`` runs on the
-        training thread, between hook calls. ``outputs`` goes as (records, compacted norm chunks).
+        The lists stay the same objects because hooks hold their bound ``append``/``extend``; ``take``
+        runs on the training thread, between hook calls. ``outputs`` goes as (records, compacted norm
+        chunks).
         """
         self.compact()
         taken: dict[str, Any] = {}

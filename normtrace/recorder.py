@@ -187,21 +187,23 @@ class Recorder:
         """Say so (a warning now, a note in meta.json) when a lens finds nothing to record in ``model``."""
         root = type(model).__name__
         if self.output_norm is not None and not hooked:
-            detail = (
-                f"OutputNorm selects no module of {root}: it has no torch.nn activation module (a "
-                "function call such as F.relu cannot be hooked) and nothing matches include=...; pass "
-                "include=[nn.Linear] or name globs such as include=['encoder.*']"
+            self._warn_and_note(
+                "no_output_modules",
+                f"OutputNorm selects no module of {root}: it has no torch.nn activation module (a function "
+                "call such as F.relu cannot be hooked) and nothing matches include=...; pass "
+                "include=[nn.Linear] or name globs such as include=['encoder.*']",
             )
-            warnings.warn(detail, stacklevel=3)
-            self._note(ROOT_NAME, "no_output_modules", detail)
         if self.parameter_norm is not None and not self._params:
             wanted = ", ".join(repr(p) for p in self.parameter_norm.parameters)
-            detail = (
+            self._warn_and_note(
+                "no_param_modules",
                 f"ParameterNorm finds no module of {root} that has all of {wanted}; pass "
-                "parameters=['weight'] for layers without a bias"
+                "parameters=['weight'] for layers without a bias",
             )
-            warnings.warn(detail, stacklevel=3)
-            self._note(ROOT_NAME, "no_param_modules", detail)
+
+    def _warn_and_note(self, kind: str, detail: str) -> None:
+        warnings.warn(detail, stacklevel=4)  # at the user's attach() call
+        self._note(ROOT_NAME, kind, detail)
 
     def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
         """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""
