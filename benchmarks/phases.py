@@ -28,32 +28,43 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import PHASES, TracerFactory, TrainStep, tracer_factory  # noqa: E402
+from overhead import PHASES, TracerFactory, TrainStep, run_block, tracer_factory  # noqa: E402
 
 
-def run_block(
+class LappedStep:
+    """A ``TrainStep`` whose steps record how long each of the ``PHASES`` took (a ``Workload``)."""
+
+    def __init__(self, work: TrainStep) -> None:
+        self.work, self.model, self.loss_fn = work, work.model, work.loss_fn
+        self.per_phase: list[list[float]] = [[] for _ in PHASES]
+        self._laps: list[float] = []
+
+    def _lap(self) -> None:
+        self._laps.append(time.perf_counter())
+
+    def step(self, i: int) -> None:
+        """One W2 step, its phase durations appended to ``per_phase``."""
+        self._laps.clear()
+        self._lap()
+        self.work.step(i, self._lap)
+        for k, (t0, t1) in enumerate(itertools.pairwise(self._laps)):
+            self.per_phase[k].append(t1 - t0)
+
+    def end_epoch(self, epoch: int) -> None:
+        """The step's own epoch boundary (the target net reload)."""
+        self.work.end_epoch(epoch)
+
+
+def phase_medians(
     work: TrainStep, key: str, make_tracer: TracerFactory, steps: int, epoch_len: int
 ) -> list[float]:
-    """Median seconds per phase over ``steps`` steps with variant ``key`` attached."""
+    """Median seconds per phase over one block of ``steps`` steps with variant ``key`` attached, the block
+    run exactly as ``overhead.py`` runs it (epoch ticks, the final close)."""
+    lapped = LappedStep(work)
     tracer = make_tracer(key, work.model, work.loss_fn)
-    laps: list[float] = []
-    per_phase: list[list[float]] = [[] for _ in PHASES]
-
-    def lap() -> None:
-        laps.append(time.perf_counter())
-
-    for i in range(steps):
-        laps.clear()
-        lap()
-        work.step(i, lap)
-        for k, (t0, t1) in enumerate(itertools.pairwise(laps)):
-            per_phase[k].append(t1 - t0)
-        if (i + 1) % epoch_len == 0:
-            tracer.epoch(1.0, 1.0)
-            work.end_epoch((i + 1) // epoch_len)
-    tracer.finish()
+    run_block(lapped, tracer, steps, epoch_len)
     tracer.cleanup()
-    return [statistics.median(v) for v in per_phase]
+    return [statistics.median(v) for v in lapped.per_phase]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,11 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="normtrace-phases-") as tmp:
         make = tracer_factory(Path(tmp))
         for key in ("A", "C"):  # warm-up blocks, not recorded
-            run_block(work, key, make, args.steps // 3, args.epoch_len)
+            phase_medians(work, key, make, args.steps // 3, args.epoch_len)
         for r in range(args.repeats):
             for key in ("A", "C") if r % 2 == 0 else ("C", "A"):
                 gc.collect()
-                samples[key].append(run_block(work, key, make, args.steps, args.epoch_len))
+                samples[key].append(phase_medians(work, key, make, args.steps, args.epoch_len))
             print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
     print(f"W2 phases, median µs per step ({args.repeats} A/C block pairs of {args.steps} steps)")
     print(f"  {'phase':<40} {'A untraced':>11} {'C - A':>8}")
