@@ -1,4 +1,5 @@
-"""Lenses: what to record. Each lens is a small configuration object that installs its own hooks.
+"""Lenses: what to record. Each lens is a small configuration object that installs its own hooks
+(observers of a module's forward, see ``observe``; not PyTorch hooks, whose dispatch costs more).
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
 output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and extend its
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+
+from normtrace.observe import Removable, after_forward
 
 if TYPE_CHECKING:
     from normtrace.recorder import Recorder
@@ -78,7 +80,7 @@ def sample_norms(x: Tensor) -> Tensor | None:
 
 def is_data_parallel_replica(module: nn.Module) -> bool:
     """Whether ``module`` is one of ``nn.DataParallel``'s per-device replicas, which share their original's
-    hooks and are recorded as it is (a deepcopy is not: it is another model)."""
+    class and hooks and are recorded as it is (a deepcopy is not: it is another model)."""
     return getattr(module, "_is_replica", False)
 
 
@@ -128,10 +130,10 @@ class OutputNorm:
             "normalize_by_size": self.normalize_by_size,
         }
 
-    def install(self, rec: Recorder, named: Sequence[tuple[str, nn.Module]]) -> list[RemovableHandle]:
-        """Register a forward hook on every selected module; returns the handles."""
+    def install(self, rec: Recorder, named: Sequence[tuple[str, nn.Module]]) -> list[Removable]:
+        """Observe the output of every selected module (``observe.after_forward``); returns the handles."""
         return [
-            module.register_forward_hook(self._hook(rec, name, module))
+            after_forward(module, self._hook(rec, name, module))
             for name, module in named
             if self.selects(name, module)
         ]
@@ -146,7 +148,7 @@ class OutputNorm:
             nonlocal last_pass, calls
             if module is not owner:
                 if not is_data_parallel_replica(module):
-                    return  # a deepcopy of the model: PyTorch copied the hook along with it
+                    return  # a copy that kept the observing class or the hook (see observe.py): not ours
                 last_pass = None  # DataParallel: a row per device's share of the call, under its name
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
@@ -282,15 +284,15 @@ class LossMetrics:
             "metrics": list(self.metrics),
         }
 
-    def install(self, rec: Recorder) -> list[RemovableHandle]:
-        """Hook ``loss_fn`` so each value it returns becomes a ``loss`` row; returns the handles."""
+    def install(self, rec: Recorder) -> list[Removable]:
+        """Observe ``loss_fn`` so each value it returns becomes a ``loss`` row; returns the handles."""
         if self.loss_fn is None:
             return []
 
         append, loss_fn = rec._buffer.metrics.append, self.loss_fn
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if module is not loss_fn:  # a deepcopy of the loss module carries the hook; it is not ours
+            if module is not loss_fn:  # a copy that kept the observing class or the hook: not ours
                 return
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
@@ -303,7 +305,7 @@ class LossMetrics:
             split = "train" if is_grad_enabled() else "val"
             append((rec._epoch, rec._pass, "loss", value, split, time.time()))
 
-        return [self.loss_fn.register_forward_hook(hook)]
+        return [after_forward(self.loss_fn, hook)]
 
 
 Lens = OutputNorm | ParameterNorm | LossMetrics

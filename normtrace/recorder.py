@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from normtrace import __version__, schema
 from normtrace.buffer import COMPACT_EVERY, Buffer
@@ -32,6 +31,7 @@ from normtrace.lenses import (
     is_data_parallel_replica,
     parameter_norms,
 )
+from normtrace.observe import Removable, before_forward
 from normtrace.writer import ShardWriter, write_json_atomic
 
 ROOT_NAME = "(root)"
@@ -120,7 +120,7 @@ class Recorder:
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
         self._flush_deadline = self._last_flush_time + self.flush_secs
         self._root: nn.Module | None = None
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Removable] = []
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._notes: dict[tuple[str, str], str] = {}
         self._closed = False
@@ -153,7 +153,7 @@ class Recorder:
         model = _unwrap(model)
         named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
         self._root = model
-        self._handles.append(model.register_forward_pre_hook(self._on_pass))
+        self._handles.append(before_forward(model, self._on_pass))
         hooked: list[dict[str, str]] = []
         if self.output_norm is not None:
             self._handles += self.output_norm.install(self, named)
@@ -312,8 +312,9 @@ class Recorder:
         """The recorder itself: a writer thread and a run directory are not copied.
 
         ``copy.deepcopy(model)`` on an attached model (a DQN target net, ``AveragedModel``, an EMA
-        teacher) copies PyTorch's hook dicts, and with them the bound pass hook; it then refers to this
-        recorder, and every hook ignores modules other than the ones it was attached to.
+        teacher) gives plain modules (``observe``), but copies PyTorch's hook dicts where normtrace fell
+        back to hooks, and with them a bound pass hook; it then refers to this recorder, and every hook
+        ignores modules other than the ones it was attached to.
         """
         return self
 
@@ -338,7 +339,7 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
-        """The root's forward pre-hook, once per pass: counts it, compacts and flushes when due."""
+        """Runs before each forward of the root, once per pass: counts it, compacts and flushes when due."""
         if module is not self._root and not is_data_parallel_replica(module):
             return  # a deepcopy of the attached model: its passes are not ours
         if len(self._buffer.norms) >= COMPACT_EVERY:
@@ -467,7 +468,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile`` (``_orig_mod``) and ``DistributedDataParallel`` (``module``)
     wrappers, however nested, else ``model`` itself.
 
-    Both wrappers call the inner module once per forward, so its hooks fire and passes count as before,
+    Both wrappers call the inner module once per forward, so it is observed and passes count as before,
     and its names carry no ``_orig_mod.``/``module.`` prefix: a compiled, a distributed and an eager run
     of one model have the same series. (``nn.DataParallel`` is not unwrapped: its replicas call the inner
     module once per device, so the wrapper is what counts passes.)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import warnings
@@ -16,6 +17,9 @@ from torch import nn
 
 import normtrace as nt
 from normtrace import schema
+
+PLAIN_CLASSES = [type(m) for m in QNetwork().modules()]
+"""The seed network's module classes as written, none of normtrace's observing subclasses among them."""
 
 
 def seed_lenses(loss_fn: nn.Module | None = None) -> list:
@@ -312,32 +316,39 @@ def test_bad_metric_values_name_the_metric(tmp_path):
 
 
 def test_detach_and_close_remove_every_hook(tmp_path):
+    """Outputs, the pass counter and the loss are observed through per-module subclasses (normtrace/
+    observe.py), the target through a load_state_dict hook; detach() must undo all of it."""
     model, target, loss_fn = QNetwork(), QNetwork(), nn.MSELoss()
+    modules = [*model.modules(), *target.modules(), loss_fn]
+    classes = [type(m) for m in modules]
     rec = nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn))
     rec.attach(model)
     rec.track_target(target)
 
-    def hook_count() -> int:
-        count = 0
-        for module in [*model.modules(), *target.modules(), loss_fn]:
+    def observer_count() -> int:
+        count = sum(type(m) is not cls for m, cls in zip(modules, classes, strict=True))
+        for module in modules:
             count += len(module._forward_hooks) + len(module._forward_pre_hooks)
             count += len(module._load_state_dict_post_hooks)
         return count
 
-    assert hook_count() == 5 + 1 + 1 + 1  # outputs, root pass counter, loss, target
+    assert observer_count() == 5 + 1 + 1 + 1  # outputs, root pass counter, loss, target
+    assert repr(model) == repr(QNetwork())  # the subclasses keep their classes' names
     rec.detach()
-    assert hook_count() == 0
+    assert observer_count() == 0
     rec.attach(model)
-    assert hook_count() == 5 + 1 + 1
+    assert observer_count() == 5 + 1 + 1
     rec.close()
-    assert hook_count() == 0
+    assert observer_count() == 0
+    assert [type(m) for m in modules] == classes
     with pytest.raises(nt.NormtraceError, match="closed"):
         rec.push_metric("late", 1.0)
 
 
 def test_a_deepcopy_of_an_attached_model_works_and_records_nothing(tmp_path):
     """``copy.deepcopy`` mid-run (a DQN target copied from the policy, ``AveragedModel``, an EMA teacher)
-    copies PyTorch's hook dicts: the copy must work, and nothing it does may land in the trace."""
+    must give a working, plain model (the original classes, not normtrace's observing subclasses), and
+    nothing it does may land in the trace."""
     model, loss_fn, target = QNetwork(), nn.MSELoss(), QNetwork()
     x = torch.randn(3, 4)
     with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn)) as rec:
@@ -350,6 +361,8 @@ def test_a_deepcopy_of_an_attached_model_works_and_records_nothing(tmp_path):
         averaged(x)
         target_clone.load_state_dict(model.state_dict())
         assert rec.passes == 1
+        assert [type(m) for m in clone.modules()] == PLAIN_CLASSES
+        assert type(loss_clone) is nn.MSELoss
         loss_fn(model(x).sum(1), torch.zeros(3))
         target.load_state_dict(model.state_dict())
     outputs = read_table(tmp_path, "outputs").to_pylist()
@@ -358,6 +371,68 @@ def test_a_deepcopy_of_an_attached_model_works_and_records_nothing(tmp_path):
     assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in outputs if r["pass"] == 1} == want
     assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [1]  # the one loss_fn call
     assert read_table(tmp_path, "events").column("pass").to_pylist() == [1]  # the one real sync
+
+
+def test_an_attached_model_saves_and_loads_as_a_plain_model(tmp_path):
+    """torch.save(model) mid-run (a checkpoint) pickles the original classes: the file loads without
+    normtrace, into a model that computes what the attached one does, and the recording goes on."""
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path / "run", lenses=seed_lenses(loss_fn)) as rec:
+        rec.attach(model)
+        model(x)
+        torch.save({"model": model, "loss": loss_fn}, tmp_path / "ckpt.pt")
+        loaded = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        assert [type(m) for m in loaded["model"].modules()] == PLAIN_CLASSES
+        assert type(loaded["loss"]) is nn.MSELoss
+        assert torch.equal(loaded["model"](x), model(x))
+        assert rec.passes == 2  # the loaded model's pass is not the attached one's
+    assert read_table(tmp_path / "run", "outputs").column("pass").to_pylist() == [0] * 5 + [1] * 5
+
+
+def test_a_module_whose_forward_is_replaced_on_the_instance_is_still_recorded(tmp_path):
+    """Libraries such as accelerate set ``module.forward`` on the instance, which hides the class's
+    forward that normtrace observes through; such a module gets a forward hook instead."""
+    model = QNetwork()
+    output = model.net.output
+    inner = output.forward
+
+    def dispatched(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:  # accelerate's new_forward
+        return inner(*args)
+
+    output.forward = functools.partial(dispatched, output)
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+        assert len(output._forward_hooks) == 1 and type(output) is nn.Identity
+        model(x)
+    assert len(output._forward_hooks) == 0
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+
+
+def test_two_recorders_on_one_model_record_independently(tmp_path):
+    """Each recorder observes the model on its own; closing one leaves the other recording, and the
+    model gets its own classes back when the last one goes."""
+    model = QNetwork()
+    xs = [torch.randn(3, 4), torch.randn(5, 4)]
+    first = nt.Recorder(tmp_path / "a", lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(model)
+    second = nt.Recorder(tmp_path / "b", lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(model)
+    model(xs[0])
+    first.close()
+    model(xs[1])
+    assert [type(m) for m in model.modules()] != PLAIN_CLASSES
+    second.close()
+    assert [type(m) for m in model.modules()] == PLAIN_CLASSES
+    for run, passes in (("a", [0]), ("b", [0, 1])):
+        rows = read_table(tmp_path / run, "outputs").to_pylist()
+        assert sorted({r["pass"] for r in rows}) == passes
+        for p in passes:
+            got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
+            assert got == {
+                k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, xs[p]).items()
+            }
 
 
 def test_data_parallel_replicas_are_recorded_as_their_original(tmp_path):
@@ -534,7 +609,7 @@ def test_overwriting_a_run_dir_an_open_recorder_writes_to_closes_that_recorder(t
     new = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], overwrite=True)
     with pytest.raises(nt.NormtraceError, match="closed"):
         old.push_metric("late", 1.0)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert [type(m) for m in model.modules()] == PLAIN_CLASSES
     new.attach(model)
     for _ in range(2):
         model(x)

@@ -1,0 +1,133 @@
+"""Seeing a module's forward calls without PyTorch's hook dispatch.
+
+A forward hook moves every call of its module onto ``Module._call_impl``'s slow path, whether or not the
+hook then records anything (measured: +1.6 µs per call in a loop, and 12 no-op hooks add ~15 µs to the
+seed's training step). The recorder instead gives each observed module a subclass of its own class whose
+``forward`` calls the original and the observers, as ``torch.nn.utils.parametrize`` does for its
+parametrized modules; PyTorch then takes its fast path, and an observer costs a Python call.
+
+The subclass keeps the original's name (``repr(model)`` is unchanged) and pickles and deep-copies as the
+original class: ``torch.save(model)`` works while attached, and a ``copy.deepcopy`` is a plain module that
+is not observed. A module whose ``forward`` was replaced on the instance (accelerate's ``dispatch_model``
+does this) would never reach the class's ``forward``; it gets an ordinary forward hook instead.
+"""
+
+from __future__ import annotations
+
+import copyreg
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch import nn
+
+AfterForward = Callable[[nn.Module, tuple[Any, ...], Any], None]
+"""Called with (module, positional args, output) after each forward, like a forward hook."""
+BeforeForward = Callable[[nn.Module, tuple[Any, ...]], None]
+"""Called with (module, positional args) before each forward, like a forward pre-hook."""
+
+
+class Removable(Protocol):
+    """What ``after_forward``/``before_forward`` return: a ``Handle``, or a hook's ``RemovableHandle``."""
+
+    def remove(self) -> None:
+        """Stop observing."""
+
+
+class Handle:
+    """Removes one observer; ``remove()`` may be called more than once (as ``RemovableHandle.remove``)."""
+
+    def __init__(self, remove: Callable[[], None]) -> None:
+        self._remove: Callable[[], None] | None = remove
+
+    def remove(self) -> None:
+        """Stop observing; when a module's last observer goes, the module gets its own class back."""
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+
+
+class _Observers:
+    """The observer lists of one module, kept on the subclass made for it."""
+
+    def __init__(self, base: type[nn.Module]) -> None:
+        self.base = base
+        self.before: list[BeforeForward] = []
+        self.after: list[AfterForward] = []
+
+
+def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Module]:
+    """A subclass of ``base`` whose ``forward`` runs ``observers`` around ``base.forward``."""
+    base_forward = base.forward
+    before, after = observers.before, observers.after
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        for fn in before:
+            fn(self, args)
+        out = base_forward(self, *args, **kwargs)
+        for fn in after:
+            fn(self, args, out)
+        return out
+
+    def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:  # noqa: N807
+        # pickle and deepcopy rebuild the original class, so a saved or copied model is a plain one.
+        # copyreg.__newobj__ must get the object's own class (pickle checks), _reconstructor need not.
+        reduced = base.__reduce_ex__(self, protocol)
+        if not isinstance(reduced, tuple):
+            return reduced
+        if reduced[0] is copyreg.__newobj__ and reduced[1] == (cls,):
+            return (copyreg._reconstructor, (base, object, None), *reduced[2:])
+        if reduced[0] is copyreg._reconstructor and reduced[1][0] is cls:
+            return (copyreg._reconstructor, (base, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
+    namespace = {
+        "forward": forward,
+        "__reduce_ex__": __reduce_ex__,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "_normtrace_observers": observers,
+    }
+    cls = type(base)(base.__name__, (base,), namespace)
+    return cls
+
+
+def _observers_of(module: nn.Module) -> _Observers:
+    """The module's observer lists, giving it its observed subclass first if it has none yet."""
+    existing = type(module).__dict__.get("_normtrace_observers")
+    if isinstance(existing, _Observers):
+        return existing
+    observers = _Observers(type(module))
+    module.__class__ = _observed_class(type(module), observers)
+    return observers
+
+
+def _remover(module: nn.Module, observers: _Observers, bucket: list[Any], fn: Any) -> Callable[[], None]:
+    def remove() -> None:
+        if fn in bucket:
+            bucket.remove(fn)
+        # give the module its class back unless another observer remains, or someone subclassed it since
+        if (
+            not (observers.before or observers.after)
+            and type(module).__dict__.get("_normtrace_observers") is observers
+        ):
+            module.__class__ = observers.base
+
+    return remove
+
+
+def after_forward(module: nn.Module, fn: AfterForward) -> Removable:
+    """Call ``fn(module, args, output)`` after each forward of ``module``; returns a handle to remove it."""
+    if "forward" in vars(module):  # a forward set on the instance shadows the class's
+        return module.register_forward_hook(fn)
+    observers = _observers_of(module)
+    observers.after.append(fn)
+    return Handle(_remover(module, observers, observers.after, fn))
+
+
+def before_forward(module: nn.Module, fn: BeforeForward) -> Removable:
+    """Call ``fn(module, args)`` before each forward of ``module``; returns a handle to remove it."""
+    if "forward" in vars(module):
+        return module.register_forward_pre_hook(fn)
+    observers = _observers_of(module)
+    observers.before.append(fn)
+    return Handle(_remover(module, observers, observers.before, fn))
