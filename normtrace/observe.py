@@ -91,13 +91,20 @@ def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Mod
     return cls
 
 
-def _observers_of(module: nn.Module) -> _Observers:
-    """The module's observer lists, giving it its observed subclass first if it has none yet."""
+def _observers_of(module: nn.Module) -> _Observers | None:
+    """The module's observer lists, giving it its observed subclass first if it has none yet; None when
+    the class's ``forward`` is not what a call runs (one set on the instance) or the class refuses to be
+    subclassed (an ``__init_subclass__`` that raises, a layout Python cannot swap)."""
     existing = type(module).__dict__.get("_normtrace_observers")
     if isinstance(existing, _Observers):
         return existing
+    if "forward" in vars(module):
+        return None
     observers = _Observers(type(module))
-    module.__class__ = _observed_class(type(module), observers)
+    try:
+        module.__class__ = _observed_class(type(module), observers)
+    except Exception:  # the caller falls back to a forward hook
+        return None
     return observers
 
 
@@ -117,17 +124,17 @@ def _remover(module: nn.Module, observers: _Observers, bucket: list[Any], fn: An
 
 def after_forward(module: nn.Module, fn: AfterForward) -> Removable:
     """Call ``fn(module, args, output)`` after each forward of ``module``; returns a handle to remove it."""
-    if "forward" in vars(module):  # a forward set on the instance shadows the class's
-        return module.register_forward_hook(fn)
     observers = _observers_of(module)
+    if observers is None:
+        return module.register_forward_hook(fn)
     observers.after.append(fn)
     return Handle(_remover(module, observers, observers.after, fn))
 
 
 def before_forward(module: nn.Module, fn: BeforeForward) -> Removable:
     """Call ``fn(module, args)`` before each forward of ``module``; returns a handle to remove it."""
-    if "forward" in vars(module):
-        return module.register_forward_pre_hook(fn)
     observers = _observers_of(module)
+    if observers is None:
+        return module.register_forward_pre_hook(fn)
     observers.before.append(fn)
     return Handle(_remover(module, observers, observers.before, fn))

@@ -145,6 +145,11 @@ class Recorder:
         self._check()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(
+                "Recorder.attach(model): a TorchScript module runs without Python, so nothing can observe "
+                "its layers; attach the eager model (before torch.jit.script), or use torch.compile"
+            )
         if self._root is not None:
             raise NormtraceError(
                 f"Recorder for {self.run_dir} is already attached to a {type(self._root).__name__}; "

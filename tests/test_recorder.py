@@ -412,6 +412,32 @@ def test_a_module_whose_forward_is_replaced_on_the_instance_is_still_recorded(tm
     assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
 
 
+class Sealed(nn.Identity):
+    """A class that refuses subclasses, as some frameworks' registries do."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise RuntimeError("Sealed cannot be subclassed")
+
+
+def test_a_module_whose_class_refuses_subclasses_is_still_recorded(tmp_path):
+    model = QNetwork()
+    model.net.output = Sealed()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+        assert type(model.net.output) is Sealed and len(model.net.output._forward_hooks) == 1
+        model(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_torchscript_model_is_refused_by_name(tmp_path):
+    with nt.Recorder(tmp_path) as rec, pytest.raises(TypeError, match="TorchScript.*eager model"):
+        rec.attach(torch.jit.script(QNetwork()))
+
+
 def test_two_recorders_on_one_model_record_independently(tmp_path):
     """Each recorder observes the model on its own; closing one leaves the other recording, and the
     model gets its own classes back when the last one goes."""
