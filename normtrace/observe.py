@@ -108,7 +108,14 @@ def _observers_of(module: nn.Module) -> _Observers | None:
     return observers
 
 
-def _remover(module: nn.Module, observers: _Observers, bucket: list[Any], fn: Any) -> Callable[[], None]:
+def _observe(module: nn.Module, fn: Any, side: str, hook: Callable[[Any], Removable]) -> Removable:
+    """Add ``fn`` to the module's ``side`` ("before"/"after") observers, or register it with ``hook``."""
+    observers = _observers_of(module)
+    if observers is None:
+        return hook(fn)
+    bucket: list[Any] = getattr(observers, side)
+    bucket.append(fn)
+
     def remove() -> None:
         if fn in bucket:
             bucket.remove(fn)
@@ -119,22 +126,14 @@ def _remover(module: nn.Module, observers: _Observers, bucket: list[Any], fn: An
         ):
             module.__class__ = observers.base
 
-    return remove
+    return Handle(remove)
 
 
 def after_forward(module: nn.Module, fn: AfterForward) -> Removable:
     """Call ``fn(module, args, output)`` after each forward of ``module``; returns a handle to remove it."""
-    observers = _observers_of(module)
-    if observers is None:
-        return module.register_forward_hook(fn)
-    observers.after.append(fn)
-    return Handle(_remover(module, observers, observers.after, fn))
+    return _observe(module, fn, "after", module.register_forward_hook)
 
 
 def before_forward(module: nn.Module, fn: BeforeForward) -> Removable:
     """Call ``fn(module, args)`` before each forward of ``module``; returns a handle to remove it."""
-    observers = _observers_of(module)
-    if observers is None:
-        return module.register_forward_pre_hook(fn)
-    observers.before.append(fn)
-    return Handle(_remover(module, observers, observers.before, fn))
+    return _observe(module, fn, "before", module.register_forward_pre_hook)
