@@ -9,6 +9,7 @@ Arrow tables.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,11 +53,11 @@ def compact(norms: Sequence[Tensor]) -> list[NormChunk]:
         return []
     try:  # one batch size, one device: the common case
         return [(torch.stack(norms).mean(1), len(norms), True)]
-    except RuntimeError:
+    except Exception:  # this runs in the training loop, which must never break
         pass
     try:
         return [(torch.cat(norms), len(norms), False)]
-    except RuntimeError:  # several devices: host_concat sorts them out
+    except Exception:  # several devices, a tensor subclass: host_concat sorts them out
         return [(n, 1, False) for n in norms]
 
 
@@ -107,27 +108,43 @@ def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
     """Concatenate 1-d/0-d tensors (possibly on several devices) into one float64 host array, in order.
 
     One concatenation and one transfer per device; runs on the writer thread, so a transfer that waits
-    for the device blocks only the writer.
+    for the device blocks only the writer. A tensor whose values cannot be read on the host (a tensor
+    subclass such as a ``DTensor``) becomes NaN, with a warning, so the rest of the flush is kept.
     """
     try:  # the common cases, all 1-d or all 0-d on one device: no per-tensor Python work
         joined = torch.stack(tensors) if tensors[0].ndim == 0 else torch.cat(tensors)
         return joined.to("cpu", torch.float64).numpy()
-    except RuntimeError:  # 0-d and 1-d mixed, or several devices
+    except Exception:  # 0-d and 1-d mixed, several devices, or a tensor subclass (its own errors)
         pass
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
-        return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
-    sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    out = np.empty(int(sizes.sum()), dtype=np.float64)
-    for device in devices:
-        idx = [i for i, t in enumerate(tensors) if t.device == device]
-        host = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu", torch.float64).numpy()
-        offset = 0
-        for i in idx:
-            out[starts[i] : starts[i] + sizes[i]] = host[offset : offset + sizes[i]]
-            offset += sizes[i]
-    return out
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    parts: list[np.ndarray] = [np.empty(0)] * len(tensors)
+    for idx in by_device.values():
+        try:
+            host = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu", torch.float64).numpy()
+        except Exception:  # one unreadable tensor must not cost the others
+            for i in idx:
+                parts[i] = _to_host(tensors[i])
+            continue
+        sizes = [tensors[i].numel() for i in idx]
+        for i, part in zip(idx, np.split(host, np.cumsum(sizes)[:-1]), strict=True):
+            parts[i] = part
+    return np.concatenate(parts)
+
+
+def _to_host(t: Tensor) -> np.ndarray:
+    """One tensor's values as a flat float64 host array, or NaNs (and a warning) if they cannot be read."""
+    try:
+        return t.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    except Exception as exc:  # a tensor subclass without local values (DTensor, FakeTensor)
+        warnings.warn(
+            f"normtrace: {t.numel()} recorded value(s) held in a {type(t).__name__} cannot be read on the "
+            f"host ({type(exc).__name__}: {exc}); they are stored as NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return np.full(t.numel(), np.nan)
 
 
 def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:

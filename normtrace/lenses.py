@@ -34,6 +34,7 @@ _FAST_DTYPES = frozenset({torch.float32, torch.float64})
 vector_norm = torch.linalg.vector_norm
 is_grad_enabled = torch.is_grad_enabled
 set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, without the context manager
+is_exporting = torch.compiler.is_exporting
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -175,6 +176,8 @@ class OutputNorm:
                             keep(vector_norm(out, 2, 1))
                         extend((label, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
                         return
+                if is_exporting():  # torch.export runs forward on fake tensors: not a training pass
+                    return
                 for leaf_name, leaf in _flatten_output(label, out):
                     norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
                     if norms is not None:
@@ -292,7 +295,7 @@ class LossMetrics:
         append, loss_fn = rec._buffer.metrics.append, self.loss_fn
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if module is not loss_fn:  # a copy that kept the observing class or the hook: not ours
+            if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
                 return
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)

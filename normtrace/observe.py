@@ -15,6 +15,7 @@ does this) would never reach the class's ``forward``; it gets an ordinary forwar
 from __future__ import annotations
 
 import copyreg
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -60,6 +61,7 @@ def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Mod
     base_forward = base.forward
     before, after = observers.before, observers.after
 
+    @functools.wraps(base_forward)  # the original signature, for inspect and torch.fx's tracer
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         for fn in before:
             fn(self, args)

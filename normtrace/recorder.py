@@ -347,6 +347,8 @@ class Recorder:
         """Runs before each forward of the root, once per pass: counts it, compacts and flushes when due."""
         if module is not self._root and not is_data_parallel_replica(module):
             return  # a deepcopy of the attached model: its passes are not ours
+        if torch.compiler.is_exporting():
+            return  # torch.export traces forward on fake tensors: not a pass
         if len(self._buffer.norms) >= COMPACT_EVERY:
             self._buffer.compact()
         if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:

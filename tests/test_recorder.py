@@ -412,6 +412,53 @@ def test_a_module_whose_forward_is_replaced_on_the_instance_is_still_recorded(tm
     assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
 
 
+class LossOf(nn.Module):
+    """A module computing ``loss_fn(model(x).sum(1), 0)``: exporting it traces the loss call too."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(x).sum(1), torch.zeros(x.shape[0]))
+
+
+def test_exporting_an_attached_model_records_nothing_and_keeps_the_trace(tmp_path):
+    """torch.export runs forward on fake tensors; they used to land in the buffer, and the writer then
+    failed the whole flush (`.numpy() is not supported for tensor subclasses`) at close()."""
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    xs = [torch.randn(3, 4), torch.randn(5, 4)]
+    with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn)) as rec:
+        rec.attach(model)
+        loss_fn(model(xs[0]).sum(1), torch.zeros(3))
+        exported = torch.export.export(model, (xs[0],))
+        torch.export.export(LossOf(model, loss_fn), (xs[0],))  # a graph that calls the loss too
+        assert rec.passes == 1
+        loss_fn(model(xs[1]).sum(1), torch.zeros(5))
+    assert torch.allclose(exported.module()(xs[0]), model(xs[0]))
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [0] * 5 + [1] * 5
+    for p, x in enumerate(xs):
+        got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
+        assert got == {k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()}
+    assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [0, 1]
+
+
+def test_fx_tracing_an_attached_model_works(tmp_path):
+    """torch.fx (torchvision's feature extractors, quantization) reads forward's signature: the observing
+    subclass keeps the original's, and the traced module computes what the model does."""
+    model = QNetwork()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+        traced = torch.fx.symbolic_trace(model)
+        assert torch.equal(traced(x), model(x))
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows if r["pass"] == rec.passes - 1} == (
+        expected_output_norms(model, x)
+    )
+
+
 class Sealed(nn.Identity):
     """A class that refuses subclasses, as some frameworks' registries do."""
 
@@ -760,6 +807,23 @@ def test_compacted_chunks_of_both_kinds_line_up_with_their_records():
     got = batch_means(chunks, np.asarray(sizes))
     want = [n.double().mean().item() for n in norms]
     assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_values_the_host_cannot_read_become_nan_and_spare_the_rest():
+    """A tensor subclass without local values (a DTensor shard, a fake tensor) in a flush used to fail
+    the whole flush, every retry too; now its values are NaN, with a warning, and the others are kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from normtrace.buffer import compact, host_concat
+
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    real = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    with pytest.warns(RuntimeWarning, match="3 recorded value.*FakeTensor.*NaN"):
+        got = host_concat([real[0], fake, real[1]])
+    assert np.array_equal(got, [1.0, 2.0, np.nan, np.nan, np.nan, 3.0], equal_nan=True)
+    chunks = compact([torch.ones(3), fake])  # compaction, in the training loop, must not raise either
+    assert [count for _, count, _ in chunks] == [1, 1]
 
 
 @pytest.mark.parametrize("epoch_flush_secs", [0.0, 3600.0])
