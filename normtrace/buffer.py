@@ -9,7 +9,6 @@ Arrow tables.
 
 from __future__ import annotations
 
-import array
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,18 +20,15 @@ from torch import Tensor
 
 from normtrace import schema
 
-OutputRecord = tuple[int, int, int, bool, bool, int, int]
-"""(module label id, pass, epoch, grad_enabled, training, numel per sample, batch). Hooks ``extend`` the
-flat int64 array ``Buffer.outputs`` with it: no Python object per record stays alive (nothing for the
-garbage collector to visit), and the writer reads the columns out of the array's memory with numpy, with
-no per-record Python work while it holds the GIL the training thread needs. Module names are ids into
-``Buffer.labels``. The per-sample norms are in ``Buffer.norms``, in record order."""
+OutputRecord = tuple[str, int, int, bool, bool, int, int]
+"""(module, pass, epoch, grad_enabled, training, numel per sample, batch). Hooks ``extend`` the flat
+``Buffer.outputs`` list with it rather than appending the tuple: the tuple dies at once (no object per
+record kept alive, nothing for the garbage collector to visit) and the writer takes each column with one
+slice instead of transposing thousands of tuples (measured: hook 95 -> 52 ns per record in a loop,
+conversion 1.1 -> 0.6 ms per 5000 records). The per-sample norms are in ``Buffer.norms``, in record order."""
 
 OUTPUT_FIELDS = len(OutputRecord.__args__)
-"""Values per output record in the flat ``Buffer.outputs`` array."""
-
-OutputsTaken = tuple["array.array[int]", list["NormChunk"], list[str]]
-"""What ``Buffer.take`` hands over for ``outputs``: the records, their compacted norms, the labels."""
+"""Values per output record in the flat ``Buffer.outputs`` list."""
 
 COMPACT_EVERY = 64
 """The recorder compacts the pending norm tensors once this many have accumulated."""
@@ -66,41 +62,32 @@ def compact(norms: Sequence[Tensor]) -> list[NormChunk]:
 
 
 class Buffer:
-    """Rows recorded since the last flush, one list per table (an int64 array for ``outputs``)."""
+    """Rows recorded since the last flush, one list per table."""
 
     def __init__(self) -> None:
-        self.outputs = array.array("q")  # OutputRecord values end to end, OUTPUT_FIELDS per record
-        self.labels: list[str] = []  # module names (with their #k / .leaf suffixes) by label id
-        self._label_ids: dict[str, int] = {}
+        self.outputs: list[Any] = []  # OutputRecord values end to end, OUTPUT_FIELDS per record
         self.norms: list[Tensor] = []  # per-sample norms of the newest records, one tensor per record
         self.norm_chunks: list[NormChunk] = []  # older ones, compacted, in record order
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
 
-    def label_id(self, name: str) -> int:
-        """The id of a module label in ``labels``, added on first sight; ids never change in a run."""
-        found = self._label_ids.get(name)
-        if found is None:
-            found = self._label_ids[name] = len(self.labels)
-            self.labels.append(name)
-        return found
-
-    def take(self) -> dict[str, Any]:
+    def take(self) -> dict[str, list[Any]]:
         """Hand over a copy of the non-empty lists and empty them in place.
 
         The lists stay the same objects because hooks hold their bound ``append``/``extend``; ``take``
-        runs on the training thread, between hook calls. ``outputs`` goes as ``OutputsTaken``.
+        runs on the training thread, between hook calls. ``outputs`` goes as (records, compacted norm
+        chunks).
         """
         self.compact()
         taken: dict[str, Any] = {}
         for table in schema.TABLES:
             rows = getattr(self, table)
             if rows:
-                taken[table] = rows[:]
-                del rows[:]
+                taken[table] = rows.copy()
+                rows.clear()
         if "outputs" in taken:
-            taken["outputs"] = (taken["outputs"], self.norm_chunks, self.labels[:])
+            taken["outputs"] = (taken["outputs"], self.norm_chunks)
             self.norm_chunks = []
         return taken
 
@@ -180,23 +167,26 @@ def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:
     return means
 
 
-def outputs_table(taken: OutputsTaken, rank: int) -> pa.Table:
+def outputs_table(taken: tuple[list[Any], list[NormChunk]], rank: int) -> pa.Table:
     """Lay the flat records (``OUTPUT_FIELDS`` values each) and their batch-mean norms out as rows."""
-    flat, norm_chunks, labels = taken
+    flat, norm_chunks = taken
     if len(flat) % OUTPUT_FIELDS:
         raise RuntimeError(f"{len(flat)} output values do not make records of {OUTPUT_FIELDS}")
-    records = np.frombuffer(flat, dtype=np.int64).reshape(-1, OUTPUT_FIELDS)
-    batch = records[:, 6]
+
+    def column(i: int) -> list[Any]:
+        return flat[i::OUTPUT_FIELDS]
+
+    batch = np.asarray(column(6), dtype=np.int64)
     means = batch_means(norm_chunks, batch)
     columns = {
-        "pass": records[:, 1],
-        "epoch": records[:, 2].astype(np.int32),
-        "module": pa.array(labels, pa.string()).take(pa.array(records[:, 0])),
+        "pass": np.asarray(column(1), dtype=np.int64),
+        "epoch": np.asarray(column(2), dtype=np.int32),
+        "module": column(0),
         "norm": means.astype(np.float32),
-        "numel": records[:, 5],
+        "numel": np.asarray(column(5), dtype=np.int64),
         "batch": batch.astype(np.int32),
-        "grad_enabled": records[:, 3].astype(bool),
-        "training": records[:, 4].astype(bool),
+        "grad_enabled": np.asarray(column(3), dtype=bool),
+        "training": np.asarray(column(4), dtype=bool),
         "rank": np.full(len(batch), rank, dtype=np.int32),
     }
     return pa.table(columns, schema=schema.OUTPUTS)

@@ -3,7 +3,7 @@
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
 output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and extend its
-flat int64 ``outputs`` array with the record's numbers (the module name as a label id); the batch means are taken on the device every few
+flat ``outputs`` list with the record's plain values; the batch means are taken on the device every few
 dozen records (see ``buffer.compact``), the transfer to the host and the Arrow conversion on the writer
 thread.
 """
@@ -141,9 +141,7 @@ class OutputNorm:
 
     def _hook(self, rec: Recorder, name: str, owner: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
-        buffer = rec._buffer
-        extend, keep, label_id = buffer.outputs.extend, buffer.norms.append, buffer.label_id
-        name_id = label_id(name)
+        extend, keep = rec._buffer.outputs.extend, rec._buffer.norms.append
         last_pass: int | None = None  # the pass of this module's latest recorded call
         calls = 0  # its recorded calls in that pass, less one
 
@@ -156,11 +154,10 @@ class OutputNorm:
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
-            label, label_key = name, name_id
+            label = name
             if rec._pass == last_pass:  # called again in the same pass (one activation after every layer)
                 calls += 1
                 label = f"{name}#{calls}"
-                label_key = label_id(label)
             else:
                 last_pass, calls = rec._pass, 0
             try:
@@ -177,7 +174,7 @@ class OutputNorm:
                                 set_grad_enabled(True)
                         else:
                             keep(vector_norm(out, 2, 1))
-                        extend((label_key, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
+                        extend((label, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
                         return
                 if is_exporting():  # torch.export runs forward on fake tensors: not a training pass
                     return
@@ -186,7 +183,7 @@ class OutputNorm:
                     if norms is not None:
                         batch = norms.shape[0]
                         record = (
-                            label_id(leaf_name),
+                            leaf_name,
                             rec._pass,
                             rec._epoch,
                             grad,
