@@ -97,11 +97,11 @@ def _observers_of(module: nn.Module) -> _Observers | None:
     """The module's observer lists, giving it its observed subclass first if it has none yet; None when
     the class's ``forward`` is not what a call runs (one set on the instance) or the class refuses to be
     subclassed (an ``__init_subclass__`` that raises, a layout Python cannot swap)."""
+    if "forward" in vars(module):  # checked first: it may have been set after the class was swapped
+        return None
     existing = type(module).__dict__.get("_normtrace_observers")
     if isinstance(existing, _Observers):
         return existing
-    if "forward" in vars(module):
-        return None
     observers = _Observers(type(module))
     try:
         module.__class__ = _observed_class(type(module), observers)

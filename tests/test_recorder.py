@@ -459,6 +459,23 @@ def test_fx_tracing_an_attached_model_works(tmp_path):
     )
 
 
+def test_a_forward_replaced_after_another_recorder_attached_gets_a_hook(tmp_path):
+    """The instance forward is checked before an existing observing subclass is reused: a forward set on
+    the instance after the first attach() hides the subclass's, so the second recorder must hook."""
+    model = QNetwork()
+    first = nt.Recorder(tmp_path / "a", lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(model)
+    output = model.net.output
+    output.forward = functools.partial(nn.Identity.forward, output)  # bypasses the subclass's forward
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path / "b", lenses=[nt.OutputNorm(include=[nn.Identity])]) as second:
+        second.attach(model)
+        model(x)
+    first.close()
+    rows = read_table(tmp_path / "b", "outputs").to_pylist()
+    want = expected_output_norms(model, x)
+    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+
+
 class Sealed(nn.Identity):
     """A class that refuses subclasses, as some frameworks' registries do."""
 
