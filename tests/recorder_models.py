@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pytest
 import torch
 from qnetwork import QNetwork  # examples/qnetwork.py, on pytest's pythonpath
 
@@ -21,6 +23,16 @@ def expected_output_norms(model: QNetwork, x: torch.Tensor) -> dict[str, float]:
             if name.startswith("relu") or name == "output":
                 out[f"net.{name}"] = torch.linalg.vector_norm(h.flatten(1), dim=1).mean().item()
     return out
+
+
+def approx_output_norms(model: QNetwork, x: torch.Tensor) -> dict[str, Any]:
+    """``expected_output_norms`` as ``pytest.approx`` values (relative 1e-5), to compare recorded rows to."""
+    return {k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()}
+
+
+def norms_by_module(rows: list[dict[str, Any]], pass_: int | None = None) -> dict[str, float]:
+    """Module name -> recorded norm of ``outputs`` rows, those of pass ``pass_`` only when given."""
+    return {r["module"]: r["norm"] for r in rows if pass_ is None or r["pass"] == pass_}
 
 
 def read_table(run_dir: Path, table: str) -> pa.Table:

@@ -12,7 +12,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from recorder_models import SEED_OUTPUT_MODULES, QNetwork, expected_output_norms, read_table
+from recorder_models import (
+    SEED_OUTPUT_MODULES,
+    QNetwork,
+    approx_output_norms,
+    expected_output_norms,
+    norms_by_module,
+    read_table,
+)
 from torch import nn
 
 import normtrace as nt
@@ -75,10 +82,8 @@ def test_no_grad_passes_recorded_when_asked(tmp_path):
             model(x)
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert {r["grad_enabled"] for r in rows} == {False}
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == {
-        k: v for k, v in want.items() if k != "net.output"
-    }
+    want = approx_output_norms(model, x)
+    assert norms_by_module(rows) == {k: v for k, v in want.items() if k != "net.output"}
 
 
 class SharedActivation(nn.Module):
@@ -367,8 +372,7 @@ def test_a_deepcopy_of_an_attached_model_works_and_records_nothing(tmp_path):
         target.load_state_dict(model.state_dict())
     outputs = read_table(tmp_path, "outputs").to_pylist()
     assert [r["pass"] for r in outputs] == [0] * 5 + [1] * 5
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in outputs if r["pass"] == 1} == want
+    assert norms_by_module(outputs, 1) == approx_output_norms(model, x)
     assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [1]  # the one loss_fn call
     assert read_table(tmp_path, "events").column("pass").to_pylist() == [1]  # the one real sync
 
@@ -408,8 +412,7 @@ def test_a_module_whose_forward_is_replaced_on_the_instance_is_still_recorded(tm
         model(x)
     assert len(output._forward_hooks) == 0
     rows = read_table(tmp_path, "outputs").to_pylist()
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+    assert norms_by_module(rows) == approx_output_norms(model, x)
 
 
 class LossOf(nn.Module):
@@ -439,8 +442,7 @@ def test_exporting_an_attached_model_records_nothing_and_keeps_the_trace(tmp_pat
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert [r["pass"] for r in rows] == [0] * 5 + [1] * 5
     for p, x in enumerate(xs):
-        got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
-        assert got == {k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()}
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
     assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [0, 1]
 
 
@@ -454,9 +456,7 @@ def test_fx_tracing_an_attached_model_works(tmp_path):
         traced = torch.fx.symbolic_trace(model)
         assert torch.equal(traced(x), model(x))
     rows = read_table(tmp_path, "outputs").to_pylist()
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows if r["pass"] == rec.passes - 1} == (
-        expected_output_norms(model, x)
-    )
+    assert norms_by_module(rows, rec.passes - 1) == approx_output_norms(model, x)
 
 
 def test_a_forward_replaced_after_another_recorder_attached_gets_a_hook(tmp_path):
@@ -472,8 +472,7 @@ def test_a_forward_replaced_after_another_recorder_attached_gets_a_hook(tmp_path
         model(x)
     first.close()
     rows = read_table(tmp_path / "b", "outputs").to_pylist()
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+    assert norms_by_module(rows) == approx_output_norms(model, x)
 
 
 class Sealed(nn.Identity):
@@ -492,8 +491,7 @@ def test_a_module_whose_class_refuses_subclasses_is_still_recorded(tmp_path):
         assert type(model.net.output) is Sealed and len(model.net.output._forward_hooks) == 1
         model(x)
     rows = read_table(tmp_path, "outputs").to_pylist()
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+    assert norms_by_module(rows) == approx_output_norms(model, x)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -519,10 +517,7 @@ def test_two_recorders_on_one_model_record_independently(tmp_path):
         rows = read_table(tmp_path / run, "outputs").to_pylist()
         assert sorted({r["pass"] for r in rows}) == passes
         for p in passes:
-            got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
-            assert got == {
-                k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, xs[p]).items()
-            }
+            assert norms_by_module(rows, p) == approx_output_norms(model, xs[p])
 
 
 def test_data_parallel_replicas_are_recorded_as_their_original(tmp_path):
@@ -542,8 +537,7 @@ def test_data_parallel_replicas_are_recorded_as_their_original(tmp_path):
         replicate(model)(x)
         assert rec.passes == 1
     rows = read_table(tmp_path, "outputs").to_pylist()
-    want = expected_output_norms(model, x)
-    assert {r["module"]: pytest.approx(r["norm"], rel=1e-5) for r in rows} == want
+    assert norms_by_module(rows) == approx_output_norms(model, x)
 
 
 class FunctionalRelu(nn.Module):
@@ -597,8 +591,7 @@ def test_a_compiled_model_is_recorded_under_its_own_names(tmp_path):
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert json.loads((tmp_path / schema.meta_name(0)).read_text())["root"] == "QNetwork"
     for p, x in enumerate(xs):
-        got = {r["module"]: r["norm"] for r in rows if r["pass"] == p}
-        assert got == {k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()}
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
     assert sorted({r["pass"] for r in rows}) == [0, 1, 2]
 
 
@@ -619,9 +612,7 @@ def test_a_ddp_wrapped_model_is_recorded_under_its_own_names(tmp_path):
     finally:
         dist.destroy_process_group()
     rows = read_table(tmp_path / "run", "outputs").to_pylist()
-    assert {r["module"]: r["norm"] for r in rows} == {
-        k: pytest.approx(v, rel=1e-5) for k, v in expected_output_norms(model, x).items()
-    }
+    assert norms_by_module(rows) == approx_output_norms(model, x)
     assert json.loads((tmp_path / "run" / schema.meta_name(0)).read_text())["root"] == "QNetwork"
 
 
