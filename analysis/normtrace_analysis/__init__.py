@@ -14,6 +14,7 @@ from .errors import (
     RunNotFoundError,
     SchemaVersionError,
     SkippedShardsWarning,
+    StrayFilesWarning,
     TraceError,
 )
 from .report import charts, report
@@ -32,6 +33,7 @@ __all__ = [
     "RunNotFoundError",
     "SchemaVersionError",
     "SkippedShardsWarning",
+    "StrayFilesWarning",
     "Trace",
     "TraceError",
     "__version__",

@@ -39,3 +39,8 @@ class MissingTableError(TraceError, LookupError):
 
 class SkippedShardsWarning(UserWarning):
     """Emitted by ``load(..., on_error="skip")`` listing the corrupt shards left out."""
+
+
+class StrayFilesWarning(UserWarning):
+    """Emitted by ``load`` for ``.arrow`` files in a table folder that are not shards (a copy, an export):
+    they are left out, never read as part of the run."""

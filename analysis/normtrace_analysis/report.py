@@ -25,6 +25,7 @@ import vl_convert
 
 from . import charts
 from .charts import MAX_ROWS, Band, Level
+from .errors import TraceError
 from .progress import progress as show_progress
 from .summary import SUMMARY_KEYS
 from .trace import Trace, load
@@ -67,11 +68,13 @@ def report(
     """
     trace = _as_trace(source)
     parts: dict[str, str] = {}
-    with show_progress("report", enabled=progress) as bar:
+    with trace.reading(), show_progress("report", enabled=progress) as bar:
         bar.set_postfix_str("spikes", refresh=False)
         try:
             spikes = _spikes_or_none(trace, level)
             parts["spikes"] = _spikes_html(spikes, level)
+        except TraceError:  # the data cannot be read: say which file, do not write a report of errors
+            raise
         except Exception as exc:  # the charts and the other tables are still worth writing
             spikes, parts["spikes"] = None, _failed("spikes", exc)
         sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
@@ -87,6 +90,8 @@ def report(
             else:
                 try:
                     parts[name] = step()
+                except TraceError:
+                    raise
                 except Exception as exc:  # the rest of the report is still worth writing
                     parts[name] = _failed(name, exc)
     body = [
@@ -126,7 +131,7 @@ def export_charts(
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    with show_progress(f"export {format}", enabled=progress) as bar:
+    with trace.reading(), show_progress(f"export {format}", enabled=progress) as bar:
         bar.set_postfix_str("spikes", refresh=False)
         spikes = _spikes_or_none(trace, level)
         sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
@@ -149,6 +154,8 @@ def _export_one(
             target.write_text(vl_convert.vegalite_to_svg(spec, vl_version=_vl_version()), encoding="utf-8")
         else:
             target.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=_vl_version(), scale=scale))
+    except TraceError:
+        raise
     except Exception as exc:  # one chart's failure must not lose the others
         warnings.warn(f"chart {slug!r} was not exported: {exc}", stacklevel=3)
         return None
@@ -232,6 +239,8 @@ def _chart_html(section: ChartSection) -> str:
         spec = section.build().to_dict()
         spec.pop("$schema", None)
         text = json.dumps(spec, separators=(",", ":"), allow_nan=False)
+    except TraceError:
+        raise
     except Exception as exc:  # one failing chart never blanks the report
         warnings.warn(f"chart {section.slug!r} failed: {exc}", stacklevel=3)
         return f'{head}<p class="error">{_esc(f"This chart could not be built: {exc}")}</p>'

@@ -6,15 +6,17 @@ of millions of rows loads in milliseconds; rows are read when a query collects.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -28,17 +30,26 @@ from .errors import (
     RunNotFoundError,
     SchemaVersionError,
     SkippedShardsWarning,
+    StrayFilesWarning,
 )
-from .schema import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SHARD_SUFFIX, TABLES, check_table
+from .schema import (
+    META_FILE,
+    REQUIRED_COLUMNS,
+    SCHEMA_VERSION,
+    SHARD_NAME,
+    SHARD_SUFFIX,
+    TABLES,
+    check_table,
+)
 
 if TYPE_CHECKING:
     from .spikes import Level
 
 PathLike = str | os.PathLike[str]
+R = TypeVar("R")
 SPLITS = ("train", "no_grad")
 """Values of the derived ``split`` column of ``outputs``: grad-enabled passes vs ``torch.no_grad`` passes."""
 
-_SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)\.arrow$")
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
 
 
@@ -63,6 +74,17 @@ class _Filters:
     passes: tuple[int | None, int | None] | None = None
     ranks: tuple[int, ...] | None = None
     runs: tuple[str, ...] | None = None
+
+
+def _reads_shards(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a Trace method inside :meth:`Trace.reading`, so a damaged shard is named, not a codec error."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trace, *args: Any, **kwargs: Any) -> R:
+        with self.reading():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -173,6 +195,34 @@ class Trace:
             conds.append(pl.col("split").is_in(list(f.split)))
         return lf.filter(*conds) if conds else lf
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Inside the block, a failure to read rows (a shard whose footer is intact but whose body is
+        damaged) becomes a :class:`CorruptShardError` naming the shard; other errors pass unchanged."""
+        try:
+            yield
+        except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+            damaged = self._damaged_shard()
+            if damaged is None:
+                raise
+            path, why = damaged
+            raise CorruptShardError(
+                f"corrupt shard {path}: {why}; load with on_error='skip' (CLI: --skip-corrupt) to leave "
+                "it out",
+                path,
+            ) from exc
+
+    def _damaged_shard(self) -> tuple[Path, str] | None:
+        """The first shard of any loaded table whose rows cannot be read, and why (None if all read)."""
+        for run in self._runs:
+            for table in TABLES:
+                for path, _ in run.shards[table]:
+                    try:
+                        _validate_shard(path, table, body=True)
+                    except CorruptShardError as exc:
+                        return path, str(exc.__cause__ or exc)
+        return None
+
     def filter(
         self,
         modules: Sequence[str] | str | None = None,
@@ -216,12 +266,14 @@ class Trace:
             f = replace(f, runs=_intersect(f.runs, names))
         return replace(self, _filters=f)
 
+    @_reads_shards
     def epoch_summary(self, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
         """Per-epoch statistics of ``value`` per module (and param / split); see :mod:`.summary`."""
         from .summary import epoch_summary
 
         return epoch_summary(self, table)
 
+    @_reads_shards
     def spikes(
         self,
         table: Literal["outputs", "params"] = "outputs",
@@ -237,6 +289,7 @@ class Trace:
             self, table, level=level, modules=modules, threshold=threshold, baseline_window=baseline_window
         )
 
+    @_reads_shards
     def event_alignment(
         self,
         event: str = "target_update",
@@ -272,13 +325,17 @@ def load(
     """Open run directories lazily: a path, a list of paths, or a glob such as ``"runs/*"``.
 
     ``normalize=None`` follows each run's ``meta["normalize"]`` (what the lenses asked for); True/False
-    forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` leaves out
-    corrupt or truncated shards with a :class:`SkippedShardsWarning` instead of raising.
+    forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` reads every
+    shard through once and leaves out corrupt or truncated ones with a :class:`SkippedShardsWarning`
+    instead of raising; by default only footers are read, so a shard whose body alone is damaged raises a
+    :class:`CorruptShardError` naming it when an analysis first reads it. ``.arrow`` files that are not
+    shards by name (copies, exports) are left out with a :class:`StrayFilesWarning`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     dirs = _expand(path)
     skipped: list[Path] = []
+    stray: list[Path] = []
     runs: list[_Run] = []
     taken: set[str] = set()
     for d in dirs:
@@ -288,7 +345,15 @@ def load(
             i += 1
             unique = f"{name}#{i}"
         taken.add(unique)
-        runs.append(_open_run(d, unique, on_error, skipped))
+        runs.append(_open_run(d, unique, on_error, skipped, stray))
+    if stray:
+        listing = "\n  ".join(str(p) for p in stray)
+        warnings.warn(
+            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, "
+            f"one per rank and sequence number):\n  {listing}",
+            StrayFilesWarning,
+            stacklevel=2,
+        )
     if skipped:
         listing = "\n  ".join(str(p) for p in skipped)
         warnings.warn(
@@ -328,6 +393,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise MetaError(f"cannot read run metadata {path}: {exc}", path) from exc
+    except RecursionError:  # a document nested thousands deep: not ours, and not worth a traceback
+        raise MetaError(f"cannot read run metadata {path}: nested too deeply", path) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("schema_version"), int):
         raise MetaError(f"{path} is not normtrace metadata: no integer 'schema_version'", path)
     if meta["schema_version"] > SCHEMA_VERSION:
@@ -339,8 +406,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
-    """Read a run's metadata and validate every shard's footer and columns without reading rows."""
+def _open_run(d: Path, name: str, on_error: str, skipped: list[Path], stray: list[Path]) -> _Run:
+    """Read a run's metadata and validate every shard's footer and columns (and, when corrupt shards are
+    to be skipped, its body: a damaged body is otherwise found only when a query reads it)."""
     meta_path = d / META_FILE
     if not meta_path.is_file():
         nested = sorted(p.parent.name for p in d.glob(f"*/{META_FILE}"))
@@ -354,12 +422,10 @@ def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
             rank_metas[int(m.group(1))] = _read_meta(p)
     shards: dict[str, list[tuple[Path, pl.Schema]]] = {}
     for table in TABLES:
-        folder = d / table
-        files = sorted(folder.glob(f"*{SHARD_SUFFIX}"), key=_shard_key) if folder.is_dir() else []
         good = []
-        for f in files:
+        for f in _shard_files(d / table, stray):
             try:
-                good.append((f, _validate_shard(f, table)))
+                good.append((f, _validate_shard(f, table, body=on_error == "skip")))
             except CorruptShardError:
                 if on_error == "raise":
                     raise
@@ -371,25 +437,58 @@ def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
     return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards)
 
 
-def _shard_key(p: Path) -> tuple[int, int, str]:
-    """Sort shards by rank then sequence number (names outside the pattern last, by name)."""
-    m = _SHARD_NAME.match(p.name)
-    return (int(m.group(1)), int(m.group(2)), p.name) if m else (1 << 62, 0, p.name)
+def _shard_files(folder: Path, stray: list[Path]) -> list[Path]:
+    """A table folder's shards in (rank, sequence) order; other ``.arrow`` files go to ``stray``.
+
+    Only the recorder's names count, so a copy (``rank0-000003 copy.arrow``) or an export written into
+    the folder is never read as part of the run; two names for one (rank, sequence) are both stray.
+    """
+    if not folder.is_dir():
+        return []
+    found: dict[tuple[int, int], list[Path]] = {}
+    for f in folder.iterdir():
+        if not f.name.endswith(SHARD_SUFFIX):
+            continue  # temporary .arrow.tmp files of a writer, anything else
+        m = SHARD_NAME.match(f.name)
+        if m is None:
+            stray.append(f)
+        else:
+            found.setdefault((int(m.group(1)), int(m.group(2))), []).append(f)
+    shards = []
+    for key in sorted(found):
+        names = found[key]
+        if len(names) == 1:
+            shards.append(names[0])
+        else:
+            stray.extend(sorted(names))
+    return shards
 
 
-_SCHEMA_CACHE: dict[pa.Schema, pl.Schema] = {}
+_SCHEMAS: list[tuple[pa.Schema, pl.Schema]] = []
+"""Arrow schemas seen in shard footers and their Polars form (a run's shards nearly all share one, and
+``Schema.equals`` is far cheaper than hashing one)."""
+
+_SMALL_SHARD = 1 << 20
+"""Shards up to this size are read into memory to open their footer (cheaper than a memory map)."""
 
 
-def _validate_shard(path: Path, table: str) -> pl.Schema:
-    """Open a shard's footer (memory-mapped, no rows read) and check its required columns and types."""
+def _validate_shard(path: Path, table: str, *, body: bool = False) -> pl.Schema:
+    """Open a shard's footer (no rows read unless ``body``) and check its required columns and types."""
     try:
-        with pa.memory_map(str(path)) as source:
-            arrow_schema = ipc.open_file(source).schema
+        if body or path.stat().st_size <= _SMALL_SHARD:
+            reader = ipc.open_file(pa.py_buffer(path.read_bytes()))
+            if body:
+                reader.read_all()  # decompresses every batch
+        else:
+            with pa.memory_map(str(path)) as source:
+                reader = ipc.open_file(source)
+        arrow_schema = reader.schema
     except (OSError, pa.ArrowException) as exc:
         raise CorruptShardError(f"corrupt or truncated shard {path}: {exc}", path) from exc
-    schema = _SCHEMA_CACHE.get(arrow_schema)
+    schema = next((pl_schema for known, pl_schema in _SCHEMAS if known.equals(arrow_schema)), None)
     if schema is None:
-        schema = _SCHEMA_CACHE[arrow_schema] = pl.from_arrow(arrow_schema.empty_table()).schema
+        schema = pl.from_arrow(arrow_schema.empty_table()).schema
+        _SCHEMAS.append((arrow_schema, schema))
     for col, dtype in REQUIRED_COLUMNS[table].items():
         if col not in schema:
             raise CorruptShardError(f"shard {path} lacks the required {table} column {col!r}", path)
@@ -408,11 +507,13 @@ def _meta_normalize(meta: dict[str, Any], table: str) -> bool:
 
 def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
     """Lazy scan of one run's table (one scan per distinct shard schema) with the derived columns."""
-    groups: dict[tuple[tuple[str, pl.DataType], ...], list[str]] = {}
+    groups: dict[int, list[str]] = {}  # by schema object: _validate_shard gives equal schemas one object
     for path, schema in run.shards[table]:
-        groups.setdefault(tuple(schema.items()), []).append(str(path))
+        groups.setdefault(id(schema), []).append(str(path))
     if groups:
-        lf = pl.concat([pl.scan_ipc(files) for files in groups.values()], how="diagonal")
+        # glob=False: a run directory named like a pattern (a sweep's "lr[0.1]") must not read other runs
+        scans = [pl.scan_ipc(files, glob=False, hive_partitioning=False) for files in groups.values()]
+        lf = pl.concat(scans, how="diagonal")
     else:
         lf = pl.LazyFrame(schema=REQUIRED_COLUMNS[table])
     derived = [pl.lit(run.name, dtype=pl.String).alias("run")]
