@@ -22,6 +22,7 @@ from .charts import MAX_ROWS, value_title
 from .errors import TraceError
 from .progress import progress as show_progress
 from .report import export_charts, report
+from .schema import TABLES
 from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "png|svg a directory for the chart files (default charts/)")  # fmt: skip
     rep.add_argument("--format", choices=["html", "png", "svg"], default="html")
     rep.add_argument(
+        "--force", action="store_true", help="overwrite the HTML file or chart files if they exist"
+    )
+    rep.add_argument(
         "--level", choices=["pass", "epoch"], default="pass", help="x axis of the curves, and spike level"
     )
     rep.add_argument("--band", choices=["p05-p95", "min-max", "none"], default="p05-p95")
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=f"output file; its extension picks the format ({', '.join(EXPORT_FORMATS)})",
     )
+    export.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     export.set_defaults(handler=_export)
     return parser
 
@@ -202,10 +207,17 @@ def _report(args: argparse.Namespace) -> int:
     trace = _load(args)
     options = {"level": args.level, "band": args.band, "log": args.log, "max_rows": args.max_rows}
     if args.format == "html":
-        path = report(trace, args.output or Path("report.html"), event=args.event, progress=True, **options)
+        target = args.output or Path("report.html")
+        _check_target(target, trace, args.force)
+        path = report(trace, target, event=args.event, progress=True, **options)
         print(path)
         return 0
-    written = export_charts(trace, args.output or Path("charts"), args.format, progress=True, **options)
+    folder = args.output or Path("charts")
+    _check_target(folder, trace, force=True)
+    existing = sorted(folder.glob(f"*.{args.format}")) if folder.is_dir() else []
+    if existing and not args.force:
+        raise ValueError(f"{folder} already holds {args.format} files ({existing[0].name}, …); pass --force")
+    written = export_charts(trace, folder, args.format, progress=True, **options)
     if not written:
         raise ValueError("no chart could be exported: the trace has no rows to chart")
     for path in written:
@@ -218,10 +230,26 @@ def _export(args: argparse.Namespace) -> int:
     if kind is None:
         raise ValueError(f"cannot tell the format of {args.output}: use one of {', '.join(EXPORT_FORMATS)}")
     with show_progress(f"export {args.table}"):
-        lf = _load(args).table(args.table)
-        getattr(lf, f"sink_{kind}")(args.output)
+        trace = _load(args)
+        _check_target(args.output, trace, args.force)
+        with trace.reading():
+            getattr(trace.table(args.table), f"sink_{kind}")(args.output)
     print(args.output)
     return 0
+
+
+def _check_target(path: Path, trace: Trace, force: bool) -> None:
+    """Refuse to write ``path`` over an existing file (unless ``force``) or anywhere inside a loaded run's
+    table folders, where the next load would find it beside the shards."""
+    where = path.resolve()
+    for run, folder in trace.paths.items():
+        for table in TABLES:
+            if where.is_relative_to((folder / table).resolve()):
+                raise ValueError(
+                    f"{path} is inside the {table}/ folder of run {run!r}; write it somewhere else"
+                )
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite it")
 
 
 def _write_frame(df: pl.DataFrame, output: str) -> None:

@@ -230,3 +230,41 @@ def test_debug_variable_shows_the_traceback(
     monkeypatch.setenv("NORMTRACE_DEBUG", "1")
     with pytest.raises(na.RunNotFoundError):
         main(["summary", str(missing)])
+
+
+def test_outputs_are_not_overwritten_without_force(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page, table, charts = tmp_path / "r.html", tmp_path / "o.parquet", tmp_path / "charts"
+    for argv, target in (
+        (["report", run_a, "-o", page], page),
+        (["export", run_a, "-o", table], table),
+    ):
+        target.write_bytes(b"keep me")
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "--force" in err and str(target) in err
+        assert target.read_bytes() == b"keep me"
+        code, out, _ = run_cli(capsys, *argv, "--force")
+        assert code == 0 and target.read_bytes() != b"keep me"
+    assert run_cli(capsys, "report", run_a, "--format", "svg", "-o", charts)[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in charts.iterdir()}
+    code, _, err = run_cli(capsys, "report", run_a, "--format", "svg", "-o", charts)
+    assert code == 2 and "--force" in err
+    assert {p: p.stat().st_mtime_ns for p in charts.iterdir()} == before
+
+
+def test_nothing_is_exported_into_a_runs_table_folders(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Path(shutil.copytree(run_a, tmp_path / "copy"))
+    shards = sorted((run / "outputs").iterdir())
+    for target, table in (
+        (run / "outputs" / "all.arrow", "outputs"),
+        (run / "params" / "a" / "p.csv", "params"),
+    ):
+        code, _, err = run_cli(capsys, "export", run, "-o", target, "--force")
+        assert code == 2 and f"inside the {table}/ folder" in err
+        assert not target.exists()
+    assert sorted((run / "outputs").iterdir()) == shards
+    code, out, _ = run_cli(capsys, "export", run, "-o", run / "outputs.parquet")  # beside them is fine
+    assert code == 0
