@@ -10,6 +10,7 @@ marked points. Each function returns an Altair chart object for notebooks to com
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -91,28 +92,79 @@ def norms(
     lf = getattr(trace, table)
     x = _x_column(level)
     ids = ["run", "module", "split"] if table == "outputs" else ["run", "module", "param"]
-    groups = lf.group_by(ids).agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
+    groups = (
+        lf.group_by(ids)
+        .agg(
+            lo=pl.col(x).min(),
+            hi=pl.col(x).max(),
+            mean=pl.col("value").filter(pl.col("value").is_finite()).mean(),
+        )
+        .collect()
+    )
     if groups.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
     label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
-    grid = _grid(groups, domain, max(2, max_rows // groups.height))
-    curves = _curves(lf, x, ids, band, grid, label)
+    found = None if spikes is False else trace.spikes(table=table, level=level) if spikes is True else spikes
+    shown, others = _most_telling(groups, ids, found)
+    grid = _grid(groups, domain, max(2, max_rows // (shown.height + others["run"].n_unique())))
+    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi"), x, ids, band, grid, label)
+    title_note = ""
+    if others.height:
+        rest = _others_label(others.height, table)
+        lumped = _curves(lf.join(others.lazy(), on=ids, how="semi"), x, ["run"], band, grid, pl.lit(rest))
+        curves = pl.concat([curves, lumped.select(curves.columns)])
+        title_note = f" ({shown.height} of {groups.height} series shown: {_SHOWN_RULE}; {rest})"
     rules = _event_rules(trace, x, grid, events)
-    marks = _spike_marks(trace, table, level, label, spikes)
+    marks = _spike_marks(found, label, level, shown, ids)
     if log:
         curves, marks = _positive_only(curves), marks.filter(pl.col("y") > 0)
     y_title = value_title(trace, table)
     several_runs = curves["run"].n_unique() > 1
     if not several_runs:
         layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True)
-        title = f"{y_title} per {level} — {curves['run'][0]}"
+        title = f"{y_title} per {level} — {printable(curves['run'][0])}{title_note}"
         return alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=title)
     panels = []
     for (series,), part in curves.group_by("series", maintain_order=True):
         spots = marks.filter(pl.col("series") == series)
         layers = _layers(part, rules, spots, "run", grid, level, y_title, log, select=False)
-        panels.append(alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=series))
-    return alt.concat(*panels, columns=3).properties(title=f"{y_title} per {level}, by run")
+        panels.append(
+            alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
+        )
+    return alt.concat(*panels, columns=3).properties(title=f"{y_title} per {level}, by run{title_note}")
+
+
+MAX_SERIES = 20
+"""Most series drawn one by one in a chart (more lines, or more panels, cannot be told apart); the rest
+are drawn as one lumped curve (mean and band over all their rows), and the chart's title says so."""
+
+_SHOWN_RULE = "those with the most spikes, then the largest mean"
+
+
+def _most_telling(
+    groups: pl.DataFrame, ids: list[str], found: pl.DataFrame | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split the series (``groups``: one row per ``ids``) into the ``MAX_SERIES`` distinct names to draw,
+    across runs, ranked by spike count then mean value, and the rest (both as frames of ``ids``)."""
+    keys = ids[1:]
+    if groups.select(keys).n_unique() <= MAX_SERIES:
+        return groups.select(ids), groups.select(ids).clear()
+    ranked = groups.group_by(keys).agg(pl.col("mean").max())
+    if found is not None and not found.is_empty():
+        counts = found.group_by(keys).len("spikes")
+        ranked = ranked.join(counts, on=keys, how="left")
+    else:
+        ranked = ranked.with_columns(spikes=pl.lit(None, pl.UInt32))
+    top = ranked.sort(
+        pl.col("spikes").fill_null(0), pl.col("mean").fill_nan(None), *keys, descending=True, nulls_last=True
+    ).head(MAX_SERIES)
+    shown = groups.join(top.select(keys), on=keys, how="semi").select(ids)
+    return shown, groups.join(top.select(keys), on=keys, how="anti").select(ids)
+
+
+def _others_label(n: int, table: Table) -> str:
+    """Name of the lumped curve of the series not drawn one by one."""
+    return f"the other {n} {'modules' if table == 'outputs' else 'parameters'} together"
 
 
 def share(
@@ -147,6 +199,19 @@ def share(
     frame = per_module.with_columns(share=(pl.col("norm") / total).fill_nan(None)).collect()  # 0/0: no share
     if frame.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
+    title_note = ""
+    modules = frame.group_by("module").agg(pl.col("share").mean()).sort("share", "module", descending=True)
+    if modules.height > MAX_SERIES:  # the largest shares one by one, the rest as one area
+        kept = modules["module"].head(MAX_SERIES - 1)
+        rest = _others_label(modules.height - kept.len(), table)
+        frame = (
+            frame.with_columns(
+                pl.when(pl.col("module").is_in(kept.implode())).then("module").otherwise(pl.lit(rest))
+            )
+            .group_by("run", "epoch", "module")
+            .agg(pl.col("share").sum())
+        )
+        title_note = f" ({kept.len()} largest of {modules.height} shown one by one; {rest})"
     groups = frame.group_by("run", "module").agg(lo=pl.col("epoch").min(), hi=pl.col("epoch").max())
     grid = _grid(groups, domain, max(2, max_rows // groups.height))
     areas = (
@@ -163,7 +228,7 @@ def share(
     for (run,), part in areas.group_by("run", maintain_order=True):
         pick = alt.selection_point(fields=["module"], bind="legend") if one_run else None
         stack = (
-            alt.Chart(part)
+            alt.Chart(_printable_frame(part))
             .mark_area()
             .encode(
                 x=x_enc,
@@ -185,9 +250,9 @@ def share(
             *_rule_layer(rules.filter(pl.col("run") == run), x_enc),
         ]
         width = _WIDE if one_run else 360
-        panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=str(run)))
+        panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=printable(str(run))))
     what = "output" if table == "outputs" else "parameter"
-    return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch")
+    return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch{title_note}")
 
 
 def metrics(
@@ -212,6 +277,13 @@ def metrics(
     groups = lf.group_by("run", "name", "split").agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
     if groups.is_empty():
         raise ValueError("the trace has no metrics to chart")
+    order = sorted(groups["name"].unique().to_list(), key=lambda n: (n != "loss", n))
+    note = ""
+    if len(order) > MAX_SERIES:
+        note = f" (the first {MAX_SERIES} of {len(order)} metrics: pass names=[...] for the others)"
+        order = order[:MAX_SERIES]
+        groups = groups.filter(pl.col("name").is_in(order))
+        lf = lf.filter(pl.col("name").is_in(order))
     several_runs = groups["run"].n_unique() > 1
     parts = [pl.col("run")] if several_runs else []
     label = pl.concat_str([*parts, pl.col("split").fill_null(pl.col("name"))], separator=" ")
@@ -221,13 +293,34 @@ def metrics(
         curves = _positive_only(curves)
     rules = _event_rules(trace, x, grid, events)
     no_spikes = pl.DataFrame(schema={"series": pl.String, "x": pl.Float64, "y": pl.Float64})
-    order = sorted(curves["name"].unique().to_list(), key=lambda n: (n != "loss", n))
     panels = []
     for name in order:
         part = curves.filter(pl.col("name") == name)
-        layers = _layers(part, rules, no_spikes, "series", grid, level, name, log, select=False)
-        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=name))
-    return alt.vconcat(*panels).properties(title=f"metrics per {level}")
+        # the name goes in the panel's title, plain text: an axis title also reaches a Vega expression
+        layers = _layers(part, rules, no_spikes, "series", grid, level, "value", log, select=False)
+        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=printable(name)))
+    return alt.vconcat(*panels).properties(title=f"metrics per {level}{note}")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f\u2028\u2029]")
+"""Characters a chart must not show raw: NUL aborts vl-convert's PNG/SVG export (a panic, not an
+exception), and line breaks garble titles and legends."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and line separators spelled as escapes (``\\n``, ``\\x00``):
+    module, metric, event and run names are the user's, and any of them may hold one."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _printable_frame(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with :func:`printable` applied to every string column that needs it (chart data only)."""
+    fixes = [
+        pl.col(c).map_elements(printable, return_dtype=pl.String)
+        for c, dtype in df.schema.items()
+        if dtype == pl.String and df[c].str.contains(_CONTROL.pattern).any()
+    ]
+    return df.with_columns(fixes) if fixes else df
 
 
 def value_title(trace: Trace, table: Table) -> str:
@@ -318,18 +411,19 @@ def _event_rules(trace: Trace, x: str, grid: Grid, which: bool | Sequence[str]) 
 
 
 def _spike_marks(
-    trace: Trace, table: Table, level: Level, label: pl.Expr, spikes: bool | pl.DataFrame
+    found: pl.DataFrame | None, label: pl.Expr, level: Level, shown: pl.DataFrame, ids: list[str]
 ) -> pl.DataFrame:
-    """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) that have a finite value to draw.
+    """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) of the ``shown`` series that have a
+    finite value to draw.
 
     Columns: run, series, x, y, score, and direction ("up" or "down", the sign of the score).
     """
     columns = {"run": pl.String, "series": pl.String, "x": pl.Float64, "y": pl.Float64, "score": pl.Float64}
-    if spikes is False:
+    if found is None:
         return pl.DataFrame(schema={**columns, "direction": pl.String})
-    found = trace.spikes(table=table, level=level) if spikes is True else spikes
     return (
-        found.filter(pl.col("value").is_finite())
+        found.join(shown, on=ids, how="semi")
+        .filter(pl.col("value").is_finite())
         .sort(pl.col("score").abs(), descending=True)
         .head(MAX_SPIKES)
         .select(
@@ -362,7 +456,7 @@ def _layers(
     """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend."""
     x_enc = _x_encoding(level, grid)
     y_scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    base = alt.Chart(curves)
+    base = alt.Chart(_printable_frame(curves))
     pick = alt.selection_point(fields=[color], bind="legend") if select else None
     strong = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(0.15)) if pick else alt.value(1.0)
     faint = alt.when(pick).then(alt.value(0.18)).otherwise(alt.value(0.03)) if pick else alt.value(0.18)
@@ -398,7 +492,7 @@ def _layers(
     layers.extend(_rule_layer(rules, x_enc))
     if not marks.is_empty():
         layers.append(
-            alt.Chart(marks)
+            alt.Chart(_printable_frame(marks))
             .mark_point(filled=True, size=70, color="#d62728", opacity=1.0, clip=True)
             .encode(
                 x=x_enc,
@@ -424,7 +518,7 @@ def _rule_layer(rules: pl.DataFrame, x_enc: alt.X) -> list[alt.Chart]:
     if rules.is_empty():
         return []
     return [
-        alt.Chart(rules)
+        alt.Chart(_printable_frame(rules))
         .mark_rule(color="#555", strokeWidth=1, opacity=0.6, clip=True)
         .encode(
             x=x_enc,
@@ -442,5 +536,6 @@ def _rule_layer(rules: pl.DataFrame, x_enc: alt.X) -> list[alt.Chart]:
 def _leaf_modules(modules: list[str]) -> list[str]:
     """Modules that contain no other recorded module (and not the root), so shares do not double count."""
     named = [m for m in modules if m != "(root)"]
-    leaves = [m for m in named if not any(other.startswith(m + ".") for other in named)]
+    parents = {name[:i] for name in named for i, c in enumerate(name) if c == "."}  # every dotted prefix
+    leaves = [m for m in named if m not in parents]
     return sorted(leaves or modules)

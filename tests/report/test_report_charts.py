@@ -224,3 +224,83 @@ def test_non_finite_and_all_zero_norms_never_reach_a_chart(tmp_path: Path) -> No
     assert shares[("a", 0.0)] == pytest.approx(0.25)
     assert shares[("a", 1.0)] is None and shares[("b", 1.0)] is None  # 0 of 0 is no share
     assert shares[("a", 2.0)] == pytest.approx(0.5)
+
+
+def _wide_run(
+    path: Path, n_modules: int, spiking: tuple[int, ...] = ()
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """``n_modules`` series of 300 passes; module ``m{i:04d}`` sits at level ``i + 1`` (so a larger index
+    means a larger mean) with a smooth 1% wave (no spike by construction), and the modules in
+    ``spiking`` get three huge spikes each."""
+    passes = 300
+    wave = 1 + 0.01 * np.sin(np.arange(passes) / 7)
+    values = {}
+    for i in range(n_modules):
+        v = (i + 1.0) * wave
+        if i in spiking:
+            v[[60, 150, 240]] *= 50
+        values[f"m{i:04d}"] = v
+    names = np.array(list(values))
+    run = write_trace(
+        path,
+        outputs={
+            "pass": np.repeat(np.arange(passes), n_modules),
+            "epoch": np.repeat(np.arange(passes) // 30, n_modules).astype(np.int32),
+            "module": np.tile(names, passes),
+            "norm": np.stack(list(values.values()), axis=1).reshape(-1).astype(np.float32),
+        },
+    )
+    return run, values
+
+
+def test_a_chart_draws_at_most_max_series_curves_and_lumps_the_rest(tmp_path: Path) -> None:
+    n = 2600  # more series than Altair's 5,000-row limit allows at two bins each
+    run, values = _wide_run(tmp_path / "wide", n, spiking=(3, 7))
+    trace = na.load(run)
+    chart = charts.norms(trace, level="pass", max_rows=3000)
+    curves = rows_with(chart, "n")
+    assert len(curves) <= 3000
+    drawn = {r["series"] for r in curves}
+    top = [f"m{i:04d}" for i in range(n - (charts.MAX_SERIES - 2), n)]  # the largest means
+    lumped = f"the other {n - charts.MAX_SERIES} modules together"
+    assert drawn == {"m0003", "m0007", *top, lumped}  # the spiking ones first, then the largest
+    assert f"{charts.MAX_SERIES} of {n} series shown" in chart.to_dict()["title"]
+    # the lumped curve is the mean over every row of the other modules in its bin
+    others = np.stack([v for k, v in values.items() if k not in drawn])
+    row = next(r for r in curves if r["series"] == lumped)
+    lo, hi = int(row["x_lo"]), int(row["x_hi"])
+    assert row["y"] == pytest.approx(others[:, lo : hi + 1].astype(np.float32).mean(), rel=1e-5)
+    assert row["n"] == others[:, lo : hi + 1].size
+    assert {r["series"] for r in rows_with(chart, "score")} == {"m0003", "m0007"}  # spikes of drawn only
+
+
+def test_share_and_metrics_stay_bounded_with_many_series(tmp_path: Path) -> None:
+    n = 60
+    run, values = _wide_run(tmp_path / "wide", n)
+    metrics = {"pass": np.repeat(np.arange(10), 30), "epoch": np.zeros(300, np.int32),
+               "name": np.tile([f"metric{i:02d}" for i in range(30)], 10), "value": np.ones(300)}  # fmt: skip
+    write_trace(run, metrics=metrics, write_meta=False)
+    trace = na.load(run)
+    share = charts.share(trace)
+    areas = rows_with(share, "share")
+    kept = [f"m{i:04d}" for i in range(n - charts.MAX_SERIES + 1, n)]  # the largest shares
+    rest = f"the other {n - len(kept)} modules together"
+    assert {r["module"] for r in areas} == {*kept, rest}
+    means = np.array([v[:30].mean() for v in values.values()])  # epoch 0: passes 0..29
+    first = {r["module"]: r["share"] for r in areas if r["x"] == 0}
+    expected_rest = means[: n - len(kept)].sum() / means.sum()
+    assert first[rest] == pytest.approx(expected_rest, rel=1e-4)
+    assert sum(first.values()) == pytest.approx(1.0, rel=1e-5)
+    panel_titles = [view.get("title") for view in charts.metrics(trace).to_dict()["vconcat"]]
+    assert panel_titles == [f"metric{i:02d}" for i in range(charts.MAX_SERIES)]
+
+
+def test_leaf_modules_are_those_no_other_module_is_inside() -> None:
+    rng = np.random.default_rng(0)
+    parts = ["a", "b", "a.b", "0", "x!y", "a.", ""]
+    for _ in range(200):
+        names = {".".join(rng.choice(parts, rng.integers(1, 4))) for _ in range(rng.integers(1, 25))}
+        names = sorted(names | ({"(root)"} if rng.random() < 0.3 else set()))
+        named = [m for m in names if m != "(root)"]
+        expected = sorted(m for m in named if not any(o != m and o.startswith(m + ".") for o in named))
+        assert charts._leaf_modules(names) == (expected or names), names

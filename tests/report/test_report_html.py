@@ -12,11 +12,13 @@ from typing import Any
 
 import altair as alt
 import normtrace_analysis as na
+import numpy as np
 import polars as pl
 import pytest
 from normtrace_analysis import charts
 from normtrace_analysis.report import ChartSection, chart_sections, export_charts, report
 from reportgen import MODULES
+from tracegen import write_trace
 
 SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share"]
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
@@ -169,3 +171,42 @@ def test_a_chart_failing_in_the_browser_does_not_blank_the_others(
     states = {c["slug"]: c["state"] for c in seen["charts"]}
     assert states == {**dict.fromkeys(SLUGS, "rendered"), "broken": "error"}
     assert len(seen["errors"]) == 1 and "chart-broken" in seen["errors"][0]
+
+
+HOSTILE = ["a\nb", "c\u2028d\u2029e", "f\\g", "h'i\"j", "</script><b>k</b>", "l\x00m", "n\ro\tp"]
+"""Names a user's code can produce; each must be drawn as text, never break a chart or the page."""
+
+
+def hostile_run(path: Path) -> Path:
+    n = 120
+    names = np.array(HOSTILE, dtype=object)
+    k = len(HOSTILE)
+    rng = np.random.default_rng(0)
+    norm = 1 + 0.05 * rng.standard_normal(n * k)
+    norm[k * 60] = 30.0  # one spike, so a spike mark is drawn too
+    return write_trace(
+        path,
+        outputs={"pass": np.repeat(np.arange(n), k), "epoch": np.repeat(np.arange(n) // 12, k).astype(np.int32),
+                 "module": np.tile(names, n), "norm": norm.astype(np.float32)},
+        metrics={"pass": np.repeat(np.arange(n), k), "epoch": np.repeat(np.arange(n) // 12, k).astype(np.int32),
+                 "name": np.tile(names, n), "value": rng.random(n * k)},
+        events={"pass": np.array([30, 90]), "epoch": np.array([2, 7], dtype=np.int32),
+                "name": np.array([HOSTILE[0], HOSTILE[2]], dtype=object)},
+    )  # fmt: skip
+
+
+def test_hostile_names_export_as_static_charts(tmp_path: Path) -> None:
+    written = export_charts(hostile_run(tmp_path / "r"), tmp_path / "svg", "svg")
+    assert [p.stem for p in written] == ["output-norms", "metrics", "output-share"]
+    assert "l\\x00m" in written[0].read_text()  # NUL shown as an escape (vl-convert aborts on a raw NUL)
+
+
+@pytest.mark.browser
+def test_hostile_names_render_in_chromium(browser: Any, tmp_path: Path) -> None:
+    runs = [hostile_run(tmp_path / "run\nA"), hostile_run(tmp_path / "run\\B'\"<i>")]
+    for name, chosen in (("one", runs[:1]), ("two", runs)):
+        path = report(na.load(chosen), tmp_path / f"{name}.html")
+        seen = open_report(browser, path)
+        assert seen["errors"] == [], name
+        for chart in seen["charts"]:
+            assert chart["state"] == "rendered" and chart["marks"] > 0, (name, chart)
