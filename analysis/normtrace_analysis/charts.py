@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Literal
 import altair as alt
 import polars as pl
 
+from .names import LEVELS, SUMMARY_KEYS, Level, Table
+
 if TYPE_CHECKING:
     from .trace import Trace
 
-Level = Literal["epoch", "pass"]
 Band = Literal["p05-p95", "min-max", "none"]
-Table = Literal["outputs", "params"]
 
 MAX_ROWS = 3000
 """Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
@@ -90,7 +90,7 @@ def norms(
     """
     lf = getattr(trace, table)
     x = _x_column(level)
-    ids = ["run", "module", "split"] if table == "outputs" else ["run", "module", "param"]
+    ids = SUMMARY_KEYS[table]
     groups = lf.group_by(ids).agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
     if groups.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
@@ -242,7 +242,7 @@ def value_title(trace: Trace, table: Table) -> str:
 
 
 def _x_column(level: Level) -> str:
-    if level not in ("epoch", "pass"):
+    if level not in LEVELS:
         raise ValueError(f"level must be 'epoch' or 'pass', not {level!r}")
     return level
 

@@ -20,9 +20,9 @@ import polars as pl
 
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
+from .names import SUMMARY_KEYS
 from .progress import progress as show_progress
 from .report import export_charts, report
-from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
 EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}

@@ -24,9 +24,9 @@ import polars as pl
 import vl_convert
 
 from . import charts
-from .charts import MAX_ROWS, Band, Level
+from .charts import MAX_ROWS, Band
+from .names import SUMMARY_KEYS, Level
 from .progress import progress as show_progress
-from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
 Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]

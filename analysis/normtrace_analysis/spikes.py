@@ -21,32 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from .series import SERIES_KEYS, Series, epoch_series, pass_series
+from .names import BASELINE_WINDOW, EVENT_WINDOW, SERIES_KEYS, THRESHOLD, Level, Table
+from .series import Series, epoch_series, pass_series
 from .stats import binom_sf
 
 if TYPE_CHECKING:
     from .trace import Trace
-
-Level = Literal["pass", "epoch"]
-
-THRESHOLD = 6.0
-"""Default spike threshold in robust standard deviations. High because a pass-level series has ~1e5
-points: on 10 million points of log-normal noise it flags about one point per million, while the spikes
-worth explaining (target syncs, exploding activations) are tens of SDs."""
-
-BASELINE_WINDOW: dict[str, int] = {"pass": 51, "epoch": 11}
-"""Default rolling-window length (points) per level. 51 passes: a transient of a few passes (what a
-target sync does to a DQN's activations) cannot move the median, while learning trends over a few
-episodes are followed. 11 epochs: two sync periods of the seed's DQN (a sync every 5 episodes), so no
-window's median is set by sync epochs."""
-
-EVENT_WINDOW: dict[str, int] = {"pass": 20, "epoch": 1}
-"""Default ``event_alignment`` window per level: the 20 passes after an event (about 10 environment steps
-of a DQN recording an acting and a training pass per step), or the epoch the event opens."""
 
 SCALE_SPAN = 4
 """The scale (rolling MAD) spans this many baseline windows: noise levels change slowly, and a MAD of
@@ -61,7 +45,8 @@ SCALE_FLOOR = 1e-4
 
 def spikes(
     trace: Trace,
-    table: Literal["outputs", "params"] = "outputs",
+    table: Table = "outputs",
+    *,
     level: Level = "pass",
     modules: Sequence[str] | str | None = None,
     threshold: float | None = None,
@@ -78,21 +63,25 @@ def spikes(
     threshold = THRESHOLD if threshold is None else float(threshold)
     window = _check(table, level, baseline_window)
     key = ("spikes", table, level, _modules_key(modules), threshold, window)
-    if key not in trace._cache:
-        series = pass_series(trace, table, modules)
-        frame = series.data if level == "pass" else epoch_series(series)
-        found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
-        trace._cache[key] = _attach_nearest_event(found, trace.events, table, level)
-    return trace._cache[key]
+    return trace.cached(key, lambda: _spikes(trace, table, level, modules, threshold, window))
+
+
+def _spikes(
+    trace: Trace, table: str, level: str, modules: Sequence[str] | str | None, threshold: float, window: int
+) -> pl.DataFrame:
+    series = pass_series(trace, table, modules)
+    frame = series.data if level == "pass" else epoch_series(series)
+    found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
+    return _attach_nearest_event(found, trace.events, table, level)
 
 
 def event_alignment(
     trace: Trace,
     event: str = "target_update",
+    *,
     window: int | None = None,
     level: Level = "pass",
-    *,
-    table: Literal["outputs", "params"] = "outputs",
+    table: Table = "outputs",
     modules: Sequence[str] | str | None = None,
     threshold: float | None = None,
     baseline_window: int | None = None,
@@ -110,7 +99,9 @@ def event_alignment(
     window = EVENT_WINDOW[level] if window is None else int(window)
     if window < 1:
         raise ValueError(f"window must be at least 1 {level}, got {window}")
-    found = spikes(trace, table, level, modules, threshold, baseline_window)
+    found = spikes(
+        trace, table, level=level, modules=modules, threshold=threshold, baseline_window=baseline_window
+    )
     keys = SERIES_KEYS[table]
     events = (
         trace.events.filter(pl.col("name") == event)

@@ -11,10 +11,10 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -29,14 +29,11 @@ from .errors import (
     SchemaVersionError,
     SkippedShardsWarning,
 )
+from .names import SPLITS, Level, Table
 from .schema import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SHARD_SUFFIX, TABLES, check_table
 
-if TYPE_CHECKING:
-    from .spikes import Level
-
 PathLike = str | os.PathLike[str]
-SPLITS = ("train", "no_grad")
-"""Values of the derived ``split`` column of ``outputs``: grad-enabled passes vs ``torch.no_grad`` passes."""
+T = TypeVar("T")
 
 _SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)\.arrow$")
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
@@ -79,11 +76,31 @@ class Trace:
     _base: dict[str, pl.LazyFrame]
     skipped: list[Path]
     _filters: _Filters = field(default_factory=_Filters)
-    _cache: dict[tuple, pl.DataFrame] = field(init=False, repr=False, compare=False)
+    _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Memoised analysis results (small frames), per Trace: a filtered Trace starts with its own.
+        # Memoised analysis results, per Trace: a filtered Trace starts with its own (see ``cached``).
         self._cache = {}
+
+    def cached(self, key: Hashable, compute: Callable[[], T], *, slot: str | None = None) -> T:
+        """``compute()``, memoised on this Trace under ``key`` (the analyses' one way to memoise).
+
+        Results are kept for the Trace's lifetime; a filtered Trace starts empty, since its rows differ.
+        With ``slot``, the slot holds one result only and a new ``key`` replaces the old one: for large
+        intermediates (the regrouped series of a table) of which one at a time is worth its memory.
+        ``key`` must name everything the result depends on (table, level, options).
+
+        Example: ``trace.cached(("my-stat", window), lambda: expensive(trace, window))``.
+        """
+        if slot is None:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]
+        held = self._cache.get(slot)
+        if held is None or held[0] != key:
+            self._cache[slot] = None  # free the old result before computing the new one
+            held = self._cache[slot] = (key, compute())
+        return held[1]
 
     @property
     def runs(self) -> list[str]:
@@ -216,15 +233,19 @@ class Trace:
             f = replace(f, runs=_intersect(f.runs, names))
         return replace(self, _filters=f)
 
-    def epoch_summary(self, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
-        """Per-epoch statistics of ``value`` per module (and param / split); see :mod:`.summary`."""
+    # Analyses: one calling style. The first argument is what is analysed (a table or an event name),
+    # every option is keyword-only, and each method delegates to its module's function of the same name.
+
+    def epoch_summary(self, table: Table = "outputs") -> pl.DataFrame:
+        """Per-epoch statistics of ``value`` per module (and param / split); see :func:`.summary.epoch_summary`."""
         from .summary import epoch_summary
 
         return epoch_summary(self, table)
 
     def spikes(
         self,
-        table: Literal["outputs", "params"] = "outputs",
+        table: Table = "outputs",
+        *,
         level: Level = "pass",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
@@ -240,10 +261,10 @@ class Trace:
     def event_alignment(
         self,
         event: str = "target_update",
+        *,
         window: int | None = None,
         level: Level = "pass",
-        *,
-        table: Literal["outputs", "params"] = "outputs",
+        table: Table = "outputs",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
         baseline_window: int | None = None,
