@@ -80,7 +80,7 @@ def alignment_report(run_dirs: Sequence[Path], event: str = MARKER, warmup_passe
         import normtrace_analysis as na
     except ImportError:
         return None
-    columns = ["module", "events", "spikes", "near_event", "enrichment", "p_value"]
+    columns = ["module", "split", "events", "events_followed", "chance", "enrichment", "p_value", "q_value"]
     blocks = []
     for run in run_dirs:
         trace = na.load(run)

@@ -211,6 +211,8 @@ def test_analysis_finds_the_seeds_jagged_norms_after_target_syncs(
     for module in ("net.output", "net.relu4", "net.relu3"):
         row = rows[module]
         assert row["spikes"] >= 5, module
-        assert row["observed_fraction"] >= 0.5 and row["enrichment"] > 5, module
-        assert row["p_value"] < 1e-3, module
+        # Counted in events, against jittered syncs: most syncs are followed by a spike, far above the
+        # local chance, and no jittered train of the 999 does as well or nearly so.
+        assert row["events_followed"] >= 6 and row["enrichment_lo"] > 2, module
+        assert row["p_value"] < 0.01, module
     assert rows["net.relu1"]["spikes"] == 0

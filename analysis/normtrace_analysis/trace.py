@@ -29,7 +29,7 @@ from .errors import (
     SchemaVersionError,
     SkippedShardsWarning,
 )
-from .names import SPLITS, Level, Table
+from .names import PERMUTATIONS, SPLITS, Level, Table
 from .schema import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SHARD_SUFFIX, TABLES, check_table
 
 PathLike = str | os.PathLike[str]
@@ -258,19 +258,71 @@ class Trace:
             self, table, level=level, modules=modules, threshold=threshold, baseline_window=baseline_window
         )
 
+    def spike_clusters(
+        self,
+        table: Table = "outputs",
+        *,
+        level: Level = "pass",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        window: int | None = None,
+    ) -> pl.DataFrame:
+        """Each series' spikes merged into excursions; see :func:`.alignment.spike_clusters`."""
+        from .alignment import spike_clusters
+
+        return spike_clusters(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+        )
+
+    def spike_groups(
+        self,
+        table: Table = "outputs",
+        *,
+        level: Level = "pass",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        window: int | None = None,
+        tolerance: int | None = None,
+    ) -> pl.DataFrame:
+        """Series whose spikes are the same excursions, grouped; see :func:`.alignment.spike_groups`."""
+        from .alignment import spike_groups
+
+        return spike_groups(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+            tolerance=tolerance,
+        )
+
     def event_alignment(
         self,
         event: str = "target_update",
         *,
-        window: int | None = None,
+        window: int | Sequence[int] | None = None,
         level: Level = "pass",
         table: Table = "outputs",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
         baseline_window: int | None = None,
+        placebo: bool = True,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
     ) -> pl.DataFrame:
-        """Does spiking cluster right after ``event``? One row per series; see :func:`.spikes.event_alignment`."""
-        from .spikes import event_alignment
+        """Do spikes follow ``event``? k of E events, local chance, permutation p, BH q, placebo; one row
+        per series (and window); see :func:`.alignment.event_alignment`."""
+        from .alignment import event_alignment
 
         return event_alignment(
             self,
@@ -281,6 +333,55 @@ class Trace:
             modules=modules,
             threshold=threshold,
             baseline_window=baseline_window,
+            placebo=placebo,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    def event_steps(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        baseline_window: int | None = None,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+    ) -> pl.DataFrame:
+        """Does the level step at ``event``? Median after vs before, permutation p; see
+        :func:`.alignment.event_steps`."""
+        from .alignment import event_steps
+
+        return event_steps(
+            self,
+            event,
+            window=window,
+            level=level,
+            table=table,
+            modules=modules,
+            baseline_window=baseline_window,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    def event_profile(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        placebo: bool = True,
+    ) -> pl.DataFrame:
+        """The event-triggered average of every series, −W … +W around ``event``; see
+        :func:`.alignment.event_profile`."""
+        from .alignment import event_profile
+
+        return event_profile(
+            self, event, window=window, level=level, table=table, modules=modules, placebo=placebo
         )
 
 
