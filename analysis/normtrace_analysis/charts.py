@@ -1,4 +1,5 @@
-"""Altair charts of a trace: norm curves per module, each layer's share of the norm, and metrics.
+"""Altair charts of a trace: norm curves per module, each layer's share of the norm, metrics, and the
+event-triggered average.
 
 Every chart aggregates with Polars before it reaches Altair: the x axis (epochs or passes) is cut into
 bins so that a chart's curves embed at most about ``max_rows`` rows whatever the run length, and event
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import altair as alt
 import polars as pl
 
-from .names import LEVELS, SUMMARY_KEYS, Level, Table
+from .names import LEVELS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -228,6 +229,99 @@ def metrics(
         layers = _layers(part, rules, no_spikes, "series", grid, level, name, log, select=False)
         panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=name))
     return alt.vconcat(*panels).properties(title=f"metrics per {level}")
+
+
+def event_profile(
+    trace: Trace,
+    event: str = "target_update",
+    *,
+    window: int | None = None,
+    level: Level = "pass",
+    table: Table = "outputs",
+    modules: Sequence[str] | str | None = None,
+    placebo: bool = True,
+    panels: int = 12,
+) -> alt.TopLevelMixin:
+    """The event-triggered average: every series from −W to +W around ``event``, one small panel each.
+
+    With more than ``panels`` series, the ``panels`` whose average after the event strays farthest from 1
+    are drawn (in series order): a hundred layers' panels would bury the ones where something happens.
+
+    The line is the mean over events of the value divided by its event's pre-event median (1 = as
+    before the event), the band its 95% interval; the placebo (epoch boundaries away from every event)
+    is drawn beside it in grey when there is one. The rule between offsets 0 and 1 is the event: it is
+    recorded after the pass of offset 0. Data: :meth:`Trace.event_profile`.
+    """
+    frame = trace.event_profile(
+        event, window=window, level=level, table=table, modules=modules, placebo=placebo
+    )
+    if frame.filter(pl.col("kind") == "event").is_empty():
+        raise ValueError(f"no {event} events (or no {table} rows around them) to profile")
+    keys = SERIES_KEYS[table]
+    several = {k: frame[k].n_unique() > 1 for k in keys if k != "module"}
+    parts = [pl.col("run")] if several["run"] else []
+    parts.append(pl.col("module") + (pl.lit(".") + pl.col("param") if table == "params" else pl.lit("")))
+    if table == "outputs" and several.get("split"):
+        parts.append(pl.lit("(") + pl.col("split") + pl.lit(")"))
+    if several["rank"]:
+        parts.append(pl.lit("rank ") + pl.col("rank").cast(pl.String))
+    strays = (
+        frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
+        .group_by(keys)
+        .agg((pl.col("mean") - 1).abs().max().alias("_stray"))
+        .sort("_stray", descending=True, nulls_last=True)
+        .head(panels)
+    )
+    frame = frame.join(strays.select(keys), on=keys, how="semi")
+    # Offsets no event has a point at (a series recorded every other pass) would break the line.
+    data = (
+        frame.filter(pl.col("events") > 0)
+        .with_columns(
+            pl.concat_str(parts, separator=" ").alias("series"),
+            pl.col("mean", "ci_lo", "ci_hi", "median", "p25", "p75").round_sig_figs(DIGITS),
+        )
+        .select("series", "kind", "offset", "events", "mean", "ci_lo", "ci_hi", "median")
+    )
+    unit = "passes" if level == "pass" else "epochs"
+    x = alt.X("offset:Q", title=f"{unit} from the {event}")
+    colour = alt.Color(
+        "kind:N",
+        title="around",
+        scale=alt.Scale(domain=["event", "placebo"], range=["#d62728", "#7f7f7f"]),
+        legend=alt.Legend(labelExpr=f"datum.label == 'event' ? '{event}' : 'other epoch boundaries'"),
+    )
+    y_title = "value / pre-event median"
+    panels = []
+    for (series,), part in data.group_by("series", maintain_order=True):
+        base = alt.Chart(part)
+        layers = [
+            base.mark_area(opacity=0.2).encode(
+                x=x,
+                y=alt.Y("ci_lo:Q", title=y_title, scale=alt.Scale(zero=False)),
+                y2="ci_hi:Q",
+                color=colour,
+            ),
+            base.mark_line(point=part.height <= 2 * 41).encode(
+                x=x,
+                y=alt.Y("mean:Q", title=y_title),
+                color=colour,
+                tooltip=[
+                    alt.Tooltip("kind:N"),
+                    alt.Tooltip("offset:Q"),
+                    alt.Tooltip("mean:Q", format=_FORMAT),
+                    alt.Tooltip("ci_lo:Q", format=_FORMAT),
+                    alt.Tooltip("ci_hi:Q", format=_FORMAT),
+                    alt.Tooltip("median:Q", format=_FORMAT),
+                    alt.Tooltip("events:Q"),
+                ],
+            ),
+            alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x="x:Q"),
+            alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(color="#999", strokeWidth=0.5).encode(y="y:Q"),
+        ]
+        panels.append(alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=series))
+    return alt.concat(*panels, columns=3).properties(
+        title=f"{event}-triggered average of the {value_title(trace, table)} (mean and 95% interval over events)"
+    )
 
 
 def value_title(trace: Trace, table: Table) -> str:

@@ -224,3 +224,32 @@ def test_non_finite_and_all_zero_norms_never_reach_a_chart(tmp_path: Path) -> No
     assert shares[("a", 0.0)] == pytest.approx(0.25)
     assert shares[("a", 1.0)] is None and shares[("b", 1.0)] is None  # 0 of 0 is no share
     assert shares[("a", 2.0)] == pytest.approx(0.5)
+
+
+def test_event_profile_draws_the_profile_frame_and_keeps_the_panels_that_move(run_a: Path) -> None:
+    trace = na.load(run_a)
+    frame = trace.event_profile("target_update", window=10)
+    chart = charts.event_profile(trace, "target_update", window=10, panels=3)
+    drawn = rows_with(chart, "ci_lo")
+    assert {r["kind"] for r in drawn} == {"event", "placebo"}
+    assert all(r["events"] > 0 for r in drawn)  # offsets without a point are left out, not drawn as gaps
+    titles = [panel["title"] for panel in chart.to_dict()["concat"]]
+    assert len(titles) == 3
+    # The three panels are the series whose mean after the event strays farthest from 1.
+    stray = (
+        frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
+        .group_by("module", "split")
+        .agg((pl.col("mean") - 1).abs().max().alias("stray"))
+        .sort("stray", descending=True)
+        .head(3)
+    )
+    assert sorted(titles) == sorted(f"{m} ({s})" for m, s in stray.select("module", "split").iter_rows())
+    for row in drawn:
+        want = frame.filter(
+            (pl.col("module") + " (" + pl.col("split") + ")" == row["series"])
+            & (pl.col("kind") == row["kind"])
+            & (pl.col("offset") == row["offset"])
+        ).row(0, named=True)
+        assert row["mean"] == pytest.approx(want["mean"], rel=1e-5)
+    with pytest.raises(ValueError, match="no lr_drop events"):
+        charts.event_profile(trace, "lr_drop")

@@ -18,7 +18,7 @@ from normtrace_analysis import charts
 from normtrace_analysis.report import ChartSection, chart_sections, export_charts, report
 from reportgen import MODULES
 
-SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share"]
+SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share", "event-profile"]
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
 
 
@@ -54,6 +54,15 @@ def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path
     assert aligned.height > 0
     for finding in aligned["finding"]:
         assert f"<li>{html.escape(finding)}</li>" in text
+    # How to read p and q, the windows, the steps, and the layers that are one finding.
+    findings = text[text.index('id="alignment"') : text.index('id="metadata"')]
+    assert "Benjamini–Hochberg q-value across the" in findings and "(PRDS)" in findings
+    assert "The same for windows of 5, 20, 50 passes" in findings
+    assert "Steps: the level after each target_update against the level before it" in findings
+    for finding in trace.event_steps("target_update").drop_nulls("p_value")["finding"]:
+        assert html.escape(finding) in findings
+    if trace.spike_groups().filter(pl.col("size") > 1).height:
+        assert "Layers whose spikes are the same excursions" in findings
     found = trace.spikes(level="pass")
     assert f"{found.height} spikes" in text
     embedded = specs(text)
@@ -94,6 +103,7 @@ def test_charts_without_data_say_so(tmp_path: Path) -> None:
     text = report(run, tmp_path / "report.html").read_text()
     assert list(specs(text)) == ["output-norms", "output-share"]
     assert "The trace has no params rows." in text and "The trace has no metrics rows." in text
+    assert "The trace has no target_update events" in text
 
 
 def test_static_export_writes_one_file_per_chart(run_a: Path, tmp_path: Path) -> None:
