@@ -4,6 +4,7 @@ direct computation (exact rational sums, hand-worked examples, brute-force loops
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -44,12 +45,14 @@ def binom_sf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top + math.log(total)))
 
 
+@functools.lru_cache(maxsize=4096)
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """The exact (Clopper–Pearson) interval of a binomial proportion ``k / n`` at confidence ``level``.
 
     The lower end is the ``p`` with P(X >= k) = (1 - level) / 2, the upper end the ``p`` with
     P(X <= k) = (1 - level) / 2 (0 and 1 when ``k`` is 0 or ``n``), found by bisection on
-    :func:`binom_sf` to 1e-12: no scipy needed, and n is small (events in a run).
+    :func:`binom_sf` to 1e-12: no scipy needed, and n is small (events in a run). Memoised: the series
+    of a run share their ``n`` and often their ``k``.
     """
     if n < 1 or not 0 <= k <= n or not 0.0 < level < 1.0:
         raise ValueError(f"clopper_pearson needs 0 <= k <= n, n >= 1, 0 < level < 1; got {k}, {n}, {level}")
