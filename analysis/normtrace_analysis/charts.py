@@ -247,10 +247,12 @@ def event_profile(
     With more than ``panels`` series, the ``panels`` whose average after the event strays farthest from 1
     are drawn (in series order): a hundred layers' panels would bury the ones where something happens.
 
-    The line is the mean over events of the value divided by its event's pre-event median (1 = as
-    before the event), the band its 95% interval; the placebo (epoch boundaries away from every event)
-    is drawn beside it in grey when there is one. The rule between offsets 0 and 1 is the event: it is
-    recorded after the pass of offset 0. Data: :meth:`Trace.event_profile`.
+    The line is the median over events of the value divided by its event's pre-event median (1 = as
+    before the event), the band the quartiles over events; the placebo (epoch boundaries away from every
+    event) is drawn beside it in grey when there is one. The median rather than the mean: early in
+    training a few events move a norm several-fold, and a mean (and its interval) is then theirs alone;
+    the tooltip has the mean and its 95% interval too. The rule between offsets 0 and 1 is the event:
+    it is recorded after the pass of offset 0. Data: :meth:`Trace.event_profile`.
     """
     frame = trace.event_profile(
         event, window=window, level=level, table=table, modules=modules, placebo=placebo
@@ -268,7 +270,7 @@ def event_profile(
     strays = (
         frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
         .group_by(keys)
-        .agg((pl.col("mean") - 1).abs().max().alias("_stray"))
+        .agg((pl.col("median") - 1).abs().max().alias("_stray"))
         .sort("_stray", descending=True, nulls_last=True)
         .head(panels)
     )
@@ -280,7 +282,7 @@ def event_profile(
             pl.concat_str(parts, separator=" ").alias("series"),
             pl.col("mean", "ci_lo", "ci_hi", "median", "p25", "p75").round_sig_figs(DIGITS),
         )
-        .select("series", "kind", "offset", "events", "mean", "ci_lo", "ci_hi", "median")
+        .select("series", "kind", "offset", "events", "median", "p25", "p75", "mean", "ci_lo", "ci_hi")
     )
     unit = "passes" if level == "pass" else "epochs"
     x = alt.X("offset:Q", title=f"{unit} from the {event}")
@@ -296,23 +298,22 @@ def event_profile(
         base = alt.Chart(part)
         layers = [
             base.mark_area(opacity=0.2).encode(
-                x=x,
-                y=alt.Y("ci_lo:Q", title=y_title, scale=alt.Scale(zero=False)),
-                y2="ci_hi:Q",
-                color=colour,
+                x=x, y=alt.Y("p25:Q", title=y_title, scale=alt.Scale(zero=False)), y2="p75:Q", color=colour
             ),
             base.mark_line(point=part.height <= 2 * 41).encode(
                 x=x,
-                y=alt.Y("mean:Q", title=y_title),
+                y=alt.Y("median:Q", title=y_title),
                 color=colour,
                 tooltip=[
                     alt.Tooltip("kind:N"),
                     alt.Tooltip("offset:Q"),
-                    alt.Tooltip("mean:Q", format=_FORMAT),
-                    alt.Tooltip("ci_lo:Q", format=_FORMAT),
-                    alt.Tooltip("ci_hi:Q", format=_FORMAT),
-                    alt.Tooltip("median:Q", format=_FORMAT),
                     alt.Tooltip("events:Q"),
+                    alt.Tooltip("median:Q", format=_FORMAT),
+                    alt.Tooltip("p25:Q", format=_FORMAT),
+                    alt.Tooltip("p75:Q", format=_FORMAT),
+                    alt.Tooltip("mean:Q", format=_FORMAT),
+                    alt.Tooltip("ci_lo:Q", title="mean, 95% from", format=_FORMAT),
+                    alt.Tooltip("ci_hi:Q", title="to", format=_FORMAT),
                 ],
             ),
             alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x="x:Q"),
@@ -320,7 +321,7 @@ def event_profile(
         ]
         panels.append(alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=series))
     return alt.concat(*panels, columns=3).properties(
-        title=f"{event}-triggered average of the {value_title(trace, table)} (mean and 95% interval over events)"
+        title=f"{event}-triggered average of the {value_title(trace, table)} (median and quartiles over events)"
     )
 
 

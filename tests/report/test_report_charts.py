@@ -230,16 +230,16 @@ def test_event_profile_draws_the_profile_frame_and_keeps_the_panels_that_move(ru
     trace = na.load(run_a)
     frame = trace.event_profile("target_update", window=10)
     chart = charts.event_profile(trace, "target_update", window=10, panels=3)
-    drawn = rows_with(chart, "ci_lo")
+    drawn = rows_with(chart, "p25")
     assert {r["kind"] for r in drawn} == {"event", "placebo"}
     assert all(r["events"] > 0 for r in drawn)  # offsets without a point are left out, not drawn as gaps
     titles = [panel["title"] for panel in chart.to_dict()["concat"]]
     assert len(titles) == 3
-    # The three panels are the series whose mean after the event strays farthest from 1.
+    # The three panels are the series whose median after the event strays farthest from 1.
     stray = (
         frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
         .group_by("module", "split")
-        .agg((pl.col("mean") - 1).abs().max().alias("stray"))
+        .agg((pl.col("median") - 1).abs().max().alias("stray"))
         .sort("stray", descending=True)
         .head(3)
     )
@@ -250,6 +250,7 @@ def test_event_profile_draws_the_profile_frame_and_keeps_the_panels_that_move(ru
             & (pl.col("kind") == row["kind"])
             & (pl.col("offset") == row["offset"])
         ).row(0, named=True)
-        assert row["mean"] == pytest.approx(want["mean"], rel=1e-5)
+        for stat in ("median", "p25", "p75", "mean"):
+            assert row[stat] == pytest.approx(want[stat], rel=1e-5)
     with pytest.raises(ValueError, match="no lr_drop events"):
         charts.event_profile(trace, "lr_drop")
