@@ -139,7 +139,7 @@ def main() -> None:
         near, per_cluster = dependence(spikes, onsets)
         for kind in TRAINS:
             events = [train(kind, length, rng) for _ in range(n)]
-            lo, hi = -1, length - 2
+            lo, hi = -WINDOW, length - 2
             row = f"{fam:12} {kind:8} {100 * near:4.0f}% {per_cluster:5.2f}"
             old = np.array(
                 [binomial_p(spikes[s], events[s], length) if len(spikes[s]) else np.nan for s in range(n)]
@@ -178,7 +178,7 @@ def multi_module(traces: int, length: int, b: int, rng: np.random.Generator, mod
             events = train(kind, length, rng)
             ons = onsets[t * modules : (t + 1) * modules]
             observed, null = alignment.jitter_test(
-                ons, events, -1, length - 2, window=WINDOW, exclude=EXCLUDE, permutations=b, rng=rng
+                ons, events, -WINDOW, length - 2, window=WINDOW, exclude=EXCLUDE, permutations=b, rng=rng
             )
             p = np.where([len(o) > 0 for o in ons], permutation_p(observed, null), np.nan)
             any_q += bool(np.nanmin(bh_qvalues(p), initial=np.inf) < 0.05)
@@ -203,10 +203,12 @@ def power(n: int, length: int, b: int, rng: np.random.Generator) -> None:
         row = f"{fam:12}"
         for size in TRANSIENTS:
             _, onsets = detect(plant_transients(values, sigma, events, size, rng))
-            p = np.concatenate([spike_p([onsets[s]], events[s], -1, length - 2, b, rng) for s in range(n)])
+            p = np.concatenate(
+                [spike_p([onsets[s]], events[s], -WINDOW, length - 2, b, rng) for s in range(n)]
+            )
             row += f"  {100 * np.mean(np.nan_to_num(p, nan=1.0) < 0.01):11.1f}%"
         trains = [
-            alignment.jitter_trains(events[s], -1, length - 2, exclude=EXCLUDE, permutations=b, rng=rng)
+            alignment.jitter_trains(events[s], -WINDOW, length - 2, exclude=EXCLUDE, permutations=b, rng=rng)
             for s in range(n)
         ]
         for size in STEPS:
@@ -221,7 +223,7 @@ def power(n: int, length: int, b: int, rng: np.random.Generator) -> None:
     found = {}
     for method in ("shift", "jitter J=2"):
         p = np.concatenate(
-            [p_values([onsets[s]], events[s], -1, length - 2, method, b, rng) for s in range(n)]
+            [p_values([onsets[s]], events[s], -WINDOW, length - 2, method, b, rng) for s in range(n)]
         )
         found[method] = 100 * np.mean(np.nan_to_num(p, nan=1.0) < 0.01)
     print(

@@ -460,15 +460,26 @@ def _rng(seed: int, rank: int, stream: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class _Group:
-    """One (run, rank): its series ids (in keys order), span of event positions, events, boundaries."""
+    """One (run, rank): its series ids (in keys order), the first and last recorded position (pass, or
+    epoch at level "epoch") over them, its events and epoch boundaries (sorted positions)."""
 
     run: str
     rank: int
     sids: np.ndarray
-    lo: int
-    hi: int
-    events: np.ndarray
+    first: int
+    last: int
+    all_events: np.ndarray
     boundaries: np.ndarray
+
+    def span(self, window: int) -> tuple[int, int]:
+        """Positions whose window ``(x, x + window]`` holds a recorded point: ``[first - window, last - 1]``."""
+        return self.first - window, self.last - 1
+
+    def events(self, window: int) -> np.ndarray:
+        """The events inside :meth:`span`: an event whose window ends before the first recorded point
+        (a sync before any training pass) or starts after the last cannot be followed, nor moved."""
+        lo, hi = self.span(window)
+        return self.all_events[(self.all_events >= lo) & (self.all_events <= hi)]
 
 
 def _positions(level: str) -> pl.Expr:
@@ -491,7 +502,7 @@ def _groups_of(trace: Trace, series: Series, event: str, s: _Setup, boundaries: 
         data[col].gather(keys["start"] + keys["length"] - 1).cast(pl.Int64).alias("last"),
     )
     spans = ends.group_by("run", "rank", maintain_order=True).agg(
-        pl.col("sid"), (pl.col("first").min() - 1).alias("lo"), (pl.col("last").max() - 1).alias("hi")
+        pl.col("sid"), pl.col("first").min(), pl.col("last").max()
     )
     events = (
         trace.events.filter(pl.col("name") == event)
@@ -500,14 +511,15 @@ def _groups_of(trace: Trace, series: Series, event: str, s: _Setup, boundaries: 
     )
     starts = _epoch_starts(series) if boundaries else None
     out = []
-    for run, rank, sids, lo, hi in spans.iter_rows():
-        at = events.filter((pl.col("run") == run) & (pl.col("rank") == rank))["at"].to_numpy()
-        at = np.sort(at[(at >= lo) & (at <= hi)])
+    for run, rank, sids, first, last in spans.iter_rows():
+        at = np.sort(events.filter((pl.col("run") == run) & (pl.col("rank") == rank))["at"].to_numpy())
         bounds = np.zeros(0, dtype=np.int64)
         if starts is not None:
             b = starts.filter((pl.col("run") == run) & (pl.col("rank") == rank))["first"].to_numpy() - 1
-            bounds = np.sort(b[(b >= lo) & (b <= hi)]).astype(np.int64)
-        out.append(_Group(run, int(rank), np.asarray(sids), int(lo), int(hi), at.astype(np.int64), bounds))
+            bounds = np.sort(b[(b >= first) & (b < last)]).astype(np.int64)
+        out.append(
+            _Group(run, int(rank), np.asarray(sids), int(first), int(last), at.astype(np.int64), bounds)
+        )
     return out
 
 
@@ -532,9 +544,9 @@ def _epoch_starts(series: Series) -> pl.DataFrame:
 
 def _placebo_positions(group: _Group, window: int) -> np.ndarray:
     """Epoch boundaries not within ``window`` of a real event."""
-    if group.boundaries.size == 0 or group.events.size == 0:
+    if group.boundaries.size == 0 or group.all_events.size == 0:
         return group.boundaries
-    return group.boundaries[~_near(group.boundaries, group.events, window)]
+    return group.boundaries[~_near(group.boundaries, group.all_events, window)]
 
 
 def _clusters(trace: Trace, s: _Setup, gap: int) -> pl.DataFrame:
@@ -678,20 +690,21 @@ def _test_group(
     """The alignment rows of one (run, rank): the real event and, when asked, the placebo."""
     ons = [onsets.get(int(sid), np.zeros(0, dtype=np.int64)) for sid in g.sids]
     x = exclusion(window, s.baseline)
-    real = _permutation_test(ons, g.events, g, window, x, s, stream=0)
+    events = g.events(window)
+    real = _permutation_test(ons, events, g, window, x, s, stream=0)
     fake = (None,) * 4
     placebo_events = None
     if placebo:
         positions = _placebo_positions(g, window)
         placebo_events = positions.size
-        fake = _permutation_test(ons, positions, g, window, x, s, stream=1, avoid=g.events)
+        fake = _permutation_test(ons, positions, g, window, x, s, stream=1, avoid=g.all_events)
     rows = []
     floor = 1.0 / (s.permutations + 1)
     for i, sid in enumerate(g.sids):
         tested = ons[i].size > 0
         r_k, r_chance, r_p = _pick(real, i, tested)
         p_k, p_chance, p_p = _pick(fake, i, tested) if placebo else (None, None, None)
-        rows.append((int(sid), g.events.size, r_k, r_chance, r_p, floor, placebo_events, p_k, p_chance, p_p))
+        rows.append((int(sid), events.size, r_k, r_chance, r_p, floor, placebo_events, p_k, p_chance, p_p))
     return rows
 
 
@@ -710,11 +723,12 @@ def _permutation_test(
     e = positions.size
     if e == 0:
         return None, None, None, 0
+    lo, hi = g.span(window)
     observed, null = jitter_test(
         onsets,
         positions,
-        g.lo,
-        g.hi,
+        lo,
+        hi,
         window=window,
         exclude=exclude,
         permutations=s.permutations,
@@ -962,17 +976,19 @@ def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
     x = exclusion(window, s.baseline)
     rows = []
     for g in groups:
+        events = g.events(window)
+        lo, hi = g.span(window)
         trains = None
-        if g.events.size:
+        if events.size:
             trains = jitter_trains(
-                g.events, g.lo, g.hi, exclude=x, permutations=s.permutations, rng=_rng(s.seed, g.rank, 0)
+                events, lo, hi, exclude=x, permutations=s.permutations, rng=_rng(s.seed, g.rank, 0)
             )
         for sid in g.sids:
             lv = levels.get(int(sid))
             if trains is None or lv is None:
-                rows.append((int(sid), g.events.size, None, None, None, None))
+                rows.append((int(sid), events.size, None, None, None, None))
                 continue
-            rows.append((int(sid), g.events.size, *step_test(lv, g.events, trains, window)))
+            rows.append((int(sid), events.size, *step_test(lv, events, trains, window)))
     schema = {
         "sid": pl.UInt32,
         "events": pl.Int64,
@@ -1061,7 +1077,7 @@ def _profile(trace: Trace, event: str, window: int, s: _Setup, placebo: bool) ->
     offsets = np.arange(-window, window + 1)
     parts = []
     for g in groups:
-        kinds = [("event", g.events)]
+        kinds = [("event", g.events(window))]
         if placebo:
             kinds.append(("placebo", _placebo_positions(g, window)))
         for kind, at in kinds:

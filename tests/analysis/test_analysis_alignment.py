@@ -128,6 +128,19 @@ def test_window_edges_lag_w_counts_lag_w_plus_1_and_lag_0_do_not(tmp_path: Path)
     )
 
 
+def test_an_event_counts_when_its_window_reaches_a_recorded_pass(tmp_path: Path) -> None:
+    """A DQN's first syncs come before its first training pass: an event is tested when its window
+    reaches the first recorded pass, and left out of E when the window ends before it."""
+    values = _noise(1000, seed=3)
+    first = 50  # the series is recorded from pass 50 on: values[i] is pass 50 + i
+    values[[52 - first, 505 - first]] += 3.0
+    outputs = _series(values)["outputs"] | {"pass": np.arange(first, first + 1000)}
+    run = write_trace(tmp_path / "r", outputs=outputs, events=_syncs([20, 45, 500]))
+    row = na.load(run).event_alignment(window=10).row(0, named=True)
+    # (20, 30] ends before pass 50: not an event of this series. (45, 55] holds pass 52: followed.
+    assert (row["events"], row["events_followed"]) == (2, 2)
+
+
 def test_epoch_level_window_is_the_epoch_the_event_opens_and_the_next_ones(tmp_path: Path) -> None:
     per_epoch = 5
     epochs = 300
@@ -162,7 +175,7 @@ def test_p_value_is_the_brute_force_permutation_count(tmp_path: Path) -> None:
     k = _followed_by_loops(onsets, np.array(events), 10)
     x = alignment.exclusion(10, 51)
     trains = alignment.jitter_trains(
-        np.array(events), -1, 2998, exclude=x, permutations=b, rng=alignment._rng(0, 0, 0)
+        np.array(events), -10, 2998, exclude=x, permutations=b, rng=alignment._rng(0, 0, 0)
     )
     null = [_followed_by_loops(onsets, t, 10) for t in trains]
     assert row["events_followed"] == k == 6

@@ -39,7 +39,7 @@ def test_null_rates_stay_within_the_targets(name: str, events: str) -> None:
     values, _ = family(name, n, LENGTH, rng)
     _, onsets = detect(values)
     p = np.concatenate(
-        [spike_p([onsets[s]], train(events, LENGTH, rng), -1, LENGTH - 2, B, rng) for s in range(n)]
+        [spike_p([onsets[s]], train(events, LENGTH, rng), -WINDOW, LENGTH - 2, B, rng) for s in range(n)]
     )
     p = p[~np.isnan(p)]
     assert p.size >= 0.9 * n  # nearly every null series has spikes: the test is exercised
@@ -63,7 +63,7 @@ def test_the_old_binomial_test_fails_where_the_jitter_holds() -> None:
         lag = spikes[s][:, None] - events[None, :]
         near = int(((lag >= 1) & (lag <= WINDOW)).any(axis=1).sum())
         old.append(binom_sf(near, len(spikes[s]), covered.mean()))
-        new.append(spike_p([onsets[s]], events, -1, LENGTH - 2, B, rng)[0])
+        new.append(spike_p([onsets[s]], events, -WINDOW, LENGTH - 2, B, rng)[0])
     assert np.mean(np.array(old) < 0.01) > 0.1
     assert np.mean(np.array(new) < 0.01) <= 0.015
 
@@ -104,11 +104,11 @@ def test_power_for_transients_and_steps_after_20_events(name: str) -> None:
     values, sigma = family(name, n, LENGTH, rng)
     events = [train("random", LENGTH, rng, events=20) for _ in range(n)]
     _, onsets = detect(plant_transients(values, sigma, events, 8.0, rng))
-    p = np.concatenate([spike_p([onsets[s]], events[s], -1, LENGTH - 2, B, rng) for s in range(n)])
+    p = np.concatenate([spike_p([onsets[s]], events[s], -WINDOW, LENGTH - 2, B, rng) for s in range(n)])
     assert np.mean(np.nan_to_num(p, nan=1.0) < 0.01) >= 0.9
     # Two-sided, the step test's floor is 2 / (B + 1): B = 399 lets it go below 0.01.
     trains = [
-        alignment.jitter_trains(events[s], -1, LENGTH - 2, exclude=EXCLUDE, permutations=399, rng=rng)
+        alignment.jitter_trains(events[s], -WINDOW, LENGTH - 2, exclude=EXCLUDE, permutations=399, rng=rng)
         for s in range(n)
     ]
     steps = step_p(plant_steps(values, sigma, events, 5.0), lambda s: trains[s], events)
