@@ -754,19 +754,31 @@ def jitter_test(
     """The event test of several series sharing one event train: (observed T per series, shape (S,);
     T of each of the jittered trains, shape (S, B)). ``events`` sorted, within ``[lo, hi]``;
     ``avoid``: positions (sorted) whose ``window`` neighbourhood the jittered events must avoid."""
-    observed = null_counts(onsets, np.asarray(events, dtype=np.int64)[None, :], window)[:, 0]
-    trains = jitter_trains(
-        events,
-        lo,
-        hi,
-        exclude=exclude,
-        permutations=permutations,
-        rng=rng,
-        gaps=gaps,
-        avoid=avoid,
-        avoid_radius=window,
-    )
-    return observed, null_counts(onsets, trains, window)
+    events = np.asarray(events, dtype=np.int64)
+    observed = null_counts(onsets, events[None, :], window)[:, 0]
+    null = np.zeros((len(onsets), permutations), dtype=np.int64)
+    # At most CHUNK positions exist at once (a run of thousands of short epochs has thousands of
+    # placebo boundaries). The chunk size depends on E alone, so the draws stay deterministic.
+    step = max(1, CHUNK // max(events.size, 1))
+    for b0 in range(0, permutations, step):
+        b1 = min(permutations, b0 + step)
+        trains = jitter_trains(
+            events,
+            lo,
+            hi,
+            exclude=exclude,
+            permutations=b1 - b0,
+            rng=rng,
+            gaps=gaps,
+            avoid=avoid,
+            avoid_radius=window,
+        )
+        null[:, b0:b1] = null_counts(onsets, trains, window)
+    return observed, null
+
+
+CHUNK = 4_000_000
+"""Jittered event positions drawn and counted at once (about 100 MB of working memory)."""
 
 
 def _pick(result: tuple, i: int, tested: bool) -> tuple[int | None, float | None, float | None]:

@@ -104,6 +104,24 @@ def test_jittered_events_move_between_the_exclusion_and_a_few_local_gaps() -> No
     assert not any(abs(int(x) - a) <= 20 for x in kept.ravel() for a in avoid)
 
 
+def test_long_trains_are_jittered_in_chunks_with_the_same_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = np.arange(100, 5000, 37)
+    onsets = [np.arange(105, 5000, 74), np.array([2000])]
+    monkeypatch.setattr(alignment, "CHUNK", 10 * len(events))  # ten trains per chunk
+    observed, null = alignment.jitter_test(
+        onsets, events, 0, 4999, window=10, exclude=30, permutations=95, rng=np.random.default_rng(5)
+    )
+    assert null.shape == (2, 95) and observed.tolist() == [
+        _followed_by_loops(list(on), events, 10) for on in onsets
+    ]
+    # The same generator read chunk by chunk: the same trains, so the same counts.
+    rng = np.random.default_rng(5)
+    parts = [
+        alignment.jitter_trains(events, 0, 4999, exclude=30, permutations=n, rng=rng) for n in [10] * 9 + [5]
+    ]
+    assert (null == alignment.null_counts(onsets, np.concatenate(parts), 10)).all()
+
+
 def test_same_seed_same_draws_and_different_seed_different_draws() -> None:
     events = np.array([50, 300, 700])
     a = alignment.jitter_trains(events, 0, 999, exclude=10, permutations=50, rng=alignment._rng(0, 0, 0))
