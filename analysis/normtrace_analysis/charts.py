@@ -1,4 +1,5 @@
-"""Altair charts of a trace: norm curves per module, each layer's share of the norm, and metrics.
+"""Altair charts of a trace: norm curves per module, each layer's share of the norm, metrics, and the
+event-triggered average.
 
 Every chart aggregates with Polars before it reaches Altair: the x axis (epochs or passes) is cut into
 bins so that a chart's curves embed at most about ``max_rows`` rows whatever the run length, and event
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING, Literal
 import altair as alt
 import polars as pl
 
+from .names import LEVELS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
+
 if TYPE_CHECKING:
     from .trace import Trace
 
-Level = Literal["epoch", "pass"]
 Band = Literal["p05-p95", "min-max", "none"]
-Table = Literal["outputs", "params"]
 
 MAX_ROWS = 3000
 """Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
@@ -91,7 +92,7 @@ def norms(
     """
     lf = getattr(trace, table)
     x = _x_column(level)
-    ids = ["run", "module", "split"] if table == "outputs" else ["run", "module", "param"]
+    ids = SUMMARY_KEYS[table]
     groups = (
         lf.group_by(ids)
         .agg(
@@ -323,6 +324,105 @@ def _printable_frame(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(fixes) if fixes else df
 
 
+def event_profile(
+    trace: Trace,
+    event: str = "target_update",
+    *,
+    window: int | None = None,
+    level: Level = "pass",
+    table: Table = "outputs",
+    modules: Sequence[str] | str | None = None,
+    placebo: bool = True,
+    panels: int = 12,
+) -> alt.TopLevelMixin:
+    """The event-triggered average: every series from −W to +W around ``event``, one small panel each.
+
+    With more than ``panels`` series, the ``panels`` whose average after the event strays farthest from 1
+    are drawn (in series order): a hundred layers' panels would bury the ones where something happens.
+
+    The line is the median over events of the value divided by its event's pre-event median (1 = as
+    before the event), the band the quartiles over events; the placebo (epoch boundaries away from every
+    event) is drawn beside it in grey when there is one. The median rather than the mean: early in
+    training a few events move a norm several-fold, and a mean (and its interval) is then theirs alone;
+    the tooltip has the mean and its 95% interval too. The rule between offsets 0 and 1 is the event:
+    it is recorded after the pass of offset 0. Data: :meth:`Trace.event_profile`.
+    """
+    frame = trace.event_profile(
+        event, window=window, level=level, table=table, modules=modules, placebo=placebo
+    )
+    if frame.filter(pl.col("kind") == "event").is_empty():
+        raise ValueError(f"no {event} events (or no {table} rows around them) to profile")
+    keys = SERIES_KEYS[table]
+    several = {k: frame[k].n_unique() > 1 for k in keys if k != "module"}
+    parts = [pl.col("run")] if several["run"] else []
+    parts.append(pl.col("module") + (pl.lit(".") + pl.col("param") if table == "params" else pl.lit("")))
+    if table == "outputs" and several.get("split"):
+        parts.append(pl.lit("(") + pl.col("split") + pl.lit(")"))
+    if several["rank"]:
+        parts.append(pl.lit("rank ") + pl.col("rank").cast(pl.String))
+    strays = (
+        frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
+        .group_by(keys)
+        .agg((pl.col("median") - 1).abs().max().alias("_stray"))
+        .sort("_stray", descending=True, nulls_last=True)
+        .head(panels)
+    )
+    frame = frame.join(strays.select(keys), on=keys, how="semi")
+    # Offsets no event has a point at (a series recorded every other pass) would break the line.
+    data = (
+        frame.filter(pl.col("events") > 0)
+        .with_columns(
+            pl.concat_str(parts, separator=" ").alias("series"),
+            pl.col("mean", "ci_lo", "ci_hi", "median", "p25", "p75").round_sig_figs(DIGITS),
+        )
+        .select("series", "kind", "offset", "events", "median", "p25", "p75", "mean", "ci_lo", "ci_hi")
+    )
+    unit = "passes" if level == "pass" else "epochs"
+    x = alt.X("offset:Q", title=f"{unit} from the event")
+    # The legend's labels are data, not a labelExpr: an event name is the user's and may hold quotes,
+    # and no user string may reach a Vega expression (titles of encodings do too: they stay generic).
+    around = {"event": printable(event), "placebo": "other epoch boundaries"}
+    data = data.with_columns(pl.col("kind").replace_strict(around, return_dtype=pl.String))
+    colour = alt.Color(
+        "kind:N",
+        title="around",
+        scale=alt.Scale(domain=list(around.values()), range=["#d62728", "#7f7f7f"]),
+    )
+    y_title = "value / pre-event median"
+    panels = []
+    for (series,), part in data.group_by("series", maintain_order=True):
+        base = alt.Chart(_printable_frame(part))
+        layers = [
+            base.mark_area(opacity=0.2).encode(
+                x=x, y=alt.Y("p25:Q", title=y_title, scale=alt.Scale(zero=False)), y2="p75:Q", color=colour
+            ),
+            base.mark_line(point=part.height <= 2 * 41).encode(
+                x=x,
+                y=alt.Y("median:Q", title=y_title),
+                color=colour,
+                tooltip=[
+                    alt.Tooltip("kind:N"),
+                    alt.Tooltip("offset:Q"),
+                    alt.Tooltip("events:Q"),
+                    alt.Tooltip("median:Q", format=_FORMAT),
+                    alt.Tooltip("p25:Q", format=_FORMAT),
+                    alt.Tooltip("p75:Q", format=_FORMAT),
+                    alt.Tooltip("mean:Q", format=_FORMAT),
+                    alt.Tooltip("ci_lo:Q", title="mean, 95% from", format=_FORMAT),
+                    alt.Tooltip("ci_hi:Q", title="to", format=_FORMAT),
+                ],
+            ),
+            alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x="x:Q"),
+            alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(color="#999", strokeWidth=0.5).encode(y="y:Q"),
+        ]
+        panels.append(
+            alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
+        )
+    return alt.concat(*panels, columns=3).properties(
+        title=f"{printable(event)}-triggered average of the {value_title(trace, table)} (median and quartiles over events)"
+    )
+
+
 def value_title(trace: Trace, table: Table) -> str:
     """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel))."""
     what = "output" if table == "outputs" else "parameter"
@@ -335,7 +435,7 @@ def value_title(trace: Trace, table: Table) -> str:
 
 
 def _x_column(level: Level) -> str:
-    if level not in ("epoch", "pass"):
+    if level not in LEVELS:
         raise ValueError(f"level must be 'epoch' or 'pass', not {level!r}")
     return level
 

@@ -20,10 +20,10 @@ import polars as pl
 
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
+from .names import PERMUTATIONS, SUMMARY_KEYS
 from .progress import progress as show_progress
 from .report import export_charts, report
 from .schema import TABLES
-from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
 EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
@@ -108,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     spikes.add_argument("--threshold", type=float, help="robust z-score above which a value is a spike")
     spikes.add_argument("--window", type=_positive, help="passes/epochs after an event that count as near it")
     spikes.add_argument(
+        "--windows",
+        type=_windows,
+        metavar="W1,W2,…",
+        help="also test these windows (e.g. 5,20,50): is the finding robust to the window?",
+    )
+    spikes.add_argument(
+        "--permutations",
+        type=_positive,
+        default=PERMUTATIONS,
+        metavar="B",
+        help="jittered event trains per test",
+    )
+    spikes.add_argument("--seed", type=int, default=0, help="seed of the jitter (same seed, same p-values)")
+    spikes.add_argument(
+        "--alignment",
+        action="store_true",
+        help="with --csv: write the alignment table (one row per series and window) instead of the spikes",
+    )
+    spikes.add_argument(
         "--limit", type=_positive, default=20, metavar="N", help="spikes listed in text output"
     )
     spikes.set_defaults(handler=_spikes)
@@ -183,24 +202,98 @@ def _spikes(args: argparse.Namespace) -> int:
     with show_progress("spikes"):
         trace = _load(args)
         found = trace.spikes(table=args.table, level=args.level, threshold=args.threshold)
-        aligned = trace.event_alignment(
-            args.event, window=args.window, level=args.level, table=args.table, threshold=args.threshold
+        options = {
+            "level": args.level,
+            "table": args.table,
+            "threshold": args.threshold,
+            "permutations": args.permutations,
+            "seed": args.seed,
+        }
+        aligned = trace.event_alignment(args.event, window=args.window, **options)
+        windows = [w for w in (args.windows or []) if w != aligned["window"][0]] if aligned.height else []
+        several = trace.event_alignment(args.event, window=args.windows, **options) if windows else None
+        steps = trace.event_steps(
+            args.event,
+            window=args.window,
+            level=args.level,
+            table=args.table,
+            permutations=args.permutations,
+            seed=args.seed,
+        )
+        groups = trace.spike_groups(
+            args.table, level=args.level, threshold=args.threshold, window=args.window
         )
     if args.output == "csv":
-        _write_frame(found, "csv")
-    elif args.output == "json":
-        print(json.dumps({"spikes": _records(found), "alignment": _records(aligned)}))
-    else:
-        columns = [c for c in _SPIKE_COLUMNS if c in found.columns]
-        top = found.sort(pl.col("score").abs(), descending=True).head(args.limit).select(columns)
-        shown = f", the {top.height} strongest shown" if found.height > top.height else ""
-        print(f"{found.height} spikes in {args.table} (per {args.level}){shown}")
-        if top.height:
-            print(_text_table(columns, top.rows()))
+        _write_frame((several if several is not None else aligned) if args.alignment else found, "csv")
+        return 0
+    if args.output == "json":
+        doc = {
+            "spikes": _records(found),
+            "alignment": _records(several if several is not None else aligned),
+            "steps": _records(steps),
+            "groups": _records(groups),
+        }
+        print(json.dumps(doc))
+        return 0
+    columns = [c for c in _SPIKE_COLUMNS if c in found.columns]
+    top = found.sort(pl.col("score").abs(), descending=True).head(args.limit).select(columns)
+    shown = f", the {top.height} strongest shown" if found.height > top.height else ""
+    print(f"{found.height} spikes in {args.table} (per {args.level}){shown}")
+    if top.height:
+        print(_text_table(columns, top.rows()))
+    print()
+    for finding in aligned["finding"]:
+        print(finding)
+    tested = aligned.filter(pl.col("p_value").is_not_null())
+    if tested.height:
         print()
-        for finding in aligned["finding"]:
+        print(_alignment_text(several if several is not None else aligned, args.table))
+        floor = tested["p_floor"][0]
+        print(
+            f"p: share of {args.permutations} jittered event trains doing as well (floor {floor:.2g}); "
+            f"q: Benjamini–Hochberg across the {tested.height} series tested (valid for correlated layers)"
+        )
+    shared = groups.filter(pl.col("size") > 1)
+    for _, part in shared.group_by("run", "rank", "group", maintain_order=True):
+        names = ", ".join(_series_name(row, args.table) for row in part.iter_rows(named=True))
+        print(f"the same excursions (one finding, not {part.height}): {names}")
+    steps = steps.filter(pl.col("p_value").is_not_null()).sort("p_value")
+    if steps.height:
+        print()
+        stepping = steps.filter(pl.col("q_value") < 0.05)
+        for finding in stepping["finding"]:
             print(finding)
+        if stepping.is_empty():
+            print(
+                f"no step: in none of the {steps.height} series does the level after a {args.event} differ "
+                f"from the level before (smallest p = {steps['p_value'][0]:.2g}; --json for all)"
+            )
     return 0
+
+
+def _series_name(row: dict[str, Any], table: str) -> str:
+    """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``."""
+    if table == "params":
+        return f"{row['module']}.{row['param']}"
+    return row["module"] + ("" if row["split"] == "train" else f" ({row['split']})")
+
+
+def _alignment_text(aligned: pl.DataFrame, table: str) -> str:
+    """The alignment numbers per tested series (and window) as a terminal table."""
+    keys = [k for k in SUMMARY_KEYS[table] if k != "run" or aligned["run"].n_unique() > 1]
+    rows = aligned.filter(pl.col("p_value").is_not_null()).select(
+        *keys,
+        "window",
+        pl.format("{}/{}", "events_followed", "events").alias("followed"),
+        (pl.col("chance") * 100).round(2).alias("chance %"),
+        "enrichment",
+        "p_value",
+        "q_value",
+        "clusters",
+        pl.format("{}/{}", "placebo_followed", "placebo_events").alias("placebo"),
+        "placebo_p",
+    )
+    return _text_table(rows.columns, rows.rows())
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -217,7 +310,7 @@ def _report(args: argparse.Namespace) -> int:
     existing = sorted(folder.glob(f"*.{args.format}")) if folder.is_dir() else []
     if existing and not args.force:
         raise ValueError(f"{folder} already holds {args.format} files ({existing[0].name}, …); pass --force")
-    written = export_charts(trace, folder, args.format, progress=True, **options)
+    written = export_charts(trace, folder, args.format, event=args.event, progress=True, **options)
     if not written:
         raise ValueError("no chart could be exported: the trace has no rows to chart")
     for path in written:
@@ -305,6 +398,17 @@ def _range(text: str) -> tuple[int | None, int | None]:
         return (int(lo) if lo else None, int(hi) if hi else None)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO:HI with integers, got {text!r}") from None
+
+
+def _windows(text: str) -> list[int]:
+    """``5,20,50``: positive integers separated by commas."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def _positive(text: str) -> int:

@@ -24,10 +24,11 @@ import polars as pl
 import vl_convert
 
 from . import charts
-from .charts import MAX_ROWS, Band, Level
+from .alignment import PLACEBO, TOLERANCE, format_p
+from .charts import MAX_ROWS, Band
 from .errors import TraceError
+from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level
 from .progress import progress as show_progress
-from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
 Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -77,7 +78,9 @@ def report(
             raise
         except Exception as exc:  # the charts and the other tables are still worth writing
             spikes, parts["spikes"] = None, _failed("spikes", exc)
-        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+        sections = chart_sections(
+            trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=event
+        )
         blocks: list[tuple[str, Callable[[], str]]] = [
             ("metadata", lambda: _metadata_html(trace)),
             ("summary", lambda: _summary_html(trace)),
@@ -116,6 +119,7 @@ def export_charts(
     level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
+    event: str = "target_update",
     max_rows: int = MAX_ROWS,
     scale: float = 2.0,
     progress: bool = False,
@@ -134,7 +138,9 @@ def export_charts(
     with trace.reading(), show_progress(f"export {format}", enabled=progress) as bar:
         bar.set_postfix_str("spikes", refresh=False)
         spikes = _spikes_or_none(trace, level)
-        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+        sections = chart_sections(
+            trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=event
+        )
         for section in (s for s in sections if s.build):
             bar.set_postfix_str(section.slug, refresh=False)
             target = _export_one(section.slug, section.build, folder, format, scale)
@@ -170,10 +176,12 @@ def chart_sections(
     log: bool = False,
     max_rows: int = MAX_ROWS,
     spikes: pl.DataFrame | None = None,
+    event: str = "target_update",
 ) -> list[ChartSection]:
     """The report's charts, in order, sharing one x axis range; unbuilt until ``build()`` is called.
 
-    ``spikes`` (from ``trace.spikes(level=level)``) is drawn on the output-norm chart.
+    ``spikes`` (from ``trace.spikes(level=level)``) is drawn on the output-norm chart; the last chart is
+    the ``event``-triggered average of the output norms (absent when the run has no such event).
     """
     present = {t: _has_rows(trace, t) for t in ("outputs", "params", "metrics")}
     domain = charts.x_domain(trace, level) if any(present.values()) else None
@@ -192,10 +200,21 @@ def chart_sections(
         ("parameter-share", "Share of the parameter norm per layer", "params",
          lambda: charts.share(trace, "params", domain=epoch_domain, **common)),
     ]  # fmt: skip
-    return [
+    sections = [
         ChartSection(slug, heading, build if present[table] else None, f"The trace has no {table} rows.")
         for slug, heading, table, build in specs
     ]
+    width = SENSITIVITY_WINDOWS[level][-1]
+    has_event = present["outputs"] and _has_event(trace, event)
+    sections.append(
+        ChartSection(
+            "event-profile",
+            f"Output norms around each {event}, {width} {level}{'es' if level == 'pass' else 's'} either side",
+            (lambda: charts.event_profile(trace, event, window=width, level=level)) if has_event else None,
+            f"The trace has no {event} events (or no output norms).",
+        )
+    )
+    return sections
 
 
 @cache
@@ -217,6 +236,10 @@ def _as_trace(source: Source) -> Trace:
 
 def _has_rows(trace: Trace, table: str) -> bool:
     return trace.table(table).head(1).collect().height > 0
+
+
+def _has_event(trace: Trace, event: str) -> bool:
+    return trace.events.filter(pl.col("name") == event).head(1).collect().height > 0
 
 
 def _spikes_or_none(trace: Trace, level: Level) -> pl.DataFrame | None:
@@ -330,15 +353,126 @@ def _summary_html(trace: Trace) -> str:
 
 
 def _alignment_html(trace: Trace, event: str, level: Level) -> str:
-    """The plain-language finding per module and the alignment statistics behind it."""
-    head = f'<section id="alignment"><h2>Findings: spikes after {_esc(event)}</h2>'
+    """The findings about ``event``: spikes after it (with placebo, q-values, correlated layers), the
+    same across windows, and steps in the level at it."""
+    head = f'<section id="alignment"><h2>Findings: what follows {_esc(event)}</h2>'
     if not _has_rows(trace, "outputs"):
         return f'{head}<p class="note">Not computed: the trace has no output norms.</p></section>'
     aligned = trace.event_alignment(event=event, level=level)
     first = aligned.sort(pl.col("spikes") == 0, "p_value", nulls_last=True)  # spiking series first
     findings = "".join(f"<li>{_esc(s)}</li>" for s in first["finding"].to_list())
-    table = _table(aligned.drop("finding"))
-    return f'{head}<ul class="findings">{findings}</ul>{table}</section>'
+    tested = aligned.filter(pl.col("p_value").is_not_null())
+    parts = [head, f'<ul class="findings">{findings}</ul>', _method_note(aligned, tested, level)]
+    parts.append(_groups_html(trace, level))
+    if tested.height:
+        parts.append(
+            f"<h3>Spikes after {_esc(event)}, per series with a spike</h3>"
+            f"{_table(_alignment_view(tested.sort('p_value')))}"
+        )
+        windows = SENSITIVITY_WINDOWS[level]
+        several = trace.event_alignment(event=event, level=level, window=windows)
+        several = several.join(tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi")
+        unit = "passes" if level == "pass" else "epochs"
+        parts.append(
+            f"<h3>The same for windows of {', '.join(map(str, windows))} {unit}</h3>"
+            f'<p class="note">The default window is not a free choice: an effect that is real shows at '
+            f"every window that covers it (q-values within each window).</p>{_table(_alignment_view(several, True))}"
+        )
+    parts.append(_steps_html(trace, event, level))
+    return "".join(parts) + "</section>"
+
+
+def _method_note(aligned: pl.DataFrame, tested: pl.DataFrame, level: Level) -> str:
+    """How to read the numbers: units, the permutation p and its floor, BH, and the placebo."""
+    if aligned.height == 0 or tested.height == 0:
+        return ""
+    floor = tested["p_floor"][0]
+    placebo = (
+        f" The placebo repeats the test on the {PLACEBO} that are not within the window of an event: an "
+        "effect of the event, not of the boundary, shows as a small p beside a large placebo p."
+        if level == "pass"
+        else ""
+    )
+    return (
+        '<p class="note">Counted in events: an event is followed when a spike cluster (spikes closer than '
+        "the larger of the window and half the detector's baseline are one excursion) starts within the "
+        "window after it. Chance is the share of followed events among the events moved at random a few "
+        "event gaps away (local jitter, so drifting spike and event rates cancel); p is the share of "
+        f"{round(1 / floor) - 1} such jittered event trains that do at least as well, so it cannot go below "
+        f"{format_p(floor, floor).removeprefix('p ≤ ')}. q is the Benjamini–Hochberg q-value across the "
+        f"{tested.height} series tested. Layers of one network are correlated — one excursion reaches "
+        "several layers — and BH stays valid under such positive dependence (PRDS), but correlated layers "
+        f"are one piece of evidence, not several: see the groups below.{placebo}</p>"
+    )
+
+
+def _groups_html(trace: Trace, level: Level) -> str:
+    """Series whose spike clusters are the same excursions, listed as groups of two or more."""
+    groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
+    if groups.is_empty():
+        return ""
+    items = []
+    multi_run = groups["run"].n_unique() > 1
+    for (run, rank, _), part in groups.group_by("run", "rank", "group", maintain_order=True):
+        names = ", ".join(
+            m + (f" ({s})" if s != "train" else "") for m, s in part.select("module", "split").iter_rows()
+        )
+        where = f"{run}, rank {rank}: " if multi_run or rank else ""
+        share = part["shared"].mean()
+        items.append(
+            f"<li>{_esc(where + names)} — {share:.0%} of their spike clusters start within "
+            f"{TOLERANCE[level]} {level}{'es' if level == 'pass' else 's'} of one another's</li>"
+        )
+    return f'<h3>Layers whose spikes are the same excursions</h3><ul class="findings">{"".join(items)}</ul>'
+
+
+def _alignment_view(frame: pl.DataFrame, windows: bool = False) -> pl.DataFrame:
+    """The alignment columns worth a reader's eye, "k of E" written out."""
+    keys = ["module", "split"] + (["run"] if frame["run"].n_unique() > 1 else [])
+    keys += ["rank"] if frame["rank"].n_unique() > 1 else []
+    placebo = frame["placebo_events"].is_not_null().any()
+    return frame.select(
+        *keys,
+        *(["window"] if windows else []),
+        pl.format("{} of {}", "events_followed", "events").alias("events followed"),
+        "chance",
+        "enrichment",
+        pl.format("{}–{}", pl.col("enrichment_lo").round(1), pl.col("enrichment_hi").round(1)).alias(
+            "95% CI"
+        ),
+        "p_value",
+        "q_value",
+        "spikes",
+        "clusters",
+        *(
+            [
+                pl.format("{} of {}", "placebo_followed", "placebo_events").alias("placebo followed"),
+                "placebo_chance",
+                "placebo_p",
+            ]
+            if placebo
+            else []
+        ),
+        "p_floor",
+    )
+
+
+def _steps_html(trace: Trace, event: str, level: Level) -> str:
+    """Steps in the level at the event: findings and the table."""
+    steps = trace.event_steps(event=event, level=level)
+    steps = steps.filter(pl.col("p_value").is_not_null())
+    if steps.is_empty():
+        return ""
+    findings = "".join(f"<li>{_esc(s)}</li>" for s in steps.sort("p_value")["finding"].to_list())
+    keys = ["module", "split"] + (["run"] if steps["run"].n_unique() > 1 else [])
+    table = steps.select(*keys, "events", "step", "step_change", "steps_up", "p_value", "q_value", "p_floor")
+    return (
+        f"<h3>Steps: the level after each {_esc(event)} against the level before it</h3>"
+        '<p class="note">The spike detector cannot see a lasting step (its centred median absorbs it), so '
+        "the median of the window after each event is compared with the median of the window before, in "
+        "robust SDs of the series' noise; the median over events is tested two-sided against the same "
+        f'jittered trains.</p><ul class="findings">{findings}</ul>{_table(table)}'
+    )
 
 
 def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
@@ -373,8 +507,8 @@ def _cell(column: str, value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        if column == "p_value" and value < 0.001:
-            return "< 0.001"
+        if column in ("chance", "placebo_chance"):
+            return f"{100 * value:.2g}%"
         return f"{value:.4g}"
     return str(value)
 

@@ -12,11 +12,11 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -32,6 +32,7 @@ from .errors import (
     SkippedShardsWarning,
     StrayFilesWarning,
 )
+from .names import PERMUTATIONS, SPLITS, Level, Table
 from .schema import (
     META_FILE,
     REQUIRED_COLUMNS,
@@ -42,13 +43,8 @@ from .schema import (
     check_table,
 )
 
-if TYPE_CHECKING:
-    from .spikes import Level
-
 PathLike = str | os.PathLike[str]
-R = TypeVar("R")
-SPLITS = ("train", "no_grad")
-"""Values of the derived ``split`` column of ``outputs``: grad-enabled passes vs ``torch.no_grad`` passes."""
+T = TypeVar("T")
 
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
 
@@ -76,11 +72,11 @@ class _Filters:
     runs: tuple[str, ...] | None = None
 
 
-def _reads_shards(method: Callable[..., R]) -> Callable[..., R]:
+def _reads_shards(method: Callable[..., T]) -> Callable[..., T]:
     """Run a Trace method inside :meth:`Trace.reading`, so a damaged shard is named, not a codec error."""
 
     @functools.wraps(method)
-    def wrapper(self: Trace, *args: Any, **kwargs: Any) -> R:
+    def wrapper(self: Trace, *args: Any, **kwargs: Any) -> T:
         with self.reading():
             return method(self, *args, **kwargs)
 
@@ -101,11 +97,31 @@ class Trace:
     _base: dict[str, pl.LazyFrame]
     skipped: list[Path]
     _filters: _Filters = field(default_factory=_Filters)
-    _cache: dict[tuple, pl.DataFrame] = field(init=False, repr=False, compare=False)
+    _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Memoised analysis results (small frames), per Trace: a filtered Trace starts with its own.
+        # Memoised analysis results, per Trace: a filtered Trace starts with its own (see ``cached``).
         self._cache = {}
+
+    def cached(self, key: Hashable, compute: Callable[[], T], *, slot: str | None = None) -> T:
+        """``compute()``, memoised on this Trace under ``key`` (the analyses' one way to memoise).
+
+        Results are kept for the Trace's lifetime; a filtered Trace starts empty, since its rows differ.
+        With ``slot``, the slot holds one result only and a new ``key`` replaces the old one: for large
+        intermediates (the regrouped series of a table) of which one at a time is worth its memory.
+        ``key`` must name everything the result depends on (table, level, options).
+
+        Example: ``trace.cached(("my-stat", window), lambda: expensive(trace, window))``.
+        """
+        if slot is None:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]
+        held = self._cache.get(slot)
+        if held is None or held[0] != key:
+            self._cache[slot] = None  # free the old result before computing the new one
+            held = self._cache[slot] = (key, compute())
+        return held[1]
 
     @property
     def runs(self) -> list[str]:
@@ -266,9 +282,12 @@ class Trace:
             f = replace(f, runs=_intersect(f.runs, names))
         return replace(self, _filters=f)
 
+    # Analyses: one calling style. The first argument is what is analysed (a table or an event name),
+    # every option is keyword-only, and each method delegates to its module's function of the same name.
+
     @_reads_shards
-    def epoch_summary(self, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
-        """Per-epoch statistics of ``value`` per module (and param / split); see :mod:`.summary`."""
+    def epoch_summary(self, table: Table = "outputs") -> pl.DataFrame:
+        """Per-epoch statistics of ``value`` per module (and param / split); see :func:`.summary.epoch_summary`."""
         from .summary import epoch_summary
 
         return epoch_summary(self, table)
@@ -276,7 +295,8 @@ class Trace:
     @_reads_shards
     def spikes(
         self,
-        table: Literal["outputs", "params"] = "outputs",
+        table: Table = "outputs",
+        *,
         level: Level = "pass",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
@@ -290,19 +310,72 @@ class Trace:
         )
 
     @_reads_shards
-    def event_alignment(
+    def spike_clusters(
         self,
-        event: str = "target_update",
-        window: int | None = None,
-        level: Level = "pass",
+        table: Table = "outputs",
         *,
-        table: Literal["outputs", "params"] = "outputs",
+        level: Level = "pass",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
         baseline_window: int | None = None,
+        window: int | None = None,
     ) -> pl.DataFrame:
-        """Does spiking cluster right after ``event``? One row per series; see :func:`.spikes.event_alignment`."""
-        from .spikes import event_alignment
+        """Each series' spikes merged into excursions; see :func:`.alignment.spike_clusters`."""
+        from .alignment import spike_clusters
+
+        return spike_clusters(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+        )
+
+    @_reads_shards
+    def spike_groups(
+        self,
+        table: Table = "outputs",
+        *,
+        level: Level = "pass",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        window: int | None = None,
+        tolerance: int | None = None,
+    ) -> pl.DataFrame:
+        """Series whose spikes are the same excursions, grouped; see :func:`.alignment.spike_groups`."""
+        from .alignment import spike_groups
+
+        return spike_groups(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+            tolerance=tolerance,
+        )
+
+    def event_alignment(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | Sequence[int] | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        placebo: bool = True,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+    ) -> pl.DataFrame:
+        """Do spikes follow ``event``? k of E events, local chance, permutation p, BH q, placebo; one row
+        per series (and window); see :func:`.alignment.event_alignment`."""
+        from .alignment import event_alignment
 
         return event_alignment(
             self,
@@ -313,6 +386,57 @@ class Trace:
             modules=modules,
             threshold=threshold,
             baseline_window=baseline_window,
+            placebo=placebo,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    @_reads_shards
+    def event_steps(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        baseline_window: int | None = None,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+    ) -> pl.DataFrame:
+        """Does the level step at ``event``? Median after vs before, permutation p; see
+        :func:`.alignment.event_steps`."""
+        from .alignment import event_steps
+
+        return event_steps(
+            self,
+            event,
+            window=window,
+            level=level,
+            table=table,
+            modules=modules,
+            baseline_window=baseline_window,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    @_reads_shards
+    def event_profile(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        placebo: bool = True,
+    ) -> pl.DataFrame:
+        """The event-triggered average of every series, −W … +W around ``event``; see
+        :func:`.alignment.event_profile`."""
+        from .alignment import event_profile
+
+        return event_profile(
+            self, event, window=window, level=level, table=table, modules=modules, placebo=placebo
         )
 
 

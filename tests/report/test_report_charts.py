@@ -304,3 +304,34 @@ def test_leaf_modules_are_those_no_other_module_is_inside() -> None:
         named = [m for m in names if m != "(root)"]
         expected = sorted(m for m in named if not any(o != m and o.startswith(m + ".") for o in named))
         assert charts._leaf_modules(names) == (expected or names), names
+
+
+def test_event_profile_draws_the_profile_frame_and_keeps_the_panels_that_move(run_a: Path) -> None:
+    trace = na.load(run_a)
+    frame = trace.event_profile("target_update", window=10)
+    chart = charts.event_profile(trace, "target_update", window=10, panels=3)
+    drawn = rows_with(chart, "p25")
+    kinds = {"target_update": "event", "other epoch boundaries": "placebo"}  # legend labels are data
+    assert {r["kind"] for r in drawn} == set(kinds)
+    assert all(r["events"] > 0 for r in drawn)  # offsets without a point are left out, not drawn as gaps
+    titles = [panel["title"] for panel in chart.to_dict()["concat"]]
+    assert len(titles) == 3
+    # The three panels are the series whose median after the event strays farthest from 1.
+    stray = (
+        frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
+        .group_by("module", "split")
+        .agg((pl.col("median") - 1).abs().max().alias("stray"))
+        .sort("stray", descending=True)
+        .head(3)
+    )
+    assert sorted(titles) == sorted(f"{m} ({s})" for m, s in stray.select("module", "split").iter_rows())
+    for row in drawn:
+        want = frame.filter(
+            (pl.col("module") + " (" + pl.col("split") + ")" == row["series"])
+            & (pl.col("kind") == kinds[row["kind"]])
+            & (pl.col("offset") == row["offset"])
+        ).row(0, named=True)
+        for stat in ("median", "p25", "p75", "mean"):
+            assert row[stat] == pytest.approx(want[stat], rel=1e-5)
+    with pytest.raises(ValueError, match="no lr_drop events"):
+        charts.event_profile(trace, "lr_drop")

@@ -91,6 +91,55 @@ def test_spikes_json_and_text_match_the_analysis(run_a: Path, capsys: pytest.Cap
     assert pl.read_csv(io.StringIO(out)).height == found.height
 
 
+def test_spikes_shows_events_followed_q_values_placebo_and_windows(
+    run_a: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = na.load(run_a)
+    aligned = trace.event_alignment("target_update", window=(5, 20), permutations=199, seed=3)
+    code, out, _ = run_cli(
+        capsys, "spikes", run_a, "--windows", "5,20", "--permutations", "199", "--seed", "3"
+    )
+    assert code == 0
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("module"))
+    assert header.split() == [
+        "module", "split", "window", "followed", "chance", "%", "enrichment", "p_value", "q_value",
+        "clusters", "placebo", "placebo_p",
+    ]  # fmt: skip
+    tested = aligned.filter(pl.col("p_value").is_not_null())
+    for row in tested.iter_rows(named=True):
+        followed = f"{row['events_followed']}/{row['events']}"
+        assert any(
+            line.split()[:4] == [row["module"], row["split"], str(row["window"]), followed] for line in lines
+        )
+    assert any("Benjamini–Hochberg across the" in line for line in lines)
+    code, out, _ = run_cli(
+        capsys,
+        "spikes",
+        run_a,
+        "--csv",
+        "--alignment",
+        "--windows",
+        "5,20",
+        "--permutations",
+        "199",
+        "--seed",
+        "3",
+    )
+    table = pl.read_csv(io.StringIO(out))
+    assert table.height == aligned.height and set(table["window"]) == {5, 20}
+    assert {"events_followed", "chance", "q_value", "placebo_p", "placebo_q"} <= set(table.columns)
+    assert table["q_value"].to_list() == pytest.approx(aligned["q_value"].to_list(), nan_ok=True)
+    code, out, _ = run_cli(capsys, "spikes", run_a, "--json", "--permutations", "199")
+    doc = json.loads(out)
+    assert set(doc) == {"spikes", "alignment", "steps", "groups"}
+    assert {"events_followed", "q_value", "placebo_followed", "finding"} <= set(doc["alignment"][0])
+    assert {"step", "step_change", "p_value", "q_value"} <= set(doc["steps"][0])
+    with pytest.raises(SystemExit) as exit_:  # argparse's own error: one line, exit code 2
+        run_cli(capsys, "spikes", run_a, "--windows", "5,0")
+    assert exit_.value.code == 2 and "positive integers" in capsys.readouterr().err
+
+
 def test_spikes_align_on_the_event_asked_for(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
     aligned = na.load(run_a).event_alignment("lr_drop")  # never recorded: every finding says so
     code, out, _ = run_cli(capsys, "spikes", run_a, "--event", "lr_drop")
@@ -122,13 +171,13 @@ def test_report_writes_html_or_static_charts(
     code, out, _ = run_cli(capsys, "report", run_a, run_b, "-o", page)
     assert (code, out.strip()) == (0, str(page))
     text = page.read_text()
-    assert text.count('data-chart="') == 5 and "run-a, run-b" in text
+    assert text.count('data-chart="') == 6 and "run-a, run-b" in text
     code, out, _ = run_cli(
         capsys, "report", run_a, "--format", "svg", "-o", tmp_path / "svg", "--modules", "net.0"
     )
     assert code == 0
     files = [Path(line) for line in out.splitlines()]
-    assert len(files) == 5 and all(f.suffix == ".svg" and f.read_text().startswith("<svg") for f in files)
+    assert len(files) == 6 and all(f.suffix == ".svg" and f.read_text().startswith("<svg") for f in files)
 
 
 def corrupt_copy(run: Path, where: Path) -> Path:

@@ -20,7 +20,7 @@ from normtrace_analysis.report import ChartSection, chart_sections, export_chart
 from reportgen import MODULES
 from tracegen import write_trace
 
-SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share"]
+SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share", "event-profile"]
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
 
 
@@ -56,6 +56,15 @@ def test_report_shows_metadata_summary_findings_and_spikes(run_a: Path, tmp_path
     assert aligned.height > 0
     for finding in aligned["finding"]:
         assert f"<li>{html.escape(finding)}</li>" in text
+    # How to read p and q, the windows, the steps, and the layers that are one finding.
+    findings = text[text.index('id="alignment"') : text.index('id="metadata"')]
+    assert "Benjamini–Hochberg q-value across the" in findings and "(PRDS)" in findings
+    assert "The same for windows of 5, 20, 50 passes" in findings
+    assert "Steps: the level after each target_update against the level before it" in findings
+    for finding in trace.event_steps("target_update").drop_nulls("p_value")["finding"]:
+        assert html.escape(finding) in findings
+    if trace.spike_groups().filter(pl.col("size") > 1).height:
+        assert "Layers whose spikes are the same excursions" in findings
     found = trace.spikes(level="pass")
     assert f"{found.height} spikes" in text
     embedded = specs(text)
@@ -96,6 +105,7 @@ def test_charts_without_data_say_so(tmp_path: Path) -> None:
     text = report(run, tmp_path / "report.html").read_text()
     assert list(specs(text)) == ["output-norms", "output-share"]
     assert "The trace has no params rows." in text and "The trace has no metrics rows." in text
+    assert "The trace has no target_update events" in text
 
 
 def test_static_export_writes_one_file_per_chart(run_a: Path, tmp_path: Path) -> None:
@@ -190,8 +200,8 @@ def hostile_run(path: Path) -> Path:
                  "module": np.tile(names, n), "norm": norm.astype(np.float32)},
         metrics={"pass": np.repeat(np.arange(n), k), "epoch": np.repeat(np.arange(n) // 12, k).astype(np.int32),
                  "name": np.tile(names, n), "value": rng.random(n * k)},
-        events={"pass": np.array([30, 90]), "epoch": np.array([2, 7], dtype=np.int32),
-                "name": np.array([HOSTILE[0], HOSTILE[2]], dtype=object)},
+        events={"pass": np.array([30, 50, 70, 90]), "epoch": np.array([2, 4, 5, 7], dtype=np.int32),
+                "name": np.array([HOSTILE[0], HOSTILE[3], HOSTILE[3], HOSTILE[2]], dtype=object)},
     )  # fmt: skip
 
 
@@ -205,8 +215,9 @@ def test_hostile_names_export_as_static_charts(tmp_path: Path) -> None:
 def test_hostile_names_render_in_chromium(browser: Any, tmp_path: Path) -> None:
     runs = [hostile_run(tmp_path / "run\nA"), hostile_run(tmp_path / "run\\B'\"<i>")]
     for name, chosen in (("one", runs[:1]), ("two", runs)):
-        path = report(na.load(chosen), tmp_path / f"{name}.html")
+        path = report(na.load(chosen), tmp_path / f"{name}.html", event=HOSTILE[3])  # quotes in the event
         seen = open_report(browser, path)
         assert seen["errors"] == [], name
+        assert "event-profile" in [c["slug"] for c in seen["charts"]]
         for chart in seen["charts"]:
             assert chart["state"] == "rendered" and chart["marks"] > 0, (name, chart)
