@@ -15,6 +15,8 @@ PYTHON = os.environ.get("NORMTRACE_PYTHON")  # default: the interpreter running 
 def _install_project(session: nox.Session, *extras: str) -> None:
     """Both distributions, editable, from this checkout (torch resolves to the local CPU build)."""
     spec = f".[{','.join(extras)}]" if extras else "."
+    # pip is silent under nox: say what the first, slow install is doing
+    session.log("installing both packages (torch, pyarrow, polars, altair, ...): 1-3 minutes the first time")
     session.install("-e", spec, "-e", "./analysis")
 
 
@@ -43,7 +45,7 @@ def cartpole(session: nox.Session) -> None:
     Arguments after `--` go to examples/cartpole_dqn.py and override these defaults (see its --help);
     --overwrite is on so a rerun replaces runs/cartpole (pass --run-dir elsewhere to keep an old run).
     """
-    session.install("-e", ".[examples]", "-e", "./analysis")
+    _install_project(session, "examples")
     defaults = ["--episodes", "60", "--run-dir", "runs/cartpole", "--overwrite"]
     session.run("python", "examples/cartpole_dqn.py", *defaults, *session.posargs)
 

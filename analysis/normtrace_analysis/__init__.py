@@ -9,6 +9,7 @@ No torch needed: it reads only the documented trace format (Arrow IPC shards + m
 from .errors import (
     CorruptShardError,
     EmptyRunError,
+    EmptySelectionError,
     MetaError,
     MissingTableError,
     RunNotFoundError,
@@ -28,6 +29,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CorruptShardError",
     "EmptyRunError",
+    "EmptySelectionError",
     "MetaError",
     "MissingTableError",
     "RunNotFoundError",

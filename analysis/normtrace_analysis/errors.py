@@ -25,6 +25,11 @@ class EmptyRunError(TraceError):
     """A run directory holds no readable shard in any table."""
 
 
+class EmptySelectionError(TraceError, ValueError):
+    """A filter (``Trace.filter``, the CLI's ``--modules``/``--epochs``/``--split``) leaves no row; the
+    message says what the trace holds instead."""
+
+
 class CorruptShardError(TraceError):
     """A shard is truncated, unreadable, or lacks a required column (skippable with ``on_error="skip"``)."""
 

@@ -25,6 +25,7 @@ import pyarrow.ipc as ipc
 from .errors import (
     CorruptShardError,
     EmptyRunError,
+    EmptySelectionError,
     MetaError,
     MissingTableError,
     RunNotFoundError,
@@ -258,10 +259,8 @@ class Trace:
         f = self._filters
         if modules is not None:
             if isinstance(modules, str):
-                re.compile(modules)
-            else:
-                modules = tuple(modules)
-            f = replace(f, modules=(*f.modules, modules))
+                _check_regex(modules)
+            f = replace(f, modules=(*f.modules, modules if isinstance(modules, str) else tuple(modules)))
         if split is not None:
             splits = (split,) if isinstance(split, str) else tuple(split)
             bad = [s for s in splits if s not in SPLITS]
@@ -280,7 +279,45 @@ class Trace:
             if unknown:
                 raise ValueError(f"unknown run {unknown[0]!r}; loaded runs are {self.runs}")
             f = replace(f, runs=_intersect(f.runs, names))
-        return replace(self, _filters=f)
+        narrower = replace(self, _filters=f)
+        narrower._check_selects_rows(modules=modules, epochs=epochs, passes=passes, split=split)
+        return narrower
+
+    def _check_selects_rows(self, **asked: Any) -> None:
+        """Raise :class:`EmptySelectionError` when the filters ``asked`` for leave no row in the tables they
+        apply to, naming them and what the trace holds instead (a typo must not read as "no spikes")."""
+        tables = [t for t in TABLES if self.shards(t)]
+        if asked.get("modules") is not None:
+            tables = [t for t in tables if t in ("outputs", "params")]
+        if asked.get("split") is not None:
+            tables = [t for t in tables if t == "outputs"]
+        probes = [self.table(t).head(1).select(pl.len()) for t in tables]
+        if any(frame.item() for frame in pl.collect_all(probes)):
+            return
+        given = ", ".join(f"{k}={v!r}" for k, v in asked.items() if v is not None)
+        whole = replace(self, _filters=_Filters(runs=self._filters.runs))
+        found = []
+        if asked.get("modules") is not None:
+            names = (
+                pl.concat(
+                    [
+                        whole.table(t).select("module").unique()
+                        for t in ("outputs", "params")
+                        if self.shards(t)
+                    ]
+                )
+                .unique()
+                .sort("module")
+                .collect()["module"]
+            )
+            found.append(f"modules: {_listing(names.to_list())}")
+        for column, plural in (("epoch", "epochs"), ("pass", "passes")):
+            if asked.get(plural) is not None:
+                bounds = pl.concat([whole.table(t).select(column) for t in tables], how="vertical_relaxed")
+                lo_hi = bounds.select(lo=pl.col(column).min(), hi=pl.col(column).max()).collect()
+                found.append(f"{plural} {lo_hi['lo'].item()}..{lo_hi['hi'].item()}")
+        holds = f"; the trace holds {' and '.join(found)}" if found else ""
+        raise EmptySelectionError(f"no row matches {given or 'these filters'}{holds}", self._runs[0].path)
 
     # Analyses: one calling style. The first argument is what is analysed (a table or an event name),
     # every option is keyword-only, and each method delegates to its module's function of the same name.
@@ -651,6 +688,22 @@ def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
             pl.when(pl.col("grad_enabled")).then(pl.lit("train")).otherwise(pl.lit("no_grad")).alias("split")
         )
     return lf.with_columns(derived)
+
+
+def _check_regex(pattern: str) -> None:
+    """Refuse, naming it, a ``modules`` pattern that Polars' regex engine (Rust's syntax) cannot compile."""
+    try:
+        pl.select(pl.lit("").str.contains(pattern)).item()
+    except pl.exceptions.ComputeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        why = next((line.removeprefix("error: ") for line in lines if line.startswith("error: ")), lines[0])
+        raise ValueError(f"modules={pattern!r} is not a valid regular expression: {why}") from None
+
+
+def _listing(names: list[str], at_most: int = 12) -> str:
+    """Names for a message: all of them, or the first ``at_most`` and how many more."""
+    shown = ", ".join(names[:at_most])
+    return shown + (f" … ({len(names) - at_most} more)" if len(names) > at_most else "")
 
 
 def _intersect(old: tuple | None, new: tuple) -> tuple:

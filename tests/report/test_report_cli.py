@@ -317,3 +317,15 @@ def test_nothing_is_exported_into_a_runs_table_folders(
     assert sorted((run / "outputs").iterdir()) == shards
     code, out, _ = run_cli(capsys, "export", run, "-o", run / "outputs.parquet")  # beside them is fine
     assert code == 0
+
+
+def test_filters_that_match_nothing_exit_2_listing_what_exists(
+    run_a: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("summary", "spikes", "report", "export"):
+        extra = ["-o", "/nonexistent/never-written.parquet"] if command == "export" else []
+        code, out, err = run_cli(capsys, command, run_a, "--modules", "rleu", *extra)
+        assert code == 2 and out == "", command
+        assert err.startswith("normtrace: error: no row matches modules='rleu'") and "net.0, net.2" in err
+    code, _, err = run_cli(capsys, "summary", run_a, "--epochs", "100:200")
+    assert code == 2 and "epochs=(100, 200)" in err and "epochs 0..39" in err
