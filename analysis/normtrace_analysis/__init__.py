@@ -17,8 +17,10 @@ from .errors import (
     StrayFilesWarning,
     TraceError,
 )
+from .export import to_parquet
 from .report import charts, report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
+from .tensorboard import to_tensorboard
 from .trace import Trace, load
 
 __version__ = "0.1.0"
@@ -40,4 +42,6 @@ __all__ = [
     "charts",
     "load",
     "report",
+    "to_parquet",
+    "to_tensorboard",
 ]
