@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     loading.add_argument(
         "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
     )
+    loading.add_argument(
+        "--storage-option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="for runs on object storage (s3://...): an option of Polars' scans, e.g. aws_region=eu-west-1 "
+        "(repeat for several)",
+    )
     script = argparse.ArgumentParser(add_help=False)
     out = script.add_mutually_exclusive_group()
     out.add_argument("--json", dest="output", action="store_const", const="json", help="JSON on stdout")
@@ -165,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Trace:
     """The runs named on the command line, with the row filters applied."""
-    trace = load(args.runs, normalize=args.normalize, on_error="skip" if args.skip_corrupt else "raise")
+    options = dict(args.storage_option) or None
+    on_error = "skip" if args.skip_corrupt else "raise"
+    trace = load(args.runs, normalize=args.normalize, on_error=on_error, storage_options=options)
     filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
     return trace.filter(**filters)
 
@@ -360,6 +371,14 @@ def _range(text: str) -> tuple[int | None, int | None]:
         return (int(lo) if lo else None, int(hi) if hi else None)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO:HI with integers, got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--storage-option``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _positive(text: str) -> int:
