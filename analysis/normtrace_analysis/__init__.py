@@ -18,6 +18,7 @@ from .errors import (
     TraceError,
 )
 from .export import to_parquet
+from .notebook import enable_offline_charts
 from .report import charts, report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
 from .tensorboard import to_tensorboard
@@ -40,6 +41,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "charts",
+    "enable_offline_charts",
     "load",
     "report",
     "to_parquet",

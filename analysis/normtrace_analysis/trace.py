@@ -111,6 +111,18 @@ class Trace:
         # Memoised analysis results (small frames), per Trace: a filtered Trace starts with its own.
         self._cache = {}
 
+    def __repr__(self) -> str:
+        """A few lines (runs, rows per table from the shards' metadata, filters): see :mod:`.notebook`."""
+        from .notebook import trace_repr
+
+        return trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        """A small table of the runs for notebooks: see :mod:`.notebook`."""
+        from .notebook import trace_html
+
+        return trace_html(self)
+
     @property
     def runs(self) -> list[str]:
         """Names of the loaded runs (directory names, suffixed ``#2``, ``#3`` … where two collide)."""
