@@ -56,8 +56,8 @@ def pass_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -
     cached = trace._cache.get("series")
     if cached is not None and cached[0] == memo_key:
         return cached[1]
-    lf = points(trace, table, modules)
-    parts = [_run_series(lf.filter(pl.col("run") == run), table, run) for run in trace.runs]
+    # one run at a time, each from its own shards (trace.filter(runs=...) scans only those)
+    parts = [_run_series(points(trace.filter(runs=run), table, modules), table, run) for run in trace.runs]
     parts = [p for p in parts if p.keys.height]
     if not parts:
         result = Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))

@@ -198,7 +198,7 @@ def _clock(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Known (pass, wall time) pairs of one run and rank, from the tables that record times."""
     parts = [
-        trace.table(t).filter(pl.col("run") == run, pl.col("rank") == rank).select("pass", "time")
+        trace.filter(runs=run).table(t).filter(pl.col("rank") == rank).select("pass", "time")
         for t in ("params", "metrics", "events")
     ]
     with trace.reading():
