@@ -40,8 +40,9 @@ def to_parquet(
         A loaded Trace (its filters and value view apply) or what :func:`~normtrace_analysis.load` takes,
         e.g. ``"runs/*"``.
     directory:
-        The dataset's folder. It must not hold a dataset already unless ``overwrite`` (then its
-        ``run=*`` folders are replaced).
+        The dataset's folder. Runs are added to what it holds, so new runs can be exported as they
+        finish; a run it already holds is refused unless ``overwrite``, which replaces that run's
+        folder (and only that one).
     table:
         One of the four tables. The files hold its columns, with ``value`` (and ``split`` for outputs)
         as the Trace derives them, less ``run``, which the folder names carry.
@@ -59,10 +60,12 @@ def to_parquet(
     check_table(table)
     trace = source if isinstance(source, Trace) else load(source)
     root = Path(directory)
-    existing = sorted(root.glob("run=*")) if root.is_dir() else []
+    folders = {run: root / partition_name(run) for run in trace.runs}
+    existing = [f for f in folders.values() if f.exists()]
     if existing and not overwrite:
         raise ValueError(
-            f"{root} already holds a dataset ({existing[0].name}, …); pass overwrite=True (--force on the command line)"
+            f"{root} already holds run {existing[0].name} ({len(existing)} of the {len(folders)} runs exported); "
+            "pass overwrite=True (--force on the command line) to replace them"
         )
     for folder in existing:
         shutil.rmtree(folder)
@@ -72,7 +75,7 @@ def to_parquet(
             rows = trace.filter(runs=run).table(table).drop("run")
             if rows.head(1).collect().is_empty():
                 continue
-            folder = root / partition_name(run)
+            folder = folders[run]
             folder.mkdir(parents=True, exist_ok=True)
             final = folder / "part-0.parquet"
             tmp = folder / ".part-0.parquet.tmp"

@@ -52,13 +52,16 @@ def test_duckdb_reads_every_run_as_normtrace_analysis_does(runs: Path, tmp_path:
     assert back == want["n"].sum()
 
 
-def test_an_existing_dataset_is_replaced_only_with_force(runs: Path, tmp_path: Path, capsys) -> None:
+def test_new_runs_are_added_and_an_exported_run_is_replaced_only_with_force(
+    runs: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "events"
-    args = ["export", f"{runs}/*", "--table", "events", "--format", "parquet", "-o", str(out)]
-    assert main(args) == 0
-    assert main(args) == 2
-    assert "--force" in capsys.readouterr().err
-    assert main([*args, "--force"]) == 0
+    args = ["--table", "events", "--format", "parquet", "-o", str(out)]
+    assert main(["export", str(runs / "a"), *args]) == 0
+    assert main(["export", f"{runs}/*", *args]) == 2  # a is there already
+    assert "already holds run run=a (1 of the 3 runs exported)" in capsys.readouterr().err
+    assert main(["export", str(runs / "b c#2"), str(runs / "lr[0.1]"), *args]) == 0  # added beside a
+    assert main(["export", f"{runs}/*", *args, "--force"]) == 0
     assert len(list(out.glob("run=*/*.parquet"))) == len(NAMES)
     assert duckdb.sql(f"select count(*) from read_parquet('{out}/**/*.parquet')").fetchall() == [
         (3,)
