@@ -144,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", parents=[loading], help="write a table to parquet, csv or arrow, or to TensorBoard"
     )
-    export.add_argument("--table", choices=["outputs", "params", "metrics", "events"], default="outputs")
+    export.add_argument(
+        "--table",
+        choices=["outputs", "params", "metrics", "events"],
+        help="the table to export (default: outputs; with --tensorboard, all four)",
+    )
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument(
         "-o",
@@ -256,6 +260,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.tensorboard is not None:
         return _export_tensorboard(args)
+    args.table = args.table or "outputs"
     kind = args.format or EXPORT_FORMATS.get(args.output.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot tell the format of {args.output}: use one of {', '.join(EXPORT_FORMATS)}")
@@ -289,8 +294,14 @@ def _export_tensorboard(args: argparse.Namespace) -> int:
     with show_progress("export tensorboard"):
         trace = _load(args)
         _check_target(args.tensorboard, trace, force=True)
+        tables = [args.table] if args.table else TABLES
         folders = to_tensorboard(
-            trace, args.tensorboard, level=args.level, max_points=args.max_points, overwrite=args.force
+            trace,
+            args.tensorboard,
+            level=args.level,
+            max_points=args.max_points,
+            tables=tables,
+            overwrite=args.force,
         )
     for folder in folders:
         print(folder)

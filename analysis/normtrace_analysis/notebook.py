@@ -88,26 +88,32 @@ def render(spec: dict[str, Any], **metadata: Any) -> dict[str, str]:
 # ---------------------------------------------------------------------------- Trace display
 
 
-def row_counts(trace: Trace) -> dict[str, dict[str, int]]:
-    """Rows per run and table, as the shards hold them (before the Trace's filters), from their metadata."""
+def row_counts(trace: Trace) -> dict[str, dict[str, int | None]]:
+    """Rows per run and table, as the shards hold them (before the Trace's filters), from their metadata;
+    None where they cannot be counted (a damaged shard, an unreachable store): a repr must not raise."""
     key = ("row_counts",)
     if key not in trace._cache:
-        counts: dict[str, dict[str, int]] = {}
+        counts: dict[str, dict[str, int | None]] = {}
         for run in trace._runs:
-            per_table = {}
+            per_table: dict[str, int | None] = {}
             for table in TABLES:
                 paths = [str(p) for p, _ in run.shards[table]]
                 if not paths:
                     per_table[table] = 0
                     continue
-                scan = pl.scan_ipc(
-                    paths, glob=False, hive_partitioning=False, storage_options=run.storage_options
-                )
-                with trace.reading():
+                options = run.storage_options
+                scan = pl.scan_ipc(paths, glob=False, hive_partitioning=False, storage_options=options)
+                try:
                     per_table[table] = int(scan.select(pl.len()).collect().item())
+                except Exception:  # shown as "?"; an analysis names the cause
+                    per_table[table] = None
             counts[run.name] = per_table
         trace._cache[key] = counts
     return trace._cache[key]
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
 
 
 def _filters_text(trace: Trace) -> str:
@@ -128,10 +134,11 @@ def _runs_text(names: list[str], at_most: int = 5) -> str:
 def trace_repr(trace: Trace) -> str:
     """A few lines: the runs, rows per table (from shard metadata), shards, and the filters."""
     counts = row_counts(trace)
-    totals = {t: sum(c[t] for c in counts.values()) for t in TABLES}
+    totals = {t: [c[t] for c in counts.values()] for t in TABLES}
+    total = {t: None if None in v else sum(v) for t, v in totals.items()}
     shards = {t: len(trace.shards(t)) for t in TABLES}
     tables = " · ".join(
-        f"{t} {totals[t]:,} rows/{shards[t]} shards" if totals[t] else f"{t} –" for t in TABLES
+        f"{t} {_count(total[t])} rows/{shards[t]} shards" if shards[t] else f"{t} –" for t in TABLES
     )
     n = len(trace.runs)
     lines = [f"<normtrace Trace: {n} run{'s' * (n != 1)} ({_runs_text(trace.runs)})", f"  {tables}"]
@@ -154,7 +161,7 @@ def trace_html(trace: Trace) -> str:
             meta.get("epochs", "–"),
             meta.get("passes", "–"),
             len(run.rank_metas),
-            *(f"{counts[run.name][t]:,}" for t in TABLES),
+            *(_count(counts[run.name][t]) for t in TABLES),
             str(run.path),
         ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

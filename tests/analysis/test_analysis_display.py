@@ -51,3 +51,12 @@ def test_offline_charts_can_be_static_svg() -> None:
         assert alt.renderers.active == "normtrace"
     finally:
         alt.renderers.enable(before)
+
+
+def test_a_shard_that_cannot_be_counted_shows_a_question_mark(tmp_path: Path) -> None:
+    run = _runs(tmp_path, 1) / "run00"
+    trace = na.load(run)
+    shard = sorted((run / "outputs").glob("*.arrow"))[0]
+    shard.write_bytes(b"garbage")  # damaged after the load: counting it fails, the repr does not
+    assert "outputs ? rows/2 shards" in repr(trace)
+    assert "<td>?</td>" in trace._repr_html_()

@@ -132,3 +132,8 @@ def test_epoch_level_and_the_command_line(run: Path, tmp_path: Path, capsys: pyt
     assert "--force" in capsys.readouterr().err
     assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb"), "--force"]) == 0
     assert len(list((tmp_path / "tb" / "dqn").glob("events.out.tfevents.*"))) == 1
+
+
+def test_table_picks_one_table(run: Path, tmp_path: Path) -> None:
+    assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb"), "--table", "params"]) == 0
+    assert sorted(_read(tmp_path / "tb" / "dqn")) == ["params/net.0.bias", "params/net.0.weight"]
