@@ -102,7 +102,7 @@ def to_tensorboard(
         folder.mkdir(parents=True, exist_ok=True)
         writer = writer_class(str(folder))
         try:
-            clock = _clock(trace, frames, run, rank)
+            clock = _clock(trace, run, rank, level)
             for table, frame in frames.items():
                 part = frame.filter(pl.col("run") == run, pl.col("rank") == rank)
                 _write(writer, table, part, level, clock)
@@ -193,20 +193,19 @@ def _targets(trace: Trace, frames: dict[str, pl.DataFrame], root: Path) -> dict[
     return targets
 
 
-def _clock(
-    trace: Trace, frames: dict[str, pl.DataFrame], run: str, rank: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Known (pass, wall time) pairs of one run and rank, from the tables that record times."""
+def _clock(trace: Trace, run: str, rank: int, level: str) -> tuple[np.ndarray, np.ndarray]:
+    """Known (pass or epoch, wall time) pairs of one run and rank, from the tables that record times."""
     parts = [
-        trace.filter(runs=run).table(t).filter(pl.col("rank") == rank).select("pass", "time")
+        trace.filter(runs=run)
+        .table(t)
+        .filter(pl.col("rank") == rank)
+        .select(pl.col(level).cast(pl.Int64), "time")
         for t in ("params", "metrics", "events")
     ]
     with trace.reading():
-        known = (
-            pl.concat([p.collect() for p in parts]).group_by("pass").agg(pl.col("time").max()).sort("pass")
-        )
+        known = pl.concat([p.collect() for p in parts]).group_by(level).agg(pl.col("time").max()).sort(level)
     if known.height:
-        return known["pass"].to_numpy().astype(float), known["time"].to_numpy()
+        return known[level].to_numpy().astype(float), known["time"].to_numpy()
     start = trace.metas.get(run, {}).get("start_time")
     try:
         t0 = dt.datetime.fromisoformat(str(start).replace("Z", "+00:00")).timestamp()
@@ -221,7 +220,7 @@ def _write(writer, table: str, frame: pl.DataFrame, level: str, clock: tuple[np.
         return
     times = frame["time"].to_numpy()
     if table == "outputs" or np.isnan(times.astype(float)).any():
-        fill = np.interp(frame["step"].to_numpy().astype(float), *clock) if level == "pass" else clock[1][-1]
+        fill = np.interp(frame["step"].to_numpy().astype(float), *clock)
         times = np.where(np.isnan(times.astype(float)), fill, times)
     unit = "pass" if level == "pass" else "epoch"
     described: set[str] = set()

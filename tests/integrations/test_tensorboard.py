@@ -126,6 +126,8 @@ def test_epoch_level_and_the_command_line(run: Path, tmp_path: Path, capsys: pyt
     assert capsys.readouterr().out.split() == [str(tmp_path / "tb" / "dqn")]
     tags = _read(tmp_path / "tb" / "dqn")
     assert [s for s, _, _ in tags["outputs/net.0"]] == list(range(12))
+    walls = [w for _, _, w in tags["outputs/net.0"]]
+    assert walls == sorted(walls) and len(set(walls)) > 1  # interpolated by epoch from the other tables
     assert [s for s, _, _ in tags["events/target_update"]] == [5, 10]
     # a second export into the same folder would double every series in TensorBoard: refused
     assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb")]) == 2
