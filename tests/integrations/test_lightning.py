@@ -151,4 +151,4 @@ def test_module_attaches_a_submodule_and_a_wrong_path_is_named(tmp_path: Path) -
     _fit(tmp_path, Regressor(), NormtraceCallback(run, [nt.OutputNorm()], module="net"))
     assert _table(run, "outputs")["module"].unique().to_list() == ["1"]  # names inside self.net
     with pytest.raises(ValueError, match=r"module='nope'.*no submodule"):
-        _fit(tmp_path, Regressor(), NormtraceCallback(tmp_path / "other", module="nope"))
+        _fit(tmp_path / "second", Regressor(), NormtraceCallback(tmp_path / "other", module="nope"))
