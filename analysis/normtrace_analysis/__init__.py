@@ -18,8 +18,11 @@ from .errors import (
     StrayFilesWarning,
     TraceError,
 )
+from .export import to_parquet
+from .notebook import enable_offline_charts
 from .report import charts, report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
+from .tensorboard import to_tensorboard
 from .trace import Trace, load
 
 __version__ = "0.1.0"
@@ -40,6 +43,9 @@ __all__ = [
     "TraceError",
     "__version__",
     "charts",
+    "enable_offline_charts",
     "load",
     "report",
+    "to_parquet",
+    "to_tensorboard",
 ]

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. `normtrace spikes RUN --csv | head`: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        except (TraceError, ValueError, re.error, OSError, pl.exceptions.PolarsError) as exc:
+        except (TraceError, ValueError, ImportError, re.error, OSError, pl.exceptions.PolarsError) as exc:
             if os.environ.get("NORMTRACE_DEBUG"):  # the full traceback, for a bug report
                 raise
             print(f"normtrace: error: {_one_line(exc, 1)}", file=sys.stderr)
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     loading.add_argument("--split", choices=["train", "no_grad"], help="only grad-enabled or no_grad passes")
     loading.add_argument(
         "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
+    )
+    loading.add_argument(
+        "--storage-option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="for runs on object storage (s3://...): an option of Polars' scans, e.g. aws_region=eu-west-1 "
+        "(repeat for several)",
     )
     script = argparse.ArgumentParser(add_help=False)
     out = script.add_mutually_exclusive_group()
@@ -151,23 +160,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(handler=_report)
 
-    export = commands.add_parser("export", parents=[loading], help="write a table to parquet, csv or arrow")
-    export.add_argument("--table", choices=["outputs", "params", "metrics", "events"], default="outputs")
+    export = commands.add_parser(
+        "export", parents=[loading], help="write a table to parquet, csv or arrow, or to TensorBoard"
+    )
     export.add_argument(
+        "--table",
+        choices=["outputs", "params", "metrics", "events"],
+        help="the table to export (default: outputs; with --tensorboard, all four)",
+    )
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument(
         "-o",
         "--output",
         type=Path,
-        required=True,
-        help=f"output file; its extension picks the format ({', '.join(EXPORT_FORMATS)})",
+        help=f"output file; its extension picks the format ({', '.join(EXPORT_FORMATS)}); with "
+        "--format parquet and no .parquet extension, a folder of one Parquet file per run "
+        "(DIR/run=<name>/part-0.parquet, readable by DuckDB, Spark, Dask)",
     )
-    export.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    target.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="write every table as TensorBoard scalars under DIR/<run> (needs the tensorboard package)",
+    )
+    export.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())), help="format of -o")
+    export.add_argument(
+        "--level", choices=["pass", "epoch"], default="pass", help="TensorBoard step: the pass or the epoch"
+    )
+    export.add_argument(
+        "--max-points", type=_positive, default=1000, metavar="N", help="TensorBoard points per tag (binned)"
+    )
+    export.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     export.set_defaults(handler=_export)
     return parser
 
 
 def _load(args: argparse.Namespace) -> Trace:
     """The runs named on the command line, with the row filters applied."""
-    trace = load(args.runs, normalize=args.normalize, on_error="skip" if args.skip_corrupt else "raise")
+    options = dict(args.storage_option) or None
+    on_error = "skip" if args.skip_corrupt else "raise"
+    trace = load(args.runs, normalize=args.normalize, on_error=on_error, storage_options=options)
     filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
     return trace.filter(**filters)
 
@@ -319,9 +351,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    kind = EXPORT_FORMATS.get(args.output.suffix.lower())
+    if args.tensorboard is not None:
+        return _export_tensorboard(args)
+    args.table = args.table or "outputs"
+    kind = args.format or EXPORT_FORMATS.get(args.output.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot tell the format of {args.output}: use one of {', '.join(EXPORT_FORMATS)}")
+    if kind == "parquet" and args.output.suffix.lower() != ".parquet":
+        return _export_dataset(args)
     with show_progress(f"export {args.table}"):
         trace = _load(args)
         _check_target(args.output, trace, args.force)
@@ -331,11 +368,51 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_dataset(args: argparse.Namespace) -> int:
+    """``--format parquet -o DIR``: one Parquet file per run under ``DIR/run=<name>/``."""
+    from .export import to_parquet
+
+    with show_progress(f"export {args.table}"):
+        trace = _load(args)
+        _check_target(args.output, trace, force=True)
+        files = to_parquet(trace, args.output, table=args.table, overwrite=args.force)
+    print(args.output)
+    return 0 if files else _nothing(f"no run has {args.table} rows")
+
+
+def _export_tensorboard(args: argparse.Namespace) -> int:
+    """``--tensorboard DIR``: every table as TensorBoard scalars (see ``tensorboard.to_tensorboard``)."""
+    from .tensorboard import to_tensorboard
+
+    with show_progress("export tensorboard"):
+        trace = _load(args)
+        _check_target(args.tensorboard, trace, force=True)
+        tables = [args.table] if args.table else TABLES
+        folders = to_tensorboard(
+            trace,
+            args.tensorboard,
+            level=args.level,
+            max_points=args.max_points,
+            tables=tables,
+            overwrite=args.force,
+        )
+    for folder in folders:
+        print(folder)
+    return 0 if folders else _nothing("the trace has no rows to export")
+
+
+def _nothing(why: str) -> int:
+    print(f"normtrace: error: nothing written: {why}", file=sys.stderr)
+    return 2
+
+
 def _check_target(path: Path, trace: Trace, force: bool) -> None:
     """Refuse to write ``path`` over an existing file (unless ``force``) or anywhere inside a loaded run's
     table folders, where the next load would find it beside the shards."""
     where = path.resolve()
     for run, folder in trace.paths.items():
+        if not isinstance(folder, Path):
+            continue  # a run on object storage: a local output cannot land in it
         for table in TABLES:
             if where.is_relative_to((folder / table).resolve()):
                 raise ValueError(
@@ -409,6 +486,14 @@ def _windows(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
+
+
+def _option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--storage-option``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _positive(text: str) -> int:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 
 class TraceError(Exception):
-    """Base class of every error about reading a trace; ``path`` is the file or folder at fault."""
+    """Base class of every error about reading a trace; ``path`` is the file or folder at fault (a
+    ``Path``, or for a run on object storage its ``storage.ObjectPath`` or URL string)."""
 
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, path: str | Path | Any | None = None) -> None:
         super().__init__(message)
-        self.path = Path(path) if path is not None else None
+        if isinstance(path, str) and "://" in path:
+            self.path = path  # a URL: Path() would collapse its "//"
+        elif isinstance(path, str | os.PathLike):
+            self.path = Path(path)
+        else:
+            self.path = path
 
 
 class RunNotFoundError(TraceError, FileNotFoundError):

@@ -54,9 +54,9 @@ def pass_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -
 
 
 def _collect_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
-    """Read and regroup the table's rows (the uncached work behind :func:`pass_series`)."""
-    lf = points(trace, table, modules)
-    parts = [_run_series(lf.filter(pl.col("run") == run), table, run) for run in trace.runs]
+    """Read and regroup the table's rows (the uncached work behind :func:`pass_series`), one run at a
+    time, each from its own shards (``trace.filter(runs=...)`` scans only those)."""
+    parts = [_run_series(points(trace.filter(runs=run), table, modules), table, run) for run in trace.runs]
     parts = [p for p in parts if p.keys.height]
     if not parts:
         return Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))

@@ -43,6 +43,8 @@ from .schema import (
     TABLES,
     check_table,
 )
+from .storage import ObjectPath, StorageOptions, is_url, parallel_map
+from .storage import expand as expand_url
 
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
@@ -55,10 +57,12 @@ class _Run:
     """One run directory as found at load: its name, metadata and the shards that passed validation."""
 
     name: str
-    path: Path
+    path: Path | ObjectPath
     meta: dict[str, Any]
     rank_metas: dict[int, dict[str, Any]]
-    shards: dict[str, list[tuple[Path, pl.Schema]]]
+    shards: dict[str, list[tuple[Path | ObjectPath, pl.Schema]]]
+    storage_options: dict[str, Any] | None = None
+    """Polars' options for scanning a run on object storage (None for a local run)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ class Trace:
     skipped: list[Path]
     _filters: _Filters = field(default_factory=_Filters)
     _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
+    _by_run: dict[str, dict[str, pl.LazyFrame]] = field(default_factory=dict, repr=False, compare=False)
+    """Per table, each run's own scan: a Trace filtered to some runs scans only their shards (a filter on
+    the ``run`` column of the concatenation would read every run's shards, 100x the work over 100 runs)."""
 
     def __post_init__(self) -> None:
         # Memoised analysis results, per Trace: a filtered Trace starts with its own (see ``cached``).
@@ -123,6 +130,18 @@ class Trace:
             self._cache[slot] = None  # free the old result before computing the new one
             held = self._cache[slot] = (key, compute())
         return held[1]
+
+    def __repr__(self) -> str:
+        """A few lines (runs, rows per table from the shards' metadata, filters): see :mod:`.notebook`."""
+        from .notebook import trace_repr
+
+        return trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        """A small table of the runs for notebooks: see :mod:`.notebook`."""
+        from .notebook import trace_html
+
+        return trace_html(self)
 
     @property
     def runs(self) -> list[str]:
@@ -194,7 +213,10 @@ class Trace:
         lf = self._base[name]
         f = self._filters
         conds: list[pl.Expr] = []
-        if f.runs is not None:
+        if f.runs is not None and name in self._by_run:
+            parts = [self._by_run[name][r] for r in self.runs if r in f.runs]
+            lf = pl.concat(parts, how="diagonal") if parts else lf.clear()
+        elif f.runs is not None:
             conds.append(pl.col("run").is_in(list(f.runs)))
         if f.ranks is not None:
             conds.append(pl.col("rank").is_in(list(f.ranks)))
@@ -286,6 +308,8 @@ class Trace:
     def _check_selects_rows(self, **asked: Any) -> None:
         """Raise :class:`EmptySelectionError` when the filters ``asked`` for leave no row in the tables they
         apply to, naming them and what the trace holds instead (a typo must not read as "no spikes")."""
+        if all(value is None for value in asked.values()):
+            return  # runs and ranks only: each named run exists (checked), so rows are not in question
         tables = [t for t in TABLES if self.shards(t)]
         if asked.get("modules") is not None:
             tables = [t for t in tables if t in ("outputs", "params")]
@@ -482,8 +506,15 @@ def load(
     *,
     normalize: bool | None = None,
     on_error: Literal["raise", "skip"] = "raise",
+    storage_options: StorageOptions | None = None,
+    filesystem: Any = None,
 ) -> Trace:
     """Open run directories lazily: a path, a list of paths, or a glob such as ``"runs/*"``.
+
+    A path may be a URL of object storage (``"s3://bucket/runs/*"``): ``storage_options`` are passed to
+    Polars' scans (its keys, e.g. ``aws_endpoint_url``, ``aws_region``) and, for S3, configure the
+    pyarrow client that lists the runs and reads their footers; ``filesystem`` (a
+    ``pyarrow.fs.FileSystem``) replaces that client for any scheme. See :mod:`.storage`.
 
     ``normalize=None`` follows each run's ``meta["normalize"]`` (what the lenses asked for); True/False
     forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` reads every
@@ -494,10 +525,10 @@ def load(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    dirs = _expand(path)
+    dirs = _expand(path, storage_options, filesystem)
     skipped: list[Path] = []
     stray: list[Path] = []
-    runs: list[_Run] = []
+    named: list[tuple[Path | ObjectPath, str]] = []
     taken: set[str] = set()
     for d in dirs:
         name = d.name or str(d)
@@ -506,7 +537,15 @@ def load(
             i += 1
             unique = f"{name}#{i}"
         taken.add(unique)
-        runs.append(_open_run(d, unique, on_error, skipped, stray))
+        named.append((d, unique))
+    options = dict(storage_options) if storage_options is not None else None
+    local = [(d, n) for d, n in named if not isinstance(d, ObjectPath)]
+    remote = [(d, n) for d, n in named if isinstance(d, ObjectPath)]
+    opened = {n: _open_run(d, n, on_error, skipped, stray) for d, n in local}
+    # remote runs: their listings and footers are requests, made together
+    for run in parallel_map(lambda dn: _open_run(dn[0], dn[1], on_error, skipped, stray, options), remote):
+        opened[run.name] = run
+    runs = [opened[n] for _, n in named]
     if stray:
         listing = "\n  ".join(str(p) for p in stray)
         warnings.warn(
@@ -524,17 +563,26 @@ def load(
         r.name: {t: bool(normalize if normalize is not None else _meta_normalize(r.meta, t)) for t in TABLES}
         for r in runs
     }
-    base = {t: pl.concat([_scan(r, t, norm[r.name]) for r in runs], how="diagonal") for t in TABLES}
-    return Trace(runs, {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}, base, skipped)
+    by_run = {t: {r.name: _scan(r, t, norm[r.name]) for r in runs} for t in TABLES}
+    base = {t: pl.concat(list(by_run[t].values()), how="diagonal") for t in TABLES}
+    normalize_views = {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}
+    return Trace(runs, normalize_views, base, skipped, _by_run=by_run)
 
 
-def _expand(path: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped."""
+def _expand(
+    path: PathLike | Iterable[PathLike], storage_options: StorageOptions | None = None, filesystem: Any = None
+) -> list[Path | ObjectPath]:
+    """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped.
+
+    URLs (``s3://…``) name runs on object storage (:mod:`.storage`), never local folders."""
     items = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not items:
         raise RunNotFoundError("no run directory given", None)
-    dirs: list[Path] = []
+    dirs: list[Path | ObjectPath] = []
     for item in items:
+        if is_url(item):
+            dirs.extend(expand_url(item, storage_options, filesystem))
+            continue
         s = os.fspath(item)
         if not os.path.exists(s) and any(c in s for c in "*?["):
             matches = sorted(p for p in glob.glob(s) if os.path.isdir(p))
@@ -567,7 +615,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _open_run(d: Path, name: str, on_error: str, skipped: list[Path], stray: list[Path]) -> _Run:
+def _open_run(
+    d: Path | ObjectPath,
+    name: str,
+    on_error: str,
+    skipped: list[Path],
+    stray: list[Path],
+    storage_options: dict[str, Any] | None = None,
+) -> _Run:
     """Read a run's metadata and validate every shard's footer and columns (and, when corrupt shards are
     to be skipped, its body: a damaged body is otherwise found only when a query reads it)."""
     meta_path = d / META_FILE
@@ -581,21 +636,35 @@ def _open_run(d: Path, name: str, on_error: str, skipped: list[Path], stray: lis
         m = _META_RANK.match(p.name)
         if m:
             rank_metas[int(m.group(1))] = _read_meta(p)
-    shards: dict[str, list[tuple[Path, pl.Schema]]] = {}
+    shards: dict[str, list[tuple[Path | ObjectPath, pl.Schema]]] = {}
+    body = on_error == "skip"
     for table in TABLES:
+        files = _shard_files(d / table, stray)
+        if isinstance(d, ObjectPath):  # a footer is a request: make them together, report in order
+            checked = parallel_map(lambda f, t=table: _try_validate(f, t, body), files)
+        else:
+            checked = [_try_validate(f, table, body) for f in files]
         good = []
-        for f in _shard_files(d / table, stray):
-            try:
-                good.append((f, _validate_shard(f, table, body=on_error == "skip")))
-            except CorruptShardError:
+        for f, result in zip(files, checked, strict=True):
+            if isinstance(result, CorruptShardError):
                 if on_error == "raise":
-                    raise
+                    raise result
                 skipped.append(f)
+            else:
+                good.append((f, result))
         shards[table] = good
     if not any(shards.values()):
         why = " (every shard was unreadable and skipped)" if any(p.is_relative_to(d) for p in skipped) else ""
         raise EmptyRunError(f"run {d} has no shards in any of {'/, '.join(TABLES)}/{why}", d)
-    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards)
+    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards, storage_options)
+
+
+def _try_validate(path: Path | ObjectPath, table: str, body: bool) -> pl.Schema | CorruptShardError:
+    """:func:`_validate_shard`'s schema, or the error it raised (so checks can run side by side)."""
+    try:
+        return _validate_shard(path, table, body=body)
+    except CorruptShardError as exc:
+        return exc
 
 
 def _shard_files(folder: Path, stray: list[Path]) -> list[Path]:
@@ -640,6 +709,9 @@ def _validate_shard(path: Path, table: str, *, body: bool = False) -> pl.Schema:
             reader = ipc.open_file(pa.py_buffer(path.read_bytes()))
             if body:
                 reader.read_all()  # decompresses every batch
+        elif isinstance(path, ObjectPath):  # range requests for the footer only
+            with path.open_input_file() as source:
+                reader = ipc.open_file(source)
         else:
             with pa.memory_map(str(path)) as source:
                 reader = ipc.open_file(source)
@@ -673,7 +745,10 @@ def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
         groups.setdefault(id(schema), []).append(str(path))
     if groups:
         # glob=False: a run directory named like a pattern (a sweep's "lr[0.1]") must not read other runs
-        scans = [pl.scan_ipc(files, glob=False, hive_partitioning=False) for files in groups.values()]
+        scans = [
+            pl.scan_ipc(files, glob=False, hive_partitioning=False, storage_options=run.storage_options)
+            for files in groups.values()
+        ]
         lf = pl.concat(scans, how="diagonal")
     else:
         lf = pl.LazyFrame(schema=REQUIRED_COLUMNS[table])
