@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from .errors import MissingEventError
 from .names import (
     EVENT_WINDOW,
     PERMUTATIONS,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .trace import Trace
 
 __all__ = [
+    "check_event",
     "cluster_spikes",
     "event_alignment",
     "event_profile",
@@ -67,6 +69,7 @@ __all__ = [
     "jitter_test",
     "jitter_trains",
     "null_counts",
+    "recorded_events",
     "spike_clusters",
     "spike_groups",
 ]
@@ -86,6 +89,32 @@ TOLERANCE: dict[str, int] = {"pass": 5, "epoch": 0}
 """How far apart two clusters' onsets may be and still be one excursion seen in two layers."""
 
 PLACEBO = "epoch boundaries"
+
+
+def recorded_events(trace: Trace) -> pl.DataFrame:
+    """The event names the loaded runs recorded (filters applied), most frequent first: name, count."""
+    return (
+        trace.events.group_by("name")
+        .agg(pl.len().cast(pl.Int64).alias("count"))
+        .sort("count", "name", descending=[True, False])
+        .collect()
+    )
+
+
+def check_event(trace: Trace, event: str) -> None:
+    """Refuse an event that no loaded run recorded, listing those that were: a typo (``target_updates``)
+    must not read as "no events", nor a DQN's default as the finding of a run that has none."""
+    names = recorded_events(trace)
+    if event in names["name"].to_list():
+        return
+    have = ", ".join(f"{n} ({c})" for n, c in names.iter_rows())
+    listing = (
+        f"events recorded: {have}"
+        if have
+        else "no events were recorded (mark them with Recorder.event(name), or track_target(module))"
+    )
+    where = ", ".join(trace.runs)
+    raise MissingEventError(f"no {event!r} events in {where}; {listing}", next(iter(trace.paths.values())))
 
 
 def merge_gap(window: int, baseline_window: int) -> int:
@@ -224,6 +253,7 @@ def event_alignment(
     """
     s = _setup(table, level, modules, threshold, baseline_window, permutations, seed)
     windows = _windows(window, level)
+    check_event(trace, event)
     key = ("event_alignment", event, tuple(windows), s, bool(placebo))
     return trace.cached(key, lambda: _alignment(trace, event, windows, s, placebo and level == "pass"))
 
@@ -263,6 +293,7 @@ def event_steps(
     """
     s = _setup(table, level, modules, None, baseline_window, permutations, seed)
     (w,) = _windows(window, level)
+    check_event(trace, event)
     key = ("event_steps", event, w, s)
     return trace.cached(key, lambda: _steps(trace, event, w, s))
 
@@ -297,6 +328,7 @@ def event_profile(
     """
     s = _setup(table, level, modules, None, None)
     (w,) = _windows(window, level)
+    check_event(trace, event)
     key = ("event_profile", event, w, s, bool(placebo))
     return trace.cached(key, lambda: _profile(trace, event, w, s, placebo and level == "pass"))
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .trace import Trace
 
 Band = Literal["p05-p95", "min-max", "none"]
+Layout = Literal["panels", "overlay"]
 
 MAX_ROWS = 3000
 """Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
@@ -82,14 +83,20 @@ def norms(
     spikes: bool | pl.DataFrame = True,
     max_rows: int = MAX_ROWS,
     domain: tuple[int, int] | None = None,
+    layout: Layout = "panels",
 ) -> alt.TopLevelMixin:
-    """Norm curves of every module (outputs) or parameter (params) in one view, per epoch or per pass.
+    """Norm curves of every module (outputs) or parameter (params), per epoch or per pass.
 
-    With one run, every series shares one panel (colour = module) so the layers can be compared in a
-    single window; with several runs, each series gets a small panel and colour is the run. The line
-    is the mean over the rows in each x bin and the band spans ``band`` (p05-p95 or min-max) of them.
-    ``spikes`` is True to run ``trace.spikes`` at this level, False for none, or a frame it returned.
+    ``layout="panels"`` (the default) gives every series a small panel with its own y scale, in the
+    model's order and named with its class (``net.2 (ReLU)``), so that a layer whose norm is a
+    hundredth of the output's still shows its spikes; colour is the module, or the run when there are
+    several. ``layout="overlay"`` draws every series in one view (with ``log=True``, to compare levels;
+    with several runs, panels are kept). The line is the mean over the rows in each x bin and the band
+    spans ``band`` (p05-p95 or min-max) of them. ``spikes`` is True to run ``trace.spikes`` at this
+    level, False for none, or a frame it returned.
     """
+    if layout not in ("panels", "overlay"):
+        raise ValueError(f"layout must be 'panels' or 'overlay', not {layout!r}")
     lf = getattr(trace, table)
     x = _x_column(level)
     ids = SUMMARY_KEYS[table]
@@ -104,7 +111,10 @@ def norms(
     )
     if groups.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
-    label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
+    classes = module_classes(trace, table)
+    label = _series_label(
+        table, several_splits=table == "outputs" and groups["split"].n_unique() > 1, classes=classes
+    )
     found = None if spikes is False else trace.spikes(table=table, level=level) if spikes is True else spikes
     shown, others = _most_telling(groups, ids, found)
     grid = _grid(groups, domain, max(2, max_rows // (shown.height + others["run"].n_unique())))
@@ -121,18 +131,23 @@ def norms(
         curves, marks = _positive_only(curves), marks.filter(pl.col("y") > 0)
     y_title = value_title(trace, table)
     several_runs = curves["run"].n_unique() > 1
-    if not several_runs:
-        layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True)
+    order = _in_model_order(curves["series"].unique().to_list(), classes)
+    if not several_runs and layout == "overlay":
+        layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True, order=order)
         title = f"{y_title} per {level} — {printable(curves['run'][0])}{title_note}"
         return alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=title)
+    colour = "run" if several_runs else "series"
     panels = []
-    for (series,), part in curves.group_by("series", maintain_order=True):
+    for series in order:
+        part = curves.filter(pl.col("series") == series)
         spots = marks.filter(pl.col("series") == series)
-        layers = _layers(part, rules, spots, "run", grid, level, y_title, log, select=False)
+        layers = _layers(part, rules, spots, colour, grid, level, y_title, log, select=False, order=order)
         panels.append(
             alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
         )
-    return alt.concat(*panels, columns=3).properties(title=f"{y_title} per {level}, by run{title_note}")
+    whose = "by run" if several_runs else printable(curves["run"][0])
+    title = f"{y_title} per {level} — {whose}, one panel per series with its own y scale{title_note}"
+    return alt.concat(*panels, columns=3).properties(title=title)
 
 
 MAX_SERIES = 20
@@ -222,19 +237,34 @@ def share(
         .with_columns(x=pl.col("x_lo") + (grid.width - 1) / 2)
         .sort("run", "module", "x_lo")
     )
+    classes = module_classes(trace, table)
+    suffixes = {m: f" ({c})" for m, c in classes.items()}
+    areas = areas.with_columns(
+        pl.concat_str(
+            ["module", pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+        )
+    )
+    order = [printable(m) for m in _in_model_order(areas["module"].unique().to_list(), classes)]
+    palette = alt.Scale(domain=order, scheme="tableau10" if len(order) <= 10 else "tableau20")
     rules = _event_rules(trace, "epoch", grid, events)
     x_enc = _x_encoding("epoch", grid)
     one_run = areas["run"].n_unique() == 1
     panels = []
     for (run,), part in areas.group_by("run", maintain_order=True):
         pick = alt.selection_point(fields=["module"], bind="legend") if one_run else None
+        ranked = _printable_frame(part).with_columns(
+            pl.col("module")
+            .replace_strict(order, list(range(len(order))), return_dtype=pl.Int64)
+            .alias("_rank")
+        )
         stack = (
-            alt.Chart(_printable_frame(part))
+            alt.Chart(ranked)
             .mark_area()
             .encode(
                 x=x_enc,
                 y=alt.Y("share:Q", stack="normalize", title="share of the norm", axis=alt.Axis(format="%")),
-                color=alt.Color("module:N", title="module"),
+                color=alt.Color("module:N", title="module", scale=palette, sort=order),
+                order=alt.Order("_rank:Q"),
                 opacity=alt.when(pick).then(alt.value(0.9)).otherwise(alt.value(0.2))
                 if pick
                 else alt.value(0.9),
@@ -357,7 +387,7 @@ def event_profile(
     parts = [pl.col("run")] if several["run"] else []
     parts.append(pl.col("module") + (pl.lit(".") + pl.col("param") if table == "params" else pl.lit("")))
     if table == "outputs" and several.get("split"):
-        parts.append(pl.lit("(") + pl.col("split") + pl.lit(")"))
+        parts.append(pl.lit("[") + pl.col("split") + pl.lit("]"))
     if several["rank"]:
         parts.append(pl.lit("rank ") + pl.col("rank").cast(pl.String))
     strays = (
@@ -446,13 +476,60 @@ def _grid(groups: pl.DataFrame, domain: tuple[int, int] | None, bins: int) -> Gr
     return Grid.fit(lo, hi, bins)
 
 
-def _series_label(table: Table, *, several_splits: bool) -> pl.Expr:
-    """Name of a curve: the module, ``module.param`` for parameters, plus the split when both occur."""
-    if table == "params":
-        return pl.concat_str([pl.col("module"), pl.col("param")], separator=".")
-    if several_splits:
-        return pl.concat_str([pl.col("module"), pl.lit(" ("), pl.col("split"), pl.lit(")")])
-    return pl.col("module")
+def _series_label(table: Table, *, several_splits: bool, classes: dict[str, str] | None = None) -> pl.Expr:
+    """Name of a curve: the module (``module.param`` for parameters) with its class from ``classes``
+    (``net.2 (ReLU)``, ``net.0.weight (Linear)``), plus the split when both occur (``[no_grad]``)."""
+    name = (
+        pl.concat_str([pl.col("module"), pl.lit("."), pl.col("param")])
+        if table == "params"
+        else pl.col("module")
+    )
+    if classes:
+        suffixes = {m: f" ({c})" for m, c in classes.items()}
+        name = pl.concat_str(
+            [name, pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+        )
+    if table == "outputs" and several_splits:
+        return pl.concat_str([name, pl.lit(" ["), pl.col("split"), pl.lit("]")])
+    return name
+
+
+def module_classes(trace: Trace, table: Table) -> dict[str, str]:
+    """Module name -> its class name, in the model's order, from the runs' ``meta.json`` (the recorder
+    lists every observed module with its class, in ``named_modules()`` order). A module the metadata
+    does not list (a synthetic trace, a per-call ``act#1`` or tuple ``enc.0`` series) is left out.
+    """
+    listed: dict[str, str] = {}
+    for meta in trace.metas.values():
+        modules = meta.get("modules") if isinstance(meta, dict) else None
+        entries = modules.get(table, []) if isinstance(modules, dict) else []
+        for entry in entries if isinstance(entries, list) else []:
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("class"), str)
+            ):
+                listed.setdefault(entry["name"], entry["class"])
+    return listed
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key reading digit runs as numbers: ``net.2`` before ``net.10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def _in_model_order(series: list[str], classes: dict[str, str]) -> list[str]:
+    """Curve names in the model's order (that of ``classes``, which :func:`module_classes` keeps), the
+    others after them in natural order, the lumped rest last."""
+    rank = {module: i for i, module in enumerate(classes)}
+
+    def key(label: str) -> tuple[int, int, tuple[tuple[int, int | str], ...]]:
+        if label.startswith("the other "):
+            return (2, 0, ())
+        module = next((m for m in rank if label == m or label.startswith((m + " ", m + "."))), None)
+        return (0, rank[module], _natural(label)) if module is not None else (1, 0, _natural(label))
+
+    return sorted(series, key=key)
 
 
 def _curves(
@@ -538,7 +615,10 @@ def _spike_marks(
 
 
 def _x_encoding(level: Level, grid: Grid) -> alt.X:
-    return alt.X("x:Q", title=level, scale=alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False))
+    """The shared x axis: passes or epochs, whole numbers only (a short run must not tick at 2.5)."""
+    axis = alt.Axis(format=",d", tickMinStep=1)
+    scale = alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False)
+    return alt.X("x:Q", title=level, scale=scale, axis=axis)
 
 
 def _layers(
@@ -552,11 +632,16 @@ def _layers(
     log: bool,
     *,
     select: bool,
+    order: list[str] | None = None,
 ) -> list[alt.Chart]:
-    """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend."""
+    """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend; ``order``
+    fixes the colour of each series (the same in every panel) when colour is the series."""
     x_enc = _x_encoding(level, grid)
     y_scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
     base = alt.Chart(_printable_frame(curves))
+    domain = [printable(n) for n in order] if order and color == "series" else []
+    scheme = "tableau10" if len(domain) <= 10 else "tableau20"
+    palette = alt.Scale(domain=domain, scheme=scheme) if domain else alt.Scale(scheme=scheme)
     pick = alt.selection_point(fields=[color], bind="legend") if select else None
     strong = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(0.15)) if pick else alt.value(1.0)
     faint = alt.when(pick).then(alt.value(0.18)).otherwise(alt.value(0.03)) if pick else alt.value(0.18)
@@ -574,9 +659,9 @@ def _layers(
         layers.append(
             base.mark_area(clip=True).encode(
                 x=x_enc,
-                y=alt.Y("lo:Q", scale=y_scale),
+                y=alt.Y("lo:Q", title=y_title, scale=y_scale),
                 y2="hi:Q",
-                color=alt.Color(f"{color}:N"),
+                color=alt.Color(f"{color}:N", scale=palette),
                 fillOpacity=faint,  # not opacity: the shared legend would draw its symbols faint
             )
         )
@@ -584,7 +669,9 @@ def _layers(
         x=x_enc,
         y=alt.Y("y:Q", title=y_title, scale=y_scale),
         # one legend for band and line, drawn as full-strength strokes rather than the faint band
-        color=alt.Color(f"{color}:N", title=color, legend=alt.Legend(symbolType="stroke", symbolOpacity=1)),
+        color=alt.Color(
+            f"{color}:N", title=color, scale=palette, legend=alt.Legend(symbolType="stroke", symbolOpacity=1)
+        ),
         opacity=strong,
         tooltip=tooltip,
     )
@@ -593,10 +680,14 @@ def _layers(
     if not marks.is_empty():
         layers.append(
             alt.Chart(_printable_frame(marks))
-            .mark_point(filled=True, size=70, color="#d62728", opacity=1.0, clip=True)
+            # one view of many series: a spike takes its series' colour (outlined), else spike red
+            .mark_point(
+                filled=True, size=70, color="#d62728", stroke="#222", strokeWidth=0.6, opacity=1.0, clip=True
+            )
             .encode(
                 x=x_enc,
-                y=alt.Y("y:Q", scale=y_scale),
+                y=alt.Y("y:Q", title=y_title, scale=y_scale),
+                **({"color": alt.Color("series:N", scale=palette, legend=None)} if select else {}),
                 shape=alt.Shape(
                     "direction:N",
                     title="spike",

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import polars as pl
 
+from .alignment import recorded_events
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
 from .names import PERMUTATIONS, SUMMARY_KEYS
@@ -112,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spikes", parents=[loading, script], help="spikes and their alignment to events"
     )
     spikes.add_argument("--table", choices=["outputs", "params"], default="outputs")
-    spikes.add_argument("--event", default="target_update", help="event to align spikes with")
+    spikes.add_argument(
+        "--event",
+        help="event to align spikes with (default: the event the runs recorded most often, such as a "
+        "DQN's target_update; a name no run recorded is an error listing those recorded)",
+    )
     spikes.add_argument("--level", choices=["pass", "epoch"], default="pass")
     spikes.add_argument("--threshold", type=float, help="robust z-score above which a value is a spike")
     spikes.add_argument("--window", type=_positive, help="passes/epochs after an event that count as near it")
@@ -154,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--band", choices=["p05-p95", "min-max", "none"], default="p05-p95")
     rep.add_argument("--log", action="store_true", help="log-scale y axes")
-    rep.add_argument("--event", default="target_update", help="event the findings align spikes with")
+    rep.add_argument(
+        "--event",
+        action="append",
+        help="event the findings align spikes with; repeat for several (default: every event the runs "
+        "recorded, the most frequent first, at most three)",
+    )
     rep.add_argument(
         "--max-rows", type=_positive, default=MAX_ROWS, metavar="N", help="rows per chart's curves"
     )
@@ -241,28 +251,36 @@ def _spikes(args: argparse.Namespace) -> int:
             "permutations": args.permutations,
             "seed": args.seed,
         }
-        aligned = trace.event_alignment(args.event, window=args.window, **options)
-        windows = [w for w in (args.windows or []) if w != aligned["window"][0]] if aligned.height else []
-        several = trace.event_alignment(args.event, window=args.windows, **options) if windows else None
-        steps = trace.event_steps(
-            args.event,
-            window=args.window,
-            level=args.level,
-            table=args.table,
-            permutations=args.permutations,
-            seed=args.seed,
-        )
+        event = args.event or _most_recorded_event(trace)
+        if event is None:  # nothing to align with: the spikes are still the answer
+            aligned = several = steps = None
+        else:
+            aligned = trace.event_alignment(event, window=args.window, **options)
+            windows = [w for w in (args.windows or []) if w != aligned["window"][0]] if aligned.height else []
+            several = trace.event_alignment(event, window=args.windows, **options) if windows else None
+            steps = trace.event_steps(
+                event,
+                window=args.window,
+                level=args.level,
+                table=args.table,
+                permutations=args.permutations,
+                seed=args.seed,
+            )
         groups = trace.spike_groups(
             args.table, level=args.level, threshold=args.threshold, window=args.window
         )
+    table = several if several is not None else aligned
     if args.output == "csv":
-        _write_frame((several if several is not None else aligned) if args.alignment else found, "csv")
+        if args.alignment and table is None:
+            raise ValueError("--alignment: no events were recorded, so there is nothing to align")
+        _write_frame(table if args.alignment else found, "csv")
         return 0
     if args.output == "json":
         doc = {
             "spikes": _records(found),
-            "alignment": _records(several if several is not None else aligned),
-            "steps": _records(steps),
+            "event": event,
+            "alignment": None if table is None else _records(table),
+            "steps": None if steps is None else _records(steps),
             "groups": _records(groups),
         }
         print(json.dumps(doc))
@@ -274,6 +292,12 @@ def _spikes(args: argparse.Namespace) -> int:
     if top.height:
         print(_text_table(columns, top.rows()))
     print()
+    if aligned is None or steps is None:
+        print(
+            "no events were recorded, so there is nothing to align the spikes with (mark events with "
+            "Recorder.event(name), or track_target(module))"
+        )
+        return 0
     for finding in aligned["finding"]:
         print(finding)
     tested = aligned.filter(pl.col("p_value").is_not_null())
@@ -297,10 +321,16 @@ def _spikes(args: argparse.Namespace) -> int:
             print(finding)
         if stepping.is_empty():
             print(
-                f"no step: in none of the {steps.height} series does the level after a {args.event} differ "
+                f"no step: in none of the {steps.height} series does the level after a {event} differ "
                 f"from the level before (smallest p = {steps['p_value'][0]:.2g}; --json for all)"
             )
     return 0
+
+
+def _most_recorded_event(trace: Trace) -> str | None:
+    """The event the runs recorded most often (a DQN's target_update), or None when there are none."""
+    names = recorded_events(trace)
+    return str(names["name"][0]) if names.height else None
 
 
 def _series_name(row: dict[str, Any], table: str) -> str:

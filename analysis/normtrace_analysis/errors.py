@@ -38,6 +38,11 @@ class EmptySelectionError(TraceError, ValueError):
     message says what the trace holds instead."""
 
 
+class MissingEventError(TraceError, LookupError):
+    """An event test was asked for an event name that no loaded run recorded; the message lists the names
+    that were recorded."""
+
+
 class CorruptShardError(TraceError):
     """A shard is truncated, unreadable, or lacks a required column (skippable with ``on_error="skip"``)."""
 

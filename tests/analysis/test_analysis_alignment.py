@@ -294,16 +294,35 @@ def test_alignment_handles_no_spikes_and_no_events(tmp_path: Path) -> None:
     quiet = write_trace(
         tmp_path / "quiet", **_series(_noise(800), {"epoch": [5], "pass": [49], "name": ["x"]})
     )
-    row = na.load(quiet).event_alignment("target_update").row(0, named=True)
-    assert (row["spikes"], row["clusters"], row["events"]) == (0, 0, 0)
+    row = na.load(quiet).event_alignment("x").row(0, named=True)
+    assert (row["spikes"], row["clusters"], row["events"]) == (0, 0, 1)
     assert row["p_value"] is None and row["q_value"] is None and row["enrichment"] is None
     assert "no spikes" in row["finding"]
     values = _noise(800)
     values[400] += 5
-    spiky = write_trace(tmp_path / "spiky", **_series(values))
-    row = na.load(spiky).event_alignment("target_update").row(0, named=True)
+    spiky = write_trace(
+        tmp_path / "spiky", **_series(values, {"epoch": [500], "pass": [5000], "name": ["x"]})
+    )
+    row = na.load(spiky).event_alignment("x").row(0, named=True)  # its one event lies after the series
     assert row["spikes"] == 1 and row["events"] == 0 and row["p_value"] is None
-    assert "no target_update events" in row["finding"]
+    assert "no x events were recorded in its span" in row["finding"]
+
+
+def test_an_event_no_run_recorded_is_refused_with_the_events_that_were(tmp_path: Path) -> None:
+    quiet = write_trace(
+        tmp_path / "quiet",
+        **_series(_noise(800), {"epoch": [5, 6, 7], "pass": [49, 59, 69], "name": ["x", "y", "y"]}),
+    )
+    trace = na.load(quiet)
+    for analysis in (trace.event_alignment, trace.event_steps, trace.event_profile):
+        with pytest.raises(
+            na.MissingEventError,
+            match=r"no 'target_update' events in quiet; events recorded: y \(2\), x \(1\)",
+        ):
+            analysis("target_update")
+    bare = write_trace(tmp_path / "bare", **_series(_noise(800)))
+    with pytest.raises(na.MissingEventError, match="no events were recorded.*track_target"):
+        na.load(bare).event_alignment("target_update")
 
 
 def test_multi_run_alignment_names_the_run(tmp_path: Path) -> None:

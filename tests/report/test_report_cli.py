@@ -18,6 +18,7 @@ import pytest
 from normtrace_analysis.cli import main
 from normtrace_analysis.progress import progress
 from reportgen import MODULES, PARAMS, param_norm, read_table
+from tracegen import write_trace
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -132,7 +133,8 @@ def test_spikes_shows_events_followed_q_values_placebo_and_windows(
     assert table["q_value"].to_list() == pytest.approx(aligned["q_value"].to_list(), nan_ok=True)
     code, out, _ = run_cli(capsys, "spikes", run_a, "--json", "--permutations", "199")
     doc = json.loads(out)
-    assert set(doc) == {"spikes", "alignment", "steps", "groups"}
+    assert set(doc) == {"spikes", "event", "alignment", "steps", "groups"}
+    assert doc["event"] == "target_update"  # the event the run recorded
     assert {"events_followed", "q_value", "placebo_followed", "finding"} <= set(doc["alignment"][0])
     assert {"step", "step_change", "p_value", "q_value"} <= set(doc["steps"][0])
     with pytest.raises(SystemExit) as exit_:  # argparse's own error: one line, exit code 2
@@ -140,12 +142,24 @@ def test_spikes_shows_events_followed_q_values_placebo_and_windows(
     assert exit_.value.code == 2 and "positive integers" in capsys.readouterr().err
 
 
-def test_spikes_align_on_the_event_asked_for(run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    aligned = na.load(run_a).event_alignment("lr_drop")  # never recorded: every finding says so
-    code, out, _ = run_cli(capsys, "spikes", run_a, "--event", "lr_drop")
-    assert code == 0
-    assert aligned.height > 0 and all(finding in out.splitlines() for finding in aligned["finding"])
-    assert (aligned["events"] == 0).all()
+def test_spikes_align_on_the_event_asked_for(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "spikes", run_a, "--event", "target_updates")  # a typo
+    assert code == 2 and out == ""
+    assert "no 'target_updates' events in run-a; events recorded: target_update (7)" in err
+    # By default the findings are about the event the run recorded, whatever its name.
+    renamed = Path(shutil.copytree(run_a, tmp_path / "cnn"))
+    events = read_table(renamed, "events")
+    for shard in (renamed / "events").glob("*.arrow"):
+        shard.unlink()
+    write_trace(renamed, events={**events, "name": ["lr_drop"] * len(events["pass"])}, write_meta=False)
+    code, out, _ = run_cli(capsys, "spikes", renamed)
+    assert code == 0 and "lr_drop events are followed" in out and "target_update" not in out
+    bare = Path(shutil.copytree(run_a, tmp_path / "bare"))
+    shutil.rmtree(bare / "events")
+    code, out, _ = run_cli(capsys, "spikes", bare)
+    assert code == 0 and "no events were recorded, so there is nothing to align" in out
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".arrow"])
