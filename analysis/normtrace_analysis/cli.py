@@ -21,7 +21,7 @@ import polars as pl
 from .alignment import recorded_events
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
-from .names import PERMUTATIONS, SUMMARY_KEYS
+from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
 from .schema import TABLES
@@ -35,8 +35,28 @@ _SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "
                   "event", "lag_passes", "lag_epochs")  # fmt: skip
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that states every option's default (none is shown for flags and options without one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (exit code 2) instead of usage plus message."""
+    """An argument parser whose errors are one line (exit code 2) instead of usage plus message, and whose
+    help states the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -62,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``normtrace`` argument parser with its four sub-commands."""
     parser = _Parser(prog="normtrace", description="Analyse normtrace traces from the shell.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (normtrace-analysis) {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     loading = _Parser(add_help=False)
     loading.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or a glob such as 'runs/*'")
@@ -98,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", dest="output", action="store_const", const="csv", help="CSV on stdout")
 
     summary = commands.add_parser("summary", parents=[loading, script], help="modules x epochs statistics")
-    summary.add_argument("--table", choices=["outputs", "params"], default="outputs")
+    summary.add_argument(
+        "--table", choices=["outputs", "params"], default="outputs", help="output norms or parameter norms"
+    )
     summary.add_argument("--stat", choices=_STATS, default="mean", help="statistic shown per epoch (text)")
     summary.add_argument(
         "--columns",
@@ -112,15 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     spikes = commands.add_parser(
         "spikes", parents=[loading, script], help="spikes and their alignment to events"
     )
-    spikes.add_argument("--table", choices=["outputs", "params"], default="outputs")
+    spikes.add_argument(
+        "--table", choices=["outputs", "params"], default="outputs", help="search output or parameter norms"
+    )
     spikes.add_argument(
         "--event",
         help="event to align spikes with (default: the event the runs recorded most often, such as a "
         "DQN's target_update; a name no run recorded is an error listing those recorded)",
     )
-    spikes.add_argument("--level", choices=["pass", "epoch"], default="pass")
-    spikes.add_argument("--threshold", type=float, help="robust z-score above which a value is a spike")
-    spikes.add_argument("--window", type=_positive, help="passes/epochs after an event that count as near it")
+    spikes.add_argument(
+        "--level",
+        choices=["pass", "epoch"],
+        default="pass",
+        help="search every recorded pass, or the per-epoch means (too few points in a short run)",
+    )
+    spikes.add_argument(
+        "--threshold",
+        type=float,
+        help=f"robust z-score above which a value is a spike (default: {THRESHOLD:g})",
+    )
+    spikes.add_argument(
+        "--window",
+        type=_positive,
+        help="passes (epochs) after an event that count as following it "
+        f"(default: {EVENT_WINDOW['pass']} passes, {EVENT_WINDOW['epoch']} epoch)",
+    )
     spikes.add_argument(
         "--windows",
         type=_windows,
@@ -148,16 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser(
         "report", parents=[loading], help="self-contained HTML report (or PNG/SVG charts)"
     )
-    rep.add_argument("-o", "--output", type=Path, help="HTML file (default report.html), or with --format "
-                     "png|svg a directory for the chart files (default charts/)")  # fmt: skip
-    rep.add_argument("--format", choices=["html", "png", "svg"], default="html")
+    rep.add_argument("-o", "--output", type=Path, help="HTML file (default: report.html), or with --format "
+                     "png|svg a folder for the chart files (default: RUN/charts/ for one run)")  # fmt: skip
+    rep.add_argument(
+        "--format",
+        choices=["html", "png", "svg"],
+        default="html",
+        help="one HTML report, or a file per chart",
+    )
     rep.add_argument(
         "--force", action="store_true", help="overwrite the HTML file or chart files if they exist"
     )
     rep.add_argument(
         "--level", choices=["pass", "epoch"], default="pass", help="x axis of the curves, and spike level"
     )
-    rep.add_argument("--band", choices=["p05-p95", "min-max", "none"], default="p05-p95")
+    rep.add_argument(
+        "--band",
+        choices=["p05-p95", "min-max", "none"],
+        default="p05-p95",
+        help="the band around each curve: the rows' 5th-95th percentiles or their range in each bin",
+    )
     rep.add_argument("--log", action="store_true", help="log-scale y axes")
     rep.add_argument(
         "--event",
@@ -193,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write every table as TensorBoard scalars under DIR/<run> (needs the tensorboard package)",
     )
-    export.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())), help="format of -o")
+    export.add_argument(
+        "--format",
+        choices=sorted(set(EXPORT_FORMATS.values())),
+        help="format of -o (default: from its extension)",
+    )
     export.add_argument(
         "--level", choices=["pass", "epoch"], default="pass", help="TensorBoard step: the pass or the epoch"
     )
@@ -367,7 +420,11 @@ def _report(args: argparse.Namespace) -> int:
         path = report(trace, target, event=args.event, progress=True, **options)
         print(path)
         return 0
-    folder = args.output or Path("charts")
+    if args.output is None and len(trace.runs) > 1:
+        raise ValueError(
+            f"--format {args.format} of several runs: name the folder for the charts with -o DIR"
+        )
+    folder = args.output or next(iter(trace.paths.values())) / "charts"  # beside the run, not in the cwd
     _check_target(folder, trace, force=True)
     existing = sorted(folder.glob(f"*.{args.format}")) if folder.is_dir() else []
     if existing and not args.force:
@@ -542,9 +599,22 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__
 
 
 def _one_line(message: object, keep: int) -> str:
-    """The first ``keep`` non-blank lines of a message joined into one line."""
+    """The first ``keep`` non-blank lines of a message joined into one line (a line ending in a colon
+    introduces the next, so no "; " after it)."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return "; ".join(lines[:keep]) + (" …" if len(lines) > keep else "") if lines else type(message).__name__
+    if not lines:
+        return type(message).__name__
+    kept = lines[:keep]
+    joined = kept[0]
+    for line in kept[1:]:
+        joined += (" " if joined.endswith(":") else "; ") + line
+    return joined + (" …" if len(lines) > keep else "")
+
+
+def _version() -> str:
+    from . import __version__  # the package's __init__ imports this module's neighbours first
+
+    return __version__
 
 
 if __name__ == "__main__":

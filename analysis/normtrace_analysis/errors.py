@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,18 @@ class SkippedShardsWarning(UserWarning):
 class StrayFilesWarning(UserWarning):
     """Emitted by ``load`` for ``.arrow`` files in a table folder that are not shards (a copy, an export):
     they are left out, never read as part of the run."""
+
+
+class ShortSeriesWarning(UserWarning):
+    """Emitted by the spike detector when series are shorter than its baseline window: "no spikes" then
+    means "too few points to tell", not "nothing happened"."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first frame outside this package: the
+    user's call, however deep inside the package the warning is raised."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

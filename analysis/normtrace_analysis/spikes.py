@@ -19,12 +19,14 @@ target sync right after ``tick_epoch``) precedes the spikes of epoch ``e`` and l
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import polars as pl
 
+from .errors import ShortSeriesWarning, caller_stacklevel
 from .names import BASELINE_WINDOW, SERIES_KEYS, THRESHOLD, Level, Table
 from .series import epoch_series, pass_series
 
@@ -85,8 +87,26 @@ def _spikes(
 ) -> pl.DataFrame:
     series = pass_series(trace, table, modules)
     frame = series.data if level == "pass" else epoch_series(series)
+    _warn_if_too_short(frame, level, window)
     found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
     return _attach_nearest_event(found, trace.events, table, level)
+
+
+def _warn_if_too_short(frame: pl.DataFrame, level: str, window: int) -> None:
+    """Say so when series have fewer points than the baseline window: their rolling median is their
+    whole length, so a spike among a handful of epochs is not told from noise, and "0 spikes" would
+    read as "nothing happened"."""
+    lengths = frame.group_by("sid").len()["len"]
+    short = int((lengths < window).sum())
+    if short:
+        unit = "epochs" if level == "epoch" else "points"
+        hint = "use level='pass' (CLI: --level pass)" if level == "epoch" else "use a smaller baseline_window"
+        warnings.warn(
+            f"{short} of {lengths.len()} series have fewer {unit} ({int(lengths.min())} at least) than the "
+            f"spike detector's baseline window of {window}: too few to tell a spike from noise; {hint}",
+            ShortSeriesWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def check_detector(table: str, level: str, baseline_window: int | None) -> int:

@@ -15,7 +15,7 @@ import normtrace_analysis.progress as progress_module
 import numpy as np
 import polars as pl
 import pytest
-from normtrace_analysis.cli import main
+from normtrace_analysis.cli import build_parser, main
 from normtrace_analysis.progress import progress
 from reportgen import MODULES, PARAMS, param_norm, read_table
 from tracegen import write_trace
@@ -246,7 +246,10 @@ def test_skip_corrupt_warns_in_one_line_and_goes_on(
     broken = corrupt_copy(run_a, tmp_path / "corrupt")
     code, out, err = run_cli(capsys, "summary", broken, "--skip-corrupt", "--csv")
     assert code == 0
-    assert err.startswith("normtrace: warning: skipped 1 unreadable shard(s):") and len(err.splitlines()) == 1
+    assert (
+        err.startswith("normtrace: warning: skipped 1 unreadable shard(s): ") and len(err.splitlines()) == 1
+    )
+    assert ":;" not in err and str(broken / "outputs") in err  # the listing follows its colon
     assert 0 < pl.read_csv(io.StringIO(out))["count"].sum() < len(read_table(run_a, "outputs")["pass"])
 
 
@@ -262,25 +265,52 @@ def test_the_installed_command_never_prints_a_traceback(tmp_path: Path) -> None:
     assert done.stderr == f"normtrace: error: run directory not found: {tmp_path / 'missing'}\n"
 
 
-def test_progress_is_a_line_on_stderr_once_work_is_slow(
+def _drawn(capsys: pytest.CaptureFixture[str], want: str) -> str:
+    """stderr until ``want`` shows (the ticker thread draws at once with DELAY_S patched to 0)."""
+    seen = ""
+    for _ in range(200):
+        out, err = capsys.readouterr()
+        assert out == ""  # stdout stays for data
+        seen += err
+        if want in seen:
+            break
+        threading.Event().wait(0.05)
+    return seen
+
+
+def test_progress_is_plain_lines_on_stderr_when_it_is_not_a_terminal(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(progress_module, "DELAY_S", 0.0)  # "slow" from the start, no waiting in the test
-    seen = ""
     with progress("crunching") as bar:
         bar.set_postfix_str("step one", refresh=False)
-        for _ in range(200):  # until the ticker thread has drawn the line (it does at once)
-            out, err = capsys.readouterr()
-            assert out == ""
-            seen += err
-            if "step one" in seen:
-                break
-            threading.Event().wait(0.05)
-    assert "crunching: 00:0" in seen and "step one" in seen
-    assert capsys.readouterr().out == ""
+        seen = _drawn(capsys, "step one")
+        bar.set_postfix_str("step two", refresh=False)
+        bar.set_postfix_str("step two", refresh=False)  # the same step again: no new line
+        seen += _drawn(capsys, "step two")
+    seen += capsys.readouterr().err
+    assert "\r" not in seen and "\x1b" not in seen  # nothing that garbles a log or a pipe
+    assert seen.splitlines() == ["crunching: step one (0 s)", "crunching: step two (0 s)"]
     with progress("quiet", enabled=False) as bar:
         bar.set_postfix_str("never shown")
     assert capsys.readouterr() == ("", "")
+
+
+def test_progress_is_one_redrawn_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)
+    with progress("crunching") as bar:
+        bar.set_postfix_str("step one", refresh=False)
+        for _ in range(200):
+            if "step one" in screen.getvalue():
+                break
+            threading.Event().wait(0.05)
+    assert "crunching: 00:0" in screen.getvalue() and "\r" in screen.getvalue()
 
 
 def test_debug_variable_shows_the_traceback(
@@ -343,3 +373,61 @@ def test_filters_that_match_nothing_exit_2_listing_what_exists(
         assert err.startswith("normtrace: error: no row matches modules='rleu'") and "net.0, net.2" in err
     code, _, err = run_cli(capsys, "summary", run_a, "--epochs", "100:200")
     assert code == 2 and "epochs=(100, 200)" in err and "epochs 0..39" in err
+
+
+def test_help_states_every_option_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, defaults in (
+        ("summary", ["--table {outputs,params}", "(default: outputs)", "(default: mean)", "(default: 8)"]),
+        ("spikes", ["(default: pass)", "(default: 6)", "(default: 20 passes, 1 epoch)", "(default: 999)"]),
+        ("report", ["(default: html)", "(default: p05-p95)", "(default: 3000)", "RUN/charts/"]),
+        ("export", ["(default: pass)", "(default: 1000)", "from its extension"]),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for expected in defaults:
+            assert expected in text, (command, expected)
+        parser = next(
+            a
+            for a in build_parser()._subparsers._group_actions[0].choices.values()
+            if a.prog.endswith(command)
+        )
+        for action in parser._actions:
+            assert action.help, (command, action.option_strings)  # no option without a word of help
+
+
+def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert (
+        done.value.code == 0
+        and capsys.readouterr().out.strip() == f"normtrace (normtrace-analysis) {na.__version__}"
+    )
+
+
+def test_too_few_epochs_for_the_detector_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    n = 50  # 5 epochs of 10 passes: fewer epochs than the 11-epoch baseline window
+    run = write_trace(
+        tmp_path / "short",
+        outputs={"pass": np.arange(n), "epoch": (np.arange(n) // 10).astype(np.int32),
+                 "module": ["m"] * n, "norm": np.linspace(1, 2, n)},
+    )  # fmt: skip
+    code, out, err = run_cli(capsys, "spikes", run, "--level", "epoch")
+    assert code == 0 and out.startswith("0 spikes")
+    assert (
+        "1 of 1 series have fewer epochs (5 at least) than the spike detector's baseline window of 11" in err
+    )
+    assert "--level pass" in err and len(err.splitlines()) == 1
+    with pytest.warns(na.ShortSeriesWarning):
+        na.load(run).spikes(level="epoch")
+
+
+def test_static_charts_go_beside_the_run_unless_told(
+    run_a: Path, run_b: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Path(shutil.copytree(run_a, tmp_path / "mine"))
+    code, out, _ = run_cli(capsys, "report", run, "--format", "svg")
+    assert code == 0 and all(Path(line).parent == run / "charts" for line in out.splitlines())
+    code, _, err = run_cli(capsys, "report", run_a, run_b, "--format", "svg")
+    assert code == 2 and "-o DIR" in err
