@@ -313,6 +313,9 @@ class _Detector:
         block_mad = _block_medians(absdev, sizes, block)
         block_rows = np.concatenate([[0], np.cumsum(per_block)])
         block_pos = np.repeat(s // block - block_rows[:-1], per_block) + np.arange(len(sizes))
+        # Blocks before a stretch's first complete one are never used: give them a number, not NaN
+        # (Polars' rolling median takes a much slower path as soon as a column has a null).
+        block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
         mad = _centred_median(block_mad, block_pos, block_rows, s // block, bs, bve, seed[:, 1], span)
         scale = mad[blk]
         np.multiply(scale, MAD_TO_SIGMA, out=scale)
@@ -415,14 +418,21 @@ def _centred_median(
     half = window // 2
     n = len(x)
     counts = np.diff(rows)
-    med = pl.Series(x, nan_to_null=True).rolling_median(window, min_samples=half + 1).to_numpy()
-    first = np.where(xs == 0, 0, xs + window - 1 - half)
-    first_row = np.repeat(first, counts)
-    end_row = np.repeat(xe, counts)
-    inside = (pos >= first_row) & (pos >= half) & (pos + half < end_row)
+    gaps = bool(np.isnan(x).any())
+    # Without a gap every full window is complete, and the windows shorter than half of one are those
+    # reaching before a stretch (not used) or at a series' start (recomputed below): no nulls needed,
+    # which keeps Polars on its fast path.
+    med = (
+        pl.Series(x, nan_to_null=gaps).rolling_median(window, min_samples=half + 1 if gaps else 1).to_numpy()
+    )
     m = np.full(n, np.nan)
     m[: max(n - half, 0)] = med[half:]
-    m[~inside] = np.nan
+    first = np.where(xs == 0, 0, xs + window - 1 - half)
+    lo = np.clip(np.maximum(first, half) - p0, 0, counts)  # per stretch, its rows with a centred median
+    hi = np.clip(xe - half - p0, lo, counts)
+    for i in range(len(counts)):
+        m[rows[i] : rows[i] + lo[i]] = np.nan
+        m[rows[i] + hi[i] : rows[i + 1]] = np.nan
     for i in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
         r0 = rows[i]
         head = x[r0 : r0 + min(window, counts[i])]
@@ -430,12 +440,21 @@ def _centred_median(
         k = np.arange(min(half, len(head)))
         k = k[k + half < min(len(head), xe[i] - p0[i])]
         m[r0 + k] = trailing[k + half]
-    known = np.where(np.isnan(m), -1, np.arange(n))
-    np.maximum.accumulate(known, out=known)
-    own = known >= np.repeat(rows[:-1], counts)
-    out = np.where(own, m[np.maximum(known, 0)], np.repeat(seed, counts))
-    out[pos < first_row] = np.nan
-    return out
+    start = np.clip(first - p0, 0, counts)  # first row where a value (median or carried) is due
+    if gaps or ((xs == 0) & (xe - p0 < window)).any():
+        # carry the last median over windows with too few values (a gap, a series shorter than a
+        # window), and from the seed
+        known = np.where(np.isnan(m), -1, np.arange(n))
+        np.maximum.accumulate(known, out=known)
+        own = known >= np.repeat(rows[:-1], counts)
+        out = np.where(own, m[np.maximum(known, 0)], np.repeat(seed, counts))
+        for i in range(len(counts)):
+            out[rows[i] : rows[i] + start[i]] = np.nan
+        return out
+    for i in range(len(counts)):  # every median is known: carry the last one over the stretch's end
+        end = rows[i] + max(hi[i], start[i])
+        m[end : rows[i + 1]] = m[end - 1] if end > rows[i] + start[i] else seed[i]
+    return m
 
 
 def _attach_nearest_event(found: pl.DataFrame, events: pl.LazyFrame, table: str, level: str) -> pl.DataFrame:
