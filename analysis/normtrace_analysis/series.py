@@ -53,7 +53,7 @@ __all__ = [
     "settled_rows",
 ]
 
-CHUNK_ROWS = 2_000_000
+CHUNK_ROWS = 1_000_000
 """Rows read and regrouped at once (the analysis' memory is a few hundred bytes times this, plus the
 tails the consumers keep: a few hundred rows and an epoch per series)."""
 
@@ -162,6 +162,7 @@ class Frame:
         self.settled = settled
         self.registry = registry
         self._data: pl.DataFrame | None = None
+        self._segment: np.ndarray | None = None
 
     @property
     def data(self) -> pl.DataFrame:
@@ -177,6 +178,19 @@ class Frame:
         """A per-segment array repeated over each segment's rows."""
         return np.repeat(per_segment, self.lengths)
 
+    @property
+    def segment(self) -> np.ndarray:
+        """Each row's segment (index into ``sids``)."""
+        if self._segment is None:
+            self._segment = np.repeat(np.arange(len(self.sids), dtype=np.int64), self.lengths)
+        return self._segment
+
+    def between(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """A row mask: per segment, rows ``lo[i] <= row < hi[i]`` (frame rows, within the segment)."""
+        rows = self.rows
+        runs = np.stack([lo - rows[:-1], hi - lo, rows[1:] - hi], axis=1).ravel()
+        return np.repeat(np.tile(np.array([False, True, False]), len(lo)), runs)
+
 
 class Consumer(Protocol):
     """What :func:`scan` feeds: ``feed`` returns, per segment, the first pos of the series it still needs
@@ -189,13 +203,22 @@ class Consumer(Protocol):
 
 def settled_rows(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), and per
-    segment the pos of its first row of an epoch not yet complete (its end when there is none)."""
-    pos = frame.cols["pos"]
-    open_ = frame.cols["epoch"] >= frame.per_row(frame.settled)
-    take = ~open_ & (pos >= frame.per_row(done))
-    first_open = np.where(open_, pos, frame.per_row(frame.end))
-    need = np.minimum.reduceat(first_open, frame.rows[:-1]) if len(frame.sids) else frame.end.copy()
-    return take, need
+    segment the pos of its first row of an epoch not yet complete (its end when there is none).
+
+    Epochs never decrease along a series read in pieces, so each segment's rows to take are one run,
+    found by a binary search; whole series (the out-of-order path) have every epoch settled."""
+    rows, lengths = frame.rows, frame.lengths
+    lo = rows[:-1] + np.clip(done - frame.start, 0, lengths)
+    if (frame.settled == NEVER).all():
+        hi = rows[1:].copy()
+    else:
+        offset = np.int64(1 << 31)
+        key = (frame.segment << 33) + (frame.cols["epoch"].astype(np.int64) + offset)
+        bound = np.clip(frame.settled, -offset, offset) + offset
+        hi = np.searchsorted(key, (np.arange(len(lengths), dtype=np.int64) << 33) + bound, "left")
+        hi = np.maximum(hi, lo)
+    need = frame.start + (hi - rows[:-1])
+    return frame.between(lo, hi), need
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,7 +344,7 @@ class _Assembly:
         for c in consumers if len(sids) else ():
             need = np.minimum(need, c.feed(frame))
         keep_from = np.clip(need, frame.start, frame.end)
-        mask = cols["pos"] >= frame.per_row(keep_from)
+        mask = frame.between(rows[:-1] + (keep_from - frame.start), rows[1:])
         self.carry = {name: cols[name][mask] for name in _DTYPES}
         self.carry_start[sids] = keep_from
         if piece.progress and piece.progress != self.shown:
@@ -587,7 +610,7 @@ class _Info:
         self.last[sids[new]] = np.stack([passes[tail[new]], epochs[tail[new]]], axis=1)
         previous = np.concatenate([[0], epochs[:-1]]).astype(np.int64)
         previous[frame.rows[:-1]] = before  # counts only where a segment starts with a new row
-        changed = (epochs != previous) & (pos >= frame.per_row(frame.fresh)) & (pos > 0)
+        changed = (epochs != previous) & frame.between(head, frame.rows[1:]) & (pos > 0)
         self.length[sids] = frame.end
         whole = (frame.start == 0) & frame.ended
         if whole.all():  # whole series (the out-of-order path): count distinct epochs

@@ -28,8 +28,9 @@ import numpy as np
 import polars as pl
 
 from .errors import ShortSeriesWarning, caller_stacklevel
-from .names import BASELINE_WINDOW, SERIES_KEYS, THRESHOLD, Level, Table
-from .series import Frame, epoch_series, scan
+from .names import BASELINE_WINDOW, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
+from .series import Frame, Registry, epoch_series, scan
+from .summary import Summary, summary_key
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -87,7 +88,17 @@ def _spikes(
     trace: Trace, table: str, level: str, modules: Sequence[str] | str | None, threshold: float, window: int
 ) -> pl.DataFrame:
     if level == "pass":
-        (detector,), info = scan(trace, table, modules, lambda _: [_Detector(level, threshold, window)])
+        # The epoch summary of all modules costs a fraction of the reading it would repeat: compute it
+        # on the side when the scan covers all modules and no summary is held yet.
+        side = modules is None and not trace.is_cached(summary_key(table))
+
+        def make(registry: Registry) -> list:
+            detector = _Detector(level, threshold, window)
+            return [detector, Summary(registry)] if side else [detector]
+
+        (detector, *summary), info = scan(trace, table, modules, make)
+        if summary:
+            trace.cached(summary_key(table), lambda: summary[0].result(SUMMARY_KEYS[table]))
         keys = info.keys.select("sid", *SERIES_KEYS[table])
         lengths = info.keys["length"]
         found = detector.result()

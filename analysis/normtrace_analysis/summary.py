@@ -1,7 +1,9 @@
 """Per-epoch statistics of each module's ``value`` (raw L2 norm or RMS view, as the Trace was loaded).
 
 Computed as the series are read (:func:`.series.scan`): an epoch is summarised once it is complete on
-every rank (the ranks of a run are read side by side), so what is held is the epoch under way.
+every rank (the ranks of a run are read side by side), so what is held is the epoch under way. Memoised
+per Trace; the spike detector's scan of all modules computes it on the side, since the summary costs a
+fraction of the reading it would otherwise repeat.
 """
 
 from __future__ import annotations
@@ -30,11 +32,21 @@ def epoch_summary(trace: Trace, table: Table = "outputs") -> pl.DataFrame:
     """
     if table not in SUMMARY_KEYS:
         raise ValueError(f"epoch_summary works on 'outputs' or 'params', not {table!r}")
-    (summary,), _ = scan(trace, table, None, lambda registry: [_Summary(registry)])
-    return summary.result(SUMMARY_KEYS[table])
+
+    def compute() -> pl.DataFrame:
+        (summary,), _ = scan(trace, table, None, lambda registry: [Summary(registry)])
+        return summary.result(SUMMARY_KEYS[table])
+
+    return trace.cached(summary_key(table), compute)
 
 
-class _Summary:
+def summary_key(table: str) -> tuple[str, str]:
+    """The key under which a Trace memoises ``epoch_summary(table)`` (a scan of the table's series for
+    something else may compute it on the side: see :func:`.spikes.spikes`)."""
+    return ("epoch_summary", table)
+
+
+class Summary:
     """Consumer: the statistics of every complete epoch of every summary group (a module's series of all
     ranks pooled), rows of a pooled group in rank order, each rank's in pass order."""
 
@@ -56,10 +68,9 @@ class _Summary:
     def _stats(self, frame: Frame, take: np.ndarray) -> pl.DataFrame:
         group = np.asarray(self.registry.group, dtype=np.uint64)[frame.sids]
         rank = np.array([self.registry.keys[s][1] for s in frame.sids], dtype=np.int32)
-        g = (frame.per_row(group) << np.uint64(32)) + frame.cols["epoch"].astype(np.uint64)
-        rows = pl.DataFrame(
-            {"g": g[take], "rank": frame.per_row(rank)[take], "value": frame.cols["value"][take]}
-        )
+        segment = frame.segment[take]
+        g = (group[segment] << np.uint64(32)) + frame.cols["epoch"][take].astype(np.uint64)
+        rows = pl.DataFrame({"g": g, "rank": rank[segment], "value": frame.cols["value"][take]})
         # Epochs never decrease along a series, so (group, epoch) packed in one integer is sorted when
         # each group is one series: Polars then groups contiguous slices instead of hashing. Pooled
         # ranks are brought together, in rank order.

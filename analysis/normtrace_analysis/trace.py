@@ -131,6 +131,11 @@ class Trace:
             held = self._cache[slot] = (key, compute())
         return held[1]
 
+    def is_cached(self, key: Hashable) -> bool:
+        """Whether :meth:`cached` holds a result under ``key`` (so a scan computing it on the side can
+        leave it out)."""
+        return key in self._cache
+
     def __repr__(self) -> str:
         """A few lines (runs, rows per table from the shards' metadata, filters): see :mod:`.notebook`."""
         from .notebook import trace_repr

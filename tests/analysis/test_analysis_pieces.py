@@ -165,13 +165,13 @@ def test_frames_stay_within_the_piece_size_plus_the_tails(runs) -> None:
     """What a scan holds at once does not grow with the run: one piece (at least one shard per rank)
     plus what the consumers keep of each series; here the detector's and the summary's tails."""
     from normtrace_analysis.spikes import _Detector
-    from normtrace_analysis.summary import _Summary
+    from normtrace_analysis.summary import Summary
 
     trace = na.load(runs["two ranks"])
     shard = max(pl.scan_ipc(p).select(pl.len()).collect().item() for p in trace.shards("outputs"))
     largest = _Largest()
     detector = _Detector("pass", 6.0, 51)
-    series.scan(trace, "outputs", None, lambda reg: [largest, detector, _Summary(reg)], chunk_rows=300)
+    series.scan(trace, "outputs", None, lambda reg: [largest, detector, Summary(reg)], chunk_rows=300)
     n_series = 6  # 3 modules x 2 ranks
     tail = detector.lookback + 2 * detector.window + 40  # the detector's lookback and look-ahead, an epoch
     assert largest.rows <= 2 * shard + 300 + n_series * tail
