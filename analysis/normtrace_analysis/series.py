@@ -21,6 +21,8 @@ length, epochs, the pass where each epoch starts), memoised on the Trace.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -282,11 +284,45 @@ def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consume
     consumers still need. At the end, end every series not ended yet (the reader ends a rank's series
     after its last shard; one whose rank column differs from its file name's ends here)."""
     assembly = _Assembly(registry)
-    for piece in pieces:
+    for piece in _ahead(pieces):
         assembly.feed(piece, consumers)
     still = np.flatnonzero(~assembly.ended[: len(registry)])
     if still.size:
         assembly.feed(_Piece(_no_rows(), [int(s) for s in still], {}), consumers)
+
+
+def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
+    """The pieces, each read while the consumers work on the one before (reading, decompression and
+    regrouping overlap the analysis on a second core; one piece more is held)."""
+    done = object()
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for piece in pieces:
+                while not stop.is_set():
+                    try:
+                        box.put(piece, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as exc:  # handed to the consumer's thread, raised there
+            box.put(exc)
+
+    reader = threading.Thread(target=read, name="normtrace-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 class _Assembly:
@@ -319,17 +355,19 @@ class _Assembly:
         rows = np.concatenate([[0], np.cumsum(lengths)])
         if carry["sid"].size == 0:
             cols = dict(new)
-        else:  # each series' kept rows, then its new rows
-            segment = np.zeros(n, dtype=np.int64)
-            segment[sids] = np.arange(len(sids))
-            to_carry = _destinations(carry["sid"], rows[segment], np.zeros(n, dtype=np.int64))
-            to_new = _destinations(new["sid"], rows[segment], n_carry)
-            cols = {}
-            for name, dtype in _DTYPES.items():
-                out = np.empty(rows[-1], dtype=dtype)
-                out[to_carry] = carry[name]
-                out[to_new] = new[name]
-                cols[name] = out
+        else:  # each series' kept rows, then its new rows: block copies
+            c_from = np.concatenate([[0], np.cumsum(n_carry)])[sids]
+            n_from = np.concatenate([[0], np.cumsum(n_new)])[sids]
+            blocks = [
+                (c0, c0 + c, n0, n0 + m)
+                for c0, c, n0, m in zip(c_from, n_carry[sids], n_from, n_new[sids], strict=True)
+            ]
+            cols = {
+                name: np.concatenate(
+                    [part for c0, c1, n0, n1 in blocks for part in (carry[name][c0:c1], new[name][n0:n1])]
+                )
+                for name in _DTYPES
+            }
         fresh = self.end[sids].copy()
         start = np.where(n_carry[sids] > 0, self.carry_start[sids], fresh)
         self.end[sids] += n_new[sids]
@@ -350,14 +388,6 @@ class _Assembly:
         if piece.progress and piece.progress != self.shown:
             detail(piece.progress)
             self.shown = piece.progress
-
-
-def _destinations(sid: np.ndarray, first_row: np.ndarray, skip: np.ndarray) -> np.ndarray:
-    """Where rows sorted by ``sid`` go in a frame whose series ``s`` starts at ``first_row[s]``, after
-    ``skip[s]`` rows of it placed before them."""
-    counts = np.bincount(sid, minlength=len(first_row))
-    begin = np.concatenate([[0], np.cumsum(counts)])[:-1]
-    return (first_row + skip - begin)[sid] + np.arange(len(sid))
 
 
 def _ordered_pieces(
