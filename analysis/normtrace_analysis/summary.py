@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .trace import Trace
 
 STATS = ["count", "mean", "std", "min", "max", "p05", "p50", "p95", "nonfinite"]
+QUANTILES = (0.05, 0.50, 0.95)
 
 
 def epoch_summary(trace: Trace, table: Table = "outputs") -> pl.DataFrame:
@@ -77,27 +78,26 @@ class Summary:
         if not rows["g"].is_sorted():
             rows = rows.sort("g", "rank", maintain_order=True)
         v = pl.col("value")
-        return (
-            rows.with_columns(pl.col("g").set_sorted())
-            .lazy()
-            .group_by("g")
-            .agg(
-                pl.len().cast(pl.Int64).alias("count"),
-                v.mean().alias("mean"),
-                # two passes, as numpy does: Polars' own std of a group varies in the last bit with the
-                # group's place in memory, which would make the result depend on the piece size
-                pl.when(pl.len() > 1)
-                .then(((v - v.mean()).pow(2).sum() / (pl.len() - 1)).sqrt())
-                .alias("std"),
-                v.min().alias("min"),
-                v.max().alias("max"),
-                v.quantile(0.05, "linear").alias("p05"),
-                v.quantile(0.50, "linear").alias("p50"),
-                v.quantile(0.95, "linear").alias("p95"),
-                (~v.is_finite()).sum().cast(pl.Int64).alias("nonfinite"),
-            )
-            .collect()
-        )
+        moments = [
+            pl.len().cast(pl.Int64).alias("count"),
+            v.mean().alias("mean"),
+            # two passes, as numpy does: Polars' own std of a group varies in the last bit with the
+            # group's place in memory, which would make the result depend on the piece size
+            pl.when(pl.len() > 1).then(((v - v.mean()).pow(2).sum() / (pl.len() - 1)).sqrt()).alias("std"),
+            (~v.is_finite()).sum().cast(pl.Int64).alias("nonfinite"),
+        ]
+        order = [
+            v.min().alias("min"),
+            v.max().alias("max"),
+            *(v.quantile(q, "linear").alias(f"p{round(100 * q):02d}") for q in QUANTILES),
+        ]
+        rows = rows.with_columns(pl.col("g").set_sorted())
+        values = rows["value"].to_numpy()
+        sized = _order_statistics(rows["g"].to_numpy(), values)
+        if sized is None:  # groups of very unequal size, or NaN: Polars sorts each group
+            return rows.lazy().group_by("g").agg(*moments, *order).collect().select("g", *STATS)
+        stats = rows.lazy().group_by("g", maintain_order=True).agg(*moments).collect()
+        return stats.with_columns(pl.Series(k, v) for k, v in sized.items()).select("g", *STATS)
 
     def finish(self) -> None:
         """The statistics are read by :meth:`result`."""
@@ -122,3 +122,33 @@ class Summary:
             .select(*keys[:1], "epoch", *keys[1:], *STATS)
             .sort(*keys, "epoch")
         )
+
+
+def _order_statistics(g: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray] | None:
+    """min, max and the quantiles of every group of rows (``g`` sorted), from one numpy sort of the
+    groups padded into rows of equal length: what Polars gives (min and max leave NaN out; a quantile
+    interpolates linearly, ``lo + (hi - lo) * frac`` with ``frac`` from ``(n - 1) * q``), several times
+    faster than its per-group sorts. None when a value is NaN (Polars sorts NaN last among the values,
+    numpy after the padding) or the groups are so unequal that padding would cost more than it saves."""
+    starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+    sizes = np.diff(np.concatenate([starts, [len(g)]]))
+    width = int(sizes.max())
+    if np.isnan(values).any() or width * len(sizes) > 2 * len(values):
+        return None
+    padded = np.full((len(sizes), width), np.inf)
+    if (sizes == width).all():
+        padded[:] = values.reshape(-1, width)
+    else:
+        within = np.arange(len(values)) - np.repeat(starts, sizes)
+        padded.reshape(-1)[np.repeat(np.arange(len(sizes)) * width, sizes) + within] = values
+    padded.sort(axis=1)  # the padding (+inf) after the values, equal +inf values alike
+    k = np.arange(len(sizes))
+    out = {"min": padded[:, 0].copy(), "max": padded[k, sizes - 1]}
+    with np.errstate(invalid="ignore"):  # inf - inf where both neighbours are inf: taken as is below
+        for q in QUANTILES:
+            at = (sizes - 1) * q
+            lo = np.floor(at).astype(np.int64)
+            hi = np.ceil(at).astype(np.int64)
+            a, b = padded[k, lo], padded[k, hi]
+            out[f"p{round(100 * q):02d}"] = np.where(a == b, a, (at - lo) * (b - a) + a)
+    return out
