@@ -192,3 +192,17 @@ def test_rows_out_of_pass_order_are_read_as_whole_series(runs, monkeypatch) -> N
     assert not calls
     na.load(runs["shuffled"]).spikes()
     assert calls
+
+
+def test_long_scans_say_how_far_they_are(runs, monkeypatch, capsys) -> None:
+    from normtrace_analysis import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)
+    monkeypatch.setattr(series, "CHUNK_ROWS", 500)
+    with progress_module.progress("spikes") as bar:
+        bar.set_postfix_str("detecting", refresh=False)
+        na.load(runs["one rank"]).spikes()
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("spikes: detecting: outputs ") and "%" in line for line in lines), lines
+    na.load(runs["one rank"]).spikes()  # no progress block open: nothing said
+    assert capsys.readouterr().err == ""

@@ -193,6 +193,31 @@ def test_centred_median_matches_the_per_series_definition() -> None:
             assert got[i] == pytest.approx(np.median(window))
 
 
+def test_centred_median_on_short_series_with_gaps_matches_the_definition() -> None:
+    # Series shorter than a window and gaps of every length: the carried medians and the heads.
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        lengths = rng.integers(1, 140, size=rng.integers(1, 6))
+        window = int(rng.choice([3, 4, 11, 17, 51]))
+        values = rng.standard_normal(lengths.sum())
+        if trial % 2:
+            values[rng.random(len(values)) < 0.3] = np.nan
+        rows = np.concatenate([[0], np.cumsum(lengths)])
+        pos = np.arange(len(values)) - np.repeat(rows[:-1], lengths)
+        zero, none = np.zeros(len(lengths), dtype=np.int64), np.full(len(lengths), np.nan)
+        got = _centred_median(values, pos, rows, zero, zero, lengths, none, window)
+        half = window // 2
+        frame = pl.DataFrame({"sid": np.repeat(np.arange(len(lengths)), lengths), "value": values})
+        want = frame.with_columns(pl.col("value").fill_nan(None)).select(
+            pl.col("value")
+            .rolling_median(window, min_samples=half + 1)
+            .shift(-half)
+            .forward_fill()
+            .over("sid")
+        )
+        assert np.array_equal(got, want.to_series().fill_null(np.nan).to_numpy(), equal_nan=True), trial
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     run = write_trace(tmp_path / "r", **_single_series(_noise(100)))
     trace = na.load(run)
