@@ -486,13 +486,8 @@ def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.nda
         by_sid = np.argsort(ids, kind="stable")
         counts = (n - by_sid + period - 1) // period
         if n % period == 0:  # whole passes: a transposition
-            in_order = (np.diff(by_sid) == 1).all()
-            sorted_ = {
-                c: np.ascontiguousarray(
-                    v.reshape(n // period, period).T[slice(None) if in_order else by_sid]
-                ).ravel()
-                for c, v in values.items()
-            }
+            in_order = bool((np.diff(by_sid) == 1).all())
+            sorted_ = {c: _transpose(v, period, None if in_order else by_sid) for c, v in values.items()}
         else:
             starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
             order = np.repeat(by_sid, counts) + period * (np.arange(n) - np.repeat(starts, counts))
@@ -509,6 +504,18 @@ def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.nda
     sorted_ = {c: v[order] for c, v in values.items()}
     sorted_["sid"] = sid[order]
     return sorted_
+
+
+def _transpose(values: np.ndarray, period: int, rows: np.ndarray | None) -> np.ndarray:
+    """``values`` seen as (passes, period) transposed to (period, passes), flattened; in the order
+    ``rows`` of the period's offsets when given. Copied a band of passes at a time: several times
+    faster than numpy's copy of the whole transposed view, which walks memory with a large stride."""
+    table = values.reshape(-1, period)
+    out = np.empty((period, len(table)), dtype=values.dtype)
+    band = max(16, (1 << 17) // period)
+    for b0 in range(0, len(table), band):
+        out[:, b0 : b0 + band] = table[b0 : b0 + band].T
+    return (out if rows is None else out[rows]).ravel()
 
 
 def _check_order(
