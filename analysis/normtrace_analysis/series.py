@@ -59,6 +59,10 @@ CHUNK_ROWS = 1_000_000
 """Rows read and regrouped at once (the analysis' memory is a few hundred bytes times this, plus the
 tails the consumers keep: a few hundred rows and an epoch per series)."""
 
+GROUP_ROWS = 2_000_000
+"""Rows of the groups of whole series :func:`complete_series` hands over (each group costs one read of
+its run's shards, so fewer, larger groups than the scan's pieces: a few hundred MiB each)."""
+
 NEVER = np.iinfo(np.int64).max
 """An epoch bound meaning "every epoch of this series is complete"."""
 
@@ -783,10 +787,10 @@ def complete_series(
     chunk_rows: int | None = None,
 ) -> Iterator[Series]:
     """Whole series, numbered as :func:`series_info` numbers them, a group at a time: as many whole
-    series as fit in about ``chunk_rows`` rows (a longer series alone). For analyses that need a series
+    series as fit in about ``chunk_rows`` rows (default :data:`GROUP_ROWS`; a longer series alone). For analyses that need a series
     at once (a median over all of it); each group costs one read of the run's shards of its ranks."""
     info = series_info(trace, table, modules)
-    chunk = CHUNK_ROWS if chunk_rows is None else max(1, int(chunk_rows))
+    chunk = GROUP_ROWS if chunk_rows is None else max(1, int(chunk_rows))
     keys = info.keys
     second = "split" if table == "outputs" else "param"
     column = "grad_enabled" if table == "outputs" else "param"
