@@ -8,6 +8,7 @@ import datetime as _dt
 import os
 import platform
 import socket
+import threading
 import time
 import warnings
 import weakref
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from normtrace import __version__, schema
-from normtrace.buffer import COMPACT_EVERY, Buffer
+from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import (
     Lens,
@@ -35,6 +36,13 @@ from normtrace.observe import Removable, before_forward
 from normtrace.writer import ShardWriter, write_json_atomic
 
 ROOT_NAME = "(root)"
+
+PassState = tuple[int, int, "dict[str, int] | None"]
+"""What a thread's hooks record under: (pass, epoch at its start, calls of each module so far in it, or
+None when the pass records nothing)."""
+
+COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
+"""Length of ``Buffer.outputs`` at which a pass starts by compacting it."""
 
 _OPEN: weakref.WeakValueDictionary[tuple[str, int], Recorder] = weakref.WeakValueDictionary()
 """This process's open recorders by (resolved run directory, rank): two never write one directory."""
@@ -114,7 +122,9 @@ class Recorder:
         self._prepare_run_dir(overwrite)
 
         self._buffer = Buffer()
-        self._pass = -1
+        self._last_pass = -1  # the last pass any thread started
+        self._pass_lock = threading.Lock()
+        self._local = threading.local()  # .state: this thread's PassState, set at each pass it starts
         self._epoch = 0
         self._last_flush_time = time.monotonic()
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
@@ -222,7 +232,7 @@ class Recorder:
         def hook(mod: nn.Module, incompatible_keys: Any) -> None:
             if mod is not module:  # a deepcopy of the target net carries the hook; it is not ours
                 return
-            self._buffer.events.append((self._epoch, self._pass, event, time.time()))
+            self._buffer.events.append((self._epoch, self._current_pass(), event, time.time()))
 
         self._handles.append(module.register_load_state_dict_post_hook(hook))
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
@@ -245,7 +255,7 @@ class Recorder:
         self._check()
         self._check_name("push_metric(name)", name)
         self._buffer.metrics.append(
-            (self._epoch, self._pass, name, self._metric_value(name, value), split, time.time())
+            (self._epoch, self._current_pass(), name, self._metric_value(name, value), split, time.time())
         )
         self._maybe_flush()
 
@@ -255,7 +265,7 @@ class Recorder:
         train = torch.is_grad_enabled() if train is None else train
         value = self._metric_value("loss", value)
         self._buffer.metrics.append(
-            (self._epoch, self._pass, "loss", value, "train" if train else "val", time.time())
+            (self._epoch, self._current_pass(), "loss", value, "train" if train else "val", time.time())
         )
         self._maybe_flush()
 
@@ -263,7 +273,7 @@ class Recorder:
         """Mark an event (a learning-rate drop, a curriculum step) at the current pass and epoch."""
         self._check()
         self._check_name("event(name)", name)
-        self._buffer.events.append((self._epoch, self._pass, name, time.time()))
+        self._buffer.events.append((self._epoch, self._current_pass(), name, time.time()))
         self._maybe_flush()
 
     def collect(self) -> None:
@@ -271,7 +281,7 @@ class Recorder:
         self._check()
         if self._params:
             keys, norms = parameter_norms(self._params)
-            self._buffer.params.append((self._epoch, self._pass, time.time(), keys, norms))
+            self._buffer.params.append((self._epoch, self._current_pass(), time.time(), keys, norms))
 
     def tick_epoch(self) -> None:
         """Close the current epoch: record parameter norms, advance the epoch counter, flush.
@@ -305,7 +315,7 @@ class Recorder:
             del _OPEN[self._key]
         self.detach()
         self._flush()
-        self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._pass + 1)
+        self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._last_pass + 1)
         self._writer.submit_meta(dict(self._meta))
         self._writer.close()
         err = self._writer.take_error()
@@ -338,29 +348,53 @@ class Recorder:
 
     @property
     def passes(self) -> int:
-        """Number of forward calls of the attached root so far."""
-        return self._pass + 1
+        """Number of forward calls of the attached root so far (all threads)."""
+        return self._last_pass + 1
 
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
-        """Runs before each forward of the root, once per pass: counts it, compacts and flushes when due."""
+        """Runs before each forward of the root, once per pass: numbers it, compacts and flushes when due.
+
+        A pass belongs to the thread that runs it: it takes the next number, and the hooks this thread
+        runs until its next pass record under it (``_local.state``), whatever other threads do meanwhile.
+        """
         if module is not self._root and not is_data_parallel_replica(module):
             return  # a deepcopy of the attached model: its passes are not ours
         if torch.compiler.is_exporting():
             return  # torch.export traces forward on fake tensors: not a pass
-        if len(self._buffer.norms) >= COMPACT_EVERY:
+        with self._pass_lock:
+            p = self._last_pass = self._last_pass + 1
+        self._local.state = (p, self._epoch, {})
+        if len(self._buffer.outputs) >= COMPACT_VALUES:
             self._buffer.compact()
-        if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
-            self._flush()  # hands over exactly the passes before this one
-        self._pass += 1
+        if p >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
+            self._flush(p)  # hands over every pass before this one that this thread ran
+
+    def _current_pass(self) -> int:
+        """The pass a row recorded now belongs to: the calling thread's last, else any thread's last."""
+        try:
+            return self._local.state[0]
+        except AttributeError:
+            return self._last_pass
+
+    def _outside_pass(self) -> PassState:
+        """The state for a hook in a thread that started no pass of its own (a ``DataParallel`` worker,
+        a module called without its root): the last pass any thread started, counted for this thread."""
+        p = self._last_pass
+        state: PassState | None = getattr(self._local, "outside", None)
+        if state is None or state[0] != p:
+            state = self._local.outside = (p, self._epoch, {})
+        return state
 
     def _maybe_flush(self) -> None:
         if time.monotonic() > self._flush_deadline:
             self._flush()
 
-    def _flush(self) -> None:
-        self._flush_at_pass = self._pass + 1 + self.flush_every
+    def _flush(self, next_pass: int | None = None) -> None:
+        if next_pass is None:
+            next_pass = self._last_pass + 1
+        self._flush_at_pass = next_pass + self.flush_every
         self._last_flush_time = now = time.monotonic()
         self._flush_deadline = now + self.flush_secs
         self._writer.submit_records(self._buffer.take())

@@ -81,7 +81,12 @@ class ShardWriter:
                 self._retry_pending()
                 if kind == "records":
                     for table, records in payload.items():
-                        self._pending.append((table, CONVERTERS[table](records, self.rank)))
+                        try:
+                            data = CONVERTERS[table](records, self.rank)
+                        except Exception as exc:  # a bug in one table's conversion costs that table only
+                            self._fail(schema.shard_dir(self.run_dir, table), exc)
+                            continue
+                        self._pending.append((table, data))
                     self._retry_pending()
                 else:
                     self._write_meta(payload)

@@ -848,3 +848,28 @@ def test_tick_epoch_flushes_unless_the_last_flush_is_recent(tmp_path, epoch_flus
     rec.close()
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert [(r["pass"], r["epoch"]) for r in rows[::4]] == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_a_table_that_fails_to_convert_costs_only_that_table(tmp_path, monkeypatch):
+    """A conversion error (a bug, an unreadable value) in one table used to drop the whole flush, every
+    table's rows; now the other tables are written and the error names the table that failed."""
+    import normtrace.buffer
+
+    def broken(records, rank):
+        raise ValueError("cannot lay out params")
+
+    monkeypatch.setitem(normtrace.buffer.CONVERTERS, "params", broken)
+    model = QNetwork()
+    x = torch.randn(3, 4)
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity]), nt.ParameterNorm()])
+    rec.attach(model)
+    model(x)
+    rec.push_metric("reward", 1.5)
+    rec.event("sync")
+    rec.collect()
+    with pytest.raises(nt.WriterError, match=r"params.*ValueError: cannot lay out params"):
+        rec.close()
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.5]
+    assert read_table(tmp_path, "events").column("name").to_pylist() == ["sync"]
+    assert not (tmp_path / "params").exists()
