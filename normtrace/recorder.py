@@ -152,7 +152,7 @@ class Recorder:
         A ``torch.compile`` or ``DistributedDataParallel`` wrapper is looked through: the model inside is
         hooked, under its own names.
         """
-        self._check()
+        self._check_open()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.jit.ScriptModule):
@@ -196,6 +196,7 @@ class Recorder:
             else [],
         }
         self._writer.submit_meta(dict(self._meta))
+        self._raise_writer_error()
         return self
 
     def _warn_if_empty(self, model: nn.Module, hooked: list[dict[str, str]]) -> None:
@@ -222,7 +223,7 @@ class Recorder:
 
     def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
         """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""
-        self._check()
+        self._check_open()
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"Recorder.track_target(module): expected an nn.Module, got {type(module).__name__}"
@@ -237,6 +238,7 @@ class Recorder:
         self._handles.append(module.register_load_state_dict_post_hook(hook))
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
         self._writer.submit_meta(dict(self._meta))
+        self._raise_writer_error()
         return self
 
     def detach(self) -> None:
@@ -251,34 +253,45 @@ class Recorder:
     def push_metric(
         self, name: str, value: float | int | Tensor | np.number, *, split: str | None = None
     ) -> None:
-        """Record a named value (e.g. an episode's total reward); a tensor stays on its device until flush."""
-        self._check()
+        """Record a named value (e.g. an episode's total reward); a tensor stays on its device until flush.
+
+        Like every recording call, it records first and then raises a ``WriterError`` the writer met since
+        the last call, so the value that reports the error is not lost with it.
+        """
+        self._check_open()
         self._check_name("push_metric(name)", name)
         self._buffer.metrics.append(
             (self._epoch, self._current_pass(), name, self._metric_value(name, value), split, time.time())
         )
         self._maybe_flush()
+        self._raise_writer_error()
 
     def push_loss(self, value: float | Tensor, *, train: bool | None = None) -> None:
         """Record a loss value computed outside a hooked ``loss_fn``; ``train`` defaults to grad mode."""
-        self._check()
+        self._check_open()
         train = torch.is_grad_enabled() if train is None else train
         value = self._metric_value("loss", value)
         self._buffer.metrics.append(
             (self._epoch, self._current_pass(), "loss", value, "train" if train else "val", time.time())
         )
         self._maybe_flush()
+        self._raise_writer_error()
 
     def event(self, name: str) -> None:
         """Mark an event (a learning-rate drop, a curriculum step) at the current pass and epoch."""
-        self._check()
+        self._check_open()
         self._check_name("event(name)", name)
         self._buffer.events.append((self._epoch, self._current_pass(), name, time.time()))
         self._maybe_flush()
+        self._raise_writer_error()
 
     def collect(self) -> None:
         """Record the parameter norms now (``ParameterNorm``), in addition to every epoch tick."""
-        self._check()
+        self._check_open()
+        self._collect()
+        self._raise_writer_error()
+
+    def _collect(self) -> None:
         if self._params:
             keys, norms = parameter_norms(self._params)
             self._buffer.params.append((self._epoch, self._current_pass(), time.time(), keys, norms))
@@ -288,19 +301,22 @@ class Recorder:
 
         The flush is skipped when the last one is less than ``epoch_flush_secs`` old: a short episode
         (a few ms of CartPole) would otherwise cost three tiny files each, and the writer's work competes
-        with training for the GIL. Nothing is dropped; the rows go with the next flush.
+        with training for the GIL. Nothing is dropped; the rows go with the next flush. A pending
+        ``WriterError`` is raised after all of this: the epoch has advanced and its norms are recorded.
         """
-        self.collect()
+        self._check_open()
+        self._collect()
         self._epoch += 1
         if time.monotonic() - self._last_flush_time >= self.epoch_flush_secs:
             self._flush()
+        self._raise_writer_error()
 
     def flush(self) -> None:
         """Hand everything buffered to the writer and wait until it is on disk."""
-        self._check()
+        self._check_open()
         self._flush()
         self._writer.wait()
-        self._check()
+        self._raise_writer_error()
 
     def close(self, status: str = "closed") -> Path:
         """Detach, write everything, finish the metadata and stop the writer; returns the run directory.
@@ -406,9 +422,14 @@ class Recorder:
             self._meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self._notes.items()]
             self._writer.submit_meta(dict(self._meta))
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
+        """Refuse a call on a closed recorder; every public call starts here."""
         if self._closed:
             raise NormtraceError(f"Recorder for {self.run_dir} is closed")
+
+    def _raise_writer_error(self) -> None:
+        """Raise, once, what the writer failed at since the last call; every public call ends here, after
+        doing its work, so the call that reports an error loses nothing of its own."""
         err = self._writer.take_error()
         if err is not None:
             raise err

@@ -739,7 +739,54 @@ def test_writer_failure_surfaces_with_the_path_and_loses_nothing(tmp_path):
     rec.close()
     passes = read_table(tmp_path, "outputs").column("pass").to_pylist()
     assert sorted(set(passes)) == list(range(5))
-    assert read_table(tmp_path, "metrics").num_rows == 0  # push_metric raised before recording
+    # the call that reported the error recorded its own value first
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["after"]
+
+
+@pytest.mark.parametrize("call", ["push_metric", "event", "tick_epoch"])
+def test_the_call_that_reports_a_writer_error_still_does_its_work(tmp_path, call):
+    """push_metric, event and tick_epoch used to raise a pending writer error before doing anything: the
+    value was dropped, and tick_epoch neither advanced the epoch nor took the parameter norms."""
+    model = QNetwork()
+    (tmp_path / "outputs").write_text("a file where the outputs folder should be")
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), nt.ParameterNorm()], epoch_flush_secs=3600)
+    rec.attach(model)
+    model(torch.randn(2, 4))
+    with pytest.raises(nt.WriterError):
+        rec.flush()  # the outputs shard fails; the error is raised here, by the call that waited for it
+    model(torch.randn(2, 4))
+    rec._flush()
+    rec._writer.wait()  # a second failure is pending now
+    with pytest.raises(nt.WriterError, match="outputs"):
+        {
+            "push_metric": lambda: rec.push_metric("m", 2.5),
+            "event": lambda: rec.event("e"),
+            "tick_epoch": rec.tick_epoch,
+        }[call]()
+    (tmp_path / "outputs").unlink()
+    rec.close()
+    assert sorted(set(read_table(tmp_path, "outputs").column("pass").to_pylist())) == [0, 1]
+    if call == "push_metric":
+        assert read_table(tmp_path, "metrics").to_pylist()[0] | {"time": 0} == {
+            "epoch": 0,
+            "pass": 1,
+            "name": "m",
+            "value": 2.5,
+            "split": None,
+            "rank": 0,
+            "time": 0,
+        }
+    elif call == "event":
+        assert [(e["name"], e["pass"]) for e in read_table(tmp_path, "events").to_pylist()] == [("e", 1)]
+    else:
+        assert rec.epoch == 1
+        params = read_table(tmp_path, "params").to_pylist()
+        assert len(params) == 10 and {r["epoch"] for r in params} == {0}
+        for r in params:
+            tensor = model.get_submodule(r["module"]).get_parameter(r["param"])
+            assert r["norm"] == pytest.approx(torch.linalg.vector_norm(tensor).item(), rel=1e-6)
+        meta = json.loads((tmp_path / "meta.json").read_text())
+        assert meta["epochs"] == 1
 
 
 def test_nan_and_inf_outputs_are_recorded_not_dropped(tmp_path):
