@@ -153,6 +153,8 @@ class OutputNorm:
                 pass_, epoch, calls = local.state
             except AttributeError:  # this thread started no pass: a DataParallel worker, a direct call
                 pass_, epoch, calls = outside_pass()
+            if calls is None:  # a pass that records nothing (in a forked child)
+                return
             if name in calls:  # called again in the same pass (one activation after every layer)
                 k = calls[name] = calls[name] + 1
                 label = f"{name}#{k}"
@@ -283,10 +285,22 @@ class LossMetrics:
         if self.loss_fn is None:
             return []
 
-        append, loss_fn = rec._buffer.metrics.append, self.loss_fn
+        append, loss_fn, local, outside_pass = (
+            rec._buffer.metrics.append,
+            self.loss_fn,
+            rec._local,
+            rec._outside_pass,
+        )
+        run = rec._run
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
+                return
+            try:
+                pass_, _, calls = local.state
+            except AttributeError:  # no pass started in this thread
+                pass_, _, calls = outside_pass()
+            if calls is None:  # a pass that records nothing (in a forked child)
                 return
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
@@ -297,7 +311,7 @@ class LossMetrics:
             if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
                 value = value.reshape(()) if value.numel() == 1 else value.float().mean()
             split = "train" if is_grad_enabled() else "val"
-            append((rec._epoch, rec._current_pass(), "loss", value, split, time.time()))
+            append((run.epoch, pass_, "loss", value, split, time.time()))
 
         return [after_forward(self.loss_fn, hook)]
 

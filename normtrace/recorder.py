@@ -1,8 +1,11 @@
-"""The Recorder: attaches lenses to a model, keeps the pass/epoch counters, and feeds the writer."""
+"""The Recorder: attaches lenses to a model, keeps the pass/epoch counters, and feeds the writer.
+
+``Recorder`` is what the user holds; ``_Run`` is what must be finished however the recording ends
+(``lifecycle``): the buffer, the writer, the metadata and the counters that go into it.
+"""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime as _dt
 import os
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normtrace import __version__, schema
+from normtrace import __version__, lifecycle, schema
 from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import (
@@ -32,6 +35,7 @@ from normtrace.lenses import (
     is_data_parallel_replica,
     parameter_norms,
 )
+from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
 from normtrace.writer import ShardWriter, write_json_atomic
 
@@ -43,9 +47,6 @@ None when the pass records nothing)."""
 
 COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
 """Length of ``Buffer.outputs`` at which a pass starts by compacting it."""
-
-_OPEN: weakref.WeakValueDictionary[tuple[str, int], Recorder] = weakref.WeakValueDictionary()
-"""This process's open recorders by (resolved run directory, rank): two never write one directory."""
 
 
 def default_run_dir() -> Path:
@@ -64,6 +65,60 @@ def _dist_rank() -> tuple[int, int]:
     return 0, 1
 
 
+class _Run:
+    """What must be finished however a recording ends: the buffer, the writer, the metadata, the counters.
+
+    It holds nothing of the ``Recorder``'s (no model, no hooks), so a Recorder nobody holds is collected,
+    and the finalizer that then calls ``finish`` finds everything here.
+    """
+
+    def __init__(self, buffer: Buffer, writer: ShardWriter, meta: dict[str, Any]) -> None:
+        self.buffer, self.writer, self.meta = buffer, writer, meta
+        self.epoch = 0
+        self.last_pass = -1  # the last pass any thread started
+        self.pid = os.getpid()  # a forked child's copy is not this run's owner
+        self.signalled: int | None = None  # a SIGTERM/SIGHUP seen while open
+        self._finishing = False
+
+    def hand_over(self, wait_for_room: bool = True) -> None:
+        """Give the buffered rows to the writer; with ``wait_for_room``, first wait while it lags too far
+        behind (``ShardWriter.wait_for_room``)."""
+        if wait_for_room:
+            self.writer.wait_for_room()
+        with critical():
+            self.writer.submit_records(self.buffer.take())
+
+    def write_meta(self) -> None:
+        """Queue a rewrite of the metadata file with the current ``meta``."""
+        with critical():
+            self.writer.submit_meta(dict(self.meta))
+
+    def finish(self, status: str, *, wait: bool = True) -> WriterError | None:
+        """Hand over what is left, write the final metadata with ``status`` and stop the writer.
+
+        Safe from any thread, a signal handler or a finalizer: nothing but the final wait blocks. A
+        second call only waits. Returns the writer's pending error when it waits. In a forked child it
+        does nothing: the run directory and the writer are the parent's.
+        """
+        if os.getpid() != self.pid:
+            return None
+        with critical():
+            if not self._finishing:
+                self._finishing = True
+                if self.signalled is not None and status in ("failed", "exited"):
+                    status = "terminated"  # an exception or exit that the signal's handler caused
+                self.writer.submit_records(self.buffer.take())
+                self.meta.update(
+                    status=status, end_time=_utcnow(), epochs=self.epoch, passes=self.last_pass + 1
+                )
+                self.writer.submit_meta(dict(self.meta))
+                self.writer.close()
+        if not wait:
+            return None
+        self.writer.join()
+        return self.writer.take_error()
+
+
 class Recorder:
     """Records what the lenses see into Arrow IPC shards under ``run_dir``, off the training thread.
 
@@ -73,7 +128,10 @@ class Recorder:
     ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), at ``tick_epoch()`` once at
     least ``epoch_flush_secs`` have passed since the last flush (0: at every tick), and at ``close()``,
     the buffered rows go to the writer thread; a killed run keeps every earlier flush. Use as a context
-    manager or call ``close()``; a recorder still open at interpreter exit is closed then.
+    manager or call ``close()``; a recorder still open at interpreter exit is closed then, one collected
+    without ``close()`` is finished then, and one open when the process gets SIGTERM or SIGHUP is written
+    before the signal goes on (``handle_signals=False``: not). When more than ``max_queued_rows`` rows
+    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``).
     """
 
     def __init__(
@@ -87,11 +145,15 @@ class Recorder:
         epoch_flush_secs: float = 1.0,
         overwrite: bool = False,
         compression: str | None = "lz4",
+        handle_signals: bool = True,
+        max_queued_rows: int = 1_000_000,
     ) -> None:
         if int(flush_every) < 1:
             raise ValueError(f"Recorder(flush_every=...) must be at least 1 pass, got {flush_every!r}")
         if not float(flush_secs) > 0:
             raise ValueError(f"Recorder(flush_secs=...) must be positive, got {flush_secs!r}")
+        if int(max_queued_rows) < 1:
+            raise ValueError(f"Recorder(max_queued_rows=...) must be at least 1, got {max_queued_rows!r}")
         self.output_norm: OutputNorm | None = None
         self.parameter_norm: ParameterNorm | None = None
         self.loss_metrics: LossMetrics | None = None
@@ -117,15 +179,14 @@ class Recorder:
         if not float(epoch_flush_secs) >= 0:
             raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
         self.epoch_flush_secs = float(epoch_flush_secs)
+        self.max_queued_rows = int(max_queued_rows)
         self._key = (str(self.run_dir.resolve()), self.rank)
         self._stop_other_writer(overwrite)
         self._prepare_run_dir(overwrite)
 
         self._buffer = Buffer()
-        self._last_pass = -1  # the last pass any thread started
         self._pass_lock = threading.Lock()
         self._local = threading.local()  # .state: this thread's PassState, set at each pass it starts
-        self._epoch = 0
         self._last_flush_time = time.monotonic()
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
         self._flush_deadline = self._last_flush_time + self.flush_secs
@@ -134,15 +195,19 @@ class Recorder:
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._notes: dict[tuple[str, str], str] = {}
         self._closed = False
+        self._inert = False  # a forked child's copy: records nothing, refuses every call
+        self.handle_signals = bool(handle_signals)
         self._meta = self._initial_meta(run_name)
         try:
             write_json_atomic(self.run_dir / schema.meta_name(self.rank), self._meta)
         except OSError as exc:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
-        self._writer = ShardWriter(self.run_dir, self.rank, compression)
-        self._atexit = _close_at_exit_callback(self)
-        atexit.register(self._atexit)
-        _OPEN[self._key] = self
+        self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
+        self._run = _Run(self._buffer, self._writer, self._meta)
+        # collected without close(): finish the run (lifecycle); at exit the exit handler closes instead
+        self._finalizer = weakref.finalize(self, lifecycle.abandon, self._run)
+        self._finalizer.atexit = False
+        lifecycle.register(self, self._run)
 
     # ------------------------------------------------------------------ attaching
 
@@ -195,7 +260,7 @@ class Recorder:
             if self.parameter_norm is not None
             else [],
         }
-        self._writer.submit_meta(dict(self._meta))
+        self._run.write_meta()
         self._raise_writer_error()
         return self
 
@@ -231,13 +296,13 @@ class Recorder:
         self._check_name("track_target(event=...)", event)
 
         def hook(mod: nn.Module, incompatible_keys: Any) -> None:
-            if mod is not module:  # a deepcopy of the target net carries the hook; it is not ours
+            if mod is not module or self._inert:  # a deepcopy of the target net carries the hook
                 return
-            self._buffer.events.append((self._epoch, self._current_pass(), event, time.time()))
+            self._buffer.events.append((self._run.epoch, self._current_pass(), event, time.time()))
 
         self._handles.append(module.register_load_state_dict_post_hook(hook))
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
-        self._writer.submit_meta(dict(self._meta))
+        self._run.write_meta()
         self._raise_writer_error()
         return self
 
@@ -261,7 +326,7 @@ class Recorder:
         self._check_open()
         self._check_name("push_metric(name)", name)
         self._buffer.metrics.append(
-            (self._epoch, self._current_pass(), name, self._metric_value(name, value), split, time.time())
+            (self._run.epoch, self._current_pass(), name, self._metric_value(name, value), split, time.time())
         )
         self._maybe_flush()
         self._raise_writer_error()
@@ -272,7 +337,7 @@ class Recorder:
         train = torch.is_grad_enabled() if train is None else train
         value = self._metric_value("loss", value)
         self._buffer.metrics.append(
-            (self._epoch, self._current_pass(), "loss", value, "train" if train else "val", time.time())
+            (self._run.epoch, self._current_pass(), "loss", value, "train" if train else "val", time.time())
         )
         self._maybe_flush()
         self._raise_writer_error()
@@ -281,7 +346,7 @@ class Recorder:
         """Mark an event (a learning-rate drop, a curriculum step) at the current pass and epoch."""
         self._check_open()
         self._check_name("event(name)", name)
-        self._buffer.events.append((self._epoch, self._current_pass(), name, time.time()))
+        self._buffer.events.append((self._run.epoch, self._current_pass(), name, time.time()))
         self._maybe_flush()
         self._raise_writer_error()
 
@@ -294,7 +359,7 @@ class Recorder:
     def _collect(self) -> None:
         if self._params:
             keys, norms = parameter_norms(self._params)
-            self._buffer.params.append((self._epoch, self._current_pass(), time.time(), keys, norms))
+            self._buffer.params.append((self._run.epoch, self._current_pass(), time.time(), keys, norms))
 
     def tick_epoch(self) -> None:
         """Close the current epoch: record parameter norms, advance the epoch counter, flush.
@@ -306,7 +371,7 @@ class Recorder:
         """
         self._check_open()
         self._collect()
-        self._epoch += 1
+        self._run.epoch += 1
         if time.monotonic() - self._last_flush_time >= self.epoch_flush_secs:
             self._flush()
         self._raise_writer_error()
@@ -322,19 +387,20 @@ class Recorder:
         """Detach, write everything, finish the metadata and stop the writer; returns the run directory.
 
         Safe to call twice. Returning the directory makes ``na.report(rec.close(), "report.html")`` a line.
+        A long backlog is drained with a log line every few seconds saying how many rows are left. In a
+        forked child it only detaches: the run belongs to the parent.
         """
         if self._closed:
             return self.run_dir
-        self._closed = True
-        atexit.unregister(self._atexit)
-        if _OPEN.get(self._key) is self:
-            del _OPEN[self._key]
-        self.detach()
-        self._flush()
-        self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._last_pass + 1)
-        self._writer.submit_meta(dict(self._meta))
-        self._writer.close()
-        err = self._writer.take_error()
+        with critical():  # a signal arriving now waits until the writer has been told to stop
+            self._closed = True
+            self._finalizer.detach()
+            self.detach()
+            if self._inert:
+                return self.run_dir
+            lifecycle.unregister(self)
+            self._run.finish(status, wait=False)
+        err = self._run.finish(status)
         if err is not None:
             raise err
         return self.run_dir
@@ -360,12 +426,12 @@ class Recorder:
     @property
     def epoch(self) -> int:
         """Number of ``tick_epoch()`` calls so far."""
-        return self._epoch
+        return self._run.epoch
 
     @property
     def passes(self) -> int:
         """Number of forward calls of the attached root so far (all threads)."""
-        return self._last_pass + 1
+        return self._run.last_pass + 1
 
     # ------------------------------------------------------------------ internals
 
@@ -379,11 +445,13 @@ class Recorder:
             return  # a deepcopy of the attached model: its passes are not ours
         if torch.compiler.is_exporting():
             return  # torch.export traces forward on fake tensors: not a pass
+        run = self._run
         with self._pass_lock:
-            p = self._last_pass = self._last_pass + 1
-        self._local.state = (p, self._epoch, {})
+            p = run.last_pass = run.last_pass + 1
+        self._local.state = (p, run.epoch, {})
         if len(self._buffer.outputs) >= COMPACT_VALUES:
-            self._buffer.compact()
+            with critical():
+                self._buffer.compact()
         if p >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
             self._flush(p)  # hands over every pass before this one that this thread ran
 
@@ -392,15 +460,15 @@ class Recorder:
         try:
             return self._local.state[0]
         except AttributeError:
-            return self._last_pass
+            return self._run.last_pass
 
     def _outside_pass(self) -> PassState:
         """The state for a hook in a thread that started no pass of its own (a ``DataParallel`` worker,
         a module called without its root): the last pass any thread started, counted for this thread."""
-        p = self._last_pass
+        run = self._run
         state: PassState | None = getattr(self._local, "outside", None)
-        if state is None or state[0] != p:
-            state = self._local.outside = (p, self._epoch, {})
+        if state is None or state[0] != run.last_pass:
+            state = self._local.outside = (run.last_pass, run.epoch, None if self._inert else {})
         return state
 
     def _maybe_flush(self) -> None:
@@ -409,21 +477,43 @@ class Recorder:
 
     def _flush(self, next_pass: int | None = None) -> None:
         if next_pass is None:
-            next_pass = self._last_pass + 1
+            next_pass = self._run.last_pass + 1
         self._flush_at_pass = next_pass + self.flush_every
         self._last_flush_time = now = time.monotonic()
         self._flush_deadline = now + self.flush_secs
-        self._writer.submit_records(self._buffer.take())
+        self._run.hand_over()
+
+    def _terminated(self, signum: int) -> None:
+        """SIGTERM/SIGHUP with a handler of the user's to hand it to: write everything and say so in the
+        metadata, but stay open (that handler may let training go on; ``close()`` then says ``closed``)."""
+        run = self._run
+        run.signalled = signum
+        run.hand_over(wait_for_room=False)
+        run.meta.update(status="terminated", end_time=_utcnow(), epochs=run.epoch, passes=run.last_pass + 1)
+        run.write_meta()
+        self._writer.wait()
+
+    def _forked(self) -> None:
+        """In a forked child: record nothing more (hooks see a pass that records nothing), refuse calls."""
+        self._inert = True
+        self._root = None  # no pass observer call counts a pass any more
+        self._local.state = (self._run.last_pass, self._run.epoch, None)
 
     def _note(self, module: str, kind: str, detail: str) -> None:
         """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
         if (module, kind) not in self._notes:
             self._notes[(module, kind)] = detail
             self._meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self._notes.items()]
-            self._writer.submit_meta(dict(self._meta))
+            self._run.write_meta()
 
     def _check_open(self) -> None:
-        """Refuse a call on a closed recorder; every public call starts here."""
+        """Refuse a call on a closed recorder, or on a forked child's copy; every public call starts here."""
+        if self._inert:
+            raise NormtraceError(
+                f"this Recorder of {self.run_dir} belongs to process {self._run.pid}; in this process "
+                f"({os.getpid()}), a fork() of it, it records nothing and cannot write, since fork does not "
+                "copy its writer thread: create a Recorder with its own run directory in the child"
+            )
         if self._closed:
             raise NormtraceError(f"Recorder for {self.run_dir} is closed")
 
@@ -462,8 +552,8 @@ class Recorder:
         Re-running a notebook cell leaves the previous recorder open and attached; both writing one
         directory would give two shards the same name.
         """
-        other = _OPEN.get(self._key)
-        if other is None or other._closed:
+        other = lifecycle.OPEN.get(self._key)
+        if other is None or other._closed or other._inert:
             return
         if not overwrite:
             raise RunDirError(
@@ -521,6 +611,7 @@ class Recorder:
                 "every_passes": self.flush_every,
                 "every_secs": self.flush_secs,
                 "epoch_min_secs": self.epoch_flush_secs,
+                "max_queued_rows": self.max_queued_rows,
             },
             "notes": [],
         }
@@ -542,15 +633,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def _close_at_exit_callback(rec: Recorder) -> Any:
-    """An atexit callback that closes ``rec`` if it is still alive, without keeping it alive."""
-    ref = weakref.ref(rec)
-
-    def close_at_exit() -> None:
-        live = ref()
-        if live is not None:
-            live.close(status="exited")
-
-    return close_at_exit
