@@ -113,6 +113,14 @@ def _open_recorders() -> list[Recorder]:
     return [r for r in list(OPEN.values()) if r._run.pid == os.getpid() and not r._closed]
 
 
+def wait_for_finishing(key: tuple[str, int]) -> None:
+    """Wait for this process's writers still finishing a run of ``key`` (a recorder collected or closed a
+    moment ago, elsewhere), so that a new recorder finds the directory free."""
+    for run in list(_RUNS):
+        if run.key == key and run.pid == os.getpid() and run.finishing:
+            run.writer.join()
+
+
 def _join_writers() -> None:
     for run in list(_RUNS):
         if run.pid == os.getpid():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normtrace import __version__, lifecycle, schema
+from normtrace import __version__, lifecycle, rundir, schema
 from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import (
@@ -72,13 +72,21 @@ class _Run:
     and the finalizer that then calls ``finish`` finds everything here.
     """
 
-    def __init__(self, buffer: Buffer, writer: ShardWriter, meta: dict[str, Any]) -> None:
-        self.buffer, self.writer, self.meta = buffer, writer, meta
+    def __init__(
+        self,
+        key: tuple[str, int],
+        buffer: Buffer,
+        writer: ShardWriter,
+        meta: dict[str, Any],
+        lock: rundir.RunDirLock,
+    ) -> None:
+        self.key = key  # (resolved run directory, rank)
+        self.buffer, self.writer, self.meta, self.lock = buffer, writer, meta, lock
         self.epoch = 0
         self.last_pass = -1  # the last pass any thread started
         self.pid = os.getpid()  # a forked child's copy is not this run's owner
         self.signalled: int | None = None  # a SIGTERM/SIGHUP seen while open
-        self._finishing = False
+        self.finishing = False  # finish() has told the writer to stop
 
     def hand_over(self, wait_for_room: bool = True) -> None:
         """Give the buffered rows to the writer; with ``wait_for_room``, first wait while it lags too far
@@ -103,8 +111,8 @@ class _Run:
         if os.getpid() != self.pid:
             return None
         with critical():
-            if not self._finishing:
-                self._finishing = True
+            if not self.finishing:
+                self.finishing = True
                 if self.signalled is not None and status in ("failed", "exited"):
                     status = "terminated"  # an exception or exit that the signal's handler caused
                 self.writer.submit_records(self.buffer.take())
@@ -112,7 +120,7 @@ class _Run:
                     status=status, end_time=_utcnow(), epochs=self.epoch, passes=self.last_pass + 1
                 )
                 self.writer.submit_meta(dict(self.meta))
-                self.writer.close()
+                self.writer.close(then=self.lock.release)  # the directory is free once all is written
         if not wait:
             return None
         self.writer.join()
@@ -181,8 +189,17 @@ class Recorder:
         self.epoch_flush_secs = float(epoch_flush_secs)
         self.max_queued_rows = int(max_queued_rows)
         self._key = (str(self.run_dir.resolve()), self.rank)
-        self._stop_other_writer(overwrite)
-        self._prepare_run_dir(overwrite)
+        self._wait_for_other_writers(overwrite)
+        lock = rundir.claim(self.run_dir, self.rank, overwrite)
+        try:
+            self._start(run_name, lock, compression, handle_signals)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _start(
+        self, run_name: str | None, lock: rundir.RunDirLock, compression: str | None, handle_signals: bool
+    ) -> None:
 
         self._buffer = Buffer()
         self._pass_lock = threading.Lock()
@@ -203,7 +220,7 @@ class Recorder:
         except OSError as exc:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
         self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
-        self._run = _Run(self._buffer, self._writer, self._meta)
+        self._run = _Run(self._key, self._buffer, self._writer, self._meta, lock)
         # collected without close(): finish the run (lifecycle); at exit the exit handler closes instead
         self._finalizer = weakref.finalize(self, lifecycle.abandon, self._run)
         self._finalizer.atexit = False
@@ -498,6 +515,7 @@ class Recorder:
         self._inert = True
         self._root = None  # no pass observer call counts a pass any more
         self._local.state = (self._run.last_pass, self._run.epoch, None)
+        self._run.lock.forget()  # the child's copy of the descriptor must not hold the parent's lock
 
     def _note(self, module: str, kind: str, detail: str) -> None:
         """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
@@ -563,25 +581,10 @@ class Recorder:
         with contextlib.suppress(WriterError):  # its trace is about to be overwritten anyway
             other.close(status="replaced")
 
-    def _prepare_run_dir(self, overwrite: bool) -> None:
-        run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise RunDirError(f"run directory {run_dir} exists and is not a directory")
-        meta = run_dir / schema.meta_name(self.rank)
-        mine = [meta] if meta.exists() else []
-        for table in schema.TABLES:
-            mine += sorted(schema.shard_dir(run_dir, table).glob(f"rank{self.rank}-*{schema.SHARD_SUFFIX}"))
-        if mine and not overwrite:
-            raise RunDirError(
-                f"run directory {run_dir} already holds a trace for rank {self.rank} ({mine[0]}); "
-                "choose a new directory or pass overwrite=True"
-            )
-        for path in mine:
-            path.unlink()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunDirError(f"cannot create run directory {run_dir}: {exc}") from exc
+    def _wait_for_other_writers(self, overwrite: bool) -> None:
+        """Deal with this process's other writers of this directory before claiming it (``rundir``)."""
+        self._stop_other_writer(overwrite)
+        lifecycle.wait_for_finishing(self._key)
 
     def _initial_meta(self, run_name: str | None) -> dict[str, Any]:
         normalize = {
