@@ -35,6 +35,17 @@ vector_norm = torch.linalg.vector_norm
 is_grad_enabled = torch.is_grad_enabled
 set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, without the context manager
 is_exporting = torch.compiler.is_exporting
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+"""-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
+try:
+    transform_level = torch._C._functorch.maybe_current_level
+    """None except inside ``torch.func`` transforms (vmap, grad, jacrev), whose tensors are batched or
+    wrapped: their norms cannot be read once the transform returns."""
+except AttributeError:  # pragma: no cover - a torch without functorch
+
+    def transform_level() -> int | None:
+        return None
+
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -153,8 +164,8 @@ class OutputNorm:
                 pass_, epoch, calls = local.state
             except AttributeError:  # this thread started no pass: a DataParallel worker, a direct call
                 pass_, epoch, calls = outside_pass()
-            if calls is None:  # a pass that records nothing (in a forked child)
-                return
+            if calls is None or graph_task_id() != -1:
+                return  # a pass that records nothing (see recorder._on_pass), or a recomputation in backward
             if name in calls:  # called again in the same pass (one activation after every layer)
                 k = calls[name] = calls[name] + 1
                 label = f"{name}#{k}"
@@ -300,8 +311,8 @@ class LossMetrics:
                 pass_, _, calls = local.state
             except AttributeError:  # no pass started in this thread
                 pass_, _, calls = outside_pass()
-            if calls is None:  # a pass that records nothing (in a forked child)
-                return
+            if calls is None or transform_level() is not None:
+                return  # a pass that records nothing (see recorder._on_pass), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
                 return

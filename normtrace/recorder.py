@@ -32,8 +32,10 @@ from normtrace.lenses import (
     LossMetrics,
     OutputNorm,
     ParameterNorm,
+    graph_task_id,
     is_data_parallel_replica,
     parameter_norms,
+    transform_level,
 )
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
@@ -44,6 +46,11 @@ ROOT_NAME = "(root)"
 PassState = tuple[int, int, "dict[str, int] | None"]
 """What a thread's hooks record under: (pass, epoch at its start, calls of each module so far in it, or
 None when the pass records nothing)."""
+
+TRANSFORM_NOTE = (
+    "passes run under torch.func transforms (vmap, grad, jacrev) are counted but not recorded: their "
+    "outputs are batched or wrapped tensors, whose norms cannot be read once the transform returns"
+)
 
 COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
 """Length of ``Buffer.outputs`` at which a pass starts by compacting it."""
@@ -208,6 +215,7 @@ class Recorder:
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
         self._flush_deadline = self._last_flush_time + self.flush_secs
         self._root: nn.Module | None = None
+        self._model: weakref.ref[nn.Module] | None = None  # the one model this run records
         self._handles: list[Removable] = []
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._notes: dict[tuple[str, str], str] = {}
@@ -248,6 +256,13 @@ class Recorder:
                 "call detach() first"
             )
         model = _unwrap(model)
+        if self._model is not None and self._model() is not model:
+            raise NormtraceError(
+                f"Recorder for {self.run_dir} recorded another model before; a run records one model, "
+                "whose series another model's would merge into under the same names: record it with a "
+                "new Recorder (its own run directory)"
+            )
+        self._model = weakref.ref(model)
         named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
         self._root = model
         self._handles.append(before_forward(model, self._on_pass))
@@ -462,10 +477,16 @@ class Recorder:
             return  # a deepcopy of the attached model: its passes are not ours
         if torch.compiler.is_exporting():
             return  # torch.export traces forward on fake tensors: not a pass
+        if graph_task_id() != -1:
+            return  # backward recomputing a checkpointed forward (torch.utils.checkpoint): not a pass
         run = self._run
         with self._pass_lock:
             p = run.last_pass = run.last_pass + 1
-        self._local.state = (p, run.epoch, {})
+        if transform_level() is None:
+            self._local.state = (p, run.epoch, {})
+        else:  # vmap/grad: a pass (the model ran), but its outputs are batched or wrapped tensors
+            self._local.state = (p, run.epoch, None)
+            self._note(ROOT_NAME, "torch_func_transform", TRANSFORM_NOTE)
         if len(self._buffer.outputs) >= COMPACT_VALUES:
             with critical():
                 self._buffer.compact()
@@ -486,6 +507,8 @@ class Recorder:
         state: PassState | None = getattr(self._local, "outside", None)
         if state is None or state[0] != run.last_pass:
             state = self._local.outside = (run.last_pass, run.epoch, None if self._inert else {})
+        if transform_level() is not None:
+            return (state[0], state[1], None)
         return state
 
     def _maybe_flush(self) -> None:

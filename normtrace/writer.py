@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from normtrace import schema
 from normtrace.buffer import CONVERTERS, row_count
@@ -38,6 +39,12 @@ PROGRESS_SECS = 5.0
 """While ``join`` waits for a backlog, it logs how many rows are left this often."""
 
 _STOP, _RECORDS, _META, _SYNC = "stop", "records", "meta", "sync"
+
+INF_NORM = (
+    "an output norm is inf: the output held inf, or float32 elements beyond ~1.8e19, whose squares "
+    "overflow the float32 sum of squares (norms are accumulated in the output's precision, float32 for "
+    "float32 outputs, since a float64 copy of every output would cost more than the norm itself)"
+)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -72,6 +79,8 @@ class ShardWriter:
         self.stalls = 0
         """How many flushes waited for room."""
         self._failing = False  # the last write failed: waiting for room could wait forever
+        self._notes: list[dict[str, str]] = []  # what the writer found in the data, merged into the metadata
+        self._last_meta: dict[str, Any] | None = None
         self._warned = False
         self._stopping = False
         self._thread = threading.Thread(
@@ -175,6 +184,8 @@ class ShardWriter:
                             self._written(row_count(table, records))
                             continue
                         self._pending.append((table, data, data.num_rows))
+                        if table == "outputs":
+                            self._note_infinite_norms(data)
                     self._retry_pending()
                 else:
                     self._write_meta(payload)
@@ -217,7 +228,27 @@ class ShardWriter:
             raise
         self._seq[table] += 1
 
+    def _note_infinite_norms(self, data: pa.Table) -> None:
+        """Say once per module, in a warning and a metadata note, that some of its norms are inf."""
+        infinite = pc.is_inf(data.column("norm"))
+        if not pc.any(infinite).as_py():
+            return
+        noted = {n["module"] for n in self._notes}
+        modules = [
+            m for m in pc.unique(pc.filter(data.column("module"), infinite)).to_pylist() if m not in noted
+        ]
+        for module in modules:
+            self._notes.append({"module": module, "kind": "inf_norm", "detail": INF_NORM})
+            warnings.warn(
+                f"normtrace: module {module!r} in {self.run_dir}: {INF_NORM}", RuntimeWarning, stacklevel=2
+            )
+        if modules and self._last_meta is not None:
+            self._write_meta(self._last_meta)
+
     def _write_meta(self, meta: dict[str, Any]) -> None:
+        self._last_meta = meta
+        if self._notes:
+            meta = {**meta, "notes": [*meta.get("notes", []), *self._notes]}
         path = self.run_dir / schema.meta_name(self.rank)
         try:
             write_json_atomic(path, meta)
