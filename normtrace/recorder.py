@@ -207,7 +207,7 @@ class Recorder:
     def _start(
         self, run_name: str | None, lock: rundir.RunDirLock, compression: str | None, handle_signals: bool
     ) -> None:
-
+        """The rest of ``__init__``, once the run directory is this recorder's (``rundir.claim``)."""
         self._buffer = Buffer()
         self._pass_lock = threading.Lock()
         self._local = threading.local()  # .state: this thread's PassState, set at each pass it starts
