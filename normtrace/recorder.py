@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,6 +67,23 @@ def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _pass_counter() -> Callable[[], int]:
+    """A function returning 0, 1, 2, ... to any number of threads, each number once.
+
+    ``itertools.count``'s ``__next__`` is one C call, atomic under the GIL (~40 ns, against ~250 ns for a
+    ``with lock:``, measured in the pass observer); a free-threaded interpreter gets a locked counter.
+    """
+    if getattr(sys, "_is_gil_enabled", lambda: True)():
+        return itertools.count().__next__
+    lock, count = threading.Lock(), itertools.count()
+
+    def next_pass() -> int:
+        with lock:
+            return next(count)
+
+    return next_pass
+
+
 def _dist_rank() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -90,7 +109,8 @@ class _Run:
         self.key = key  # (resolved run directory, rank)
         self.buffer, self.writer, self.meta, self.lock = buffer, writer, meta, lock
         self.epoch = 0
-        self.last_pass = -1  # the last pass any thread started
+        self.next_pass = _pass_counter()
+        self.last_pass = -1  # the last pass started (exact but for a pass another thread starts meanwhile)
         self.pid = os.getpid()  # a forked child's copy is not this run's owner
         self.signalled: int | None = None  # a SIGTERM/SIGHUP seen while open
         self.finishing = False  # finish() has told the writer to stop
@@ -122,6 +142,7 @@ class _Run:
                 self.finishing = True
                 if self.signalled is not None and status in ("failed", "exited"):
                     status = "terminated"  # an exception or exit that the signal's handler caused
+                self.last_pass = self.next_pass() - 1  # exact: the next number is the count so far
                 self.writer.submit_records(self.buffer.take())
                 self.meta.update(
                     status=status, end_time=_utcnow(), epochs=self.epoch, passes=self.last_pass + 1
@@ -209,7 +230,6 @@ class Recorder:
     ) -> None:
         """The rest of ``__init__``, once the run directory is this recorder's (``rundir.claim``)."""
         self._buffer = Buffer()
-        self._pass_lock = threading.Lock()
         self._local = threading.local()  # .state: this thread's PassState, set at each pass it starts
         self._last_flush_time = time.monotonic()
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
@@ -480,8 +500,7 @@ class Recorder:
         if graph_task_id() != -1:
             return  # backward recomputing a checkpointed forward (torch.utils.checkpoint): not a pass
         run = self._run
-        with self._pass_lock:
-            p = run.last_pass = run.last_pass + 1
+        p = run.last_pass = run.next_pass()
         if transform_level() is None:
             self._local.state = (p, run.epoch, {})
         else:  # vmap/grad: a pass (the model ran), but its outputs are batched or wrapped tensors
