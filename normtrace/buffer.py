@@ -48,8 +48,9 @@ COMPACT_EVERY = 64
 NormChunk = tuple[Tensor, int, bool]
 """(values, number of records they cover, reduced): batch means when ``reduced``, else the records'
 per-sample norms end to end (batch sizes or devices differed, so the writer takes the means)."""
-OutputChunk = tuple[list[Any], list[NormChunk]]
-"""Compacted output records: their flat values (the norm slots emptied) and the chunks of their norms."""
+TakenOutputs = tuple[list[Any], list[NormChunk]]
+"""What ``Buffer.take`` hands over for ``outputs``: compacted records' flat values (the norm slots
+emptied) and their norms' chunks, in the same order."""
 ParamRecord = tuple[int, int, float, list[tuple[str, str, int]], list[Tensor]]
 """(epoch, pass, time, [(module, param, numel)], norms in key order, one tensor per device group)."""
 MetricRecord = tuple[int, int, str, "float | Tensor", "str | None", float]
@@ -80,7 +81,9 @@ class Buffer:
 
     def __init__(self) -> None:
         self.outputs: list[Any] = []  # OutputRecord values end to end, OUTPUT_FIELDS per record
-        self.output_chunks: list[OutputChunk] = []  # older records, compacted, in the order compacted
+        # older records, compacted: only takers touch these two, under the lock, so they stay in step
+        self.compacted: list[Any] = []
+        self.norm_chunks: list[NormChunk] = []
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
@@ -109,17 +112,21 @@ class Buffer:
             del self.outputs[:n]  # records appended since the slice stay for the next compaction
             norms = flat[NORMS::OUTPUT_FIELDS]
             flat[NORMS::OUTPUT_FIELDS] = [None] * len(norms)  # the per-record tensors die here
-            self.output_chunks.append((flat, compact(norms)))
+            self.norm_chunks += compact(norms)
+            self.compacted += flat
 
     def take(self) -> dict[str, list[Any]]:
-        """Hand over the non-empty tables' rows (``outputs`` as compacted chunks), leaving the lists empty
+        """Hand over the non-empty tables' rows (``outputs`` as ``TakenOutputs``), leaving the lists empty
         but the same objects (hooks hold their bound ``append``/``extend``); rows other threads append
         while this runs stay for the next take."""
-        taken: dict[str, list[Any]] = {}
+        taken: dict[str, Any] = {}
         with self.lock:
             self._compact()
-            for table in schema.TABLES:
-                rows = self.output_chunks if table == "outputs" else getattr(self, table)
+            if self.compacted:
+                taken["outputs"] = (self.compacted, self.norm_chunks)
+                self.compacted, self.norm_chunks = [], []
+            for table in ("params", "metrics", "events"):
+                rows = getattr(self, table)
                 n = len(rows)
                 if n:
                     taken[table] = rows[:n]
@@ -127,10 +134,10 @@ class Buffer:
         return taken
 
 
-def row_count(table: str, records: list[Any]) -> int:
+def row_count(table: str, records: Any) -> int:
     """Rows that ``records`` (a ``take()`` entry of ``table``) become in the table."""
     if table == "outputs":
-        return sum(len(flat) for flat, _ in records) // OUTPUT_FIELDS
+        return len(records[0]) // OUTPUT_FIELDS
     if table == "params":
         return sum(len(keys) for _, _, _, keys, _ in records)
     return len(records)
@@ -199,11 +206,9 @@ def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:
     return means
 
 
-def outputs_table(chunks: list[OutputChunk], rank: int) -> pa.Table:
-    """Lay compacted chunks of flat records (``OUTPUT_FIELDS`` values each) out as rows, with their
-    batch-mean norms."""
-    flat = [value for values, _ in chunks for value in values]
-    norm_chunks = [chunk for _, norms in chunks for chunk in norms]
+def outputs_table(taken: TakenOutputs, rank: int) -> pa.Table:
+    """Lay the flat records (``OUTPUT_FIELDS`` values each) and their batch-mean norms out as rows."""
+    flat, norm_chunks = taken
     if len(flat) % OUTPUT_FIELDS:
         raise RuntimeError(f"{len(flat)} output values do not make records of {OUTPUT_FIELDS}")
 
