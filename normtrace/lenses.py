@@ -37,15 +37,11 @@ set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, wit
 is_exporting = torch.compiler.is_exporting
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 """-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
-try:
-    transform_level = torch._C._functorch.maybe_current_level
-    """None except inside ``torch.func`` transforms (vmap, grad, jacrev), whose tensors are batched or
-    wrapped: their norms cannot be read once the transform returns."""
-except AttributeError:  # pragma: no cover - a torch without functorch
-
-    def transform_level() -> int | None:
-        return None
-
+in_transform = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+"""True inside ``torch.func`` transforms (vmap, grad, jvp, jacrev), whose tensors are batched or wrapped:
+their norms cannot be read once the transform returns. (It reads the dispatch-key set; the obvious
+``torch._C._functorch.maybe_current_level()`` creates functorch's thread-local state, which every later
+``backward()`` then deep-copies: +8k instructions per W2 step, measured.)"""
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -311,7 +307,7 @@ class LossMetrics:
                 pass_, _, calls = local.state
             except AttributeError:  # no pass started in this thread
                 pass_, _, calls = outside_pass()
-            if calls is None or transform_level() is not None:
+            if calls is None or in_transform():
                 return  # a pass that records nothing (see recorder._on_pass), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)

@@ -35,9 +35,9 @@ from normtrace.lenses import (
     OutputNorm,
     ParameterNorm,
     graph_task_id,
+    in_transform,
     is_data_parallel_replica,
     parameter_norms,
-    transform_level,
 )
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
@@ -501,7 +501,7 @@ class Recorder:
             return  # backward recomputing a checkpointed forward (torch.utils.checkpoint): not a pass
         run = self._run
         p = run.last_pass = run.next_pass()
-        if transform_level() is None:
+        if not in_transform():
             self._local.state = (p, run.epoch, {})
         else:  # vmap/grad: a pass (the model ran), but its outputs are batched or wrapped tensors
             self._local.state = (p, run.epoch, None)
@@ -526,7 +526,7 @@ class Recorder:
         state: PassState | None = getattr(self._local, "outside", None)
         if state is None or state[0] != run.last_pass:
             state = self._local.outside = (run.last_pass, run.epoch, None if self._inert else {})
-        if transform_level() is not None:
+        if in_transform():
             return (state[0], state[1], None)
         return state
 
