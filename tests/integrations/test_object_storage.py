@@ -32,16 +32,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[dict[str, str]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """moto's S3 server in a subprocess; yields Polars-style storage options pointing at it."""
     need("moto")
     need("flask")
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # its log goes to a file: moto logs every request, and an unread pipe that fills up blocks the server
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as err:  # the child keeps its own copy of the file
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -51,7 +54,7 @@ def server() -> Iterator[dict[str, str]]:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"moto server did not start: {proc.stderr.read().decode()[-2000:]}"
+                        f"moto server did not start: {log.read_text(errors='replace')[-2000:]}"
                     ) from None
                 time.sleep(0.1)
         yield {
