@@ -151,3 +151,34 @@ def test_missing_runs_and_plain_http_without_allow_http_are_named(server) -> Non
         na.load("s3://bucket/runs/zz*", storage_options=server)
     with pytest.raises(ValueError, match="aws_allow_http"):
         na.load("s3://bucket/runs/a", storage_options={**server, "aws_allow_http": "false"})
+
+
+# Paths on object storage neither order nor compare with local paths: three places that assumed they did.
+
+
+def test_two_names_for_one_remote_shard_are_both_stray(uploaded, server) -> None:
+    local_dir, s3 = uploaded
+    pafs.copy_files(str(local_dir / "a"), "bucket/twice/a", destination_filesystem=s3)
+    with s3.open_input_stream("bucket/twice/a/outputs/rank0-000001.arrow") as f:
+        data = f.read()
+    with s3.open_output_stream("bucket/twice/a/outputs/rank0-1.arrow") as f:
+        f.write(data)  # a second name for shard (0, 1)
+    with pytest.warns(
+        na.StrayFilesWarning, match=r"rank0-000001\.arrow\n  s3://bucket/twice/a/outputs/rank0-1"
+    ):
+        na.load("s3://bucket/twice/a", storage_options=server)
+
+
+def test_a_local_run_with_a_skipped_shard_loads_beside_an_empty_remote_run(
+    uploaded, server, tmp_path: Path
+) -> None:
+    local_dir, s3 = uploaded
+    damaged = tmp_path / "damaged"
+    pafs.copy_files(str(local_dir / "a"), str(damaged), destination_filesystem=pafs.LocalFileSystem())
+    shard = damaged / "outputs" / "rank0-000002.arrow"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with s3.open_output_stream("bucket/bare/run/meta.json") as f:
+        f.write((local_dir / "a" / "meta.json").read_bytes())
+    with pytest.raises(na.EmptyRunError, match=r"run s3://bucket/bare/run has no shards in any of .*/$"):
+        na.load([damaged, "s3://bucket/bare/run"], storage_options=server, on_error="skip")
+
