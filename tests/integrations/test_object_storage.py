@@ -182,3 +182,8 @@ def test_a_local_run_with_a_skipped_shard_loads_beside_an_empty_remote_run(
     with pytest.raises(na.EmptyRunError, match=r"run s3://bucket/bare/run has no shards in any of .*/$"):
         na.load([damaged, "s3://bucket/bare/run"], storage_options=server, on_error="skip")
 
+
+def test_charts_of_a_remote_run_need_a_local_folder(uploaded, server, capsys) -> None:
+    options = [f"--storage-option={k}={v}" for k, v in server.items()]
+    assert main(["report", "s3://bucket/runs/a", "--format", "svg", *options]) == 2
+    assert "on object storage: name a local folder for the charts with -o DIR" in capsys.readouterr().err
