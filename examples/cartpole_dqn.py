@@ -316,8 +316,9 @@ def write_report(
 
     ``level="pass"`` (the default here) draws the curves per forward pass and aligns spikes with ``event``
     within a few passes: a target sync's effect lasts a few dozen optimisation steps, and per-epoch
-    aggregation averages it away (on the 300-episode run the per-epoch alignment of net.output finds
-    nothing, p = 0.5, while per pass ~80% of its spikes fall within 20 passes after a sync, ~50x chance).
+    aggregation averages it away (on the 300-episode run, per epoch 2 of 58 syncs are followed by a
+    spike of net.output, p = 0.13; per pass 19 of 58 are, every one of its 19 spike excursions, 31x the
+    local chance, p <= 0.001).
     Returns the report's path, or None when the analysis package cannot be imported: the trace is on
     disk either way, so that never fails a run.
     """

@@ -17,11 +17,13 @@ marker asks the same question of both runs ("do output-norm spikes cluster right
 episode?"). In the hard run the marker coincides with the sync; in the soft run it is a placebo, so an
 enrichment there would mean the schedule itself (episode boundaries, say), not the sync, explains it.
 Marking every soft update instead would put an event at every pass and make "near an event" meaningless.
-The control earns its keep: over all passes the soft run's placebo looks enriched too, because the
-spike detector fires in the first few hundred optimisation passes (norms moving fast on a short
-history) and the early markers sit there; after a warm-up (``--warmup-passes``, default 1000) the soft
-run has no spikes at all while most hard-run spikes (~85-95% per module) still fall within 20 passes
-after a sync. The script prints both views.
+The control earns its keep: the spike detector fires in the first few hundred optimisation passes (norms
+moving fast on a short history) and the first markers sit there, so a test against a global chance
+(the binomial test the analysis used to run) found the soft run's placebo enriched over all passes. The
+jitter test measures chance locally and does not (150 episodes: the soft run's output, 1 of 28 markers
+followed, p = 0.42); after a warm-up (``--warmup-passes``, default 1000) the soft run has no spikes at
+all, while 14 of the hard run's 24 later syncs are followed by an output spike (p <= 0.001). The script
+prints both views.
 
     python examples/soft_vs_hard_target.py --episodes 150 --out-dir runs/soft_vs_hard
     normtrace report runs/soft_vs_hard/hard runs/soft_vs_hard/soft --level pass --event sync_schedule
@@ -80,7 +82,7 @@ def alignment_report(run_dirs: Sequence[Path], event: str = MARKER, warmup_passe
         import normtrace_analysis as na
     except ImportError:
         return None
-    columns = ["module", "events", "spikes", "near_event", "enrichment", "p_value"]
+    columns = ["module", "split", "events", "events_followed", "chance", "enrichment", "p_value", "q_value"]
     blocks = []
     for run in run_dirs:
         trace = na.load(run)

@@ -63,6 +63,29 @@ def default_run_dir() -> Path:
     return Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}_{socket.gethostname()}"
 
 
+def local_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir`` as a local path, refusing a URL (``s3://…``, also one that pathlib has already turned
+    into ``s3:/…``): the recorder writes local files only (see docs/recorder.md, "Object storage")."""
+    text = os.fspath(run_dir)
+    path = Path(text)
+    scheme = text.partition("://")[0] if "://" in text else ""
+    if not scheme and not path.is_absolute() and path.parts and path.parts[0].endswith(":"):
+        scheme = path.parts[0][:-1]  # Path("s3://b/r") is s3:/b/r
+    if (
+        len(scheme) > 1
+        and scheme.isascii()
+        and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum()
+    ):
+        raise RunDirError(
+            f"run directory {text!r} is a URL: the recorder writes to a local directory only (a shard is "
+            "renamed into place when complete, and a killed run keeps every flush). Record to a local "
+            f"directory and copy it when the run ends (or while it runs), e.g. "
+            f"pyarrow.fs.copy_files('runs/x', '{scheme}://bucket/runs/x'); normtrace_analysis loads it "
+            "from there"
+        )
+    return path
+
+
 def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -208,7 +231,7 @@ class Recorder:
             setattr(self, slot, lens)
         self.lenses = tuple(lenses)
 
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
+        self.run_dir = local_run_dir(run_dir) if run_dir is not None else default_run_dir()
         self.rank, self.world_size = _dist_rank()
         self.flush_every = int(flush_every)
         self.flush_secs = float(flush_secs)

@@ -202,15 +202,24 @@ def test_analysis_finds_the_seeds_jagged_norms_after_target_syncs(
     deeper ReLUs, and the first ReLU (the seed saw the effect dominated by the output) has no spikes.
     """
     import normtrace_analysis as na
+    import polars as pl
 
     run = tmp_path / "run"
     result = examples.train(40, run, sync_every=5, seed=SEED, progress=False)
-    aligned = na.load(run).event_alignment("target_update", level="pass")
+    trace = na.load(run)
+    aligned = trace.event_alignment("target_update", level="pass")
     rows = {r["module"]: r for r in aligned.iter_rows(named=True)}
-    assert rows["net.output"]["events"] == len(result.sync_episodes) == 8
+    # A sync counts when its 20-pass window reaches the first training pass (the first syncs come before
+    # the replay buffer holds a batch, when nothing is recorded).
+    first = trace.outputs.select(pl.col("pass").min()).collect().item()
+    syncs = trace.events.filter(pl.col("name") == "target_update").collect()["pass"]
+    assert len(syncs) == len(result.sync_episodes) == 8
+    assert rows["net.output"]["events"] == int((syncs >= first - 20).sum()) >= 5
     for module in ("net.output", "net.relu4", "net.relu3"):
         row = rows[module]
         assert row["spikes"] >= 5, module
-        assert row["observed_fraction"] >= 0.5 and row["enrichment"] > 5, module
-        assert row["p_value"] < 1e-3, module
+        # Counted in events, against jittered syncs: most syncs are followed by a spike, far above the
+        # local chance, and no jittered train of the 999 does as well or nearly so.
+        assert row["events_followed"] >= 6 and row["enrichment_lo"] > 2, module
+        assert row["p_value"] < 0.01, module
     assert rows["net.relu1"]["spikes"] == 0

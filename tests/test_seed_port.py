@@ -79,7 +79,10 @@ def seed_text() -> str:
     """The seed notebook's text; fails under CI=true when it is missing, else skips loudly."""
     if SEED_FILE.is_file():
         return SEED_FILE.read_text(encoding="utf-8")
-    msg = f"seed notebook not found at {SEED_FILE} (expected ../shared/seed/ next to the repository)"
+    msg = (
+        f"seed notebook not found at {SEED_FILE}: these tests read it from ../shared/seed/ beside the "
+        "checkout (the project's workspace and CI have it; a clone elsewhere skips them)"
+    )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg)
     warnings.warn(msg, UserWarning, stacklevel=2)

@@ -6,18 +6,26 @@ No torch needed: it reads only the documented trace format (Arrow IPC shards + m
 ``trace.event_alignment("target_update")``.
 """
 
+from . import charts
 from .errors import (
     CorruptShardError,
     EmptyRunError,
+    EmptySelectionError,
     MetaError,
+    MissingEventError,
     MissingTableError,
     RunNotFoundError,
     SchemaVersionError,
+    ShortSeriesWarning,
     SkippedShardsWarning,
+    StrayFilesWarning,
     TraceError,
 )
-from .report import charts, report
+from .export import to_parquet
+from .notebook import enable_offline_charts
+from .report import report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
+from .tensorboard import to_tensorboard
 from .trace import Trace, load
 
 __version__ = "0.1.0"
@@ -27,15 +35,22 @@ __all__ = [
     "SCHEMA_VERSION",
     "CorruptShardError",
     "EmptyRunError",
+    "EmptySelectionError",
     "MetaError",
+    "MissingEventError",
     "MissingTableError",
     "RunNotFoundError",
     "SchemaVersionError",
+    "ShortSeriesWarning",
     "SkippedShardsWarning",
+    "StrayFilesWarning",
     "Trace",
     "TraceError",
     "__version__",
     "charts",
+    "enable_offline_charts",
     "load",
     "report",
+    "to_parquet",
+    "to_tensorboard",
 ]

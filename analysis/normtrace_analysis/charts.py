@@ -1,4 +1,5 @@
-"""Altair charts of a trace: norm curves per module, each layer's share of the norm, and metrics.
+"""Altair charts of a trace: norm curves per module, each layer's share of the norm, metrics, and the
+event-triggered average.
 
 Every chart aggregates with Polars before it reaches Altair: the x axis (epochs or passes) is cut into
 bins so that a chart's curves embed at most about ``max_rows`` rows whatever the run length, and event
@@ -10,19 +11,21 @@ marked points. Each function returns an Altair chart object for notebooks to com
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import altair as alt
 import polars as pl
 
+from .names import LEVELS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
+
 if TYPE_CHECKING:
     from .trace import Trace
 
-Level = Literal["epoch", "pass"]
 Band = Literal["p05-p95", "min-max", "none"]
-Table = Literal["outputs", "params"]
+Layout = Literal["panels", "overlay"]
 
 MAX_ROWS = 3000
 """Default budget of aggregated curve rows per chart (a few thousand keeps the HTML small and fast)."""
@@ -80,39 +83,104 @@ def norms(
     spikes: bool | pl.DataFrame = True,
     max_rows: int = MAX_ROWS,
     domain: tuple[int, int] | None = None,
+    layout: Layout = "panels",
 ) -> alt.TopLevelMixin:
-    """Norm curves of every module (outputs) or parameter (params) in one view, per epoch or per pass.
+    """Norm curves of every module (outputs) or parameter (params), per epoch or per pass.
 
-    With one run, every series shares one panel (colour = module) so the layers can be compared in a
-    single window; with several runs, each series gets a small panel and colour is the run. The line
-    is the mean over the rows in each x bin and the band spans ``band`` (p05-p95 or min-max) of them.
-    ``spikes`` is True to run ``trace.spikes`` at this level, False for none, or a frame it returned.
+    ``layout="panels"`` (the default) gives every series a small panel with its own y scale, in the
+    model's order and named with its class (``net.2 (ReLU)``), so that a layer whose norm is a
+    hundredth of the output's still shows its spikes; colour is the module, or the run when there are
+    several. ``layout="overlay"`` draws every series in one view (with ``log=True``, to compare levels;
+    with several runs, panels are kept). The line is the mean over the rows in each x bin and the band
+    spans ``band`` (p05-p95 or min-max) of them. ``spikes`` is True to run ``trace.spikes`` at this
+    level, False for none, or a frame it returned.
     """
+    if layout not in ("panels", "overlay"):
+        raise ValueError(f"layout must be 'panels' or 'overlay', not {layout!r}")
     lf = getattr(trace, table)
     x = _x_column(level)
-    ids = ["run", "module", "split"] if table == "outputs" else ["run", "module", "param"]
-    groups = lf.group_by(ids).agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
+    ids = SUMMARY_KEYS[table]
+    groups = (
+        lf.group_by(ids)
+        .agg(
+            lo=pl.col(x).min(),
+            hi=pl.col(x).max(),
+            mean=pl.col("value").filter(pl.col("value").is_finite()).mean(),
+        )
+        .collect()
+    )
     if groups.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
-    label = _series_label(table, several_splits=table == "outputs" and groups["split"].n_unique() > 1)
-    grid = _grid(groups, domain, max(2, max_rows // groups.height))
-    curves = _curves(lf, x, ids, band, grid, label)
+    classes = module_classes(trace, table)
+    label = _series_label(
+        table, several_splits=table == "outputs" and groups["split"].n_unique() > 1, classes=classes
+    )
+    found = None if spikes is False else trace.spikes(table=table, level=level) if spikes is True else spikes
+    shown, others = _most_telling(groups, ids, found)
+    grid = _grid(groups, domain, max(2, max_rows // (shown.height + others["run"].n_unique())))
+    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi"), x, ids, band, grid, label)
+    title_note = ""
+    if others.height:
+        rest = _others_label(others.height, table)
+        lumped = _curves(lf.join(others.lazy(), on=ids, how="semi"), x, ["run"], band, grid, pl.lit(rest))
+        curves = pl.concat([curves, lumped.select(curves.columns)])
+        title_note = f" ({shown.height} of {groups.height} series shown: {_SHOWN_RULE}; {rest})"
     rules = _event_rules(trace, x, grid, events)
-    marks = _spike_marks(trace, table, level, label, spikes)
+    marks = _spike_marks(found, label, level, shown, ids)
     if log:
         curves, marks = _positive_only(curves), marks.filter(pl.col("y") > 0)
     y_title = value_title(trace, table)
     several_runs = curves["run"].n_unique() > 1
-    if not several_runs:
-        layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True)
-        title = f"{y_title} per {level} — {curves['run'][0]}"
+    order = _in_model_order(curves["series"].unique().to_list(), classes)
+    if not several_runs and layout == "overlay":
+        layers = _layers(curves, rules, marks, "series", grid, level, y_title, log, select=True, order=order)
+        title = f"{y_title} per {level} — {printable(curves['run'][0])}{title_note}"
         return alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=title)
+    colour = "run" if several_runs else "series"
     panels = []
-    for (series,), part in curves.group_by("series", maintain_order=True):
+    for series in order:
+        part = curves.filter(pl.col("series") == series)
         spots = marks.filter(pl.col("series") == series)
-        layers = _layers(part, rules, spots, "run", grid, level, y_title, log, select=False)
-        panels.append(alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=series))
-    return alt.concat(*panels, columns=3).properties(title=f"{y_title} per {level}, by run")
+        layers = _layers(part, rules, spots, colour, grid, level, y_title, log, select=False, order=order)
+        panels.append(
+            alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
+        )
+    whose = "by run" if several_runs else printable(curves["run"][0])
+    title = f"{y_title} per {level} — {whose}, one panel per series with its own y scale{title_note}"
+    return alt.concat(*panels, columns=3).properties(title=title)
+
+
+MAX_SERIES = 20
+"""Most series drawn one by one in a chart (more lines, or more panels, cannot be told apart); the rest
+are drawn as one lumped curve (mean and band over all their rows), and the chart's title says so."""
+
+_SHOWN_RULE = "those with the most spikes, then the largest mean"
+
+
+def _most_telling(
+    groups: pl.DataFrame, ids: list[str], found: pl.DataFrame | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split the series (``groups``: one row per ``ids``) into the ``MAX_SERIES`` distinct names to draw,
+    across runs, ranked by spike count then mean value, and the rest (both as frames of ``ids``)."""
+    keys = ids[1:]
+    if groups.select(keys).n_unique() <= MAX_SERIES:
+        return groups.select(ids), groups.select(ids).clear()
+    ranked = groups.group_by(keys).agg(pl.col("mean").max())
+    if found is not None and not found.is_empty():
+        counts = found.group_by(keys).len("spikes")
+        ranked = ranked.join(counts, on=keys, how="left")
+    else:
+        ranked = ranked.with_columns(spikes=pl.lit(None, pl.UInt32))
+    top = ranked.sort(
+        pl.col("spikes").fill_null(0), pl.col("mean").fill_nan(None), *keys, descending=True, nulls_last=True
+    ).head(MAX_SERIES)
+    shown = groups.join(top.select(keys), on=keys, how="semi").select(ids)
+    return shown, groups.join(top.select(keys), on=keys, how="anti").select(ids)
+
+
+def _others_label(n: int, table: Table) -> str:
+    """Name of the lumped curve of the series not drawn one by one."""
+    return f"the other {n} {'modules' if table == 'outputs' else 'parameters'} together"
 
 
 def share(
@@ -147,6 +215,19 @@ def share(
     frame = per_module.with_columns(share=(pl.col("norm") / total).fill_nan(None)).collect()  # 0/0: no share
     if frame.is_empty():
         raise ValueError(f"the trace has no {table} rows to chart")
+    title_note = ""
+    modules = frame.group_by("module").agg(pl.col("share").mean()).sort("share", "module", descending=True)
+    if modules.height > MAX_SERIES:  # the largest shares one by one, the rest as one area
+        kept = modules["module"].head(MAX_SERIES - 1)
+        rest = _others_label(modules.height - kept.len(), table)
+        frame = (
+            frame.with_columns(
+                pl.when(pl.col("module").is_in(kept.implode())).then("module").otherwise(pl.lit(rest))
+            )
+            .group_by("run", "epoch", "module")
+            .agg(pl.col("share").sum())
+        )
+        title_note = f" ({kept.len()} largest of {modules.height} shown one by one; {rest})"
     groups = frame.group_by("run", "module").agg(lo=pl.col("epoch").min(), hi=pl.col("epoch").max())
     grid = _grid(groups, domain, max(2, max_rows // groups.height))
     areas = (
@@ -156,19 +237,34 @@ def share(
         .with_columns(x=pl.col("x_lo") + (grid.width - 1) / 2)
         .sort("run", "module", "x_lo")
     )
+    classes = module_classes(trace, table)
+    suffixes = {m: f" ({c})" for m, c in classes.items()}
+    areas = areas.with_columns(
+        pl.concat_str(
+            ["module", pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+        )
+    )
+    order = [printable(m) for m in _in_model_order(areas["module"].unique().to_list(), classes)]
+    palette = alt.Scale(domain=order, scheme="tableau10" if len(order) <= 10 else "tableau20")
     rules = _event_rules(trace, "epoch", grid, events)
     x_enc = _x_encoding("epoch", grid)
     one_run = areas["run"].n_unique() == 1
     panels = []
     for (run,), part in areas.group_by("run", maintain_order=True):
         pick = alt.selection_point(fields=["module"], bind="legend") if one_run else None
+        ranked = _printable_frame(part).with_columns(
+            pl.col("module")
+            .replace_strict(order, list(range(len(order))), return_dtype=pl.Int64)
+            .alias("_rank")
+        )
         stack = (
-            alt.Chart(part)
+            alt.Chart(ranked)
             .mark_area()
             .encode(
                 x=x_enc,
                 y=alt.Y("share:Q", stack="normalize", title="share of the norm", axis=alt.Axis(format="%")),
-                color=alt.Color("module:N", title="module"),
+                color=alt.Color("module:N", title="module", scale=palette, sort=order),
+                order=alt.Order("_rank:Q"),
                 opacity=alt.when(pick).then(alt.value(0.9)).otherwise(alt.value(0.2))
                 if pick
                 else alt.value(0.9),
@@ -185,9 +281,9 @@ def share(
             *_rule_layer(rules.filter(pl.col("run") == run), x_enc),
         ]
         width = _WIDE if one_run else 360
-        panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=str(run)))
+        panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=printable(str(run))))
     what = "output" if table == "outputs" else "parameter"
-    return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch")
+    return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch{title_note}")
 
 
 def metrics(
@@ -212,6 +308,13 @@ def metrics(
     groups = lf.group_by("run", "name", "split").agg(lo=pl.col(x).min(), hi=pl.col(x).max()).collect()
     if groups.is_empty():
         raise ValueError("the trace has no metrics to chart")
+    order = sorted(groups["name"].unique().to_list(), key=lambda n: (n != "loss", n))
+    note = ""
+    if len(order) > MAX_SERIES:
+        note = f" (the first {MAX_SERIES} of {len(order)} metrics: pass names=[...] for the others)"
+        order = order[:MAX_SERIES]
+        groups = groups.filter(pl.col("name").is_in(order))
+        lf = lf.filter(pl.col("name").is_in(order))
     several_runs = groups["run"].n_unique() > 1
     parts = [pl.col("run")] if several_runs else []
     label = pl.concat_str([*parts, pl.col("split").fill_null(pl.col("name"))], separator=" ")
@@ -221,13 +324,133 @@ def metrics(
         curves = _positive_only(curves)
     rules = _event_rules(trace, x, grid, events)
     no_spikes = pl.DataFrame(schema={"series": pl.String, "x": pl.Float64, "y": pl.Float64})
-    order = sorted(curves["name"].unique().to_list(), key=lambda n: (n != "loss", n))
     panels = []
     for name in order:
         part = curves.filter(pl.col("name") == name)
-        layers = _layers(part, rules, no_spikes, "series", grid, level, name, log, select=False)
-        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=name))
-    return alt.vconcat(*panels).properties(title=f"metrics per {level}")
+        # the name goes in the panel's title, plain text: an axis title also reaches a Vega expression
+        layers = _layers(part, rules, no_spikes, "series", grid, level, "value", log, select=False)
+        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_SMALL_TALL, title=printable(name)))
+    return alt.vconcat(*panels).properties(title=f"metrics per {level}{note}")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f\u2028\u2029]")
+"""Characters a chart must not show raw: NUL aborts vl-convert's PNG/SVG export (a panic, not an
+exception), and line breaks garble titles and legends."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and line separators spelled as escapes (``\\n``, ``\\x00``):
+    module, metric, event and run names are the user's, and any of them may hold one."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _printable_frame(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with :func:`printable` applied to every string column that needs it (chart data only)."""
+    fixes = [
+        pl.col(c).map_elements(printable, return_dtype=pl.String)
+        for c, dtype in df.schema.items()
+        if dtype == pl.String and df[c].str.contains(_CONTROL.pattern).any()
+    ]
+    return df.with_columns(fixes) if fixes else df
+
+
+def event_profile(
+    trace: Trace,
+    event: str = "target_update",
+    *,
+    window: int | None = None,
+    level: Level = "pass",
+    table: Table = "outputs",
+    modules: Sequence[str] | str | None = None,
+    placebo: bool = True,
+    panels: int = 12,
+) -> alt.TopLevelMixin:
+    """The event-triggered average: every series from −W to +W around ``event``, one small panel each.
+
+    With more than ``panels`` series, the ``panels`` whose average after the event strays farthest from 1
+    are drawn (in series order): a hundred layers' panels would bury the ones where something happens.
+
+    The line is the median over events of the value divided by its event's pre-event median (1 = as
+    before the event), the band the quartiles over events; the placebo (epoch boundaries away from every
+    event) is drawn beside it in grey when there is one. The median rather than the mean: early in
+    training a few events move a norm several-fold, and a mean (and its interval) is then theirs alone;
+    the tooltip has the mean and its 95% interval too. The rule between offsets 0 and 1 is the event:
+    it is recorded after the pass of offset 0. Data: :meth:`Trace.event_profile`.
+    """
+    frame = trace.event_profile(
+        event, window=window, level=level, table=table, modules=modules, placebo=placebo
+    )
+    if frame.filter(pl.col("kind") == "event").is_empty():
+        raise ValueError(f"no {event} events (or no {table} rows around them) to profile")
+    keys = SERIES_KEYS[table]
+    several = {k: frame[k].n_unique() > 1 for k in keys if k != "module"}
+    parts = [pl.col("run")] if several["run"] else []
+    parts.append(pl.col("module") + (pl.lit(".") + pl.col("param") if table == "params" else pl.lit("")))
+    if table == "outputs" and several.get("split"):
+        parts.append(pl.lit("[") + pl.col("split") + pl.lit("]"))
+    if several["rank"]:
+        parts.append(pl.lit("rank ") + pl.col("rank").cast(pl.String))
+    strays = (
+        frame.filter((pl.col("kind") == "event") & (pl.col("offset") > 0))
+        .group_by(keys)
+        .agg((pl.col("median") - 1).abs().max().alias("_stray"))
+        .sort("_stray", descending=True, nulls_last=True)
+        .head(panels)
+    )
+    frame = frame.join(strays.select(keys), on=keys, how="semi")
+    # Offsets no event has a point at (a series recorded every other pass) would break the line.
+    data = (
+        frame.filter(pl.col("events") > 0)
+        .with_columns(
+            pl.concat_str(parts, separator=" ").alias("series"),
+            pl.col("mean", "ci_lo", "ci_hi", "median", "p25", "p75").round_sig_figs(DIGITS),
+        )
+        .select("series", "kind", "offset", "events", "median", "p25", "p75", "mean", "ci_lo", "ci_hi")
+    )
+    unit = "passes" if level == "pass" else "epochs"
+    x = alt.X("offset:Q", title=f"{unit} from the event")
+    # The legend's labels are data, not a labelExpr: an event name is the user's and may hold quotes,
+    # and no user string may reach a Vega expression (titles of encodings do too: they stay generic).
+    around = {"event": printable(event), "placebo": "other epoch boundaries"}
+    data = data.with_columns(pl.col("kind").replace_strict(around, return_dtype=pl.String))
+    colour = alt.Color(
+        "kind:N",
+        title="around",
+        scale=alt.Scale(domain=list(around.values()), range=["#d62728", "#7f7f7f"]),
+    )
+    y_title = "value / pre-event median"
+    drawn = []  # one panel per series (``panels`` is their number)
+    for (series,), part in data.group_by("series", maintain_order=True):
+        base = alt.Chart(_printable_frame(part))
+        layers = [
+            base.mark_area(opacity=0.2).encode(
+                x=x, y=alt.Y("p25:Q", title=y_title, scale=alt.Scale(zero=False)), y2="p75:Q", color=colour
+            ),
+            base.mark_line(point=part.height <= 2 * 41).encode(
+                x=x,
+                y=alt.Y("median:Q", title=y_title),
+                color=colour,
+                tooltip=[
+                    alt.Tooltip("kind:N"),
+                    alt.Tooltip("offset:Q"),
+                    alt.Tooltip("events:Q"),
+                    alt.Tooltip("median:Q", format=_FORMAT),
+                    alt.Tooltip("p25:Q", format=_FORMAT),
+                    alt.Tooltip("p75:Q", format=_FORMAT),
+                    alt.Tooltip("mean:Q", format=_FORMAT),
+                    alt.Tooltip("ci_lo:Q", title="mean, 95% from", format=_FORMAT),
+                    alt.Tooltip("ci_hi:Q", title="to", format=_FORMAT),
+                ],
+            ),
+            alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x="x:Q"),
+            alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(color="#999", strokeWidth=0.5).encode(y="y:Q"),
+        ]
+        drawn.append(
+            alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
+        )
+    return alt.concat(*drawn, columns=3).properties(
+        title=f"{printable(event)}-triggered average of the {value_title(trace, table)} (median and quartiles over events)"
+    )
 
 
 def value_title(trace: Trace, table: Table) -> str:
@@ -242,24 +465,74 @@ def value_title(trace: Trace, table: Table) -> str:
 
 
 def _x_column(level: Level) -> str:
-    if level not in ("epoch", "pass"):
+    if level not in LEVELS:
         raise ValueError(f"level must be 'epoch' or 'pass', not {level!r}")
     return level
 
 
 def _grid(groups: pl.DataFrame, domain: tuple[int, int] | None, bins: int) -> Grid:
     """Grid over ``domain`` (or the groups' own x range) with at most ``bins`` bins."""
-    lo, hi = domain if domain is not None else (int(groups["lo"].min()), int(groups["hi"].max()))
+    if domain is not None:
+        lo, hi = domain
+    else:  # min and max of an integer column (pass or epoch) with rows: ints, whatever Polars' types say
+        lo, hi = cast(int, groups["lo"].min()), cast(int, groups["hi"].max())
     return Grid.fit(lo, hi, bins)
 
 
-def _series_label(table: Table, *, several_splits: bool) -> pl.Expr:
-    """Name of a curve: the module, ``module.param`` for parameters, plus the split when both occur."""
-    if table == "params":
-        return pl.concat_str([pl.col("module"), pl.col("param")], separator=".")
-    if several_splits:
-        return pl.concat_str([pl.col("module"), pl.lit(" ("), pl.col("split"), pl.lit(")")])
-    return pl.col("module")
+def _series_label(table: Table, *, several_splits: bool, classes: dict[str, str] | None = None) -> pl.Expr:
+    """Name of a curve: the module (``module.param`` for parameters) with its class from ``classes``
+    (``net.2 (ReLU)``, ``net.0.weight (Linear)``), plus the split when both occur (``[no_grad]``)."""
+    name = (
+        pl.concat_str([pl.col("module"), pl.lit("."), pl.col("param")])
+        if table == "params"
+        else pl.col("module")
+    )
+    if classes:
+        suffixes = {m: f" ({c})" for m, c in classes.items()}
+        name = pl.concat_str(
+            [name, pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+        )
+    if table == "outputs" and several_splits:
+        return pl.concat_str([name, pl.lit(" ["), pl.col("split"), pl.lit("]")])
+    return name
+
+
+def module_classes(trace: Trace, table: Table) -> dict[str, str]:
+    """Module name -> its class name, in the model's order, from the runs' ``meta.json`` (the recorder
+    lists every observed module with its class, in ``named_modules()`` order). A module the metadata
+    does not list (a synthetic trace, a per-call ``act#1`` or tuple ``enc.0`` series) is left out.
+    """
+    listed: dict[str, str] = {}
+    for meta in trace.metas.values():
+        modules = meta.get("modules") if isinstance(meta, dict) else None
+        entries = modules.get(table, []) if isinstance(modules, dict) else []
+        for entry in entries if isinstance(entries, list) else []:
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("class"), str)
+            ):
+                listed.setdefault(entry["name"], entry["class"])
+    return listed
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key reading digit runs as numbers: ``net.2`` before ``net.10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def _in_model_order(series: list[str], classes: dict[str, str]) -> list[str]:
+    """Curve names in the model's order (that of ``classes``, which :func:`module_classes` keeps), the
+    others after them in natural order, the lumped rest last."""
+    rank = {module: i for i, module in enumerate(classes)}
+
+    def key(label: str) -> tuple[int, int, tuple[tuple[int, int | str], ...]]:
+        if label.startswith("the other "):
+            return (2, 0, ())
+        module = next((m for m in rank if label == m or label.startswith((m + " ", m + "."))), None)
+        return (0, rank[module], _natural(label)) if module is not None else (1, 0, _natural(label))
+
+    return sorted(series, key=key)
 
 
 def _curves(
@@ -318,18 +591,19 @@ def _event_rules(trace: Trace, x: str, grid: Grid, which: bool | Sequence[str]) 
 
 
 def _spike_marks(
-    trace: Trace, table: Table, level: Level, label: pl.Expr, spikes: bool | pl.DataFrame
+    found: pl.DataFrame | None, label: pl.Expr, level: Level, shown: pl.DataFrame, ids: list[str]
 ) -> pl.DataFrame:
-    """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) that have a finite value to draw.
+    """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) of the ``shown`` series that have a
+    finite value to draw.
 
     Columns: run, series, x, y, score, and direction ("up" or "down", the sign of the score).
     """
     columns = {"run": pl.String, "series": pl.String, "x": pl.Float64, "y": pl.Float64, "score": pl.Float64}
-    if spikes is False:
+    if found is None:
         return pl.DataFrame(schema={**columns, "direction": pl.String})
-    found = trace.spikes(table=table, level=level) if spikes is True else spikes
     return (
-        found.filter(pl.col("value").is_finite())
+        found.join(shown, on=ids, how="semi")
+        .filter(pl.col("value").is_finite())
         .sort(pl.col("score").abs(), descending=True)
         .head(MAX_SPIKES)
         .select(
@@ -344,7 +618,10 @@ def _spike_marks(
 
 
 def _x_encoding(level: Level, grid: Grid) -> alt.X:
-    return alt.X("x:Q", title=level, scale=alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False))
+    """The shared x axis: passes or epochs, whole numbers only (a short run must not tick at 2.5)."""
+    axis = alt.Axis(format=",d", tickMinStep=1)
+    scale = alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False)
+    return alt.X("x:Q", title=level, scale=scale, axis=axis)
 
 
 def _layers(
@@ -358,11 +635,16 @@ def _layers(
     log: bool,
     *,
     select: bool,
+    order: list[str] | None = None,
 ) -> list[alt.Chart]:
-    """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend."""
+    """Band, line, event rules and spike points sharing one x axis; ``select`` binds the legend; ``order``
+    fixes the colour of each series (the same in every panel) when colour is the series."""
     x_enc = _x_encoding(level, grid)
     y_scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    base = alt.Chart(curves)
+    base = alt.Chart(_printable_frame(curves))
+    domain = [printable(n) for n in order] if order and color == "series" else []
+    scheme: Literal["tableau10", "tableau20"] = "tableau10" if len(domain) <= 10 else "tableau20"
+    palette = alt.Scale(domain=domain, scheme=scheme) if domain else alt.Scale(scheme=scheme)
     pick = alt.selection_point(fields=[color], bind="legend") if select else None
     strong = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(0.15)) if pick else alt.value(1.0)
     faint = alt.when(pick).then(alt.value(0.18)).otherwise(alt.value(0.03)) if pick else alt.value(0.18)
@@ -380,9 +662,9 @@ def _layers(
         layers.append(
             base.mark_area(clip=True).encode(
                 x=x_enc,
-                y=alt.Y("lo:Q", scale=y_scale),
+                y=alt.Y("lo:Q", title=y_title, scale=y_scale),
                 y2="hi:Q",
-                color=alt.Color(f"{color}:N"),
+                color=alt.Color(f"{color}:N", scale=palette),
                 fillOpacity=faint,  # not opacity: the shared legend would draw its symbols faint
             )
         )
@@ -390,7 +672,9 @@ def _layers(
         x=x_enc,
         y=alt.Y("y:Q", title=y_title, scale=y_scale),
         # one legend for band and line, drawn as full-strength strokes rather than the faint band
-        color=alt.Color(f"{color}:N", title=color, legend=alt.Legend(symbolType="stroke", symbolOpacity=1)),
+        color=alt.Color(
+            f"{color}:N", title=color, scale=palette, legend=alt.Legend(symbolType="stroke", symbolOpacity=1)
+        ),
         opacity=strong,
         tooltip=tooltip,
     )
@@ -398,11 +682,15 @@ def _layers(
     layers.extend(_rule_layer(rules, x_enc))
     if not marks.is_empty():
         layers.append(
-            alt.Chart(marks)
-            .mark_point(filled=True, size=70, color="#d62728", opacity=1.0, clip=True)
+            alt.Chart(_printable_frame(marks))
+            # one view of many series: a spike takes its series' colour (outlined), else spike red
+            .mark_point(
+                filled=True, size=70, color="#d62728", stroke="#222", strokeWidth=0.6, opacity=1.0, clip=True
+            )
             .encode(
                 x=x_enc,
-                y=alt.Y("y:Q", scale=y_scale),
+                y=alt.Y("y:Q", title=y_title, scale=y_scale),
+                **({"color": alt.Color("series:N", scale=palette, legend=None)} if select else {}),
                 shape=alt.Shape(
                     "direction:N",
                     title="spike",
@@ -424,7 +712,7 @@ def _rule_layer(rules: pl.DataFrame, x_enc: alt.X) -> list[alt.Chart]:
     if rules.is_empty():
         return []
     return [
-        alt.Chart(rules)
+        alt.Chart(_printable_frame(rules))
         .mark_rule(color="#555", strokeWidth=1, opacity=0.6, clip=True)
         .encode(
             x=x_enc,
@@ -442,5 +730,6 @@ def _rule_layer(rules: pl.DataFrame, x_enc: alt.X) -> list[alt.Chart]:
 def _leaf_modules(modules: list[str]) -> list[str]:
     """Modules that contain no other recorded module (and not the root), so shares do not double count."""
     named = [m for m in modules if m != "(root)"]
-    leaves = [m for m in named if not any(other.startswith(m + ".") for other in named)]
+    parents = {name[:i] for name in named for i, c in enumerate(name) if c == "."}  # every dotted prefix
+    leaves = [m for m in named if m not in parents]
     return sorted(leaves or modules)

@@ -15,18 +15,20 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 import altair as alt
 import polars as pl
 import vl_convert
 
 from . import charts
-from .charts import MAX_ROWS, Band, Level
+from .alignment import PLACEBO, TOLERANCE, check_event, format_p, recorded_events
+from .charts import MAX_ROWS, Band
+from .errors import TraceError
+from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 from .progress import progress as show_progress
-from .summary import SUMMARY_KEYS
 from .trace import Trace, load
 
 Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -52,45 +54,63 @@ def report(
     level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
-    event: str = "target_update",
+    event: str | Sequence[str] | None = None,
     max_rows: int = MAX_ROWS,
     progress: bool = False,
 ) -> Path:
     """Write one offline HTML report of ``source`` (a Trace, a run directory, a glob or a list of them).
 
-    It shows each run's metadata, a per-module summary, every chart (output and parameter norms with
-    events and spikes, metrics, norm shares), the spike table and the ``event`` alignment with one
-    plain-language finding per module. ``progress`` shows what it is doing on stderr when slow.
+    It shows the findings about each event (do spikes and steps follow it?), each run's metadata, a
+    per-module summary, every chart (output and parameter norms with events and spikes, metrics, norm
+    shares, the event-triggered average) and the spike table. ``event`` names the events the findings
+    are about (one or several); by default every event the runs recorded, the most frequent first (at
+    most :data:`REPORT_EVENTS`), so a DQN's report is about its ``target_update`` and a CNN's about its
+    ``lr_drop``; a run without events gets findings about its spikes alone. A name no run recorded is
+    an error listing those recorded. ``progress`` shows what it is doing on stderr when slow.
 
     ``level`` defaults to "pass" (curves binned over passes, spikes and alignment per pass): a DQN's
     target-sync transients last a few dozen passes and average away in per-epoch means.
     """
     trace = _as_trace(source)
+    events = report_events(trace, event)
     parts: dict[str, str] = {}
-    with show_progress("report", enabled=progress) as bar:
+    with trace.reading(), show_progress("report", enabled=progress) as bar:
         bar.set_postfix_str("spikes", refresh=False)
         try:
             spikes = _spikes_or_none(trace, level)
             parts["spikes"] = _spikes_html(spikes, level)
+        except TraceError:  # the data cannot be read: say which file, do not write a report of errors
+            raise
         except Exception as exc:  # the charts and the other tables are still worth writing
             spikes, parts["spikes"] = None, _failed("spikes", exc)
-        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
+        sections = chart_sections(
+            trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=events
+        )
+        findings: list[tuple[str, Callable[[], str]]] = [
+            (f"alignment-{i}", partial(_alignment_html, trace, e, level)) for i, e in enumerate(events)
+        ]
         blocks: list[tuple[str, Callable[[], str]]] = [
+            *(findings or [("alignment-0", lambda: _no_events_html(trace, spikes, level))]),
             ("metadata", lambda: _metadata_html(trace)),
             ("summary", lambda: _summary_html(trace)),
-            ("alignment", lambda: _alignment_html(trace, event, level)),
         ]
-        for name, step in [*blocks, *((s.slug, s) for s in sections)]:
+        steps: list[tuple[str, Callable[[], str] | ChartSection]] = [
+            *blocks,
+            *((s.slug, s) for s in sections),
+        ]
+        for name, step in steps:
             bar.set_postfix_str(name, refresh=False)
             if isinstance(step, ChartSection):
                 parts[name] = _chart_html(step)
             else:
                 try:
                     parts[name] = step()
+                except TraceError:
+                    raise
                 except Exception as exc:  # the rest of the report is still worth writing
                     parts[name] = _failed(name, exc)
     body = [
-        parts["alignment"],
+        *(parts[name] for name, _ in blocks if name.startswith("alignment-")),
         parts["metadata"],
         parts["summary"],
         '<section id="charts"><h2>Charts</h2>',
@@ -111,6 +131,7 @@ def export_charts(
     level: Level = "pass",
     band: Band = "p05-p95",
     log: bool = False,
+    event: str | Sequence[str] | None = None,
     max_rows: int = MAX_ROWS,
     scale: float = 2.0,
     progress: bool = False,
@@ -126,11 +147,15 @@ def export_charts(
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    with show_progress(f"export {format}", enabled=progress) as bar:
+    with trace.reading(), show_progress(f"export {format}", enabled=progress) as bar:
         bar.set_postfix_str("spikes", refresh=False)
         spikes = _spikes_or_none(trace, level)
-        sections = chart_sections(trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes)
-        for section in (s for s in sections if s.build):
+        sections = chart_sections(
+            trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=event
+        )
+        for section in sections:
+            if section.build is None:
+                continue  # no data for this chart
             bar.set_postfix_str(section.slug, refresh=False)
             target = _export_one(section.slug, section.build, folder, format, scale)
             if target is not None:
@@ -149,10 +174,22 @@ def _export_one(
             target.write_text(vl_convert.vegalite_to_svg(spec, vl_version=_vl_version()), encoding="utf-8")
         else:
             target.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=_vl_version(), scale=scale))
+    except TraceError:
+        raise
     except Exception as exc:  # one chart's failure must not lose the others
         warnings.warn(f"chart {slug!r} was not exported: {exc}", stacklevel=3)
         return None
     return target
+
+
+class _CurveOptions(TypedDict):
+    """The options the report's curve charts (norms, metrics) share."""
+
+    level: Level
+    band: Band
+    log: bool
+    domain: tuple[int, int] | None
+    max_rows: int
 
 
 def chart_sections(
@@ -163,16 +200,18 @@ def chart_sections(
     log: bool = False,
     max_rows: int = MAX_ROWS,
     spikes: pl.DataFrame | None = None,
+    event: str | Sequence[str] | None = None,
 ) -> list[ChartSection]:
     """The report's charts, in order, sharing one x axis range; unbuilt until ``build()`` is called.
 
-    ``spikes`` (from ``trace.spikes(level=level)``) is drawn on the output-norm chart.
+    ``spikes`` (from ``trace.spikes(level=level)``) is drawn on the output-norm chart; the last charts
+    are the event-triggered averages of the output norms, one per event of :func:`report_events`.
     """
+    events = report_events(trace, event)
     present = {t: _has_rows(trace, t) for t in ("outputs", "params", "metrics")}
     domain = charts.x_domain(trace, level) if any(present.values()) else None
     epoch_domain = charts.x_domain(trace, "epoch") if any(present.values()) else None
-    common = {"max_rows": max_rows}
-    curves = {"level": level, "band": band, "log": log, "domain": domain, **common}
+    curves: _CurveOptions = {"level": level, "band": band, "log": log, "domain": domain, "max_rows": max_rows}
     marks: bool | pl.DataFrame = spikes if spikes is not None else False
     specs = [
         ("output-norms", f"Output norms per {level}", "outputs",
@@ -181,14 +220,47 @@ def chart_sections(
          lambda: charts.norms(trace, "params", spikes=False, **curves)),
         ("metrics", f"Metrics per {level}", "metrics", lambda: charts.metrics(trace, **curves)),
         ("output-share", "Share of the output norm per layer", "outputs",
-         lambda: charts.share(trace, "outputs", domain=epoch_domain, **common)),
+         lambda: charts.share(trace, "outputs", domain=epoch_domain, max_rows=max_rows)),
         ("parameter-share", "Share of the parameter norm per layer", "params",
-         lambda: charts.share(trace, "params", domain=epoch_domain, **common)),
+         lambda: charts.share(trace, "params", domain=epoch_domain, max_rows=max_rows)),
     ]  # fmt: skip
-    return [
+    sections = [
         ChartSection(slug, heading, build if present[table] else None, f"The trace has no {table} rows.")
         for slug, heading, table, build in specs
     ]
+    width = SENSITIVITY_WINDOWS[level][-1]
+    unit = "passes" if level == "pass" else "epochs"
+    for i, name in enumerate(events):
+        sections.append(
+            ChartSection(
+                "event-profile" if i == 0 else f"event-profile-{i + 1}",
+                f"Output norms around each {name}, {width} {unit} either side",
+                partial(charts.event_profile, trace, name, window=width, level=level)
+                if present["outputs"]
+                else None,
+                "The trace has no output norms.",
+            )
+        )
+    if not events:
+        sections.append(
+            ChartSection("event-profile", "Output norms around events", None, "The runs recorded no events.")
+        )
+    return sections
+
+
+REPORT_EVENTS = 3
+"""Events a report is about when none is named: the most frequent ones the runs recorded."""
+
+
+def report_events(trace: Trace, event: str | Sequence[str] | None) -> list[str]:
+    """The events a report's findings are about: those named (each checked: a name no run recorded is a
+    :class:`MissingEventError` listing those recorded), else the most frequent recorded ones."""
+    if event is None:
+        return recorded_events(trace)["name"].head(REPORT_EVENTS).to_list()
+    names = [event] if isinstance(event, str) else list(dict.fromkeys(event))
+    for name in names:
+        check_event(trace, name)
+    return names
 
 
 @cache
@@ -201,7 +273,10 @@ def _vl_version() -> str | None:
 @cache
 def _javascript() -> str:
     """vega, vega-lite and vega-embed in one script, safe to inline in a ``<script>`` element."""
-    return vl_convert.javascript_bundle(vl_version=_vl_version()).replace("</script", "<\\/script")
+    # vl-convert's stub marks snippet as required; it is optional (default: vegaEmbed, vegaLite and vega
+    # become globals), as its docstring and its runtime signature (snippet=None) say
+    bundle: str = vl_convert.javascript_bundle(vl_version=_vl_version())  # type: ignore[call-arg]
+    return bundle.replace("</script", "<\\/script")
 
 
 def _as_trace(source: Source) -> Trace:
@@ -232,6 +307,8 @@ def _chart_html(section: ChartSection) -> str:
         spec = section.build().to_dict()
         spec.pop("$schema", None)
         text = json.dumps(spec, separators=(",", ":"), allow_nan=False)
+    except TraceError:
+        raise
     except Exception as exc:  # one failing chart never blanks the report
         warnings.warn(f"chart {section.slug!r} failed: {exc}", stacklevel=3)
         return f'{head}<p class="error">{_esc(f"This chart could not be built: {exc}")}</p>'
@@ -293,9 +370,11 @@ def _meta_value(key: str, value: Any) -> str:
 
 
 def _summary_html(trace: Trace) -> str:
-    """Per module (and parameter): epochs seen, first and last epoch mean, their ratio, and the peak."""
+    """Per module (and parameter), in the model's order: epochs seen, first and last epoch mean, their
+    ratio, and the peak, with a caption saying what each count counts."""
     parts = []
-    for table, title in (("outputs", "Output norms"), ("params", "Parameter norms")):
+    tables: tuple[tuple[Table, str], ...] = (("outputs", "Output norms"), ("params", "Parameter norms"))
+    for table, title in tables:
         if not _has_rows(trace, table):
             continue
         per_epoch = trace.epoch_summary(table)
@@ -312,24 +391,301 @@ def _summary_html(trace: Trace) -> str:
                 peak=pl.col("max").max(),
                 peak_epoch=pl.col("epoch").get(pl.col("max").arg_max()),
             )
-            .with_columns(change=pl.col("last_mean") / pl.col("first_mean"))
-            .sort(keys)
+            .with_columns((pl.col("last_mean") / pl.col("first_mean")).alias("last/first"))
         )
-        parts.append(f"<h3>{title} ({charts.value_title(trace, table)})</h3>{_table(summary)}")
+        classes = charts.module_classes(trace, table)
+        order = {m: i for i, m in enumerate(classes)}
+        summary = summary.with_columns(
+            pl.col("module").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_order")
+        ).sort("run", "_order", "module", *keys[2:])
+        suffixes = {m: f" ({c})" for m, c in classes.items()}
+        summary = summary.with_columns(
+            pl.concat_str(
+                ["module", pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+            )
+        ).drop("_order")
+        if summary["run"].n_unique() == 1:
+            summary = summary.drop("run")
+        epochs = _run_epochs(trace)
+        split_note = (
+            " Only grad-enabled passes are recorded by default (the lens's skip_no_grad_pass), so a series "
+            "has rows only in the epochs that ran a training pass."
+            if table == "outputs"
+            else ""
+        )
+        caption = (
+            f"epochs: the epochs with rows for the series (the run has {epochs}); rows: its recorded "
+            f"{'passes' if table == 'outputs' else 'collections'}; first_mean and last_mean: its mean over "
+            "the first and the last of those epochs; last/first: their ratio; peak: its largest value, in "
+            f"peak_epoch; nonfinite: NaN or infinite rows.{split_note}"
+        )
+        parts.append(f"<h3>{title} ({charts.value_title(trace, table)})</h3>{_table(summary, caption)}")
     body = "".join(parts) or '<p class="note">The trace has no output or parameter norms.</p>'
     return f'<section id="summary"><h2>Summary per module</h2>{body}</section>'
 
 
+def _run_epochs(trace: Trace) -> str:
+    """How many epochs each run has: what the recorder counted at close, else the epochs seen in rows."""
+    counts = []
+    for run, meta in trace.metas.items():
+        n = meta.get("epochs") if isinstance(meta, dict) else None
+        if not isinstance(n, int):
+            seen = (
+                pl.concat(
+                    [
+                        trace.filter(runs=run).table(t).select("epoch")
+                        for t in ("outputs", "params", "metrics")
+                    ],
+                    how="vertical_relaxed",
+                )
+                .select(pl.col("epoch").max())
+                .collect()
+                .item()
+            )
+            n = None if seen is None else seen + 1
+        counts.append(f"{n if n is not None else '?'}" + (f" in {run}" if len(trace.runs) > 1 else ""))
+    return ", ".join(counts)
+
+
 def _alignment_html(trace: Trace, event: str, level: Level) -> str:
-    """The plain-language finding per module and the alignment statistics behind it."""
-    head = f'<section id="alignment"><h2>Findings: spikes after {_esc(event)}</h2>'
+    """The findings about ``event``: spikes after it (with placebo, q-values, correlated layers), the
+    same across windows, and steps in the level at it."""
+    head = f'<section id="alignment"><h2>Findings: what follows {_esc(event)}</h2>'
     if not _has_rows(trace, "outputs"):
         return f'{head}<p class="note">Not computed: the trace has no output norms.</p></section>'
     aligned = trace.event_alignment(event=event, level=level)
-    first = aligned.sort(pl.col("spikes") == 0, "p_value", nulls_last=True)  # spiking series first
-    findings = "".join(f"<li>{_esc(s)}</li>" for s in first["finding"].to_list())
-    table = _table(aligned.drop("finding"))
-    return f'{head}<ul class="findings">{findings}</ul>{table}</section>'
+    tested = aligned.filter(pl.col("p_value").is_not_null())
+    findings = "".join(f"<li>{_esc(s)}</li>" for s in tested.sort("p_value")["finding"].to_list())
+    quiet = aligned.filter(pl.col("spikes") == 0)
+    if quiet.height:  # one line for every series without a spike, not one each
+        names = ", ".join(_series_names(quiet, "outputs"))
+        findings += f"<li>No spikes, so nothing to align, in: {_esc(names)}</li>"
+    untested = aligned.filter(pl.col("p_value").is_null() & (pl.col("spikes") > 0))
+    findings += "".join(f"<li>{_esc(s)}</li>" for s in untested["finding"].to_list())
+    verdict = f'<p class="verdict">{_esc(_verdict(trace, aligned, tested, event, level))}</p>'
+    parts = [head, verdict, f'<ul class="findings">{findings}</ul>', _method_note(aligned, tested, level)]
+    parts.append(_groups_html(trace, level))
+    if tested.height:
+        parts.append(
+            f"<h3>Spikes after {_esc(event)}, per series with a spike</h3>"
+            f"{_table(_alignment_view(tested.sort('p_value')))}"
+        )
+        windows = SENSITIVITY_WINDOWS[level]
+        several = trace.event_alignment(event=event, level=level, window=windows)
+        several = several.join(tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi")
+        unit = "passes" if level == "pass" else "epochs"
+        parts.append(
+            f"<h3>The same for windows of {', '.join(map(str, windows))} {unit}</h3>"
+            f'<p class="note">The default window is not a free choice: an effect that is real shows at '
+            f"every window that covers it (q-values within each window).</p>{_table(_alignment_view(several, True))}"
+        )
+    parts.append(_steps_html(trace, event, level))
+    return "".join(parts) + "</section>"
+
+
+def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: str, level: Level) -> str:
+    """The answer in one or two sentences: in how many series spikes follow the event (q < 0.05), which
+    layers spike together, and what the placebo says."""
+    n = aligned.height
+    if tested.is_empty():
+        return f"No series has both a spike and a {event} event in its span, so there is nothing to test."
+    found = tested.filter(pl.col("q_value") < SIGNIFICANT)
+    if found.is_empty():
+        return (
+            f"Spikes do not follow {event} more often than chance in any of the {tested.height} series "
+            f"tested (smallest q = {_least(tested['q_value']):.2g})."
+        )
+    groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
+    keys = SERIES_KEYS["outputs"]
+    grouped = groups.join(found.select(keys), on=keys, how="semi")
+    together = ""
+    if grouped.height:
+        largest = grouped.filter(pl.col("group") == grouped["group"].min())
+        together = f"; {', '.join(_series_names(largest, 'outputs'))} spike together: one finding, not {largest.height}"
+    placebo = found.filter(pl.col("placebo_p").is_not_null())
+    boundary = ""
+    if placebo.height:
+        worst = _least(placebo["placebo_p"])
+        bound = "= 1" if worst >= 1 else f"≥ {worst:.2g}"
+        boundary = (
+            f" The other {PLACEBO}, tested the same way, are not followed by spikes (placebo p {bound})."
+            if worst >= SIGNIFICANT
+            else f" But the other {PLACEBO} are followed by spikes too (placebo p = {worst:.2g}): the boundary, "
+            f"not {event} itself, may be the cause."
+        )
+    return (
+        f"Spikes follow {event} in {found.height} of {n} output series (q < {SIGNIFICANT}{together})."
+        + boundary
+    )
+
+
+SIGNIFICANT = 0.05
+"""The q-value below which the report's verdict counts a series as one where spikes follow the event."""
+
+
+def _least(values: pl.Series) -> float:
+    """The smallest of some p- or q-values known to hold one (Polars types a Series' min broadly)."""
+    return cast(float, values.min())
+
+
+def _series_names(frame: pl.DataFrame, table: str) -> list[str]:
+    """Series as a reader names them: the module (``module.param``), the split when not "train", and the
+    run and rank when there are several."""
+    several_runs = frame["run"].n_unique() > 1
+    several_ranks = frame["rank"].n_unique() > 1
+    names = []
+    for row in frame.iter_rows(named=True):
+        name = row["module"] + (f".{row['param']}" if table == "params" else "")
+        if table == "outputs" and row["split"] != "train":
+            name += f" [{row['split']}]"
+        if several_ranks:
+            name += f" (rank {row['rank']})"
+        names.append(f"{row['run']}: {name}" if several_runs else name)
+    return names
+
+
+def _no_events_html(trace: Trace, spikes: pl.DataFrame | None, level: Level) -> str:
+    """Findings for runs that recorded no event: where each series spiked, in excursions."""
+    head = '<section id="alignment"><h2>Findings: spikes</h2>'
+    note = (
+        '<p class="note">The runs recorded no events, so spikes cannot be related to one: mark them with '
+        "<code>Recorder.event(name)</code> (a learning-rate drop, a curriculum step) or "
+        "<code>Recorder.track_target(module)</code> (a DQN's target network).</p>"
+    )
+    if spikes is None:
+        return f"{head}{note}<p>The trace has no output norms.</p></section>"
+    if spikes.is_empty():
+        return f'{head}{note}<p class="verdict">No spikes in any output series.</p></section>'
+    clusters = trace.spike_clusters("outputs", level=level)
+    keys = SERIES_KEYS["outputs"]
+    per = (
+        clusters.group_by(keys)
+        .agg(
+            pl.col("spikes").sum(),
+            pl.len().alias("excursions"),
+            pl.col("onset").min().alias("first"),
+            pl.col("onset").max().alias("last"),
+            pl.col("peak_score").abs().max().alias("largest |score|"),
+        )
+        .sort("excursions", descending=True)
+    )
+    names = _series_names(per, "outputs")
+    items = "".join(
+        f"<li>{_esc(name)}: {row['spikes']} spikes in {row['excursions']} excursions, from {level} "
+        f"{row['first']} to {row['last']}</li>"
+        for name, row in zip(names, per.iter_rows(named=True), strict=True)
+    )
+    verdict = f"{per.height} output series spiked."
+    return f'{head}{note}<p class="verdict">{_esc(verdict)}</p><ul class="findings">{items}</ul></section>'
+
+
+def _method_note(aligned: pl.DataFrame, tested: pl.DataFrame, level: Level) -> str:
+    """How to read the numbers: units, the permutation p and its floor, BH, and the placebo."""
+    if aligned.height == 0 or tested.height == 0:
+        return ""
+    floor = tested["p_floor"][0]
+    placebo = (
+        f" The placebo repeats the test on the {PLACEBO} that are not within the window of an event: an "
+        "effect of the event, not of the boundary, shows as a small p beside a large placebo p."
+        if level == "pass"
+        else ""
+    )
+    return (
+        '<p class="note">Counted in events: an event is followed when a spike cluster (spikes closer than '
+        "the larger of the window and half the detector's baseline are one excursion) starts within the "
+        "window after it. Chance is the share of followed events among the events moved at random a few "
+        "event gaps away (local jitter, so drifting spike and event rates cancel); p is the share of "
+        f"{round(1 / floor) - 1} such jittered event trains that do at least as well, so it cannot go below "
+        f"{format_p(floor, floor).removeprefix('p ≤ ')}. q is the Benjamini–Hochberg q-value across the "
+        f"{tested.height} series tested. Layers of one network are correlated — one excursion reaches "
+        "several layers — and BH stays valid under such positive dependence (PRDS), but correlated layers "
+        f"are one piece of evidence, not several: see the groups below.{placebo}</p>"
+    )
+
+
+def _groups_html(trace: Trace, level: Level) -> str:
+    """Series whose spike clusters are the same excursions, listed as groups of two or more."""
+    groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
+    if groups.is_empty():
+        return ""
+    items = []
+    multi_run = groups["run"].n_unique() > 1
+    for (run, rank, _), part in groups.group_by("run", "rank", "group", maintain_order=True):
+        names = ", ".join(
+            m + (f" ({s})" if s != "train" else "") for m, s in part.select("module", "split").iter_rows()
+        )
+        where = f"{run}, rank {rank}: " if multi_run or rank else ""
+        share = cast(float, part["shared"].mean())  # a float column with rows
+        items.append(
+            f"<li>{_esc(where + names)} — {share:.0%} of their spike clusters start within "
+            f"{TOLERANCE[level]} {level}{'es' if level == 'pass' else 's'} of one another's</li>"
+        )
+    return f'<h3>Layers whose spikes are the same excursions</h3><ul class="findings">{"".join(items)}</ul>'
+
+
+def _alignment_view(frame: pl.DataFrame, windows: bool = False) -> pl.DataFrame:
+    """The alignment columns worth a reader's eye, "k of E" written out."""
+    keys = ["module", "split"] + (["run"] if frame["run"].n_unique() > 1 else [])
+    keys += ["rank"] if frame["rank"].n_unique() > 1 else []
+    placebo: list[pl.Expr | str] = (
+        [
+            pl.format("{} of {}", "placebo_followed", "placebo_events").alias("placebo followed"),
+            "placebo_chance",
+            _p_text("placebo_p").alias("placebo p"),
+        ]
+        if frame["placebo_events"].is_not_null().any()
+        else []
+    )
+    return frame.select(
+        *keys,
+        *(["window"] if windows else []),
+        pl.format("{} of {}", "events_followed", "events").alias("events followed"),
+        "chance",
+        "enrichment",
+        pl.format("{}–{}", pl.col("enrichment_lo").round(1), pl.col("enrichment_hi").round(1)).alias(
+            "95% CI"
+        ),
+        _p_text("p_value").alias("p"),
+        _p_text("q_value").alias("q"),
+        "spikes",
+        "clusters",
+        *placebo,
+    )
+
+
+def _p_text(column: str) -> pl.Expr:
+    """A p- or q-value column as text: "≤ 0.001" where it is the permutation floor (the data cannot say
+    more), two significant digits otherwise."""
+    value, floor = pl.col(column), pl.col("p_floor")
+    digits = value.map_elements(lambda v: f"{v:.2g}", return_dtype=pl.String)
+    at_floor = pl.lit("≤ ") + floor.map_elements(lambda v: f"{v:.2g}", return_dtype=pl.String)
+    return pl.when(value <= floor * (1 + 1e-9)).then(at_floor).otherwise(digits)
+
+
+def _steps_html(trace: Trace, event: str, level: Level) -> str:
+    """Steps in the level at the event: findings and the table."""
+    steps = trace.event_steps(event=event, level=level)
+    steps = steps.filter(pl.col("p_value").is_not_null())
+    if steps.is_empty():
+        return ""
+    findings = "".join(f"<li>{_esc(s)}</li>" for s in steps.sort("p_value")["finding"].to_list())
+    keys = ["module", "split"] + (["run"] if steps["run"].n_unique() > 1 else [])
+    table = steps.select(
+        *keys,
+        "events",
+        pl.col("step").alias("step (robust SD)"),
+        pl.format("{}%", (100 * pl.col("step_change")).round(2)).alias("change"),
+        pl.format("{} of {}", "steps_up", "events").alias("up"),
+        _p_text("p_value").alias("p"),
+        _p_text("q_value").alias("q"),
+    )
+    return (
+        f"<h3>Steps: the level after each {_esc(event)} against the level before it</h3>"
+        '<p class="note">The spike detector cannot see a lasting step (its centred median absorbs it), so '
+        "the median of the window after each event is compared with the median of the window before, in "
+        "robust SDs of the series' noise; the median over events is tested two-sided against the same "
+        f'jittered trains.</p><ul class="findings">{findings}</ul>{_table(table)}'
+    )
 
 
 def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
@@ -339,11 +695,23 @@ def _spikes_html(spikes: pl.DataFrame | None, level: Level) -> str:
         return f'{head}<p class="note">No spikes detected.</p></section>'
     top = spikes.sort(pl.col("score").abs(), descending=True).head(SPIKE_ROWS)
     shown = f"the {SPIKE_ROWS} highest scores of {spikes.height}" if spikes.height > SPIKE_ROWS else "all"
-    return f'{head}<p class="note">{spikes.height} spikes, {shown} shown.</p>{_table(top)}</section>'
+    varying = [k for k in ("run", "rank", "split") if top[k].n_unique() > 1]
+    at = ["pass", "epoch"] if level == "pass" else ["epoch"]
+    lag = ["lag_passes"] if level == "pass" else ["lag_epochs"]
+    top = top.select(
+        *varying[:2], "module", *varying[2:], *at, "value", "baseline", "score", "points", "event", *lag
+    )
+    caption = (
+        "score: the distance from the baseline (a rolling median) in robust standard deviations; points: "
+        "consecutive points over the threshold, merged into this spike at its peak; event and lag: the "
+        f"nearest event before the spike and how many {level}{'es' if level == 'pass' else 's'} before it."
+    )
+    return f'{head}<p class="note">{spikes.height} spikes, {shown} shown.</p>{_table(top, caption)}</section>'
 
 
-def _table(df: pl.DataFrame) -> str:
-    """An HTML table of a small frame; numbers right-aligned at four significant digits."""
+def _table(df: pl.DataFrame, caption: str = "") -> str:
+    """An HTML table of a small frame (scrolling sideways when wider than the page); numbers
+    right-aligned at four significant digits; ``caption`` says what its columns count."""
     numeric = [df.schema[c].is_numeric() for c in df.columns]
     head = "".join(
         f"<th{' class=num' if n else ''}>{_esc(c)}</th>" for c, n in zip(df.columns, numeric, strict=True)
@@ -357,15 +725,18 @@ def _table(df: pl.DataFrame) -> str:
         + "</tr>"
         for row in df.iter_rows()
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
+    return (
+        f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+    )
 
 
 def _cell(column: str, value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        if column == "p_value" and value < 0.001:
-            return "< 0.001"
+        if column in ("chance", "placebo_chance"):
+            return f"{100 * value:.2g}%"
         return f"{value:.4g}"
     return str(value)
 
@@ -406,9 +777,11 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
-th { background: #f4f4f4; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; } td { white-space: nowrap; } .num { text-align: right; font-variant-numeric: tabular-nums; }
 .note { color: #555; } .error { color: #b00; font-weight: bold; }
-.findings li { margin: .3em 0; } .chart { margin: 1em 0 2em; }
+.findings li { margin: .3em 0; } .chart { margin: 1em 0 2em; overflow-x: auto; }
+.scroll { overflow-x: auto; max-width: 100%; } .verdict { font-size: 1.1em; font-weight: 600; }
+caption { caption-side: bottom; text-align: left; color: #555; font-size: 12px; padding-top: .3em; }
 """
 
 _LOADER = """

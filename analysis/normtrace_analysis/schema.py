@@ -6,6 +6,8 @@ package runs where torch is not installed; a contract test checks the two agree.
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
 SCHEMA_VERSION = 1
@@ -15,7 +17,11 @@ META_FILE = "meta.json"
 """Rank 0's run metadata; rank r > 0 writes ``meta.rank{r}.json``."""
 
 SHARD_SUFFIX = ".arrow"
-"""Only files ending in this are shards (temporary ``.arrow.tmp`` files are ignored)."""
+"""Shards end in this (temporary ``.arrow.tmp`` files are ignored)."""
+
+SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)\.arrow\Z")
+"""A shard's file name, ``rank{r}-{seq}.arrow``: rank and sequence number. Any other ``.arrow`` file in a
+table folder (a copy, an export) is not part of the run and is left out with a warning."""
 
 REQUIRED_COLUMNS: dict[str, dict[str, pl.DataType]] = {
     "outputs": {

@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from .names import SERIES_KEYS
 from .trace import module_filter
 
 if TYPE_CHECKING:
     from .trace import Trace
 
-SERIES_KEYS: dict[str, list[str]] = {
-    "outputs": ["run", "rank", "module", "split"],
-    "params": ["run", "rank", "module", "param"],
-}
-"""Columns identifying one series per table."""
+__all__ = ["SERIES_KEYS", "Series", "epoch_series", "pass_series", "points"]
 
 
 _DATA_SCHEMA = {"sid": pl.UInt32, "pass": pl.Int64, "epoch": pl.Int32, "value": pl.Float64}
@@ -53,32 +50,31 @@ def points(trace: Trace, table: str, modules: Sequence[str] | str | None) -> pl.
 def pass_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
     """The table's series at pass resolution (memoised on the Trace for the last table/modules asked)."""
     memo_key = ("series", table, modules if modules is None or isinstance(modules, str) else tuple(modules))
-    cached = trace._cache.get("series")
-    if cached is not None and cached[0] == memo_key:
-        return cached[1]
-    lf = points(trace, table, modules)
-    parts = [_run_series(lf.filter(pl.col("run") == run), table, run) for run in trace.runs]
+    return trace.cached(memo_key, lambda: _collect_series(trace, table, modules), slot="series")
+
+
+def _collect_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
+    """Read and regroup the table's rows (the uncached work behind :func:`pass_series`), one run at a
+    time, each from its own shards (``trace.filter(runs=...)`` scans only those)."""
+    parts = [_run_series(points(trace.filter(runs=run), table, modules), table, run) for run in trace.runs]
     parts = [p for p in parts if p.keys.height]
     if not parts:
-        result = Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
-    else:
-        offsets = [0]
-        rows = [0]
-        for p in parts[:-1]:
-            offsets.append(offsets[-1] + p.keys.height)
-            rows.append(rows[-1] + p.data.height)
-        data = pl.concat(
-            [p.data.with_columns(pl.col("sid") + off) for p, off in zip(parts, offsets, strict=True)]
-        )
-        keys = pl.concat(
-            [
-                p.keys.with_columns(pl.col("sid") + off, pl.col("start") + row)
-                for p, off, row in zip(parts, offsets, rows, strict=True)
-            ]
-        )
-        result = Series(data, keys)
-    trace._cache["series"] = (memo_key, result)
-    return result
+        return Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
+    offsets = [0]
+    rows = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.keys.height)
+        rows.append(rows[-1] + p.data.height)
+    data = pl.concat(
+        [p.data.with_columns(pl.col("sid") + off) for p, off in zip(parts, offsets, strict=True)]
+    )
+    keys = pl.concat(
+        [
+            p.keys.with_columns(pl.col("sid") + off, pl.col("start") + row)
+            for p, off, row in zip(parts, offsets, rows, strict=True)
+        ]
+    )
+    return Series(data, keys)
 
 
 def epoch_series(series: Series) -> pl.DataFrame:

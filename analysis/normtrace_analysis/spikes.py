@@ -1,4 +1,4 @@
-"""Spike detection on each module's norm series, and whether spikes cluster right after an event.
+"""Spike detection on each module's norm series (whether spikes follow an event is :mod:`.alignment`).
 
 Detector (a Hampel filter): for every series (run, rank, module, split for outputs; run, rank, module,
 param for params), ordered by pass, the baseline is the centred rolling median of ``baseline_window``
@@ -19,34 +19,21 @@ target sync right after ``tick_epoch``) precedes the spikes of epoch ``e`` and l
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from .series import SERIES_KEYS, Series, epoch_series, pass_series
-from .stats import binom_sf
+from .errors import ShortSeriesWarning, caller_stacklevel
+from .names import BASELINE_WINDOW, SERIES_KEYS, THRESHOLD, Level, Table
+from .series import epoch_series, pass_series
 
 if TYPE_CHECKING:
     from .trace import Trace
 
-Level = Literal["pass", "epoch"]
-
-THRESHOLD = 6.0
-"""Default spike threshold in robust standard deviations. High because a pass-level series has ~1e5
-points: on 10 million points of log-normal noise it flags about one point per million, while the spikes
-worth explaining (target syncs, exploding activations) are tens of SDs."""
-
-BASELINE_WINDOW: dict[str, int] = {"pass": 51, "epoch": 11}
-"""Default rolling-window length (points) per level. 51 passes: a transient of a few passes (what a
-target sync does to a DQN's activations) cannot move the median, while learning trends over a few
-episodes are followed. 11 epochs: two sync periods of the seed's DQN (a sync every 5 episodes), so no
-window's median is set by sync epochs."""
-
-EVENT_WINDOW: dict[str, int] = {"pass": 20, "epoch": 1}
-"""Default ``event_alignment`` window per level: the 20 passes after an event (about 10 environment steps
-of a DQN recording an acting and a training pass per step), or the epoch the event opens."""
+__all__ = ["check_detector", "spikes"]
 
 SCALE_SPAN = 4
 """The scale (rolling MAD) spans this many baseline windows: noise levels change slowly, and a MAD of
@@ -61,7 +48,8 @@ SCALE_FLOOR = 1e-4
 
 def spikes(
     trace: Trace,
-    table: Literal["outputs", "params"] = "outputs",
+    table: Table = "outputs",
+    *,
     level: Level = "pass",
     modules: Sequence[str] | str | None = None,
     threshold: float | None = None,
@@ -69,99 +57,60 @@ def spikes(
 ) -> pl.DataFrame:
     """Detected spikes, one row each, with the nearest preceding event (of any name).
 
-    Columns: the series keys (``run``, ``rank``, ``module``, ``split`` or ``param``), ``pass`` (level
-    "pass" only), ``epoch``, ``value``, ``baseline``, ``score`` (signed, in robust SDs; ±inf for NaN/Inf),
-    ``points`` (consecutive flagged points merged into this spike), ``event``, ``event_pass``,
-    ``event_epoch``, ``lag_passes`` (null at level "epoch"), ``lag_epochs`` (all null when no event
-    precedes). ``level="epoch"`` works on per-epoch means. Results are memoised per Trace.
+    Args:
+        trace: the loaded runs (its filters apply).
+        table: "outputs" (one series per run, rank, module and split) or "params" (per run, rank,
+            module and parameter).
+        level: "pass" scores every recorded point; "epoch" the per-epoch means.
+        modules: exact module names, or a regex searched in the name; None for all.
+        threshold: robust z-score above which a point is flagged (default :data:`THRESHOLD`).
+        baseline_window: points in the rolling median (default :data:`BASELINE_WINDOW` of the level).
+
+    Returns:
+        Columns: the series keys (``run``, ``rank``, ``module``, ``split`` or ``param``), ``pass``
+        (level "pass" only), ``epoch``, ``value``, ``baseline``, ``score`` (signed, in robust SDs; ±inf
+        for NaN/Inf), ``points`` (consecutive flagged points merged into this spike), ``event``,
+        ``event_pass``, ``event_epoch``, ``lag_passes`` (null at level "epoch"), ``lag_epochs`` (all
+        null when no event precedes). Memoised per Trace.
+
+    Example:
+        ``na.load("runs/cartpole").spikes("outputs", level="pass", threshold=8)``
     """
     threshold = THRESHOLD if threshold is None else float(threshold)
-    window = _check(table, level, baseline_window)
+    window = check_detector(table, level, baseline_window)
     key = ("spikes", table, level, _modules_key(modules), threshold, window)
-    if key not in trace._cache:
-        series = pass_series(trace, table, modules)
-        frame = series.data if level == "pass" else epoch_series(series)
-        found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
-        trace._cache[key] = _attach_nearest_event(found, trace.events, table, level)
-    return trace._cache[key]
+    return trace.cached(key, lambda: _spikes(trace, table, level, modules, threshold, window))
 
 
-def event_alignment(
-    trace: Trace,
-    event: str = "target_update",
-    window: int | None = None,
-    level: Level = "pass",
-    *,
-    table: Literal["outputs", "params"] = "outputs",
-    modules: Sequence[str] | str | None = None,
-    threshold: float | None = None,
-    baseline_window: int | None = None,
+def _spikes(
+    trace: Trace, table: str, level: str, modules: Sequence[str] | str | None, threshold: float, window: int
 ) -> pl.DataFrame:
-    """Per series, whether spikes fall right after ``event`` more often than chance.
+    series = pass_series(trace, table, modules)
+    frame = series.data if level == "pass" else epoch_series(series)
+    _warn_if_too_short(frame, level, window)
+    found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
+    return _attach_nearest_event(found, trace.events, table, level)
 
-    A spike is near an event when it lies within ``window`` units after one (level "pass": ``1 <=
-    spike.pass - event.pass <= window``; level "epoch": ``0 <= spike.epoch - event.epoch < window``).
-    ``expected_fraction`` is the share of the series' points inside those windows (what random placement
-    would give), ``enrichment`` = observed / expected, ``p_value`` the exact binomial tail
-    P(X >= near_event) for X ~ Binomial(spikes, expected_fraction). Columns: the series keys, ``events``,
-    ``points``, ``spikes``, ``near_event``, ``observed_fraction``, ``expected_fraction``, ``enrichment``,
-    ``p_value``, ``finding`` (one plain sentence). Defaults: :data:`EVENT_WINDOW`.
-    """
-    window = EVENT_WINDOW[level] if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window must be at least 1 {level}, got {window}")
-    found = spikes(trace, table, level, modules, threshold, baseline_window)
-    keys = SERIES_KEYS[table]
-    events = (
-        trace.events.filter(pl.col("name") == event)
-        .select("run", "rank", "pass", "epoch")
-        .collect()
-        .sort("run", "rank", level)
-    )
-    coverage = _coverage(pass_series(trace, table, modules), level, events, window)
-    near = _near_counts(found, events, keys, level, window)
-    rows = (
-        coverage.join(near, on=keys, how="left")
-        .join(events.group_by("run", "rank").len("events"), on=["run", "rank"], how="left")
-        .with_columns(pl.col("spikes", "near_event", "events").fill_null(0).cast(pl.Int64))
-        .with_columns(
-            pl.when(pl.col("spikes") > 0)
-            .then(pl.col("near_event") / pl.col("spikes"))
-            .alias("observed_fraction"),
-            (pl.col("covered") / pl.col("points")).alias("expected_fraction"),
+
+def _warn_if_too_short(frame: pl.DataFrame, level: str, window: int) -> None:
+    """Say so when series have fewer points than the baseline window: their rolling median is their
+    whole length, so a spike among a handful of epochs is not told from noise, and "0 spikes" would
+    read as "nothing happened"."""
+    lengths = frame.group_by("sid").len()["len"]
+    short = int((lengths < window).sum())
+    if short:
+        unit = "epochs" if level == "epoch" else "points"
+        hint = "use level='pass' (CLI: --level pass)" if level == "epoch" else "use a smaller baseline_window"
+        warnings.warn(
+            f"{short} of {lengths.len()} series have fewer {unit} ({int(lengths.min())} at least) than the "
+            f"spike detector's baseline window of {window}: too few to tell a spike from noise; {hint}",
+            ShortSeriesWarning,
+            stacklevel=caller_stacklevel(),
         )
-        .with_columns(
-            pl.when(pl.col("expected_fraction") > 0, pl.col("spikes") > 0)
-            .then(pl.col("observed_fraction") / pl.col("expected_fraction"))
-            .alias("enrichment"),
-        )
-        .sort(keys)
-    )
-    p_values = [
-        binom_sf(k, n, p) for k, n, p in rows.select("near_event", "spikes", "expected_fraction").iter_rows()
-    ]
-    rows = rows.with_columns(pl.Series("p_value", p_values, dtype=pl.Float64))
-    multi_run = rows["run"].n_unique() > 1
-    multi_rank = rows["rank"].n_unique() > 1
-    findings = [
-        _finding(r, event, window, level, table, multi_run, multi_rank) for r in rows.iter_rows(named=True)
-    ]
-    return rows.with_columns(pl.Series("finding", findings, dtype=pl.String)).select(
-        *keys,
-        "events",
-        "points",
-        "spikes",
-        "near_event",
-        "observed_fraction",
-        "expected_fraction",
-        "enrichment",
-        "p_value",
-        "finding",
-    )
 
 
-def _check(table: str, level: str, baseline_window: int | None) -> int:
-    """Validate the arguments shared by both entry points; return the baseline window to use."""
+def check_detector(table: str, level: str, baseline_window: int | None) -> int:
+    """Validate the detector's arguments; return the baseline window to use."""
     if table not in SERIES_KEYS:
         raise ValueError(f"spike detection works on 'outputs' or 'params', not {table!r}")
     if level not in BASELINE_WINDOW:
@@ -330,78 +279,3 @@ def _attach_nearest_event(found: pl.DataFrame, events: pl.LazyFrame, table: str,
         )
         .sort(*SERIES_KEYS[table], on)
     )
-
-
-def _near_counts(
-    found: pl.DataFrame, events: pl.DataFrame, keys: list[str], level: str, window: int
-) -> pl.DataFrame:
-    """Per series: spikes, and how many of them lie within ``window`` after an event of ``events``."""
-    at = found.with_columns(pl.col(level).cast(pl.Int64).alias("_at")).sort("_at")
-    ev = events.select(
-        "run", "rank", pl.col(level).cast(pl.Int64).alias("_at"), pl.col(level).alias("_ev")
-    ).sort("_at")
-    lagged = at.join_asof(
-        ev, on="_at", by=["run", "rank"], allow_exact_matches=level == "epoch", check_sortedness=False
-    )
-    lag = pl.col(level).cast(pl.Int64) - pl.col("_ev").cast(pl.Int64)
-    near = (lag >= 1) & (lag <= window) if level == "pass" else (lag >= 0) & (lag < window)
-    return lagged.group_by(keys).agg(
-        pl.len().cast(pl.Int64).alias("spikes"),
-        near.fill_null(False).sum().cast(pl.Int64).alias("near_event"),
-    )
-
-
-def _coverage(series: Series, level: str, events: pl.DataFrame, window: int) -> pl.DataFrame:
-    """Per series (keys): its points, and how many of them lie within ``window`` after an event."""
-    first = 1 if level == "pass" else 0
-    at = pl.col(level).cast(pl.Int64)
-    covered = (
-        events.select("run", "rank", pl.int_ranges(at + first, at + first + window).alias("_at"))
-        .explode("_at")
-        .unique()
-    )
-    frame = series.data if level == "pass" else epoch_series(series)
-    counts = []
-    # Series of one (run, rank) are contiguous: test their points against that rank's covered units.
-    spans = series.keys.group_by("run", "rank").agg(
-        pl.col("sid").min().alias("lo"), pl.col("sid").max().alias("hi")
-    )
-    for run, rank, lo, hi in spans.iter_rows():
-        units = covered.filter(pl.col("run") == run, pl.col("rank") == rank)["_at"]
-        part = frame.filter(pl.col("sid").is_between(lo, hi)) if spans.height > 1 else frame
-        counts.append(
-            part.group_by("sid").agg(
-                pl.len().cast(pl.Int64).alias("points"),
-                pl.col(level).cast(pl.Int64).is_in(units.implode()).sum().cast(pl.Int64).alias("covered"),
-            )
-        )
-    if not counts:
-        return series.keys.drop("start", "length").with_columns(
-            points=pl.lit(0, pl.Int64), covered=pl.lit(0, pl.Int64)
-        )
-    return series.keys.drop("start", "length").join(pl.concat(counts), on="sid", how="left").fill_null(0)
-
-
-def _finding(
-    row: dict, event: str, window: int, level: str, table: str, multi_run: bool, multi_rank: bool
-) -> str:
-    """One plain-language sentence about a series' spikes and ``event``."""
-    label = row["module"] + (f".{row['param']}" if table == "params" else "")
-    if table == "outputs" and row["split"] != "train":
-        label += f" ({row['split']} passes)"
-    if multi_rank:
-        label += f" on rank {row['rank']}"
-    if multi_run:
-        label = f"{row['run']}: {label}"
-    unit = level if window == 1 else ("passes" if level == "pass" else "epochs")
-    n, k = row["spikes"], row["near_event"]
-    if n == 0:
-        return f"{label}: no spikes detected, so nothing to align with {event}"
-    if row["events"] == 0:
-        return f"{label}: {n} spike{'s' * (n != 1)}, but no {event} events were recorded"
-    share = f"{100 * k / n:.0f}% of spikes ({k} of {n}) fall within {window} {unit} after a {event}"
-    if row["enrichment"] is None:
-        return f"{label}: {share}; the event windows cover none of the series, so chance cannot be judged"
-    p = row["p_value"]
-    p_text = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
-    return f"{label}: {share}, {row['enrichment']:.1f}× chance, {p_text}"

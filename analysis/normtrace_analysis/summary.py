@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import polars as pl
 
+from .names import SUMMARY_KEYS, Table
 from .series import pass_series
 
 if TYPE_CHECKING:
     from .trace import Trace
 
-SUMMARY_KEYS: dict[str, list[str]] = {
-    "outputs": ["run", "module", "split"],
-    "params": ["run", "module", "param"],
-}
-"""Group keys of :func:`epoch_summary` besides ``epoch`` (ranks are pooled: filter the Trace for one)."""
 
-
-def epoch_summary(trace: Trace, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
+def epoch_summary(trace: Trace, table: Table = "outputs") -> pl.DataFrame:
     """One row per (run, epoch, module, split) for outputs or (run, epoch, module, param) for params.
 
     Columns: the keys, then ``count`` (rows), ``mean``, ``std`` (sample, ddof=1; null for one row),

@@ -6,39 +6,53 @@ of millions of rows loads in milliseconds; rows are read when a query collects.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from .errors import (
     CorruptShardError,
     EmptyRunError,
+    EmptySelectionError,
     MetaError,
     MissingTableError,
     RunNotFoundError,
     SchemaVersionError,
     SkippedShardsWarning,
+    StrayFilesWarning,
 )
-from .schema import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, SHARD_SUFFIX, TABLES, check_table
-
-if TYPE_CHECKING:
-    from .spikes import Level
+from .names import PERMUTATIONS, SPLITS, Level, Table
+from .schema import (
+    META_FILE,
+    REQUIRED_COLUMNS,
+    SCHEMA_VERSION,
+    SHARD_NAME,
+    SHARD_SUFFIX,
+    TABLES,
+    check_table,
+)
+from .storage import ObjectPath, StorageOptions, is_url, parallel_map
+from .storage import expand as expand_url
 
 PathLike = str | os.PathLike[str]
-SPLITS = ("train", "no_grad")
-"""Values of the derived ``split`` column of ``outputs``: grad-enabled passes vs ``torch.no_grad`` passes."""
+RunPath: TypeAlias = Path | ObjectPath
+"""Where a run's folders and files are: a local path, or one on object storage (see :mod:`.storage`)."""
+T = TypeVar("T")
+V = TypeVar("V")
 
-_SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)\.arrow$")
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
 
 
@@ -47,10 +61,12 @@ class _Run:
     """One run directory as found at load: its name, metadata and the shards that passed validation."""
 
     name: str
-    path: Path
+    path: RunPath
     meta: dict[str, Any]
     rank_metas: dict[int, dict[str, Any]]
-    shards: dict[str, list[tuple[Path, pl.Schema]]]
+    shards: dict[str, list[tuple[RunPath, pl.Schema]]]
+    storage_options: dict[str, Any] | None = None
+    """Polars' options for scanning a run on object storage (None for a local run)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,17 @@ class _Filters:
     runs: tuple[str, ...] | None = None
 
 
+def _reads_shards(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a Trace method inside :meth:`Trace.reading`, so a damaged shard is named, not a codec error."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trace, *args: Any, **kwargs: Any) -> T:
+        with self.reading():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Trace:
     """A lazily loaded set of runs; every table is a ``polars.LazyFrame`` with a ``run`` column.
@@ -77,13 +104,48 @@ class Trace:
     _runs: list[_Run]
     _normalize: dict[str, dict[str, bool]]
     _base: dict[str, pl.LazyFrame]
-    skipped: list[Path]
+    skipped: list[RunPath]
     _filters: _Filters = field(default_factory=_Filters)
-    _cache: dict[tuple, pl.DataFrame] = field(init=False, repr=False, compare=False)
+    _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
+    _by_run: dict[str, dict[str, pl.LazyFrame]] = field(default_factory=dict, repr=False, compare=False)
+    """Per table, each run's own scan: a Trace filtered to some runs scans only their shards (a filter on
+    the ``run`` column of the concatenation would read every run's shards, 100x the work over 100 runs)."""
 
     def __post_init__(self) -> None:
-        # Memoised analysis results (small frames), per Trace: a filtered Trace starts with its own.
+        # Memoised analysis results, per Trace: a filtered Trace starts with its own (see ``cached``).
         self._cache = {}
+
+    def cached(self, key: Hashable, compute: Callable[[], T], *, slot: str | None = None) -> T:
+        """``compute()``, memoised on this Trace under ``key`` (the analyses' one way to memoise).
+
+        Results are kept for the Trace's lifetime; a filtered Trace starts empty, since its rows differ.
+        With ``slot``, the slot holds one result only and a new ``key`` replaces the old one: for large
+        intermediates (the regrouped series of a table) of which one at a time is worth its memory.
+        ``key`` must name everything the result depends on (table, level, options).
+
+        Example: ``trace.cached(("my-stat", window), lambda: expensive(trace, window))``.
+        """
+        if slot is None:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return cast("T", self._cache[key])  # what compute() returned for this key
+        held = self._cache.get(slot)
+        if held is None or held[0] != key:
+            self._cache[slot] = None  # free the old result before computing the new one
+            held = self._cache[slot] = (key, compute())
+        return cast("T", held[1])  # what compute() returned for this key
+
+    def __repr__(self) -> str:
+        """A few lines (runs, rows per table from the shards' metadata, filters): see :mod:`.notebook`."""
+        from .notebook import trace_repr
+
+        return trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        """A small table of the runs for notebooks: see :mod:`.notebook`."""
+        from .notebook import trace_html
+
+        return trace_html(self)
 
     @property
     def runs(self) -> list[str]:
@@ -106,8 +168,8 @@ class Trace:
         return {r.name: r.rank_metas for r in self._runs}
 
     @property
-    def paths(self) -> dict[str, Path]:
-        """Each run's directory, by run name."""
+    def paths(self) -> dict[str, RunPath]:
+        """Each run's directory, by run name (an :class:`~.storage.ObjectPath` for a run on object storage)."""
         return {r.name: r.path for r in self._runs}
 
     @property
@@ -135,7 +197,7 @@ class Trace:
         """Events such as ``target_update`` (filters on epochs, passes, ranks and runs applied)."""
         return self.table("events")
 
-    def shards(self, table: str) -> list[Path]:
+    def shards(self, table: str) -> list[RunPath]:
         """The validated shard files of ``table`` across all runs (empty when no run recorded it)."""
         check_table(table)
         return [p for r in self._runs for p, _ in r.shards[table]]
@@ -155,7 +217,10 @@ class Trace:
         lf = self._base[name]
         f = self._filters
         conds: list[pl.Expr] = []
-        if f.runs is not None:
+        if f.runs is not None and name in self._by_run:
+            parts = [self._by_run[name][r] for r in self.runs if r in f.runs]
+            lf = pl.concat(parts, how="diagonal") if parts else lf.clear()
+        elif f.runs is not None:
             conds.append(pl.col("run").is_in(list(f.runs)))
         if f.ranks is not None:
             conds.append(pl.col("rank").is_in(list(f.ranks)))
@@ -172,6 +237,34 @@ class Trace:
         if name == "outputs" and f.split is not None:
             conds.append(pl.col("split").is_in(list(f.split)))
         return lf.filter(*conds) if conds else lf
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Inside the block, a failure to read rows (a shard whose footer is intact but whose body is
+        damaged) becomes a :class:`CorruptShardError` naming the shard; other errors pass unchanged."""
+        try:
+            yield
+        except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+            damaged = self._damaged_shard()
+            if damaged is None:
+                raise
+            path, why = damaged
+            raise CorruptShardError(
+                f"corrupt shard {path}: {why}; load with on_error='skip' (CLI: --skip-corrupt) to leave "
+                "it out",
+                path,
+            ) from exc
+
+    def _damaged_shard(self) -> tuple[RunPath, str] | None:
+        """The first shard of any loaded table whose rows cannot be read, and why (None if all read)."""
+        for run in self._runs:
+            for table in TABLES:
+                for path, _ in run.shards[table]:
+                    try:
+                        _validate_shard(path, table, body=True)
+                    except CorruptShardError as exc:
+                        return path, str(exc.__cause__ or exc)
+        return None
 
     def filter(
         self,
@@ -192,10 +285,8 @@ class Trace:
         f = self._filters
         if modules is not None:
             if isinstance(modules, str):
-                re.compile(modules)
-            else:
-                modules = tuple(modules)
-            f = replace(f, modules=(*f.modules, modules))
+                _check_regex(modules)
+            f = replace(f, modules=(*f.modules, modules if isinstance(modules, str) else tuple(modules)))
         if split is not None:
             splits = (split,) if isinstance(split, str) else tuple(split)
             bad = [s for s in splits if s not in SPLITS]
@@ -214,17 +305,63 @@ class Trace:
             if unknown:
                 raise ValueError(f"unknown run {unknown[0]!r}; loaded runs are {self.runs}")
             f = replace(f, runs=_intersect(f.runs, names))
-        return replace(self, _filters=f)
+        narrower = replace(self, _filters=f)
+        narrower._check_selects_rows(modules=modules, epochs=epochs, passes=passes, split=split)
+        return narrower
 
-    def epoch_summary(self, table: Literal["outputs", "params"] = "outputs") -> pl.DataFrame:
-        """Per-epoch statistics of ``value`` per module (and param / split); see :mod:`.summary`."""
+    def _check_selects_rows(self, **asked: Any) -> None:
+        """Raise :class:`EmptySelectionError` when the filters ``asked`` for leave no row in the tables they
+        apply to, naming them and what the trace holds instead (a typo must not read as "no spikes")."""
+        if all(value is None for value in asked.values()):
+            return  # runs and ranks only: each named run exists (checked), so rows are not in question
+        tables = [t for t in TABLES if self.shards(t)]
+        if asked.get("modules") is not None:
+            tables = [t for t in tables if t in ("outputs", "params")]
+        if asked.get("split") is not None:
+            tables = [t for t in tables if t == "outputs"]
+        probes = [self.table(t).head(1).select(pl.len()) for t in tables]
+        if any(frame.item() for frame in pl.collect_all(probes)):
+            return
+        given = ", ".join(f"{k}={v!r}" for k, v in asked.items() if v is not None)
+        whole = replace(self, _filters=_Filters(runs=self._filters.runs))
+        found = []
+        if asked.get("modules") is not None:
+            names = (
+                pl.concat(
+                    [
+                        whole.table(t).select("module").unique()
+                        for t in ("outputs", "params")
+                        if self.shards(t)
+                    ]
+                )
+                .unique()
+                .sort("module")
+                .collect()["module"]
+            )
+            found.append(f"modules: {_listing(names.to_list())}")
+        for column, plural in (("epoch", "epochs"), ("pass", "passes")):
+            if asked.get(plural) is not None:
+                bounds = pl.concat([whole.table(t).select(column) for t in tables], how="vertical_relaxed")
+                lo_hi = bounds.select(lo=pl.col(column).min(), hi=pl.col(column).max()).collect()
+                found.append(f"{plural} {lo_hi['lo'].item()}..{lo_hi['hi'].item()}")
+        holds = f"; the trace holds {' and '.join(found)}" if found else ""
+        raise EmptySelectionError(f"no row matches {given or 'these filters'}{holds}", self._runs[0].path)
+
+    # Analyses: one calling style. The first argument is what is analysed (a table or an event name),
+    # every option is keyword-only, and each method delegates to its module's function of the same name.
+
+    @_reads_shards
+    def epoch_summary(self, table: Table = "outputs") -> pl.DataFrame:
+        """Per-epoch statistics of ``value`` per module (and param / split); see :func:`.summary.epoch_summary`."""
         from .summary import epoch_summary
 
         return epoch_summary(self, table)
 
+    @_reads_shards
     def spikes(
         self,
-        table: Literal["outputs", "params"] = "outputs",
+        table: Table = "outputs",
+        *,
         level: Level = "pass",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
@@ -237,19 +374,73 @@ class Trace:
             self, table, level=level, modules=modules, threshold=threshold, baseline_window=baseline_window
         )
 
-    def event_alignment(
+    @_reads_shards
+    def spike_clusters(
         self,
-        event: str = "target_update",
-        window: int | None = None,
-        level: Level = "pass",
+        table: Table = "outputs",
         *,
-        table: Literal["outputs", "params"] = "outputs",
+        level: Level = "pass",
         modules: Sequence[str] | str | None = None,
         threshold: float | None = None,
         baseline_window: int | None = None,
+        window: int | None = None,
     ) -> pl.DataFrame:
-        """Does spiking cluster right after ``event``? One row per series; see :func:`.spikes.event_alignment`."""
-        from .spikes import event_alignment
+        """Each series' spikes merged into excursions; see :func:`.alignment.spike_clusters`."""
+        from .alignment import spike_clusters
+
+        return spike_clusters(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+        )
+
+    @_reads_shards
+    def spike_groups(
+        self,
+        table: Table = "outputs",
+        *,
+        level: Level = "pass",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        window: int | None = None,
+        tolerance: int | None = None,
+    ) -> pl.DataFrame:
+        """Series whose spikes are the same excursions, grouped; see :func:`.alignment.spike_groups`."""
+        from .alignment import spike_groups
+
+        return spike_groups(
+            self,
+            table,
+            level=level,
+            modules=modules,
+            threshold=threshold,
+            baseline_window=baseline_window,
+            window=window,
+            tolerance=tolerance,
+        )
+
+    def event_alignment(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | Sequence[int] | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        threshold: float | None = None,
+        baseline_window: int | None = None,
+        placebo: bool = True,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+    ) -> pl.DataFrame:
+        """Do spikes follow ``event``? k of E events, local chance, permutation p, BH q, placebo; one row
+        per series (and window); see :func:`.alignment.event_alignment`."""
+        from .alignment import event_alignment
 
         return event_alignment(
             self,
@@ -260,6 +451,57 @@ class Trace:
             modules=modules,
             threshold=threshold,
             baseline_window=baseline_window,
+            placebo=placebo,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    @_reads_shards
+    def event_steps(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        baseline_window: int | None = None,
+        permutations: int = PERMUTATIONS,
+        seed: int = 0,
+    ) -> pl.DataFrame:
+        """Does the level step at ``event``? Median after vs before, permutation p; see
+        :func:`.alignment.event_steps`."""
+        from .alignment import event_steps
+
+        return event_steps(
+            self,
+            event,
+            window=window,
+            level=level,
+            table=table,
+            modules=modules,
+            baseline_window=baseline_window,
+            permutations=permutations,
+            seed=seed,
+        )
+
+    @_reads_shards
+    def event_profile(
+        self,
+        event: str = "target_update",
+        *,
+        window: int | None = None,
+        level: Level = "pass",
+        table: Table = "outputs",
+        modules: Sequence[str] | str | None = None,
+        placebo: bool = True,
+    ) -> pl.DataFrame:
+        """The event-triggered average of every series, −W … +W around ``event``; see
+        :func:`.alignment.event_profile`."""
+        from .alignment import event_profile
+
+        return event_profile(
+            self, event, window=window, level=level, table=table, modules=modules, placebo=placebo
         )
 
 
@@ -268,18 +510,29 @@ def load(
     *,
     normalize: bool | None = None,
     on_error: Literal["raise", "skip"] = "raise",
+    storage_options: StorageOptions | None = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Trace:
     """Open run directories lazily: a path, a list of paths, or a glob such as ``"runs/*"``.
 
+    A path may be a URL of object storage (``"s3://bucket/runs/*"``): ``storage_options`` are passed to
+    Polars' scans (its keys, e.g. ``aws_endpoint_url``, ``aws_region``) and, for S3, configure the
+    pyarrow client that lists the runs and reads their footers; ``filesystem`` (a
+    ``pyarrow.fs.FileSystem``) replaces that client for any scheme. See :mod:`.storage`.
+
     ``normalize=None`` follows each run's ``meta["normalize"]`` (what the lenses asked for); True/False
-    forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` leaves out
-    corrupt or truncated shards with a :class:`SkippedShardsWarning` instead of raising.
+    forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` reads every
+    shard through once and leaves out corrupt or truncated ones with a :class:`SkippedShardsWarning`
+    instead of raising; by default only footers are read, so a shard whose body alone is damaged raises a
+    :class:`CorruptShardError` naming it when an analysis first reads it. ``.arrow`` files that are not
+    shards by name (copies, exports) are left out with a :class:`StrayFilesWarning`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    dirs = _expand(path)
-    skipped: list[Path] = []
-    runs: list[_Run] = []
+    dirs = _expand(path, storage_options, filesystem)
+    skipped: list[RunPath] = []
+    stray: list[RunPath] = []
+    named: list[tuple[RunPath, str]] = []
     taken: set[str] = set()
     for d in dirs:
         name = d.name or str(d)
@@ -288,7 +541,23 @@ def load(
             i += 1
             unique = f"{name}#{i}"
         taken.add(unique)
-        runs.append(_open_run(d, unique, on_error, skipped))
+        named.append((d, unique))
+    options = dict(storage_options) if storage_options is not None else None
+    local = [(d, n) for d, n in named if not isinstance(d, ObjectPath)]
+    remote = [(d, n) for d, n in named if isinstance(d, ObjectPath)]
+    opened = {n: _open_run(d, n, on_error, skipped, stray) for d, n in local}
+    # remote runs: their listings and footers are requests, made together
+    for run in parallel_map(lambda dn: _open_run(dn[0], dn[1], on_error, skipped, stray, options), remote):
+        opened[run.name] = run
+    runs = [opened[n] for _, n in named]
+    if stray:
+        listing = "\n  ".join(str(p) for p in stray)
+        warnings.warn(
+            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, "
+            f"one per rank and sequence number):\n  {listing}",
+            StrayFilesWarning,
+            stacklevel=2,
+        )
     if skipped:
         listing = "\n  ".join(str(p) for p in skipped)
         warnings.warn(
@@ -298,17 +567,28 @@ def load(
         r.name: {t: bool(normalize if normalize is not None else _meta_normalize(r.meta, t)) for t in TABLES}
         for r in runs
     }
-    base = {t: pl.concat([_scan(r, t, norm[r.name]) for r in runs], how="diagonal") for t in TABLES}
-    return Trace(runs, {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}, base, skipped)
+    by_run = {t: {r.name: _scan(r, t, norm[r.name]) for r in runs} for t in TABLES}
+    base = {t: pl.concat(list(by_run[t].values()), how="diagonal") for t in TABLES}
+    normalize_views = {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}
+    return Trace(runs, normalize_views, base, skipped, _by_run=by_run)
 
 
-def _expand(path: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped."""
+def _expand(
+    path: PathLike | Iterable[PathLike],
+    storage_options: StorageOptions | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[RunPath]:
+    """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped.
+
+    URLs (``s3://…``) name runs on object storage (:mod:`.storage`), never local folders."""
     items = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not items:
         raise RunNotFoundError("no run directory given", None)
-    dirs: list[Path] = []
+    dirs: list[RunPath] = []
     for item in items:
+        if is_url(item):
+            dirs.extend(expand_url(item, storage_options, filesystem))
+            continue
         s = os.fspath(item)
         if not os.path.exists(s) and any(c in s for c in "*?["):
             matches = sorted(p for p in glob.glob(s) if os.path.isdir(p))
@@ -322,12 +602,14 @@ def _expand(path: PathLike | Iterable[PathLike]) -> list[Path]:
     return list({d.resolve(): d for d in dirs}.values())
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: RunPath) -> dict[str, Any]:
     """Parse one metadata file and refuse a schema version newer than :data:`SCHEMA_VERSION`."""
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise MetaError(f"cannot read run metadata {path}: {exc}", path) from exc
+    except RecursionError:  # a document nested thousands deep: not ours, and not worth a traceback
+        raise MetaError(f"cannot read run metadata {path}: nested too deeply", path) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("schema_version"), int):
         raise MetaError(f"{path} is not normtrace metadata: no integer 'schema_version'", path)
     if meta["schema_version"] > SCHEMA_VERSION:
@@ -339,8 +621,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
-    """Read a run's metadata and validate every shard's footer and columns without reading rows."""
+def _open_run(
+    d: RunPath,
+    name: str,
+    on_error: str,
+    skipped: list[RunPath],
+    stray: list[RunPath],
+    storage_options: dict[str, Any] | None = None,
+) -> _Run:
+    """Read a run's metadata and validate every shard's footer and columns (and, when corrupt shards are
+    to be skipped, its body: a damaged body is otherwise found only when a query reads it)."""
     meta_path = d / META_FILE
     if not meta_path.is_file():
         nested = sorted(p.parent.name for p in d.glob(f"*/{META_FILE}"))
@@ -352,44 +642,101 @@ def _open_run(d: Path, name: str, on_error: str, skipped: list[Path]) -> _Run:
         m = _META_RANK.match(p.name)
         if m:
             rank_metas[int(m.group(1))] = _read_meta(p)
-    shards: dict[str, list[tuple[Path, pl.Schema]]] = {}
+    shards: dict[str, list[tuple[RunPath, pl.Schema]]] = {}
+    body = on_error == "skip"
     for table in TABLES:
-        folder = d / table
-        files = sorted(folder.glob(f"*{SHARD_SUFFIX}"), key=_shard_key) if folder.is_dir() else []
-        good = []
-        for f in files:
-            try:
-                good.append((f, _validate_shard(f, table)))
-            except CorruptShardError:
+        files = _shard_files(d / table, stray)
+        if isinstance(d, ObjectPath):  # a footer is a request: make them together, report in order
+            checked = parallel_map(functools.partial(_try_validate, table=table, body=body), files)
+        else:
+            checked = [_try_validate(f, table, body) for f in files]
+        good: list[tuple[RunPath, pl.Schema]] = []
+        for f, result in zip(files, checked, strict=True):
+            if isinstance(result, CorruptShardError):
                 if on_error == "raise":
-                    raise
+                    raise result
                 skipped.append(f)
+            else:
+                good.append((f, result))
         shards[table] = good
     if not any(shards.values()):
-        why = " (every shard was unreadable and skipped)" if any(p.is_relative_to(d) for p in skipped) else ""
+        why = " (every shard was unreadable and skipped)" if any(_inside(p, d) for p in skipped) else ""
         raise EmptyRunError(f"run {d} has no shards in any of {'/, '.join(TABLES)}/{why}", d)
-    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards)
+    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards, storage_options)
 
 
-def _shard_key(p: Path) -> tuple[int, int, str]:
-    """Sort shards by rank then sequence number (names outside the pattern last, by name)."""
-    m = _SHARD_NAME.match(p.name)
-    return (int(m.group(1)), int(m.group(2)), p.name) if m else (1 << 62, 0, p.name)
+def _inside(path: RunPath, folder: RunPath) -> bool:
+    """Whether ``path`` lies in ``folder``; a local path never lies in a folder on object storage, nor the
+    reverse (``skipped`` gathers both kinds when local and remote runs load together)."""
+    if isinstance(path, ObjectPath):
+        return path.is_relative_to(folder)
+    return isinstance(folder, Path) and path.is_relative_to(folder)
 
 
-_SCHEMA_CACHE: dict[pa.Schema, pl.Schema] = {}
-
-
-def _validate_shard(path: Path, table: str) -> pl.Schema:
-    """Open a shard's footer (memory-mapped, no rows read) and check its required columns and types."""
+def _try_validate(path: RunPath, table: str, body: bool) -> pl.Schema | CorruptShardError:
+    """:func:`_validate_shard`'s schema, or the error it raised (so checks can run side by side)."""
     try:
-        with pa.memory_map(str(path)) as source:
-            arrow_schema = ipc.open_file(source).schema
+        return _validate_shard(path, table, body=body)
+    except CorruptShardError as exc:
+        return exc
+
+
+def _shard_files(folder: RunPath, stray: list[RunPath]) -> list[RunPath]:
+    """A table folder's shards in (rank, sequence) order; other ``.arrow`` files go to ``stray``.
+
+    Only the recorder's names count, so a copy (``rank0-000003 copy.arrow``) or an export written into
+    the folder is never read as part of the run; two names for one (rank, sequence) are both stray.
+    """
+    if not folder.is_dir():
+        return []
+    found: dict[tuple[int, int], list[RunPath]] = {}
+    for f in folder.iterdir():
+        if not f.name.endswith(SHARD_SUFFIX):
+            continue  # temporary .arrow.tmp files of a writer, anything else
+        m = SHARD_NAME.match(f.name)
+        if m is None:
+            stray.append(f)
+        else:
+            found.setdefault((int(m.group(1)), int(m.group(2))), []).append(f)
+    shards: list[RunPath] = []
+    for key in sorted(found):
+        names = found[key]
+        if len(names) == 1:
+            shards.append(names[0])
+        else:
+            stray.extend(sorted(names, key=str))  # ObjectPaths do not order; one folder's str()s do
+    return shards
+
+
+_SCHEMAS: list[tuple[pa.Schema, pl.Schema]] = []
+"""Arrow schemas seen in shard footers and their Polars form (a run's shards nearly all share one, and
+``Schema.equals`` is far cheaper than hashing one)."""
+
+_SMALL_SHARD = 1 << 20
+"""Shards up to this size are read into memory to open their footer (cheaper than a memory map)."""
+
+
+def _validate_shard(path: RunPath, table: str, *, body: bool = False) -> pl.Schema:
+    """Open a shard's footer (no rows read unless ``body``) and check its required columns and types."""
+    try:
+        if body or path.stat().st_size <= _SMALL_SHARD:
+            reader = ipc.open_file(pa.py_buffer(path.read_bytes()))
+            if body:
+                reader.read_all()  # decompresses every batch
+        elif isinstance(path, ObjectPath):  # range requests for the footer only
+            with path.open_input_file() as source:
+                reader = ipc.open_file(source)
+        else:
+            with pa.memory_map(str(path)) as source:
+                reader = ipc.open_file(source)
+        arrow_schema = reader.schema
     except (OSError, pa.ArrowException) as exc:
         raise CorruptShardError(f"corrupt or truncated shard {path}: {exc}", path) from exc
-    schema = _SCHEMA_CACHE.get(arrow_schema)
+    schema = next((pl_schema for known, pl_schema in _SCHEMAS if known.equals(arrow_schema)), None)
     if schema is None:
-        schema = _SCHEMA_CACHE[arrow_schema] = pl.from_arrow(arrow_schema.empty_table()).schema
+        # a Table converts to a DataFrame (from_arrow returns a Series only for an Array)
+        schema = cast(pl.DataFrame, pl.from_arrow(arrow_schema.empty_table())).schema
+        _SCHEMAS.append((arrow_schema, schema))
     for col, dtype in REQUIRED_COLUMNS[table].items():
         if col not in schema:
             raise CorruptShardError(f"shard {path} lacks the required {table} column {col!r}", path)
@@ -408,11 +755,16 @@ def _meta_normalize(meta: dict[str, Any], table: str) -> bool:
 
 def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
     """Lazy scan of one run's table (one scan per distinct shard schema) with the derived columns."""
-    groups: dict[tuple[tuple[str, pl.DataType], ...], list[str]] = {}
+    groups: dict[int, list[str]] = {}  # by schema object: _validate_shard gives equal schemas one object
     for path, schema in run.shards[table]:
-        groups.setdefault(tuple(schema.items()), []).append(str(path))
+        groups.setdefault(id(schema), []).append(str(path))
     if groups:
-        lf = pl.concat([pl.scan_ipc(files) for files in groups.values()], how="diagonal")
+        # glob=False: a run directory named like a pattern (a sweep's "lr[0.1]") must not read other runs
+        scans = [
+            pl.scan_ipc(files, glob=False, hive_partitioning=False, storage_options=run.storage_options)
+            for files in groups.values()
+        ]
+        lf = pl.concat(scans, how="diagonal")
     else:
         lf = pl.LazyFrame(schema=REQUIRED_COLUMNS[table])
     derived = [pl.lit(run.name, dtype=pl.String).alias("run")]
@@ -428,7 +780,23 @@ def _scan(run: _Run, table: str, normalize: dict[str, bool]) -> pl.LazyFrame:
     return lf.with_columns(derived)
 
 
-def _intersect(old: tuple | None, new: tuple) -> tuple:
+def _check_regex(pattern: str) -> None:
+    """Refuse, naming it, a ``modules`` pattern that Polars' regex engine (Rust's syntax) cannot compile."""
+    try:
+        pl.select(pl.lit("").str.contains(pattern)).item()
+    except pl.exceptions.ComputeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        why = next((line.removeprefix("error: ") for line in lines if line.startswith("error: ")), lines[0])
+        raise ValueError(f"modules={pattern!r} is not a valid regular expression: {why}") from None
+
+
+def _listing(names: list[str], at_most: int = 12) -> str:
+    """Names for a message: all of them, or the first ``at_most`` and how many more."""
+    shown = ", ".join(names[:at_most])
+    return shown + (f" … ({len(names) - at_most} more)" if len(names) > at_most else "")
+
+
+def _intersect(old: tuple[V, ...] | None, new: tuple[V, ...]) -> tuple[V, ...]:
     """Values allowed by both an existing filter (None = all) and a new one."""
     return new if old is None else tuple(v for v in old if v in new)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def test_filters(run: Path) -> None:
     assert count(narrow) == int(expected.sum())
     assert count(trace) == len(src["pass"])
     # Module/split filters leave the other tables alone; epoch filters apply to all of them.
-    assert trace.filter(modules=["zzz"]).events.collect().height == 2
+    only_b = trace.filter(modules=["b.0"])  # b.0 has outputs but no params; events stay whole
+    assert only_b.events.collect().height == 2 and only_b.params.collect().height == 0
     assert trace.filter(epochs=(2, 2)).events.collect()["pass"].to_list() == [7]
     assert trace.filter(modules=["a"]).params.collect().height == 4
     with pytest.raises(ValueError, match="split"):
@@ -256,3 +258,36 @@ def test_tracegen_writes_the_documented_layout(tmp_path: Path) -> None:
         assert reader.schema.equals(SCHEMAS[table])
         assert reader.get_batch(0).num_rows > 0
     assert json.loads((run / "meta.json").read_text())["schema_version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("filters", "named", "holds"),
+    [
+        ({"modules": "rleu"}, "modules='rleu'", "modules: a, b.0"),
+        ({"modules": ["relu"]}, "modules=['relu']", "modules: a, b.0"),
+        ({"epochs": (100, 200)}, "epochs=(100, 200)", "epochs 0..2"),
+        ({"epochs": 7}, "epochs=7", "epochs 0..2"),
+        ({"passes": (50, None)}, "passes=(50, None)", "passes 0..11"),
+    ],
+)
+def test_a_filter_that_selects_nothing_says_what_the_trace_holds(
+    run: Path, filters: dict, named: str, holds: str
+) -> None:
+    with pytest.raises(na.EmptySelectionError, match=re.escape(named)) as err:
+        na.load(run).filter(**filters)
+    assert holds in str(err.value)
+    assert isinstance(err.value, ValueError)  # also a ValueError for generic handlers
+
+
+def test_filters_that_select_rows_in_some_table_are_fine(run: Path) -> None:
+    trace = na.load(run)
+    assert trace.filter(modules="^a$").outputs.collect()["module"].unique().to_list() == ["a"]
+    assert trace.filter(epochs=(2, 9)).outputs.collect()["epoch"].unique().to_list() == [2]
+    with pytest.raises(na.EmptySelectionError):  # each filter fine alone, nothing together
+        trace.filter(modules="^b").filter(split="no_grad", passes=0)  # pass 0 is a grad pass
+
+
+def test_a_pattern_polars_cannot_compile_is_named(run: Path) -> None:
+    for pattern, why in (("(", "unclosed group"), ("(?=a)", "look-around")):
+        with pytest.raises(ValueError, match=re.escape(f"modules={pattern!r}") + f".*{why}"):
+            na.load(run).filter(modules=pattern)

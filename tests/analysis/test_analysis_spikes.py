@@ -1,4 +1,6 @@
-"""The spike detector on traces with planted spikes (known ground truth), and its event bookkeeping."""
+"""The spike detector on traces with planted spikes (known ground truth), and its event bookkeeping.
+
+Whether spikes follow an event (the alignment test) is tested in test_analysis_alignment.py."""
 
 from __future__ import annotations
 
@@ -142,79 +144,6 @@ def test_epoch_level_event_opens_its_epoch(tmp_path: Path) -> None:
     assert (aligned["lag_epochs"] == 0).all() and (aligned["event_epoch"] == aligned["epoch"]).all()
 
 
-def test_alignment_detects_clustering_after_target_updates(tmp_path: Path) -> None:
-    syn = synthetic_dqn(n_epochs=200, passes_per_epoch=50, n_spikes=20, after_event=0.7, event_lag=3, seed=11)
-    run = write_trace(tmp_path / "r", outputs=syn.outputs, events=syn.events)
-    trace = na.load(run)
-    table = trace.event_alignment("target_update", window=10)
-    assert table.height == 3
-    n_events = len(syn.events["pass"])
-    # Expected fraction, independently: training passes p with 1 <= p - e <= 10 for some event pass e.
-    passes = np.arange(200 * 50)
-    covered = np.zeros(len(passes), bool)
-    for e in syn.events["pass"]:
-        covered |= (passes - e >= 1) & (passes - e <= 10)
-    for row in table.iter_rows(named=True):
-        planted_near = sum(1 for m, _ in syn.after_event if m == row["module"])
-        assert row["events"] == n_events and row["points"] == len(passes)
-        assert row["expected_fraction"] == pytest.approx(covered.mean())
-        assert row["spikes"] == 20 and row["near_event"] == planted_near == 14
-        assert row["observed_fraction"] == pytest.approx(0.7)
-        assert row["enrichment"] == pytest.approx(0.7 / covered.mean())
-        assert row["p_value"] < 1e-9
-        assert row["finding"].startswith(
-            f"{row['module']}: 70% of spikes (14 of 20) fall within 10 passes after"
-        )
-        assert "× chance, p < 0.001" in row["finding"]
-
-
-def test_alignment_without_clustering_is_not_significant(tmp_path: Path) -> None:
-    syn = synthetic_dqn(n_epochs=200, passes_per_epoch=50, n_spikes=20, after_event=0.0, seed=12)
-    run = write_trace(tmp_path / "r", outputs=syn.outputs, events=syn.events)
-    table = na.load(run).event_alignment("target_update", window=10)
-    assert (table["p_value"] > 0.01).all()
-    assert (table["enrichment"].fill_null(0) < 3).all()
-
-
-def test_epoch_level_alignment_finding(tmp_path: Path) -> None:
-    syn = synthetic_dqn(
-        n_epochs=200, passes_per_epoch=10, level="epoch", n_spikes=10, after_event=0.8, seed=13
-    )
-    run = write_trace(tmp_path / "r", outputs=syn.outputs, events=syn.events)
-    table = na.load(run).event_alignment("target_update", level="epoch")
-    row = table.filter(pl.col("module") == "net.0").row(0, named=True)
-    # Syncs open every 5th epoch: a 1-epoch window covers a fifth of the epochs.
-    assert row["expected_fraction"] == pytest.approx(39 / 200)
-    assert row["near_event"] >= 8
-    assert "fall within 1 epoch after a target_update" in row["finding"]
-
-
-def test_alignment_handles_no_spikes_and_no_events(tmp_path: Path) -> None:
-    quiet = write_trace(
-        tmp_path / "quiet", **_single_series(_noise(800), {"epoch": [5], "pass": [49], "name": ["x"]})
-    )
-    table = na.load(quiet).event_alignment("target_update")
-    row = table.row(0, named=True)
-    assert (row["spikes"], row["near_event"], row["events"], row["p_value"]) == (0, 0, 0, 1.0)
-    assert row["observed_fraction"] is None and row["enrichment"] is None
-    assert "no spikes" in row["finding"]
-    values = _noise(800)
-    values[400] += 5
-    spiky = write_trace(tmp_path / "spiky", **_single_series(values))
-    row = na.load(spiky).event_alignment("target_update").row(0, named=True)
-    assert row["spikes"] == 1 and row["events"] == 0 and row["enrichment"] is None
-    assert "no target_update events" in row["finding"]
-
-
-def test_multi_run_alignment_names_the_run(tmp_path: Path) -> None:
-    for name, seed in (("a", 21), ("b", 22)):
-        syn = synthetic_dqn(n_epochs=60, passes_per_epoch=20, modules=("net.0",), after_event=0.5, seed=seed)
-        write_trace(tmp_path / name, outputs=syn.outputs, events=syn.events)
-    table = na.load(str(tmp_path / "*")).event_alignment()
-    assert table["run"].to_list() == ["a", "b"]
-    assert [f.split(":")[0] for f in table["finding"]] == ["a", "b"]
-
-
 def test_params_spikes_at_epoch_level(tmp_path: Path) -> None:
     n = 120
     norm = 5.0 + 0.01 * np.random.default_rng(5).standard_normal(n)
@@ -264,25 +193,5 @@ def test_bad_arguments(tmp_path: Path) -> None:
         trace.spikes(level="episode")
     with pytest.raises(ValueError, match="outputs"):
         trace.spikes("metrics")
-    with pytest.raises(ValueError, match="window"):
-        trace.event_alignment(window=0)
     with pytest.raises(na.MissingTableError):
         trace.spikes("params")
-
-
-def test_ranks_are_separate_series_with_their_own_events(tmp_path: Path) -> None:
-    run = tmp_path / "ddp"
-    spiky = _noise(1000, seed=1)
-    spiky[[205, 505]] += 3.0
-    write_trace(
-        run, **_single_series(spiky, {"epoch": [20, 50], "pass": [199, 499], "name": ["target_update"] * 2})
-    )
-    write_trace(
-        run,
-        rank=1,
-        **_single_series(_noise(1000, seed=2), {"epoch": [30], "pass": [299], "name": ["target_update"]}),
-    )
-    table = na.load(run).event_alignment(window=10)
-    assert table.select("rank", "events", "spikes", "near_event").rows() == [(0, 2, 2, 2), (1, 1, 0, 0)]
-    assert table["expected_fraction"].to_list() == pytest.approx([20 / 1000, 10 / 1000])
-    assert table["finding"][0].startswith("m on rank 0: 100% of spikes (2 of 2) fall within 10 passes")

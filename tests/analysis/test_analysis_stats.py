@@ -1,12 +1,14 @@
-"""The exact binomial tail against brute-force sums of exact binomial terms."""
+"""The statistics helpers against direct computations: exact binomial sums, closed forms, loops, a
+hand-worked Benjamini–Hochberg example."""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
-from normtrace_analysis.stats import binom_sf
+from normtrace_analysis.stats import bh_qvalues, binom_sf, clopper_pearson, permutation_p
 
 
 def _exact_sf(k: int, n: int, p: Fraction) -> float:
@@ -49,3 +51,47 @@ def test_rejects_invalid_arguments() -> None:
         binom_sf(1, 5, 1.5)
     with pytest.raises(ValueError):
         binom_sf(1, -1, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clopper–Pearson, permutation p-values, Benjamini–Hochberg
+
+
+def test_clopper_pearson_closed_forms_and_definition() -> None:
+    # k = 0 and k = n have closed forms: (0, 1 - (a/2)^(1/n)) and ((a/2)^(1/n), 1).
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)), abs=1e-9)
+    assert clopper_pearson(18, 18) == pytest.approx((0.025 ** (1 / 18), 1.0), abs=1e-9)
+    # A textbook value (3 of 10: 0.0667–0.6525), and the defining tail equations.
+    lo, hi = clopper_pearson(3, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.0667, 0.6525)
+    for k, n in [(3, 10), (1, 73), (17, 60), (59, 60)]:
+        lo, hi = clopper_pearson(k, n, 0.9)
+        assert binom_sf(k, n, lo) == pytest.approx(0.05, abs=1e-9)
+        assert 1 - binom_sf(k + 1, n, hi) == pytest.approx(0.05, abs=1e-9)
+    with pytest.raises(ValueError):
+        clopper_pearson(3, 2)
+
+
+def test_permutation_p_counts_the_observed_as_one_arrangement() -> None:
+    rng = np.random.default_rng(0)
+    null = rng.integers(0, 6, (4, 99)).astype(float)
+    observed = np.array([0.0, 3.0, 5.0, 9.0])
+    p = permutation_p(observed, null)
+    two = permutation_p(observed, null, "two-sided")
+    for i in range(4):
+        up = (1 + sum(1 for t in null[i] if t >= observed[i])) / 100
+        down = (1 + sum(1 for t in null[i] if t <= observed[i])) / 100
+        assert p[i] == pytest.approx(up)
+        assert two[i] == pytest.approx(min(1.0, 2 * min(up, down)))
+    assert p[3] == pytest.approx(1 / 100)  # the floor: no resample does as well
+    assert np.isnan(permutation_p(np.nan, null[0]))
+
+
+def test_bh_q_values_by_hand() -> None:
+    # Sorted: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 0.02, 0.02, 0.04, 0.04, then the running minimum
+    # from the top; NaN is no test and does not count in m.
+    q = bh_qvalues([0.01, 0.04, 0.03, 0.005, np.nan])
+    assert q[:4] == pytest.approx([0.02, 0.04, 0.04, 0.02]) and np.isnan(q[4])
+    assert bh_qvalues([0.2, 0.8]) == pytest.approx([0.4, 0.8])
+    assert bh_qvalues([0.9, 0.95, 0.99]) == pytest.approx([0.99, 0.99, 0.99])  # monotone, capped at 1
+    assert bh_qvalues([]).size == 0
