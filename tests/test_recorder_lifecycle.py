@@ -272,6 +272,13 @@ def test_signal_handlers_are_installed_while_open_and_put_back_after(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not before
     rec.close()
     assert signal.getsignal(signal.SIGTERM) is before
+    if hasattr(signal, "SIGHUP"):  # a signal ignored on purpose (nohup) stays ignored
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with nt.Recorder(tmp_path / "c"):
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
 
 # ---------------------------------------------------------------------------------- fork
