@@ -1,14 +1,22 @@
 """The in-memory buffer between hooks and writer, and the conversion of its records to Arrow tables.
 
-Hooks add a record's plain values and a device tensor of per-sample norms; every ``COMPACT_EVERY``
-records the buffer reduces those to batch means on their device (two kernels, no host sync), so what
-waits for a flush is one number per record whatever the batch size. ``Buffer.take`` hands the records
-to the writer thread, which moves each device's numbers to the host in one transfer and lays out the
-Arrow tables.
+Hooks add each record, its plain values and a device tensor of per-sample norms, with one
+``list.extend``; every ``COMPACT_EVERY`` records the buffer reduces those norms to batch means on their
+device (two kernels, no host sync), so what waits for a flush is one number per record whatever the
+batch size. ``Buffer.take`` hands the records to the writer thread, which moves each device's numbers to
+the host in one transfer and lays out the Arrow tables.
+
+Several threads may record into one buffer at once (an acting thread beside a learner). Appending needs
+no lock: one ``extend`` of one tuple is atomic (under the GIL; in free-threaded CPython, list operations
+lock the list), so a record and its norm can never be split or interleaved with another thread's. Taking
+is a prefix: ``chunk = rows[:n]; del rows[:n]`` leaves whatever other threads appended meanwhile in
+place. Takers (compaction, the hand-over at a flush) hold ``Buffer.lock``, since two of them at once
+could take one prefix twice.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -20,15 +28,19 @@ from torch import Tensor
 
 from normtrace import schema
 
-OutputRecord = tuple[str, int, int, bool, bool, int, int]
-"""(module, pass, epoch, grad_enabled, training, numel per sample, batch). Hooks ``extend`` the flat
-``Buffer.outputs`` list with it rather than appending the tuple: the tuple dies at once (no object per
-record kept alive, nothing for the garbage collector to visit) and the writer takes each column with one
-slice instead of transposing thousands of tuples (measured: hook 95 -> 52 ns per record in a loop,
-conversion 1.1 -> 0.6 ms per 5000 records). The per-sample norms are in ``Buffer.norms``, in record order."""
+OutputRecord = tuple[str, int, int, bool, bool, int, int, Tensor]
+"""(module, pass, epoch, grad_enabled, training, numel per sample, batch, per-sample norms). Hooks
+``extend`` the flat ``Buffer.outputs`` list with it rather than appending the tuple: the tuple dies at
+once (no object per record kept alive, nothing for the garbage collector to visit), the writer takes each
+column with one slice instead of transposing thousands of tuples (measured: hook 95 -> 52 ns per record
+in a loop, conversion 1.1 -> 0.6 ms per 5000 records), and the norm travels in the same call as the
+values it belongs to, so no other thread's record can come between them."""
 
 OUTPUT_FIELDS = len(OutputRecord.__args__)
 """Values per output record in the flat ``Buffer.outputs`` list."""
+
+NORMS = OUTPUT_FIELDS - 1
+"""Index of the per-sample norms in an output record; compaction empties that slot."""
 
 COMPACT_EVERY = 64
 """The recorder compacts the pending norm tensors once this many have accumulated."""
@@ -36,6 +48,9 @@ COMPACT_EVERY = 64
 NormChunk = tuple[Tensor, int, bool]
 """(values, number of records they cover, reduced): batch means when ``reduced``, else the records'
 per-sample norms end to end (batch sizes or devices differed, so the writer takes the means)."""
+TakenOutputs = tuple[list[Any], list[NormChunk]]
+"""What ``Buffer.take`` hands over for ``outputs``: compacted records' flat values (the norm slots
+emptied) and their norms' chunks, in the same order."""
 ParamRecord = tuple[int, int, float, list[tuple[str, str, int]], list[Tensor]]
 """(epoch, pass, time, [(module, param, numel)], norms in key order, one tensor per device group)."""
 MetricRecord = tuple[int, int, str, "float | Tensor", "str | None", float]
@@ -62,46 +77,70 @@ def compact(norms: Sequence[Tensor]) -> list[NormChunk]:
 
 
 class Buffer:
-    """Rows recorded since the last flush, one list per table."""
+    """Rows recorded since the last flush, one list per table; any thread may append to any of them."""
 
     def __init__(self) -> None:
         self.outputs: list[Any] = []  # OutputRecord values end to end, OUTPUT_FIELDS per record
-        self.norms: list[Tensor] = []  # per-sample norms of the newest records, one tensor per record
-        self.norm_chunks: list[NormChunk] = []  # older ones, compacted, in record order
+        # older records, compacted: only takers touch these two, under the lock, so they stay in step
+        self.compacted: list[Any] = []
+        self.norm_chunks: list[NormChunk] = []
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
-
-    def take(self) -> dict[str, list[Any]]:
-        """Hand over a copy of the non-empty lists and empty them in place.
-
-        The lists stay the same objects because hooks hold their bound ``append``/``extend``; ``take``
-        runs on the training thread, between hook calls. ``outputs`` goes as (records, compacted norm
-        chunks).
-        """
-        self.compact()
-        taken: dict[str, Any] = {}
-        for table in schema.TABLES:
-            rows = getattr(self, table)
-            if rows:
-                taken[table] = rows.copy()
-                rows.clear()
-        if "outputs" in taken:
-            taken["outputs"] = (taken["outputs"], self.norm_chunks)
-            self.norm_chunks = []
-        return taken
+        self.lock = threading.Lock()
+        """Held by whoever takes rows out (compaction, ``take``); appending never takes it."""
 
     def compact(self) -> None:
-        """Compact the pending norm tensors (see ``compact``), on the training thread.
+        """Compact the pending norm tensors (see ``compact``), on the calling (training) thread.
 
         Kernels queue on the stream that made the norms, device memory held until a flush stays one
         number per record, and the per-record tensors die young. (Leaving CPU norms for the writer was
         measured slower: thousands of small tensors alive until a flush make the allocator give memory
-        back and fault it in again, on the training thread.)
+        back and fault it in again, on the training thread.) When another thread is compacting or taking
+        at this moment, this returns at once: that thread takes these records too, or the next one will.
         """
-        if self.norms:
-            self.norm_chunks += compact(self.norms)
-            self.norms.clear()
+        if self.lock.acquire(blocking=False):
+            try:
+                self._compact()
+            finally:
+                self.lock.release()
+
+    def _compact(self) -> None:
+        n = len(self.outputs)  # whole records: each one arrived in one extend
+        if n:
+            flat = self.outputs[:n]
+            del self.outputs[:n]  # records appended since the slice stay for the next compaction
+            norms = flat[NORMS::OUTPUT_FIELDS]
+            flat[NORMS::OUTPUT_FIELDS] = [None] * len(norms)  # the per-record tensors die here
+            self.norm_chunks += compact(norms)
+            self.compacted += flat
+
+    def take(self) -> dict[str, list[Any]]:
+        """Hand over the non-empty tables' rows (``outputs`` as ``TakenOutputs``), leaving the lists empty
+        but the same objects (hooks hold their bound ``append``/``extend``); rows other threads append
+        while this runs stay for the next take."""
+        taken: dict[str, Any] = {}
+        with self.lock:
+            self._compact()
+            if self.compacted:
+                taken["outputs"] = (self.compacted, self.norm_chunks)
+                self.compacted, self.norm_chunks = [], []
+            for table in ("params", "metrics", "events"):
+                rows = getattr(self, table)
+                n = len(rows)
+                if n:
+                    taken[table] = rows[:n]
+                    del rows[:n]
+        return taken
+
+
+def row_count(table: str, records: Any) -> int:
+    """Rows that ``records`` (a ``take()`` entry of ``table``) become in the table."""
+    if table == "outputs":
+        return len(records[0]) // OUTPUT_FIELDS
+    if table == "params":
+        return sum(len(keys) for _, _, _, keys, _ in records)
+    return len(records)
 
 
 def host_concat(tensors: Sequence[Tensor]) -> np.ndarray:
@@ -167,7 +206,7 @@ def batch_means(chunks: Sequence[NormChunk], batch: np.ndarray) -> np.ndarray:
     return means
 
 
-def outputs_table(taken: tuple[list[Any], list[NormChunk]], rank: int) -> pa.Table:
+def outputs_table(taken: TakenOutputs, rank: int) -> pa.Table:
     """Lay the flat records (``OUTPUT_FIELDS`` values each) and their batch-mean norms out as rows."""
     flat, norm_chunks = taken
     if len(flat) % OUTPUT_FIELDS:

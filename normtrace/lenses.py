@@ -2,8 +2,8 @@
 (observers of a module's forward, see ``observe``; not PyTorch hooks, whose dispatch costs more).
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
-output with grad mode off, append the resulting device tensor to the buffer's ``norms`` and extend its
-flat ``outputs`` list with the record's plain values; the batch means are taken on the device every few
+output with grad mode off and extend the buffer's flat ``outputs`` list with the record's plain values and
+the resulting device tensor, in one call; the batch means are taken on the device every few
 dozen records (see ``buffer.compact``), the transfer to the host and the Arrow conversion on the writer
 thread.
 """
@@ -35,6 +35,13 @@ vector_norm = torch.linalg.vector_norm
 is_grad_enabled = torch.is_grad_enabled
 set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, without the context manager
 is_exporting = torch.compiler.is_exporting
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+"""-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
+in_transform = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+"""True inside ``torch.func`` transforms (vmap, grad, jvp, jacrev), whose tensors are batched or wrapped:
+their norms cannot be read once the transform returns. (It reads the dispatch-key set; the obvious
+``torch._C._functorch.maybe_current_level()`` creates functorch's thread-local state, which every later
+``backward()`` then deep-copies: +8k instructions per W2 step, measured.)"""
 
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
@@ -141,25 +148,26 @@ class OutputNorm:
 
     def _hook(self, rec: Recorder, name: str, owner: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
-        extend, keep = rec._buffer.outputs.extend, rec._buffer.norms.append
-        last_pass: int | None = None  # the pass of this module's latest recorded call
-        calls = 0  # its recorded calls in that pass, less one
+        extend, local, outside_pass = rec._buffer.outputs.extend, rec._local, rec._outside_pass
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            nonlocal last_pass, calls
-            if module is not owner:
-                if not is_data_parallel_replica(module):
-                    return  # a copy that kept the observing class or the hook (see observe.py): not ours
-                last_pass = None  # DataParallel: a row per device's share of the call, under its name
+            if module is not owner and not is_data_parallel_replica(module):
+                return  # a copy that kept the observing class or the hook (see observe.py): not ours
             grad = is_grad_enabled()
             if skip_no_grad and not grad:
                 return
-            label = name
-            if rec._pass == last_pass:  # called again in the same pass (one activation after every layer)
-                calls += 1
-                label = f"{name}#{calls}"
+            try:  # the pass this thread is running (recorder._on_pass), with its call counts
+                pass_, epoch, calls = local.state
+            except AttributeError:  # this thread started no pass: a DataParallel worker, a direct call
+                pass_, epoch, calls = outside_pass()
+            if calls is None or graph_task_id() != -1:
+                return  # a pass that records nothing (see recorder._on_pass), or a recomputation in backward
+            if name in calls:  # called again in the same pass (one activation after every layer)
+                k = calls[name] = calls[name] + 1
+                label = f"{name}#{k}"
             else:
-                last_pass, calls = rec._pass, 0
+                calls[name] = 0
+                label = name
             try:
                 if type(out) is Tensor and out.dtype in _FAST_DTYPES:
                     shape = out.shape
@@ -169,12 +177,13 @@ class OutputNorm:
                         if grad:
                             set_grad_enabled(False)
                             try:
-                                keep(vector_norm(out, 2, 1))
+                                norms = vector_norm(out, 2, 1)
                             finally:
                                 set_grad_enabled(True)
                         else:
-                            keep(vector_norm(out, 2, 1))
-                        extend((label, rec._pass, rec._epoch, grad, module.training, shape[1], shape[0]))
+                            norms = vector_norm(out, 2, 1)
+                        # one extend: the record and its norm arrive together, whatever other threads do
+                        extend((label, pass_, epoch, grad, module.training, shape[1], shape[0], norms))
                         return
                 if is_exporting():  # torch.export runs forward on fake tensors: not a training pass
                     return
@@ -182,17 +191,8 @@ class OutputNorm:
                     norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
                     if norms is not None:
                         batch = norms.shape[0]
-                        record = (
-                            leaf_name,
-                            rec._pass,
-                            rec._epoch,
-                            grad,
-                            module.training,
-                            leaf.numel() // batch,
-                            batch,
-                        )
-                        keep(norms)
-                        extend(record)
+                        numel = leaf.numel() // batch
+                        extend((leaf_name, pass_, epoch, grad, module.training, numel, batch, norms))
                     elif not isinstance(leaf, Tensor):
                         rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle
@@ -292,11 +292,23 @@ class LossMetrics:
         if self.loss_fn is None:
             return []
 
-        append, loss_fn = rec._buffer.metrics.append, self.loss_fn
+        append, loss_fn, local, outside_pass = (
+            rec._buffer.metrics.append,
+            self.loss_fn,
+            rec._local,
+            rec._outside_pass,
+        )
+        run = rec._run
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
                 return
+            try:
+                pass_, _, calls = local.state
+            except AttributeError:  # no pass started in this thread
+                pass_, _, calls = outside_pass()
+            if calls is None or in_transform():
+                return  # a pass that records nothing (see recorder._on_pass), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
                 rec._note("loss", "non_tensor_output", type(out).__name__)
                 return
@@ -306,7 +318,7 @@ class LossMetrics:
             if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
                 value = value.reshape(()) if value.numel() == 1 else value.float().mean()
             split = "train" if is_grad_enabled() else "val"
-            append((rec._epoch, rec._pass, "loss", value, split, time.time()))
+            append((run.epoch, pass_, "loss", value, split, time.time()))
 
         return [after_forward(self.loss_fn, hook)]
 

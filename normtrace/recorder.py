@@ -1,17 +1,23 @@
-"""The Recorder: attaches lenses to a model, keeps the pass/epoch counters, and feeds the writer."""
+"""The Recorder: attaches lenses to a model, keeps the pass/epoch counters, and feeds the writer.
+
+``Recorder`` is what the user holds; ``_Run`` is what must be finished however the recording ends
+(``lifecycle``): the buffer, the writer, the metadata and the counters that go into it.
+"""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime as _dt
+import itertools
 import os
 import platform
 import socket
+import sys
+import threading
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,24 +26,36 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normtrace import __version__, schema
-from normtrace.buffer import COMPACT_EVERY, Buffer
+from normtrace import __version__, lifecycle, rundir, schema
+from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import (
     Lens,
     LossMetrics,
     OutputNorm,
     ParameterNorm,
+    graph_task_id,
+    in_transform,
     is_data_parallel_replica,
     parameter_norms,
 )
+from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
 from normtrace.writer import ShardWriter, write_json_atomic
 
 ROOT_NAME = "(root)"
 
-_OPEN: weakref.WeakValueDictionary[tuple[str, int], Recorder] = weakref.WeakValueDictionary()
-"""This process's open recorders by (resolved run directory, rank): two never write one directory."""
+PassState = tuple[int, int, "dict[str, int] | None"]
+"""What a thread's hooks record under: (pass, epoch at its start, calls of each module so far in it, or
+None when the pass records nothing)."""
+
+TRANSFORM_NOTE = (
+    "passes run under torch.func transforms (vmap, grad, jacrev) are counted but not recorded: their "
+    "outputs are batched or wrapped tensors, whose norms cannot be read once the transform returns"
+)
+
+COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
+"""Length of ``Buffer.outputs`` at which a pass starts by compacting it."""
 
 
 def default_run_dir() -> Path:
@@ -72,11 +90,92 @@ def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _pass_counter() -> Callable[[], int]:
+    """A function returning 0, 1, 2, ... to any number of threads, each number once.
+
+    ``itertools.count``'s ``__next__`` is one C call, atomic under the GIL (~40 ns, against ~250 ns for a
+    ``with lock:``, measured in the pass observer); a free-threaded interpreter gets a locked counter.
+    """
+    if getattr(sys, "_is_gil_enabled", lambda: True)():
+        return itertools.count().__next__
+    lock, count = threading.Lock(), itertools.count()
+
+    def next_pass() -> int:
+        with lock:
+            return next(count)
+
+    return next_pass
+
+
 def _dist_rank() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _Run:
+    """What must be finished however a recording ends: the buffer, the writer, the metadata, the counters.
+
+    It holds nothing of the ``Recorder``'s (no model, no hooks), so a Recorder nobody holds is collected,
+    and the finalizer that then calls ``finish`` finds everything here.
+    """
+
+    def __init__(
+        self,
+        key: tuple[str, int],
+        buffer: Buffer,
+        writer: ShardWriter,
+        meta: dict[str, Any],
+        lock: rundir.RunDirLock,
+    ) -> None:
+        self.key = key  # (resolved run directory, rank)
+        self.buffer, self.writer, self.meta, self.lock = buffer, writer, meta, lock
+        self.epoch = 0
+        self.next_pass = _pass_counter()
+        self.last_pass = -1  # the last pass started (exact but for a pass another thread starts meanwhile)
+        self.pid = os.getpid()  # a forked child's copy is not this run's owner
+        self.signalled: int | None = None  # a SIGTERM/SIGHUP seen while open
+        self.finishing = False  # finish() has told the writer to stop
+
+    def hand_over(self, wait_for_room: bool = True) -> None:
+        """Give the buffered rows to the writer; with ``wait_for_room``, first wait while it lags too far
+        behind (``ShardWriter.wait_for_room``)."""
+        if wait_for_room:
+            self.writer.wait_for_room()
+        with critical():
+            self.writer.submit_records(self.buffer.take())
+
+    def write_meta(self) -> None:
+        """Queue a rewrite of the metadata file with the current ``meta``."""
+        with critical():
+            self.writer.submit_meta(dict(self.meta))
+
+    def finish(self, status: str, *, wait: bool = True) -> WriterError | None:
+        """Hand over what is left, write the final metadata with ``status`` and stop the writer.
+
+        Safe from any thread, a signal handler or a finalizer: nothing but the final wait blocks. A
+        second call only waits. Returns the writer's pending error when it waits. In a forked child it
+        does nothing: the run directory and the writer are the parent's.
+        """
+        if os.getpid() != self.pid:
+            return None
+        with critical():
+            if not self.finishing:
+                self.finishing = True
+                if self.signalled is not None and status in ("failed", "exited"):
+                    status = "terminated"  # an exception or exit that the signal's handler caused
+                self.last_pass = self.next_pass() - 1  # exact: the next number is the count so far
+                self.writer.submit_records(self.buffer.take())
+                self.meta.update(
+                    status=status, end_time=_utcnow(), epochs=self.epoch, passes=self.last_pass + 1
+                )
+                self.writer.submit_meta(dict(self.meta))
+                self.writer.close(then=self.lock.release)  # the directory is free once all is written
+        if not wait:
+            return None
+        self.writer.join()
+        return self.writer.take_error()
 
 
 class Recorder:
@@ -88,7 +187,10 @@ class Recorder:
     ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), at ``tick_epoch()`` once at
     least ``epoch_flush_secs`` have passed since the last flush (0: at every tick), and at ``close()``,
     the buffered rows go to the writer thread; a killed run keeps every earlier flush. Use as a context
-    manager or call ``close()``; a recorder still open at interpreter exit is closed then.
+    manager or call ``close()``; a recorder still open at interpreter exit is closed then, one collected
+    without ``close()`` is finished then, and one open when the process gets SIGTERM or SIGHUP is written
+    before the signal goes on (``handle_signals=False``: not). When more than ``max_queued_rows`` rows
+    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``).
     """
 
     def __init__(
@@ -102,11 +204,15 @@ class Recorder:
         epoch_flush_secs: float = 1.0,
         overwrite: bool = False,
         compression: str | None = "lz4",
+        handle_signals: bool = True,
+        max_queued_rows: int = 1_000_000,
     ) -> None:
         if int(flush_every) < 1:
             raise ValueError(f"Recorder(flush_every=...) must be at least 1 pass, got {flush_every!r}")
         if not float(flush_secs) > 0:
             raise ValueError(f"Recorder(flush_secs=...) must be positive, got {flush_secs!r}")
+        if int(max_queued_rows) < 1:
+            raise ValueError(f"Recorder(max_queued_rows=...) must be at least 1, got {max_queued_rows!r}")
         self.output_norm: OutputNorm | None = None
         self.parameter_norm: ParameterNorm | None = None
         self.loss_metrics: LossMetrics | None = None
@@ -132,30 +238,44 @@ class Recorder:
         if not float(epoch_flush_secs) >= 0:
             raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
         self.epoch_flush_secs = float(epoch_flush_secs)
+        self.max_queued_rows = int(max_queued_rows)
         self._key = (str(self.run_dir.resolve()), self.rank)
-        self._stop_other_writer(overwrite)
-        self._prepare_run_dir(overwrite)
+        self._wait_for_other_writers(overwrite)
+        lock = rundir.claim(self.run_dir, self.rank, overwrite)
+        try:
+            self._start(run_name, lock, compression, handle_signals)
+        except BaseException:
+            lock.release()
+            raise
 
+    def _start(
+        self, run_name: str | None, lock: rundir.RunDirLock, compression: str | None, handle_signals: bool
+    ) -> None:
+        """The rest of ``__init__``, once the run directory is this recorder's (``rundir.claim``)."""
         self._buffer = Buffer()
-        self._pass = -1
-        self._epoch = 0
+        self._local = threading.local()  # .state: this thread's PassState, set at each pass it starts
         self._last_flush_time = time.monotonic()
         self._flush_at_pass = self.flush_every  # the pass whose start hands over the buffer
         self._flush_deadline = self._last_flush_time + self.flush_secs
         self._root: nn.Module | None = None
+        self._model: weakref.ref[nn.Module] | None = None  # the one model this run records
         self._handles: list[Removable] = []
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._notes: dict[tuple[str, str], str] = {}
         self._closed = False
+        self._inert = False  # a forked child's copy: records nothing, refuses every call
+        self.handle_signals = bool(handle_signals)
         self._meta = self._initial_meta(run_name)
         try:
             write_json_atomic(self.run_dir / schema.meta_name(self.rank), self._meta)
         except OSError as exc:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
-        self._writer = ShardWriter(self.run_dir, self.rank, compression)
-        self._atexit = _close_at_exit_callback(self)
-        atexit.register(self._atexit)
-        _OPEN[self._key] = self
+        self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
+        self._run = _Run(self._key, self._buffer, self._writer, self._meta, lock)
+        # collected without close(): finish the run (lifecycle); at exit the exit handler closes instead
+        self._finalizer = weakref.finalize(self, lifecycle.abandon, self._run)
+        self._finalizer.atexit = False
+        lifecycle.register(self, self._run)
 
     # ------------------------------------------------------------------ attaching
 
@@ -165,7 +285,7 @@ class Recorder:
         A ``torch.compile`` or ``DistributedDataParallel`` wrapper is looked through: the model inside is
         hooked, under its own names.
         """
-        self._check()
+        self._check_open()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.jit.ScriptModule):
@@ -179,6 +299,13 @@ class Recorder:
                 "call detach() first"
             )
         model = _unwrap(model)
+        if self._model is not None and self._model() is not model:
+            raise NormtraceError(
+                f"Recorder for {self.run_dir} recorded another model before; a run records one model, "
+                "whose series another model's would merge into under the same names: record it with a "
+                "new Recorder (its own run directory)"
+            )
+        self._model = weakref.ref(model)
         named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
         self._root = model
         self._handles.append(before_forward(model, self._on_pass))
@@ -208,7 +335,8 @@ class Recorder:
             if self.parameter_norm is not None
             else [],
         }
-        self._writer.submit_meta(dict(self._meta))
+        self._run.write_meta()
+        self._raise_writer_error()
         return self
 
     def _warn_if_empty(self, model: nn.Module, hooked: list[dict[str, str]]) -> None:
@@ -235,7 +363,7 @@ class Recorder:
 
     def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
         """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""
-        self._check()
+        self._check_open()
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"Recorder.track_target(module): expected an nn.Module, got {type(module).__name__}"
@@ -243,13 +371,14 @@ class Recorder:
         self._check_name("track_target(event=...)", event)
 
         def hook(mod: nn.Module, incompatible_keys: Any) -> None:
-            if mod is not module:  # a deepcopy of the target net carries the hook; it is not ours
+            if mod is not module or self._inert:  # a deepcopy of the target net carries the hook
                 return
-            self._buffer.events.append((self._epoch, self._pass, event, time.time()))
+            self._buffer.events.append((self._run.epoch, self._current_pass(), event, time.time()))
 
         self._handles.append(module.register_load_state_dict_post_hook(hook))
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
-        self._writer.submit_meta(dict(self._meta))
+        self._run.write_meta()
+        self._raise_writer_error()
         return self
 
     def detach(self) -> None:
@@ -264,74 +393,89 @@ class Recorder:
     def push_metric(
         self, name: str, value: float | int | Tensor | np.number, *, split: str | None = None
     ) -> None:
-        """Record a named value (e.g. an episode's total reward); a tensor stays on its device until flush."""
-        self._check()
+        """Record a named value (e.g. an episode's total reward); a tensor stays on its device until flush.
+
+        Like every recording call, it records first and then raises a ``WriterError`` the writer met since
+        the last call, so the value that reports the error is not lost with it.
+        """
+        self._check_open()
         self._check_name("push_metric(name)", name)
         self._buffer.metrics.append(
-            (self._epoch, self._pass, name, self._metric_value(name, value), split, time.time())
+            (self._run.epoch, self._current_pass(), name, self._metric_value(name, value), split, time.time())
         )
         self._maybe_flush()
+        self._raise_writer_error()
 
     def push_loss(self, value: float | Tensor, *, train: bool | None = None) -> None:
         """Record a loss value computed outside a hooked ``loss_fn``; ``train`` defaults to grad mode."""
-        self._check()
+        self._check_open()
         train = torch.is_grad_enabled() if train is None else train
         value = self._metric_value("loss", value)
         self._buffer.metrics.append(
-            (self._epoch, self._pass, "loss", value, "train" if train else "val", time.time())
+            (self._run.epoch, self._current_pass(), "loss", value, "train" if train else "val", time.time())
         )
         self._maybe_flush()
+        self._raise_writer_error()
 
     def event(self, name: str) -> None:
         """Mark an event (a learning-rate drop, a curriculum step) at the current pass and epoch."""
-        self._check()
+        self._check_open()
         self._check_name("event(name)", name)
-        self._buffer.events.append((self._epoch, self._pass, name, time.time()))
+        self._buffer.events.append((self._run.epoch, self._current_pass(), name, time.time()))
         self._maybe_flush()
+        self._raise_writer_error()
 
     def collect(self) -> None:
         """Record the parameter norms now (``ParameterNorm``), in addition to every epoch tick."""
-        self._check()
+        self._check_open()
+        self._collect()
+        self._raise_writer_error()
+
+    def _collect(self) -> None:
         if self._params:
             keys, norms = parameter_norms(self._params)
-            self._buffer.params.append((self._epoch, self._pass, time.time(), keys, norms))
+            self._buffer.params.append((self._run.epoch, self._current_pass(), time.time(), keys, norms))
 
     def tick_epoch(self) -> None:
         """Close the current epoch: record parameter norms, advance the epoch counter, flush.
 
         The flush is skipped when the last one is less than ``epoch_flush_secs`` old: a short episode
         (a few ms of CartPole) would otherwise cost three tiny files each, and the writer's work competes
-        with training for the GIL. Nothing is dropped; the rows go with the next flush.
+        with training for the GIL. Nothing is dropped; the rows go with the next flush. A pending
+        ``WriterError`` is raised after all of this: the epoch has advanced and its norms are recorded.
         """
-        self.collect()
-        self._epoch += 1
+        self._check_open()
+        self._collect()
+        self._run.epoch += 1
         if time.monotonic() - self._last_flush_time >= self.epoch_flush_secs:
             self._flush()
+        self._raise_writer_error()
 
     def flush(self) -> None:
         """Hand everything buffered to the writer and wait until it is on disk."""
-        self._check()
+        self._check_open()
         self._flush()
         self._writer.wait()
-        self._check()
+        self._raise_writer_error()
 
     def close(self, status: str = "closed") -> Path:
         """Detach, write everything, finish the metadata and stop the writer; returns the run directory.
 
         Safe to call twice. Returning the directory makes ``na.report(rec.close(), "report.html")`` a line.
+        A long backlog is drained with a log line every few seconds saying how many rows are left. In a
+        forked child it only detaches: the run belongs to the parent.
         """
         if self._closed:
             return self.run_dir
-        self._closed = True
-        atexit.unregister(self._atexit)
-        if _OPEN.get(self._key) is self:
-            del _OPEN[self._key]
-        self.detach()
-        self._flush()
-        self._meta.update(status=status, end_time=_utcnow(), epochs=self._epoch, passes=self._pass + 1)
-        self._writer.submit_meta(dict(self._meta))
-        self._writer.close()
-        err = self._writer.take_error()
+        with critical():  # a signal arriving now waits until the writer has been told to stop
+            self._closed = True
+            self._finalizer.detach()
+            self.detach()
+            if self._inert:
+                return self.run_dir
+            lifecycle.unregister(self)
+            self._run.finish(status, wait=False)
+        err = self._run.finish(status)
         if err is not None:
             raise err
         return self.run_dir
@@ -357,47 +501,108 @@ class Recorder:
     @property
     def epoch(self) -> int:
         """Number of ``tick_epoch()`` calls so far."""
-        return self._epoch
+        return self._run.epoch
 
     @property
     def passes(self) -> int:
-        """Number of forward calls of the attached root so far."""
-        return self._pass + 1
+        """Number of forward calls of the attached root so far (all threads)."""
+        return self._run.last_pass + 1
 
     # ------------------------------------------------------------------ internals
 
     def _on_pass(self, module: nn.Module, args: Any) -> None:
-        """Runs before each forward of the root, once per pass: counts it, compacts and flushes when due."""
+        """Runs before each forward of the root, once per pass: numbers it, compacts and flushes when due.
+
+        A pass belongs to the thread that runs it: it takes the next number, and the hooks this thread
+        runs until its next pass record under it (``_local.state``), whatever other threads do meanwhile.
+        """
         if module is not self._root and not is_data_parallel_replica(module):
             return  # a deepcopy of the attached model: its passes are not ours
         if torch.compiler.is_exporting():
             return  # torch.export traces forward on fake tensors: not a pass
-        if len(self._buffer.norms) >= COMPACT_EVERY:
-            self._buffer.compact()
-        if self._pass + 1 >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
-            self._flush()  # hands over exactly the passes before this one
-        self._pass += 1
+        if graph_task_id() != -1:
+            return  # backward recomputing a checkpointed forward (torch.utils.checkpoint): not a pass
+        run = self._run
+        p = run.last_pass = run.next_pass()
+        if not in_transform():
+            self._local.state = (p, run.epoch, {})
+        else:  # vmap/grad: a pass (the model ran), but its outputs are batched or wrapped tensors
+            self._local.state = (p, run.epoch, None)
+            self._note(ROOT_NAME, "torch_func_transform", TRANSFORM_NOTE)
+        if len(self._buffer.outputs) >= COMPACT_VALUES:
+            with critical():
+                self._buffer.compact()
+        if p >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
+            self._flush(p)  # hands over every pass before this one that this thread ran
+
+    def _current_pass(self) -> int:
+        """The pass a row recorded now belongs to: the calling thread's last, else any thread's last."""
+        try:
+            return self._local.state[0]
+        except AttributeError:
+            return self._run.last_pass
+
+    def _outside_pass(self) -> PassState:
+        """The state for a hook in a thread that started no pass of its own (a ``DataParallel`` worker,
+        a module called without its root): the last pass any thread started, counted for this thread."""
+        run = self._run
+        state: PassState | None = getattr(self._local, "outside", None)
+        if state is None or state[0] != run.last_pass:
+            state = self._local.outside = (run.last_pass, run.epoch, None if self._inert else {})
+        if in_transform():
+            return (state[0], state[1], None)
+        return state
 
     def _maybe_flush(self) -> None:
         if time.monotonic() > self._flush_deadline:
             self._flush()
 
-    def _flush(self) -> None:
-        self._flush_at_pass = self._pass + 1 + self.flush_every
+    def _flush(self, next_pass: int | None = None) -> None:
+        if next_pass is None:
+            next_pass = self._run.last_pass + 1
+        self._flush_at_pass = next_pass + self.flush_every
         self._last_flush_time = now = time.monotonic()
         self._flush_deadline = now + self.flush_secs
-        self._writer.submit_records(self._buffer.take())
+        self._run.hand_over()
+
+    def _terminated(self, signum: int) -> None:
+        """SIGTERM/SIGHUP with a handler of the user's to hand it to: write everything and say so in the
+        metadata, but stay open (that handler may let training go on; ``close()`` then says ``closed``)."""
+        run = self._run
+        run.signalled = signum
+        run.hand_over(wait_for_room=False)
+        run.meta.update(status="terminated", end_time=_utcnow(), epochs=run.epoch, passes=run.last_pass + 1)
+        run.write_meta()
+        self._writer.wait()
+
+    def _forked(self) -> None:
+        """In a forked child: record nothing more (hooks see a pass that records nothing), refuse calls."""
+        self._inert = True
+        self._root = None  # no pass observer call counts a pass any more
+        self._local.state = (self._run.last_pass, self._run.epoch, None)
+        self._run.lock.forget()  # the child's copy of the descriptor must not hold the parent's lock
 
     def _note(self, module: str, kind: str, detail: str) -> None:
         """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
         if (module, kind) not in self._notes:
             self._notes[(module, kind)] = detail
             self._meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self._notes.items()]
-            self._writer.submit_meta(dict(self._meta))
+            self._run.write_meta()
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
+        """Refuse a call on a closed recorder, or on a forked child's copy; every public call starts here."""
+        if self._inert:
+            raise NormtraceError(
+                f"this Recorder of {self.run_dir} belongs to process {self._run.pid}; in this process "
+                f"({os.getpid()}), a fork() of it, it records nothing and cannot write, since fork does not "
+                "copy its writer thread: create a Recorder with its own run directory in the child"
+            )
         if self._closed:
             raise NormtraceError(f"Recorder for {self.run_dir} is closed")
+
+    def _raise_writer_error(self) -> None:
+        """Raise, once, what the writer failed at since the last call; every public call ends here, after
+        doing its work, so the call that reports an error loses nothing of its own."""
         err = self._writer.take_error()
         if err is not None:
             raise err
@@ -430,8 +635,8 @@ class Recorder:
         Re-running a notebook cell leaves the previous recorder open and attached; both writing one
         directory would give two shards the same name.
         """
-        other = _OPEN.get(self._key)
-        if other is None or other._closed:
+        other = lifecycle.OPEN.get(self._key)
+        if other is None or other._closed or other._inert:
             return
         if not overwrite:
             raise RunDirError(
@@ -441,25 +646,10 @@ class Recorder:
         with contextlib.suppress(WriterError):  # its trace is about to be overwritten anyway
             other.close(status="replaced")
 
-    def _prepare_run_dir(self, overwrite: bool) -> None:
-        run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise RunDirError(f"run directory {run_dir} exists and is not a directory")
-        meta = run_dir / schema.meta_name(self.rank)
-        mine = [meta] if meta.exists() else []
-        for table in schema.TABLES:
-            mine += sorted(schema.shard_dir(run_dir, table).glob(f"rank{self.rank}-*{schema.SHARD_SUFFIX}"))
-        if mine and not overwrite:
-            raise RunDirError(
-                f"run directory {run_dir} already holds a trace for rank {self.rank} ({mine[0]}); "
-                "choose a new directory or pass overwrite=True"
-            )
-        for path in mine:
-            path.unlink()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunDirError(f"cannot create run directory {run_dir}: {exc}") from exc
+    def _wait_for_other_writers(self, overwrite: bool) -> None:
+        """Deal with this process's other writers of this directory before claiming it (``rundir``)."""
+        self._stop_other_writer(overwrite)
+        lifecycle.wait_for_finishing(self._key)
 
     def _initial_meta(self, run_name: str | None) -> dict[str, Any]:
         normalize = {
@@ -489,6 +679,7 @@ class Recorder:
                 "every_passes": self.flush_every,
                 "every_secs": self.flush_secs,
                 "epoch_min_secs": self.epoch_flush_secs,
+                "max_queued_rows": self.max_queued_rows,
             },
             "notes": [],
         }
@@ -510,15 +701,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def _close_at_exit_callback(rec: Recorder) -> Any:
-    """An atexit callback that closes ``rec`` if it is still alive, without keeping it alive."""
-    ref = weakref.ref(rec)
-
-    def close_at_exit() -> None:
-        live = ref()
-        if live is not None:
-            live.close(status="exited")
-
-    return close_at_exit

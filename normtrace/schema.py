@@ -95,3 +95,8 @@ def shard_dir(run_dir: str | Path, table: str) -> Path:
 def meta_name(rank: int) -> str:
     """Metadata file of a rank: ``meta.json`` for rank 0, ``meta.rank{r}.json`` otherwise."""
     return META_FILE if rank == 0 else f"meta.rank{rank}.json"
+
+
+def lock_name(rank: int) -> str:
+    """The lock file a rank's writer holds while it writes the run: ``.lock-rank{r}`` (readers ignore it)."""
+    return f".lock-rank{rank}"

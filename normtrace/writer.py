@@ -4,25 +4,47 @@ Like torch's ``SummaryWriter`` event writer, it owns a queue and a daemon thread
 under a temporary name and renamed into place, so a run killed at any moment leaves only complete shards.
 A failure is kept (with the rows it could not write, for a retry at the next flush) and raised to the
 user at the next call into the recorder.
+
+The queue is a ``queue.SimpleQueue``, whose ``put`` is reentrant: a recording may be finished from a
+signal handler or a garbage-collector finalizer, which can interrupt any code, this queue's too. The
+backlog is bounded: a flush waits (``wait_for_room``) while more than ``max_queued_rows`` rows are queued
+and unwritten, warning once, so a writer slower than training costs time, not unbounded memory. Rows the
+writer could not write (a full disk) never make training wait: that error is raised to the user instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import threading
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from normtrace import schema
-from normtrace.buffer import CONVERTERS
+from normtrace.buffer import CONVERTERS, row_count
 from normtrace.errors import WriterError
 
-_STOP = object()
+log = logging.getLogger("normtrace")
+
+PROGRESS_SECS = 5.0
+"""While ``join`` waits for a backlog, it logs how many rows are left this often."""
+
+_STOP, _RECORDS, _META, _SYNC = "stop", "records", "meta", "sync"
+
+INF_NORM = (
+    "an output norm is inf: the output held inf, or float32 elements beyond ~1.8e19, whose squares "
+    "overflow the float32 sum of squares (norms are accumulated in the output's precision, float32 for "
+    "float32 outputs, since a float64 copy of every output would cost more than the norm itself)"
+)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -35,69 +57,157 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 class ShardWriter:
     """Writes one rank's shards and metadata for a run directory on a background thread."""
 
-    def __init__(self, run_dir: Path, rank: int, compression: str | None = "lz4") -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        compression: str | None = "lz4",
+        max_queued_rows: int = 1_000_000,
+    ) -> None:
         self.run_dir = run_dir
         self.rank = rank
+        self.max_queued_rows = max_queued_rows
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
         self._seq = dict.fromkeys(schema.TABLES, 0)
-        self._pending: list[tuple[str, pa.Table]] = []  # converted but not yet written (after a failure)
+        self._pending: list[tuple[str, pa.Table, int]] = []  # converted, not yet written (after a failure)
         self._error: WriterError | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"normtrace-writer-rank{rank}", daemon=True)
+        self._jobs: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # reentrant: a signal handler or finalizer may submit while this thread is inside it already
+        self._room = threading.Condition(threading.RLock())
+        self.queued_rows = 0
+        """Rows submitted and not yet written (or dropped by a failed conversion)."""
+        self.stalls = 0
+        """How many flushes waited for room."""
+        self._failing = False  # the last write failed: waiting for room could wait forever
+        self._notes: list[dict[str, str]] = []  # what the writer found in the data, merged into the metadata
+        self._last_meta: dict[str, Any] | None = None
+        self._warned = False
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"normtrace-writer-rank{rank}:{run_dir}", daemon=True
+        )
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (it stops after ``close``; a forked child has none)."""
+        return self._thread.is_alive()
+
+    def wait_for_room(self) -> None:
+        """Block while more than ``max_queued_rows`` rows are queued, unless the writer is failing or
+        stopped; the first wait warns, naming the run and the setting."""
+        if self.queued_rows <= self.max_queued_rows:
+            return
+        with self._room:
+            if self.queued_rows <= self.max_queued_rows or self._failing or not self.alive:
+                return
+            self.stalls += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"normtrace: the writer of {self.run_dir} is {self.queued_rows} rows behind "
+                    f"(max_queued_rows={self.max_queued_rows}); training waits for it to catch up. The disk "
+                    "is slower than what is recorded: record fewer modules (OutputNorm(exclude=...)), or "
+                    "raise max_queued_rows to buy memory for speed",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            while self.queued_rows > self.max_queued_rows and not self._failing and self.alive:
+                self._room.wait(timeout=1.0)
 
     def submit_records(self, taken: dict[str, list[Any]]) -> None:
         """Queue buffered records (from ``Buffer.take``) for conversion and writing; returns at once."""
         if taken:
-            self._queue.put(("records", taken))
+            rows = sum(row_count(table, records) for table, records in taken.items())
+            with self._room:
+                self.queued_rows += rows
+            self._jobs.put((_RECORDS, taken))
 
     def submit_meta(self, meta: dict[str, Any]) -> None:
         """Queue a rewrite of this rank's metadata file, ordered after the records queued before it."""
-        self._queue.put(("meta", meta))
+        self._jobs.put((_META, meta))
 
     def wait(self) -> None:
         """Block until everything queued so far has been handled."""
-        self._queue.join()
+        done = threading.Event()
+        self._jobs.put((_SYNC, done))
+        while not done.wait(timeout=0.5):
+            if not self.alive:
+                return
 
     def take_error(self) -> WriterError | None:
         """The first failure since the last call, cleared so it is raised once."""
         err, self._error = self._error, None
         return err
 
-    def close(self) -> None:
-        """Write what is queued, retry what failed, and stop the thread."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+    def close(self, then: Callable[[], None] | None = None) -> None:
+        """Queue the end: write what is queued, retry what failed, call ``then``, and stop the thread.
+        Returns at once; ``join`` waits. Safe to call again (later calls do nothing)."""
+        if not self._stopping:
+            self._stopping = True
+            self._jobs.put((_STOP, then))
+
+    def join(self) -> None:
+        """Wait for the thread to stop (after ``close``), logging progress while a backlog drains."""
+        if threading.current_thread() is self._thread:
+            return
+        start = time.monotonic()
+        while self.alive:
+            self._thread.join(timeout=PROGRESS_SECS)
+            if self.alive:
+                log.warning(
+                    "normtrace: still writing %s: %d rows left (%.0f s so far)",
+                    self.run_dir,
+                    self.queued_rows,
+                    time.monotonic() - start,
+                )
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            kind, payload = self._jobs.get()
             try:
-                if job is _STOP:
+                if kind == _STOP:
                     self._retry_pending()
+                    if payload is not None:
+                        payload()
                     return
-                kind, payload = job
+                if kind == _SYNC:
+                    payload.set()
+                    continue
                 self._retry_pending()
-                if kind == "records":
+                if kind == _RECORDS:
                     for table, records in payload.items():
-                        self._pending.append((table, CONVERTERS[table](records, self.rank)))
+                        try:
+                            data = CONVERTERS[table](records, self.rank)
+                        except Exception as exc:  # a bug in one table's conversion costs that table only
+                            self._fail(schema.shard_dir(self.run_dir, table), exc)
+                            self._written(row_count(table, records))
+                            continue
+                        self._pending.append((table, data, data.num_rows))
+                        if table == "outputs":
+                            self._note_infinite_norms(data)
                     self._retry_pending()
                 else:
                     self._write_meta(payload)
-            except Exception as exc:  # a bug in conversion must not kill the thread silently
+            except Exception as exc:  # a bug must not kill the thread silently
                 self._fail(self.run_dir, exc)
-            finally:
-                self._queue.task_done()
+
+    def _written(self, rows: int, failing: bool = False) -> None:
+        with self._room:
+            self.queued_rows -= rows
+            self._failing = failing
+            self._room.notify_all()
 
     def _retry_pending(self) -> None:
         while self._pending:
-            table, data = self._pending[0]
+            table, data, rows = self._pending[0]
             try:
                 self._write_shard(table, data)
             except OSError:
+                self._written(0, failing=True)
                 return  # kept for the next flush; _write_shard recorded the error
             self._pending.pop(0)
+            self._written(rows)
 
     def _write_shard(self, table: str, data: pa.Table) -> None:
         folder = schema.shard_dir(self.run_dir, table)
@@ -118,7 +228,27 @@ class ShardWriter:
             raise
         self._seq[table] += 1
 
+    def _note_infinite_norms(self, data: pa.Table) -> None:
+        """Say once per module, in a warning and a metadata note, that some of its norms are inf."""
+        infinite = pc.is_inf(data.column("norm"))
+        if not pc.any(infinite).as_py():
+            return
+        noted = {n["module"] for n in self._notes}
+        modules = [
+            m for m in pc.unique(pc.filter(data.column("module"), infinite)).to_pylist() if m not in noted
+        ]
+        for module in modules:
+            self._notes.append({"module": module, "kind": "inf_norm", "detail": INF_NORM})
+            warnings.warn(
+                f"normtrace: module {module!r} in {self.run_dir}: {INF_NORM}", RuntimeWarning, stacklevel=2
+            )
+        if modules and self._last_meta is not None:
+            self._write_meta(self._last_meta)
+
     def _write_meta(self, meta: dict[str, Any]) -> None:
+        self._last_meta = meta
+        if self._notes:
+            meta = {**meta, "notes": [*meta.get("notes", []), *self._notes]}
         path = self.run_dir / schema.meta_name(self.rank)
         try:
             write_json_atomic(path, meta)

@@ -739,7 +739,54 @@ def test_writer_failure_surfaces_with_the_path_and_loses_nothing(tmp_path):
     rec.close()
     passes = read_table(tmp_path, "outputs").column("pass").to_pylist()
     assert sorted(set(passes)) == list(range(5))
-    assert read_table(tmp_path, "metrics").num_rows == 0  # push_metric raised before recording
+    # the call that reported the error recorded its own value first
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["after"]
+
+
+@pytest.mark.parametrize("call", ["push_metric", "event", "tick_epoch"])
+def test_the_call_that_reports_a_writer_error_still_does_its_work(tmp_path, call):
+    """push_metric, event and tick_epoch used to raise a pending writer error before doing anything: the
+    value was dropped, and tick_epoch neither advanced the epoch nor took the parameter norms."""
+    model = QNetwork()
+    (tmp_path / "outputs").write_text("a file where the outputs folder should be")
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), nt.ParameterNorm()], epoch_flush_secs=3600)
+    rec.attach(model)
+    model(torch.randn(2, 4))
+    with pytest.raises(nt.WriterError):
+        rec.flush()  # the outputs shard fails; the error is raised here, by the call that waited for it
+    model(torch.randn(2, 4))
+    rec._flush()
+    rec._writer.wait()  # a second failure is pending now
+    with pytest.raises(nt.WriterError, match="outputs"):
+        {
+            "push_metric": lambda: rec.push_metric("m", 2.5),
+            "event": lambda: rec.event("e"),
+            "tick_epoch": rec.tick_epoch,
+        }[call]()
+    (tmp_path / "outputs").unlink()
+    rec.close()
+    assert sorted(set(read_table(tmp_path, "outputs").column("pass").to_pylist())) == [0, 1]
+    if call == "push_metric":
+        assert read_table(tmp_path, "metrics").to_pylist()[0] | {"time": 0} == {
+            "epoch": 0,
+            "pass": 1,
+            "name": "m",
+            "value": 2.5,
+            "split": None,
+            "rank": 0,
+            "time": 0,
+        }
+    elif call == "event":
+        assert [(e["name"], e["pass"]) for e in read_table(tmp_path, "events").to_pylist()] == [("e", 1)]
+    else:
+        assert rec.epoch == 1
+        params = read_table(tmp_path, "params").to_pylist()
+        assert len(params) == 10 and {r["epoch"] for r in params} == {0}
+        for r in params:
+            tensor = model.get_submodule(r["module"]).get_parameter(r["param"])
+            assert r["norm"] == pytest.approx(torch.linalg.vector_norm(tensor).item(), rel=1e-6)
+        meta = json.loads((tmp_path / "meta.json").read_text())
+        assert meta["epochs"] == 1
 
 
 def test_nan_and_inf_outputs_are_recorded_not_dropped(tmp_path):
@@ -848,3 +895,143 @@ def test_tick_epoch_flushes_unless_the_last_flush_is_recent(tmp_path, epoch_flus
     rec.close()
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert [(r["pass"], r["epoch"]) for r in rows[::4]] == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_a_table_that_fails_to_convert_costs_only_that_table(tmp_path, monkeypatch):
+    """A conversion error (a bug, an unreadable value) in one table used to drop the whole flush, every
+    table's rows; now the other tables are written and the error names the table that failed."""
+    import normtrace.buffer
+
+    def broken(records, rank):
+        raise ValueError("cannot lay out params")
+
+    monkeypatch.setitem(normtrace.buffer.CONVERTERS, "params", broken)
+    model = QNetwork()
+    x = torch.randn(3, 4)
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity]), nt.ParameterNorm()])
+    rec.attach(model)
+    model(x)
+    rec.push_metric("reward", 1.5)
+    rec.event("sync")
+    rec.collect()
+    with pytest.raises(nt.WriterError, match=r"params.*ValueError: cannot lay out params"):
+        rec.close()
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.5]
+    assert read_table(tmp_path, "events").column("name").to_pylist() == ["sync"]
+    assert not (tmp_path / "params").exists()
+
+
+def test_a_pass_under_vmap_or_grad_transforms_is_counted_and_records_nothing(tmp_path):
+    """vmap over an attached model used to store NaN rows (its outputs are batched tensors the writer
+    cannot read), which the analysis then called spikes; per-sample gradients (vmap(grad(...)) over
+    functional_call) ran the loss hook on wrapped tensors too."""
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of(p, xi, yi):
+        return loss_fn(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    with nt.Recorder(tmp_path, lenses=[nt.LossMetrics(loss_fn), nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+        loss_fn(model(x), y)
+        torch.vmap(model)(x)
+        torch.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
+        loss_fn(model(x), y)
+        assert rec.passes == 4
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [0] * 5 + [3] * 5
+    for p in (0, 3):
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
+    want_loss = pytest.approx(loss_fn(model(x), y).item(), rel=1e-6)
+    assert [(r["pass"], r["value"]) for r in read_table(tmp_path, "metrics").to_pylist()] == [
+        (0, want_loss),
+        (3, want_loss),
+    ]
+    notes = {n["kind"] for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
+    assert "torch_func_transform" in notes
+
+
+def test_an_infinite_norm_is_noted_with_its_cause(tmp_path):
+    """Norms of float32 outputs are accumulated in float32 (float64 would copy every output: +80% per
+    norm kernel, measured): elements beyond ~1.8e19 overflow the sum of squares. Such a row is stored as
+    inf, as is an output holding inf, and the run says which modules and why, in a warning and a note."""
+    model = nn.Sequential(nn.ReLU())
+    with (
+        pytest.warns(RuntimeWarning, match=r"module '0'.*inf.*1\.8e19"),
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec,
+    ):
+        rec.attach(model)
+        model(torch.full((2, 4), 1e20))
+        model(torch.ones(2, 4))
+    assert read_table(tmp_path, "outputs").column("norm").to_pylist() == [math.inf, 2.0]
+    notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    assert [(n["module"], n["kind"]) for n in notes] == [("0", "inf_norm")]
+
+
+def test_a_recorder_records_one_model_even_across_detach(tmp_path):
+    """detach() then attach(another model) used to merge both models' series under the same names."""
+    first, second = QNetwork(), QNetwork()
+    x = torch.randn(3, 4)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(first)
+        first(x)
+        rec.detach()
+        with pytest.raises(nt.NormtraceError, match="another model.*new Recorder"):
+            rec.attach(second)
+        second(x)
+        rec.attach(first)  # the same model again is fine
+        first(x)
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [0] * 5 + [1] * 5
+    for p in (0, 1):
+        assert norms_by_module(rows, p) == approx_output_norms(first, x)
+
+
+class CheckpointedBody(nn.Module):
+    """A model whose body runs under torch.utils.checkpoint: backward runs the body's forward again."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.body, self.reentrant = QNetwork(), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["segment", "whole model"])
+def test_checkpoint_recomputation_in_backward_is_not_a_pass_and_records_nothing(tmp_path, whole_model):
+    """The recomputed forward used to add a row per module (``name#1``) or, for a checkpointed root, a
+    whole extra pass."""
+    model = QNetwork() if whole_model else CheckpointedBody(reentrant=False)
+    body = model if whole_model else model.body
+    xs = [torch.randn(3, 4, requires_grad=True) for _ in range(3)]
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+        rec.attach(model)
+        for x in xs:
+            out = (
+                torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False) if whole_model else model(x)
+            )
+            out.sum().backward()
+        assert rec.passes == 3
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    prefix = "" if whole_model else "body."
+    for p, x in enumerate(xs):
+        want = {prefix + k: v for k, v in approx_output_norms(body, x.detach()).items()}
+        assert norms_by_module(rows, p) == want
+    assert len(rows) == 3 * 5
+
+
+def test_a_reentrant_checkpoint_segment_is_recorded_once_when_no_grad_passes_are(tmp_path):
+    """use_reentrant=True runs the segment's forward under no_grad: recorded only with
+    skip_no_grad_pass=False, and then once (its recomputation in backward is skipped as always)."""
+    model = CheckpointedBody(reentrant=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity], skip_no_grad_pass=False)]) as rec:
+        rec.attach(model)
+        model(x).sum().backward()
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    want = {"body." + k: v for k, v in approx_output_norms(model.body, x.detach()).items()}
+    assert norms_by_module(rows) == want and len(rows) == 5
+    assert {r["grad_enabled"] for r in rows} == {False}

@@ -6,6 +6,7 @@ No torch needed: it reads only the documented trace format (Arrow IPC shards + m
 ``trace.event_alignment("target_update")``.
 """
 
+from . import charts
 from .errors import (
     CorruptShardError,
     EmptyRunError,
@@ -22,7 +23,7 @@ from .errors import (
 )
 from .export import to_parquet
 from .notebook import enable_offline_charts
-from .report import charts, report
+from .report import report
 from .schema import REQUIRED_COLUMNS, SCHEMA_VERSION
 from .tensorboard import to_tensorboard
 from .trace import Trace, load

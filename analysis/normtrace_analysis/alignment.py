@@ -39,7 +39,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -133,8 +133,8 @@ def exclusion(window: int, baseline_window: int) -> int:
 class _Setup:
     """The arguments shared by the alignment functions, validated and with defaults filled in."""
 
-    table: str
-    level: str
+    table: Table
+    level: Level
     modules: Sequence[str] | str | None
     threshold: float
     baseline: int
@@ -147,8 +147,8 @@ class _Setup:
 
 
 def _setup(
-    table: str,
-    level: str,
+    table: Table,
+    level: Level,
     modules: Sequence[str] | str | None,
     threshold: float | None,
     baseline_window: int | None,
@@ -461,7 +461,9 @@ def _reach(q: np.ndarray, lo: int, hi: int, exclude: int, gaps: float) -> np.nda
         local = np.nanmean(np.stack([left, right]), axis=0)
     reach = np.maximum(np.ceil(gaps * local), 2 * exclude)
     # No farther than the farther end of the span: a move past one end is then mirrored inside.
-    return np.maximum(np.minimum(reach, np.maximum(q - lo, hi - q)), exclude).astype(np.int64)
+    # an array, though numpy's stubs type this expression as Any
+    bounded: np.ndarray = np.maximum(np.minimum(reach, np.maximum(q - lo, hi - q)), exclude).astype(np.int64)
+    return bounded
 
 
 def _place(
@@ -471,7 +473,9 @@ def _place(
     d = np.where(up, size, -size)
     x = q + d
     x = np.where((x < lo) | (x > hi), q - d, x)
-    return np.clip(x, lo, hi)
+    # an array, though numpy's stubs type this expression as Any
+    placed: np.ndarray = np.clip(x, lo, hi)
+    return placed
 
 
 def _near(x: np.ndarray, sorted_points: np.ndarray, radius: int) -> np.ndarray:
@@ -554,7 +558,9 @@ def _placebo_positions(group: _Group, window: int) -> np.ndarray:
     """Epoch boundaries not within ``window`` of a real event."""
     if group.boundaries.size == 0 or group.all_events.size == 0:
         return group.boundaries
-    return group.boundaries[~_near(group.boundaries, group.all_events, window)]
+    # an array, though numpy's stubs type this expression as Any
+    away: np.ndarray = group.boundaries[~_near(group.boundaries, group.all_events, window)]
+    return away
 
 
 def _clusters(trace: Trace, s: _Setup, gap: int) -> pl.DataFrame:
@@ -688,26 +694,44 @@ _COLUMNS = [
 ]
 
 
+_TestResult = tuple[np.ndarray, np.ndarray, np.ndarray, int] | tuple[None, None, None, int]
+"""What :func:`_permutation_test` returns: per series observed counts, chance and p; the event count."""
+
+_AlignmentRow = tuple[
+    int,
+    int,
+    int | None,
+    float | None,
+    float | None,
+    float,
+    int | None,
+    int | None,
+    float | None,
+    float | None,
+]
+"""sid, events, followed, chance, p; the p floor; placebo events, followed, chance, p."""
+
+
 def _test_group(
     g: _Group, onsets: dict[int, np.ndarray], window: int, s: _Setup, placebo: bool
-) -> list[tuple]:
+) -> list[_AlignmentRow]:
     """The alignment rows of one (run, rank): the real event and, when asked, the placebo."""
     ons = [onsets.get(int(sid), np.zeros(0, dtype=np.int64)) for sid in g.sids]
     x = exclusion(window, s.baseline)
     events = g.events(window)
     real = _permutation_test(ons, events, g, window, x, s, stream=0)
-    fake = (None,) * 4
+    fake: _TestResult | None = None
     placebo_events = None
     if placebo:
         positions = _placebo_positions(g, window)
         placebo_events = positions.size
         fake = _permutation_test(ons, positions, g, window, x, s, stream=1, avoid=g.all_events)
-    rows = []
+    rows: list[_AlignmentRow] = []
     floor = 1.0 / (s.permutations + 1)
     for i, sid in enumerate(g.sids):
         tested = ons[i].size > 0
         r_k, r_chance, r_p = _pick(real, i, tested)
-        p_k, p_chance, p_p = _pick(fake, i, tested) if placebo else (None, None, None)
+        p_k, p_chance, p_p = _pick(fake, i, tested) if fake is not None else (None, None, None)
         rows.append((int(sid), events.size, r_k, r_chance, r_p, floor, placebo_events, p_k, p_chance, p_p))
     return rows
 
@@ -722,7 +746,7 @@ def _permutation_test(
     *,
     stream: int,
     avoid: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | tuple[None, None, None, int]:
+) -> _TestResult:
     """Observed counts, chance and p-values of one event train for every series of a group."""
     e = positions.size
     if e == 0:
@@ -785,16 +809,17 @@ CHUNK = 4_000_000
 """Jittered event positions drawn and counted at once (about 100 MB of working memory)."""
 
 
-def _pick(result: tuple, i: int, tested: bool) -> tuple[int | None, float | None, float | None]:
-    observed, chance, p, e = result
-    if observed is None:
-        return (0 if e == 0 else None), None, None
+def _pick(result: _TestResult, i: int, tested: bool) -> tuple[int | None, float | None, float | None]:
+    if result[0] is None:
+        return (0 if result[3] == 0 else None), None, None
+    observed, chance, p, _ = result
     return int(observed[i]), float(chance[i]), (float(p[i]) if tested else None)
 
 
 def _with_q(block: pl.DataFrame) -> pl.DataFrame:
     """Enrichment with its interval, and BH q-values for the real and the placebo tests of one block."""
-    lo, hi = [], []
+    lo: list[float | None] = []
+    hi: list[float | None] = []
     for k, e, chance in block.select("events_followed", "events", "chance").iter_rows():
         if k is None or not e or not chance:
             lo.append(None)
@@ -822,7 +847,7 @@ def _with_q(block: pl.DataFrame) -> pl.DataFrame:
 
 
 def _empty_alignment(s: _Setup) -> pl.DataFrame:
-    schema = {k: (pl.Int32 if k == "rank" else pl.String) for k in s.keys}
+    schema: dict[str, type[pl.DataType]] = {k: (pl.Int32 if k == "rank" else pl.String) for k in s.keys}
     for c in _COLUMNS:
         schema[c] = (
             pl.String
@@ -848,8 +873,8 @@ def _empty_alignment(s: _Setup) -> pl.DataFrame:
 # Sentences
 
 
-def _label(row: dict, table: str, multi_run: bool, multi_rank: bool) -> str:
-    label = row["module"] + (f".{row['param']}" if table == "params" else "")
+def _label(row: dict[str, Any], table: str, multi_run: bool, multi_rank: bool) -> str:
+    label: str = row["module"] + (f".{row['param']}" if table == "params" else "")
     if table == "outputs" and row["split"] != "train":
         label += f" ({row['split']} passes)"
     if multi_rank:
@@ -883,7 +908,9 @@ def _unit(window: int, level: str) -> str:
     return "epoch" if window == 1 else "epochs"
 
 
-def _finding(row: dict, event: str, s: _Setup, multi_run: bool, multi_rank: bool, placebo: bool) -> str:
+def _finding(
+    row: dict[str, Any], event: str, s: _Setup, multi_run: bool, multi_rank: bool, placebo: bool
+) -> str:
     """One plain sentence: k of E events followed, local chance, enrichment, p, q, clusters, placebo."""
     label = _label(row, s.table, multi_run, multi_rank)
     n, c, e, k = row["spikes"], row["clusters"], row["events"], row["events_followed"]
@@ -992,7 +1019,7 @@ def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
     info = series_info(trace, s.table, s.modules)
     groups = _groups_of(trace, info, event, s, boundaries=False)
     x = exclusion(window, s.baseline)
-    tests = {}  # per sid: the group's events and jittered trains (the same draws as before)
+    tests: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # per sid: its events, jittered trains
     for g in groups:
         events = g.events(window)
         lo, hi = g.span(window)
@@ -1003,13 +1030,13 @@ def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
             )
         for sid in g.sids:
             tests[int(sid)] = (events, trains)
-    results = {}
+    results: dict[int, tuple[float | None, float | None, int, float | None]] = {}
     for series in complete_series(trace, s.table, s.modules):  # a group of whole series at a time
         for sid, lv in _levels(series, s.level, window).items():
             events, trains = tests[sid]
             if trains is not None:
                 results[sid] = step_test(lv, events, trains, window)
-    rows = []
+    rows: list[tuple[int, int, float | None, float | None, int | None, float | None]] = []
     for g in groups:
         for sid in g.sids:
             events, _ = tests[int(sid)]
@@ -1076,7 +1103,7 @@ def _finite(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def _step_finding(row: dict, event: str, s: _Setup, multi_run: bool, multi_rank: bool) -> str:
+def _step_finding(row: dict[str, Any], event: str, s: _Setup, multi_run: bool, multi_rank: bool) -> str:
     label = _label(row, s.table, multi_run, multi_rank)
     w = row["window"]
     if not row["events"]:
@@ -1173,7 +1200,7 @@ def _profile_rows(lv: _Levels, at: np.ndarray, offsets: np.ndarray, sid: int, ki
 def _groups(clusters: pl.DataFrame, s: _Setup, tolerance: int) -> pl.DataFrame:
     """Connected components of the 'same excursions' relation within each (run, rank)."""
     keys = s.keys
-    schema = {
+    schema: dict[str, pl.DataType | type[pl.DataType]] = {
         **{k: clusters.schema[k] for k in keys},
         "group": pl.Int64,
         "size": pl.Int64,

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import altair as alt
 import polars as pl
@@ -419,7 +419,7 @@ def event_profile(
         scale=alt.Scale(domain=list(around.values()), range=["#d62728", "#7f7f7f"]),
     )
     y_title = "value / pre-event median"
-    panels = []
+    drawn = []  # one panel per series (``panels`` is their number)
     for (series,), part in data.group_by("series", maintain_order=True):
         base = alt.Chart(_printable_frame(part))
         layers = [
@@ -445,10 +445,10 @@ def event_profile(
             alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x="x:Q"),
             alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(color="#999", strokeWidth=0.5).encode(y="y:Q"),
         ]
-        panels.append(
+        drawn.append(
             alt.layer(*layers).properties(width=_SMALL_WIDE, height=_SMALL_TALL, title=printable(series))
         )
-    return alt.concat(*panels, columns=3).properties(
+    return alt.concat(*drawn, columns=3).properties(
         title=f"{printable(event)}-triggered average of the {value_title(trace, table)} (median and quartiles over events)"
     )
 
@@ -472,7 +472,10 @@ def _x_column(level: Level) -> str:
 
 def _grid(groups: pl.DataFrame, domain: tuple[int, int] | None, bins: int) -> Grid:
     """Grid over ``domain`` (or the groups' own x range) with at most ``bins`` bins."""
-    lo, hi = domain if domain is not None else (int(groups["lo"].min()), int(groups["hi"].max()))
+    if domain is not None:
+        lo, hi = domain
+    else:  # min and max of an integer column (pass or epoch) with rows: ints, whatever Polars' types say
+        lo, hi = cast(int, groups["lo"].min()), cast(int, groups["hi"].max())
     return Grid.fit(lo, hi, bins)
 
 
@@ -640,7 +643,7 @@ def _layers(
     y_scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
     base = alt.Chart(_printable_frame(curves))
     domain = [printable(n) for n in order] if order and color == "series" else []
-    scheme = "tableau10" if len(domain) <= 10 else "tableau20"
+    scheme: Literal["tableau10", "tableau20"] = "tableau10" if len(domain) <= 10 else "tableau20"
     palette = alt.Scale(domain=domain, scheme=scheme) if domain else alt.Scale(scheme=scheme)
     pick = alt.selection_point(fields=[color], bind="legend") if select else None
     strong = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(0.15)) if pick else alt.value(1.0)

@@ -12,9 +12,9 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import polars as pl
 
@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        handler: Callable[[argparse.Namespace], int] = args.handler  # each sub-command's set_defaults
         try:
-            return args.handler(args)
+            return handler(args)
         except BrokenPipeError:  # e.g. `normtrace spikes RUN --csv | head`: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for runs on object storage (s3://...): an option of Polars' scans, e.g. aws_region=eu-west-1 "
         "(repeat for several)",
     )
-    script = argparse.ArgumentParser(add_help=False)
+    script = _Parser(add_help=False)  # a parent: only its arguments are copied
     out = script.add_mutually_exclusive_group()
     out.add_argument("--json", dest="output", action="store_const", const="json", help="JSON on stdout")
     out.add_argument("--csv", dest="output", action="store_const", const="csv", help="CSV on stdout")
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> Trace:
     """The runs named on the command line, with the row filters applied."""
     options = dict(args.storage_option) or None
-    on_error = "skip" if args.skip_corrupt else "raise"
+    on_error: Literal["raise", "skip"] = "skip" if args.skip_corrupt else "raise"
     trace = load(args.runs, normalize=args.normalize, on_error=on_error, storage_options=options)
     filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
     return trace.filter(**filters)
@@ -324,9 +325,10 @@ def _spikes(args: argparse.Namespace) -> int:
         )
     table = several if several is not None else aligned
     if args.output == "csv":
-        if args.alignment and table is None:
+        chosen = table if args.alignment else found
+        if chosen is None:
             raise ValueError("--alignment: no events were recorded, so there is nothing to align")
-        _write_frame(table if args.alignment else found, "csv")
+        _write_frame(chosen, "csv")
         return 0
     if args.output == "json":
         doc = {
@@ -390,7 +392,8 @@ def _series_name(row: dict[str, Any], table: str) -> str:
     """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``."""
     if table == "params":
         return f"{row['module']}.{row['param']}"
-    return row["module"] + ("" if row["split"] == "train" else f" ({row['split']})")
+    module: str = row["module"]
+    return module + ("" if row["split"] == "train" else f" ({row['split']})")
 
 
 def _alignment_text(aligned: pl.DataFrame, table: str) -> str:
@@ -424,7 +427,7 @@ def _report(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--format {args.format} of several runs: name the folder for the charts with -o DIR"
         )
-    folder = args.output or next(iter(trace.paths.values())) / "charts"  # beside the run, not in the cwd
+    folder: Path = args.output or _charts_folder(trace)
     _check_target(folder, trace, force=True)
     existing = sorted(folder.glob(f"*.{args.format}")) if folder.is_dir() else []
     if existing and not args.force:
@@ -435,6 +438,15 @@ def _report(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _charts_folder(trace: Trace) -> Path:
+    """Where ``report --format png|svg`` writes one run's charts without ``-o``: beside the run, not in the
+    cwd; a run on object storage has no local folder to write beside, so ``-o`` is needed there."""
+    run = next(iter(trace.paths.values()))
+    if not isinstance(run, Path):
+        raise ValueError(f"{run} is on object storage: name a local folder for the charts with -o DIR")
+    return run / "charts"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -519,7 +531,8 @@ def _write_frame(df: pl.DataFrame, output: str) -> None:
 
 def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
     """Rows as JSON-ready dicts; NaN and ±inf (which JSON cannot hold) become null, as in Polars' JSON."""
-    return json.loads(df.write_json())
+    records: list[dict[str, Any]] = json.loads(df.write_json())  # write_json: an array of row objects
+    return records
 
 
 def _spread(values: list[Any], at_most: int) -> list[Any]:

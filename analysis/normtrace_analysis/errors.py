@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # storage imports this module
+    from .storage import ObjectPath
 
 
 class TraceError(Exception):
     """Base class of every error about reading a trace; ``path`` is the file or folder at fault (a
     ``Path``, or for a run on object storage its ``storage.ObjectPath`` or URL string)."""
 
-    def __init__(self, message: str, path: str | Path | Any | None = None) -> None:
+    path: str | Path | ObjectPath | None
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | ObjectPath | None = None) -> None:
         super().__init__(message)
         if isinstance(path, str) and "://" in path:
             self.path = path  # a URL: Path() would collapse its "//"
@@ -74,7 +80,8 @@ def caller_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` that points at the first frame outside this package: the
     user's call, however deep inside the package the warning is raised."""
     package = str(Path(__file__).parent)
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level

@@ -14,9 +14,13 @@ import shutil
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from .schema import check_table
 from .trace import PathLike, Trace, load
+
+ParquetCompression = Literal["lz4", "uncompressed", "snappy", "gzip", "brotli", "zstd"]
+"""The Parquet codecs Polars writes."""
 
 
 def partition_name(run: str) -> str:
@@ -30,7 +34,7 @@ def to_parquet(
     *,
     table: str = "outputs",
     overwrite: bool = False,
-    compression: str = "zstd",
+    compression: ParquetCompression = "zstd",
 ) -> list[Path]:
     """Write ``table`` of every run of ``source`` to ``directory/run=<name>/part-0.parquet``.
 

@@ -91,8 +91,8 @@ def render(spec: dict[str, Any], **metadata: Any) -> dict[str, str]:
 def row_counts(trace: Trace) -> dict[str, dict[str, int | None]]:
     """Rows per run and table, as the shards hold them (before the Trace's filters), from their metadata;
     None where they cannot be counted (a damaged shard, an unreachable store): a repr must not raise."""
-    key = ("row_counts",)
-    if key not in trace._cache:
+
+    def count() -> dict[str, dict[str, int | None]]:
         counts: dict[str, dict[str, int | None]] = {}
         for run in trace._runs:
             per_table: dict[str, int | None] = {}
@@ -108,12 +108,19 @@ def row_counts(trace: Trace) -> dict[str, dict[str, int | None]]:
                 except Exception:  # shown as "?"; an analysis names the cause
                     per_table[table] = None
             counts[run.name] = per_table
-        trace._cache[key] = counts
-    return trace._cache[key]
+        return counts
+
+    return trace.cached(("row_counts",), count)
 
 
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
+
+
+def _total(counts: list[int | None]) -> int | None:
+    """The sum, or None when any count is unknown."""
+    known = [n for n in counts if n is not None]
+    return sum(known) if len(known) == len(counts) else None
 
 
 def _filters_text(trace: Trace) -> str:
@@ -135,7 +142,7 @@ def trace_repr(trace: Trace) -> str:
     """A few lines: the runs, rows per table (from shard metadata), shards, and the filters."""
     counts = row_counts(trace)
     totals = {t: [c[t] for c in counts.values()] for t in TABLES}
-    total = {t: None if None in v else sum(v) for t, v in totals.items()}
+    total = {t: _total(v) for t, v in totals.items()}
     shards = {t: len(trace.shards(t)) for t in TABLES}
     tables = " · ".join(
         f"{t} {_count(total[t])} rows/{shards[t]} shards" if shards[t] else f"{t} –" for t in TABLES

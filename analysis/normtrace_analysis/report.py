@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 import altair as alt
 import polars as pl
@@ -27,7 +27,7 @@ from . import charts
 from .alignment import PLACEBO, TOLERANCE, check_event, format_p, recorded_events
 from .charts import MAX_ROWS, Band
 from .errors import TraceError
-from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level
+from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 from .progress import progress as show_progress
 from .trace import Trace, load
 
@@ -86,7 +86,7 @@ def report(
         sections = chart_sections(
             trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=events
         )
-        findings = [
+        findings: list[tuple[str, Callable[[], str]]] = [
             (f"alignment-{i}", partial(_alignment_html, trace, e, level)) for i, e in enumerate(events)
         ]
         blocks: list[tuple[str, Callable[[], str]]] = [
@@ -94,7 +94,11 @@ def report(
             ("metadata", lambda: _metadata_html(trace)),
             ("summary", lambda: _summary_html(trace)),
         ]
-        for name, step in [*blocks, *((s.slug, s) for s in sections)]:
+        steps: list[tuple[str, Callable[[], str] | ChartSection]] = [
+            *blocks,
+            *((s.slug, s) for s in sections),
+        ]
+        for name, step in steps:
             bar.set_postfix_str(name, refresh=False)
             if isinstance(step, ChartSection):
                 parts[name] = _chart_html(step)
@@ -149,7 +153,9 @@ def export_charts(
         sections = chart_sections(
             trace, level=level, band=band, log=log, max_rows=max_rows, spikes=spikes, event=event
         )
-        for section in (s for s in sections if s.build):
+        for section in sections:
+            if section.build is None:
+                continue  # no data for this chart
             bar.set_postfix_str(section.slug, refresh=False)
             target = _export_one(section.slug, section.build, folder, format, scale)
             if target is not None:
@@ -176,6 +182,16 @@ def _export_one(
     return target
 
 
+class _CurveOptions(TypedDict):
+    """The options the report's curve charts (norms, metrics) share."""
+
+    level: Level
+    band: Band
+    log: bool
+    domain: tuple[int, int] | None
+    max_rows: int
+
+
 def chart_sections(
     trace: Trace,
     *,
@@ -195,8 +211,7 @@ def chart_sections(
     present = {t: _has_rows(trace, t) for t in ("outputs", "params", "metrics")}
     domain = charts.x_domain(trace, level) if any(present.values()) else None
     epoch_domain = charts.x_domain(trace, "epoch") if any(present.values()) else None
-    common = {"max_rows": max_rows}
-    curves = {"level": level, "band": band, "log": log, "domain": domain, **common}
+    curves: _CurveOptions = {"level": level, "band": band, "log": log, "domain": domain, "max_rows": max_rows}
     marks: bool | pl.DataFrame = spikes if spikes is not None else False
     specs = [
         ("output-norms", f"Output norms per {level}", "outputs",
@@ -205,9 +220,9 @@ def chart_sections(
          lambda: charts.norms(trace, "params", spikes=False, **curves)),
         ("metrics", f"Metrics per {level}", "metrics", lambda: charts.metrics(trace, **curves)),
         ("output-share", "Share of the output norm per layer", "outputs",
-         lambda: charts.share(trace, "outputs", domain=epoch_domain, **common)),
+         lambda: charts.share(trace, "outputs", domain=epoch_domain, max_rows=max_rows)),
         ("parameter-share", "Share of the parameter norm per layer", "params",
-         lambda: charts.share(trace, "params", domain=epoch_domain, **common)),
+         lambda: charts.share(trace, "params", domain=epoch_domain, max_rows=max_rows)),
     ]  # fmt: skip
     sections = [
         ChartSection(slug, heading, build if present[table] else None, f"The trace has no {table} rows.")
@@ -258,7 +273,10 @@ def _vl_version() -> str | None:
 @cache
 def _javascript() -> str:
     """vega, vega-lite and vega-embed in one script, safe to inline in a ``<script>`` element."""
-    return vl_convert.javascript_bundle(vl_version=_vl_version()).replace("</script", "<\\/script")
+    # vl-convert's stub marks snippet as required; it is optional (default: vegaEmbed, vegaLite and vega
+    # become globals), as its docstring and its runtime signature (snippet=None) say
+    bundle: str = vl_convert.javascript_bundle(vl_version=_vl_version())  # type: ignore[call-arg]
+    return bundle.replace("</script", "<\\/script")
 
 
 def _as_trace(source: Source) -> Trace:
@@ -355,7 +373,8 @@ def _summary_html(trace: Trace) -> str:
     """Per module (and parameter), in the model's order: epochs seen, first and last epoch mean, their
     ratio, and the peak, with a caption saying what each count counts."""
     parts = []
-    for table, title in (("outputs", "Output norms"), ("params", "Parameter norms")):
+    tables: tuple[tuple[Table, str], ...] = (("outputs", "Output norms"), ("params", "Parameter norms"))
+    for table, title in tables:
         if not _has_rows(trace, table):
             continue
         per_epoch = trace.epoch_summary(table)
@@ -474,7 +493,7 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
     if found.is_empty():
         return (
             f"Spikes do not follow {event} more often than chance in any of the {tested.height} series "
-            f"tested (smallest q = {tested['q_value'].min():.2g})."
+            f"tested (smallest q = {_least(tested['q_value']):.2g})."
         )
     groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
     keys = SERIES_KEYS["outputs"]
@@ -486,7 +505,7 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
     placebo = found.filter(pl.col("placebo_p").is_not_null())
     boundary = ""
     if placebo.height:
-        worst = placebo["placebo_p"].min()
+        worst = _least(placebo["placebo_p"])
         bound = "= 1" if worst >= 1 else f"≥ {worst:.2g}"
         boundary = (
             f" The other {PLACEBO}, tested the same way, are not followed by spikes (placebo p {bound})."
@@ -502,6 +521,11 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
 
 SIGNIFICANT = 0.05
 """The q-value below which the report's verdict counts a series as one where spikes follow the event."""
+
+
+def _least(values: pl.Series) -> float:
+    """The smallest of some p- or q-values known to hold one (Polars types a Series' min broadly)."""
+    return cast(float, values.min())
 
 
 def _series_names(frame: pl.DataFrame, table: str) -> list[str]:
@@ -591,7 +615,7 @@ def _groups_html(trace: Trace, level: Level) -> str:
             m + (f" ({s})" if s != "train" else "") for m, s in part.select("module", "split").iter_rows()
         )
         where = f"{run}, rank {rank}: " if multi_run or rank else ""
-        share = part["shared"].mean()
+        share = cast(float, part["shared"].mean())  # a float column with rows
         items.append(
             f"<li>{_esc(where + names)} — {share:.0%} of their spike clusters start within "
             f"{TOLERANCE[level]} {level}{'es' if level == 'pass' else 's'} of one another's</li>"
@@ -603,7 +627,15 @@ def _alignment_view(frame: pl.DataFrame, windows: bool = False) -> pl.DataFrame:
     """The alignment columns worth a reader's eye, "k of E" written out."""
     keys = ["module", "split"] + (["run"] if frame["run"].n_unique() > 1 else [])
     keys += ["rank"] if frame["rank"].n_unique() > 1 else []
-    placebo = frame["placebo_events"].is_not_null().any()
+    placebo: list[pl.Expr | str] = (
+        [
+            pl.format("{} of {}", "placebo_followed", "placebo_events").alias("placebo followed"),
+            "placebo_chance",
+            _p_text("placebo_p").alias("placebo p"),
+        ]
+        if frame["placebo_events"].is_not_null().any()
+        else []
+    )
     return frame.select(
         *keys,
         *(["window"] if windows else []),
@@ -617,15 +649,7 @@ def _alignment_view(frame: pl.DataFrame, windows: bool = False) -> pl.DataFrame:
         _p_text("q_value").alias("q"),
         "spikes",
         "clusters",
-        *(
-            [
-                pl.format("{} of {}", "placebo_followed", "placebo_events").alias("placebo followed"),
-                "placebo_chance",
-                _p_text("placebo_p").alias("placebo p"),
-            ]
-            if placebo
-            else []
-        ),
+        *placebo,
     )
 
 

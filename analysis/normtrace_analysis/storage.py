@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -33,7 +33,7 @@ _WORKERS = 16
 their size, is what a load of many remote shards waits for."""
 
 
-def is_url(path: object) -> bool:
+def is_url(path: object) -> TypeGuard[str]:
     """Whether ``path`` names a location on a remote file system (``scheme://…``, not ``file://``)."""
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
@@ -87,10 +87,13 @@ class ObjectPath:
     def is_relative_to(self, other: object) -> bool:
         return isinstance(other, ObjectPath) and (self == other or str(self).startswith(f"{other}/"))
 
-    def _type(self) -> pafs.FileType:
+    def _file_info(self) -> pafs.FileInfo:
         if self._info is None:
             self._info = self.fs.get_file_info(self.key)
-        return self._info.type
+        return self._info
+
+    def _type(self) -> pafs.FileType:
+        return self._file_info().type
 
     def exists(self) -> bool:
         return self._type() != pafs.FileType.NotFound
@@ -102,9 +105,10 @@ class ObjectPath:
         return self._type() == pafs.FileType.File
 
     def stat(self) -> _Stat:
-        if self._type() != pafs.FileType.File:
+        info = self._file_info()
+        if info.type != pafs.FileType.File:
             raise FileNotFoundError(f"no such object: {self}")
-        return _Stat(int(self._info.size or 0))
+        return _Stat(int(info.size or 0))
 
     def iterdir(self) -> list[ObjectPath]:
         """The folder's entries (one listing request; their types and sizes come with it)."""

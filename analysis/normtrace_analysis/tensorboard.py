@@ -25,9 +25,9 @@ import datetime as dt
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import polars as pl
@@ -111,7 +111,24 @@ def to_tensorboard(
     return list(targets.values())
 
 
-def _writer_class() -> type:
+class _ScalarWriter(Protocol):
+    """The part of ``tensorboard.summary.Writer`` used here (tensorboard ships no type information)."""
+
+    def add_scalar(
+        self,
+        tag: str,
+        data: float,
+        step: int,
+        *,
+        wall_time: float | None = None,
+        description: str | None = None,
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _writer_class() -> Callable[[str], _ScalarWriter]:
+    """TensorBoard's event-file writer: called with a folder."""
     try:
         from tensorboard.summary import Writer
     except ImportError as exc:
@@ -119,7 +136,8 @@ def _writer_class() -> type:
             f"TensorBoard export needs the tensorboard package ({exc}); "
             "pip install 'normtrace-analysis[tensorboard]'"
         ) from exc
-    return Writer
+    writer_class: Callable[[str], _ScalarWriter] = Writer  # untyped (Any) as mypy sees it
+    return writer_class
 
 
 def _points(trace: Trace, table: str, level: str, max_points: int) -> pl.DataFrame:
@@ -214,7 +232,9 @@ def _clock(trace: Trace, run: str, rank: int, level: str) -> tuple[np.ndarray, n
     return np.array([0.0]), np.array([t0])
 
 
-def _write(writer, table: str, frame: pl.DataFrame, level: str, clock: tuple[np.ndarray, np.ndarray]) -> None:
+def _write(
+    writer: _ScalarWriter, table: str, frame: pl.DataFrame, level: str, clock: tuple[np.ndarray, np.ndarray]
+) -> None:
     """Every point of one run and rank's ``table`` as ``add_scalar`` calls."""
     if frame.is_empty():
         return

@@ -16,10 +16,11 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from .errors import (
@@ -47,7 +48,10 @@ from .storage import ObjectPath, StorageOptions, is_url, parallel_map
 from .storage import expand as expand_url
 
 PathLike = str | os.PathLike[str]
+RunPath: TypeAlias = Path | ObjectPath
+"""Where a run's folders and files are: a local path, or one on object storage (see :mod:`.storage`)."""
 T = TypeVar("T")
+V = TypeVar("V")
 
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
 
@@ -57,10 +61,10 @@ class _Run:
     """One run directory as found at load: its name, metadata and the shards that passed validation."""
 
     name: str
-    path: Path | ObjectPath
+    path: RunPath
     meta: dict[str, Any]
     rank_metas: dict[int, dict[str, Any]]
-    shards: dict[str, list[tuple[Path | ObjectPath, pl.Schema]]]
+    shards: dict[str, list[tuple[RunPath, pl.Schema]]]
     storage_options: dict[str, Any] | None = None
     """Polars' options for scanning a run on object storage (None for a local run)."""
 
@@ -100,7 +104,7 @@ class Trace:
     _runs: list[_Run]
     _normalize: dict[str, dict[str, bool]]
     _base: dict[str, pl.LazyFrame]
-    skipped: list[Path]
+    skipped: list[RunPath]
     _filters: _Filters = field(default_factory=_Filters)
     _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
     _by_run: dict[str, dict[str, pl.LazyFrame]] = field(default_factory=dict, repr=False, compare=False)
@@ -124,12 +128,12 @@ class Trace:
         if slot is None:
             if key not in self._cache:
                 self._cache[key] = compute()
-            return self._cache[key]
+            return cast("T", self._cache[key])  # what compute() returned for this key
         held = self._cache.get(slot)
         if held is None or held[0] != key:
             self._cache[slot] = None  # free the old result before computing the new one
             held = self._cache[slot] = (key, compute())
-        return held[1]
+        return cast("T", held[1])  # what compute() returned for this key
 
     def is_cached(self, key: Hashable) -> bool:
         """Whether :meth:`cached` holds a result under ``key`` (so a scan computing it on the side can
@@ -169,8 +173,8 @@ class Trace:
         return {r.name: r.rank_metas for r in self._runs}
 
     @property
-    def paths(self) -> dict[str, Path]:
-        """Each run's directory, by run name."""
+    def paths(self) -> dict[str, RunPath]:
+        """Each run's directory, by run name (an :class:`~.storage.ObjectPath` for a run on object storage)."""
         return {r.name: r.path for r in self._runs}
 
     @property
@@ -198,7 +202,7 @@ class Trace:
         """Events such as ``target_update`` (filters on epochs, passes, ranks and runs applied)."""
         return self.table("events")
 
-    def shards(self, table: str) -> list[Path]:
+    def shards(self, table: str) -> list[RunPath]:
         """The validated shard files of ``table`` across all runs (empty when no run recorded it)."""
         check_table(table)
         return [p for r in self._runs for p, _ in r.shards[table]]
@@ -292,7 +296,7 @@ class Trace:
                 path,
             ) from exc
 
-    def _damaged_shard(self) -> tuple[Path, str] | None:
+    def _damaged_shard(self) -> tuple[RunPath, str] | None:
         """The first shard of any loaded table whose rows cannot be read, and why (None if all read)."""
         for run in self._runs:
             for table in TABLES:
@@ -548,7 +552,7 @@ def load(
     normalize: bool | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     storage_options: StorageOptions | None = None,
-    filesystem: Any = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Trace:
     """Open run directories lazily: a path, a list of paths, or a glob such as ``"runs/*"``.
 
@@ -567,9 +571,9 @@ def load(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     dirs = _expand(path, storage_options, filesystem)
-    skipped: list[Path] = []
-    stray: list[Path] = []
-    named: list[tuple[Path | ObjectPath, str]] = []
+    skipped: list[RunPath] = []
+    stray: list[RunPath] = []
+    named: list[tuple[RunPath, str]] = []
     taken: set[str] = set()
     for d in dirs:
         name = d.name or str(d)
@@ -611,15 +615,17 @@ def load(
 
 
 def _expand(
-    path: PathLike | Iterable[PathLike], storage_options: StorageOptions | None = None, filesystem: Any = None
-) -> list[Path | ObjectPath]:
+    path: PathLike | Iterable[PathLike],
+    storage_options: StorageOptions | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[RunPath]:
     """Run directories named by a path, a glob, or an iterable of either; duplicates are dropped.
 
     URLs (``s3://…``) name runs on object storage (:mod:`.storage`), never local folders."""
     items = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not items:
         raise RunNotFoundError("no run directory given", None)
-    dirs: list[Path | ObjectPath] = []
+    dirs: list[RunPath] = []
     for item in items:
         if is_url(item):
             dirs.extend(expand_url(item, storage_options, filesystem))
@@ -637,7 +643,7 @@ def _expand(
     return list({d.resolve(): d for d in dirs}.values())
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: RunPath) -> dict[str, Any]:
     """Parse one metadata file and refuse a schema version newer than :data:`SCHEMA_VERSION`."""
     try:
         meta = json.loads(path.read_text())
@@ -657,11 +663,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _open_run(
-    d: Path | ObjectPath,
+    d: RunPath,
     name: str,
     on_error: str,
-    skipped: list[Path],
-    stray: list[Path],
+    skipped: list[RunPath],
+    stray: list[RunPath],
     storage_options: dict[str, Any] | None = None,
 ) -> _Run:
     """Read a run's metadata and validate every shard's footer and columns (and, when corrupt shards are
@@ -677,15 +683,15 @@ def _open_run(
         m = _META_RANK.match(p.name)
         if m:
             rank_metas[int(m.group(1))] = _read_meta(p)
-    shards: dict[str, list[tuple[Path | ObjectPath, pl.Schema]]] = {}
+    shards: dict[str, list[tuple[RunPath, pl.Schema]]] = {}
     body = on_error == "skip"
     for table in TABLES:
         files = _shard_files(d / table, stray)
         if isinstance(d, ObjectPath):  # a footer is a request: make them together, report in order
-            checked = parallel_map(lambda f, t=table: _try_validate(f, t, body), files)
+            checked = parallel_map(functools.partial(_try_validate, table=table, body=body), files)
         else:
             checked = [_try_validate(f, table, body) for f in files]
-        good = []
+        good: list[tuple[RunPath, pl.Schema]] = []
         for f, result in zip(files, checked, strict=True):
             if isinstance(result, CorruptShardError):
                 if on_error == "raise":
@@ -695,12 +701,20 @@ def _open_run(
                 good.append((f, result))
         shards[table] = good
     if not any(shards.values()):
-        why = " (every shard was unreadable and skipped)" if any(p.is_relative_to(d) for p in skipped) else ""
+        why = " (every shard was unreadable and skipped)" if any(_inside(p, d) for p in skipped) else ""
         raise EmptyRunError(f"run {d} has no shards in any of {'/, '.join(TABLES)}/{why}", d)
     return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards, storage_options)
 
 
-def _try_validate(path: Path | ObjectPath, table: str, body: bool) -> pl.Schema | CorruptShardError:
+def _inside(path: RunPath, folder: RunPath) -> bool:
+    """Whether ``path`` lies in ``folder``; a local path never lies in a folder on object storage, nor the
+    reverse (``skipped`` gathers both kinds when local and remote runs load together)."""
+    if isinstance(path, ObjectPath):
+        return path.is_relative_to(folder)
+    return isinstance(folder, Path) and path.is_relative_to(folder)
+
+
+def _try_validate(path: RunPath, table: str, body: bool) -> pl.Schema | CorruptShardError:
     """:func:`_validate_shard`'s schema, or the error it raised (so checks can run side by side)."""
     try:
         return _validate_shard(path, table, body=body)
@@ -708,7 +722,7 @@ def _try_validate(path: Path | ObjectPath, table: str, body: bool) -> pl.Schema 
         return exc
 
 
-def _shard_files(folder: Path, stray: list[Path]) -> list[Path]:
+def _shard_files(folder: RunPath, stray: list[RunPath]) -> list[RunPath]:
     """A table folder's shards in (rank, sequence) order; other ``.arrow`` files go to ``stray``.
 
     Only the recorder's names count, so a copy (``rank0-000003 copy.arrow``) or an export written into
@@ -716,7 +730,7 @@ def _shard_files(folder: Path, stray: list[Path]) -> list[Path]:
     """
     if not folder.is_dir():
         return []
-    found: dict[tuple[int, int], list[Path]] = {}
+    found: dict[tuple[int, int], list[RunPath]] = {}
     for f in folder.iterdir():
         if not f.name.endswith(SHARD_SUFFIX):
             continue  # temporary .arrow.tmp files of a writer, anything else
@@ -725,13 +739,13 @@ def _shard_files(folder: Path, stray: list[Path]) -> list[Path]:
             stray.append(f)
         else:
             found.setdefault((int(m.group(1)), int(m.group(2))), []).append(f)
-    shards = []
+    shards: list[RunPath] = []
     for key in sorted(found):
         names = found[key]
         if len(names) == 1:
             shards.append(names[0])
         else:
-            stray.extend(sorted(names))
+            stray.extend(sorted(names, key=str))  # ObjectPaths do not order; one folder's str()s do
     return shards
 
 
@@ -743,7 +757,7 @@ _SMALL_SHARD = 1 << 20
 """Shards up to this size are read into memory to open their footer (cheaper than a memory map)."""
 
 
-def _validate_shard(path: Path, table: str, *, body: bool = False) -> pl.Schema:
+def _validate_shard(path: RunPath, table: str, *, body: bool = False) -> pl.Schema:
     """Open a shard's footer (no rows read unless ``body``) and check its required columns and types."""
     try:
         if body or path.stat().st_size <= _SMALL_SHARD:
@@ -761,7 +775,8 @@ def _validate_shard(path: Path, table: str, *, body: bool = False) -> pl.Schema:
         raise CorruptShardError(f"corrupt or truncated shard {path}: {exc}", path) from exc
     schema = next((pl_schema for known, pl_schema in _SCHEMAS if known.equals(arrow_schema)), None)
     if schema is None:
-        schema = pl.from_arrow(arrow_schema.empty_table()).schema
+        # a Table converts to a DataFrame (from_arrow returns a Series only for an Array)
+        schema = cast(pl.DataFrame, pl.from_arrow(arrow_schema.empty_table())).schema
         _SCHEMAS.append((arrow_schema, schema))
     for col, dtype in REQUIRED_COLUMNS[table].items():
         if col not in schema:
@@ -822,7 +837,7 @@ def _listing(names: list[str], at_most: int = 12) -> str:
     return shown + (f" … ({len(names) - at_most} more)" if len(names) > at_most else "")
 
 
-def _intersect(old: tuple | None, new: tuple) -> tuple:
+def _intersect(old: tuple[V, ...] | None, new: tuple[V, ...]) -> tuple[V, ...]:
     """Values allowed by both an existing filter (None = all) and a new one."""
     return new if old is None else tuple(v for v in old if v in new)
 

@@ -32,16 +32,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[dict[str, str]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """moto's S3 server in a subprocess; yields Polars-style storage options pointing at it."""
     need("moto")
     need("flask")
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # its log goes to a file: moto logs every request, and an unread pipe that fills up blocks the server
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as err:  # the child keeps its own copy of the file
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -51,7 +54,7 @@ def server() -> Iterator[dict[str, str]]:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"moto server did not start: {proc.stderr.read().decode()[-2000:]}"
+                        f"moto server did not start: {log.read_text(errors='replace')[-2000:]}"
                     ) from None
                 time.sleep(0.1)
         yield {
@@ -148,3 +151,39 @@ def test_missing_runs_and_plain_http_without_allow_http_are_named(server) -> Non
         na.load("s3://bucket/runs/zz*", storage_options=server)
     with pytest.raises(ValueError, match="aws_allow_http"):
         na.load("s3://bucket/runs/a", storage_options={**server, "aws_allow_http": "false"})
+
+
+# Paths on object storage neither order nor compare with local paths: three places that assumed they did.
+
+
+def test_two_names_for_one_remote_shard_are_both_stray(uploaded, server) -> None:
+    local_dir, s3 = uploaded
+    pafs.copy_files(str(local_dir / "a"), "bucket/twice/a", destination_filesystem=s3)
+    with s3.open_input_stream("bucket/twice/a/outputs/rank0-000001.arrow") as f:
+        data = f.read()
+    with s3.open_output_stream("bucket/twice/a/outputs/rank0-1.arrow") as f:
+        f.write(data)  # a second name for shard (0, 1)
+    with pytest.warns(
+        na.StrayFilesWarning, match=r"rank0-000001\.arrow\n  s3://bucket/twice/a/outputs/rank0-1"
+    ):
+        na.load("s3://bucket/twice/a", storage_options=server)
+
+
+def test_a_local_run_with_a_skipped_shard_loads_beside_an_empty_remote_run(
+    uploaded, server, tmp_path: Path
+) -> None:
+    local_dir, s3 = uploaded
+    damaged = tmp_path / "damaged"
+    pafs.copy_files(str(local_dir / "a"), str(damaged), destination_filesystem=pafs.LocalFileSystem())
+    shard = damaged / "outputs" / "rank0-000002.arrow"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with s3.open_output_stream("bucket/bare/run/meta.json") as f:
+        f.write((local_dir / "a" / "meta.json").read_bytes())
+    with pytest.raises(na.EmptyRunError, match=r"run s3://bucket/bare/run has no shards in any of .*/$"):
+        na.load([damaged, "s3://bucket/bare/run"], storage_options=server, on_error="skip")
+
+
+def test_charts_of_a_remote_run_need_a_local_folder(uploaded, server, capsys) -> None:
+    options = [f"--storage-option={k}={v}" for k, v in server.items()]
+    assert main(["report", "s3://bucket/runs/a", "--format", "svg", *options]) == 2
+    assert "on object storage: name a local folder for the charts with -o DIR" in capsys.readouterr().err

@@ -1,0 +1,335 @@
+"""How a recording ends, however it ends: dropped without close(), SIGTERM/SIGHUP, a slow writer, fork."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from recorder_models import QNetwork, approx_output_norms, norms_by_module, read_table
+from torch import nn
+
+import normtrace as nt
+import normtrace.writer
+from normtrace import schema
+
+TESTS = Path(__file__).parent
+EXAMPLES = TESTS.parent / "examples"
+
+
+def writer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("normtrace-writer")}
+
+
+def meta_of(run: Path) -> dict:
+    return json.loads((run / schema.meta_name(0)).read_text())
+
+
+# ---------------------------------------------------------------------------------- dropped recorders
+
+
+def train_and_forget_to_close(run: Path, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sweep's train() that never calls close(): the model and its recorder go out of scope together
+    (a reference cycle through the hooks, so only the garbage collector frees them)."""
+    model = QNetwork()
+    rec = nt.Recorder(run, lenses=[nt.OutputNorm(include=[nn.Identity])], flush_every=10**6, flush_secs=3600)
+    rec.attach(model)
+    for x in xs:
+        model(x)
+    rec.push_metric("last", 5.0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_recorders_collected_without_close_write_everything_and_stop_their_writers(tmp_path):
+    xs = [torch.randn(3, 4) for _ in range(5)]
+    before = writer_threads()
+    weights = [train_and_forget_to_close(tmp_path / f"run{i}", xs) for i in range(20)]
+    gc.collect()
+    deadline = time.monotonic() + 30
+    for t in writer_threads() - before:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert writer_threads() - before == set(), "writer threads of collected recorders still run"
+    for i, state in enumerate(weights):
+        run = tmp_path / f"run{i}"
+        model = QNetwork()
+        model.load_state_dict(state)
+        rows = read_table(run, "outputs").to_pylist()
+        assert len(rows) == 5 * 5
+        for p, x in enumerate(xs):
+            assert norms_by_module(rows, p) == approx_output_norms(model, x)
+        assert read_table(run, "metrics").column("value").to_pylist() == [5.0]
+        meta = meta_of(run)
+        assert (meta["status"], meta["passes"], meta["epochs"]) == ("abandoned", 5, 0)
+        assert meta["end_time"] is not None
+
+
+def test_a_recorder_dropped_by_its_last_reference_is_finished_at_once(tmp_path):
+    rec = nt.Recorder(tmp_path, flush_secs=3600)
+    rec.push_metric("m", 1.0)
+    rec.event("e")
+    thread = next(t for t in writer_threads() if str(tmp_path) in t.name)
+    del rec  # no cycle: reference counting frees it here
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["m"]
+    assert read_table(tmp_path, "events").column("name").to_pylist() == ["e"]
+    assert meta_of(tmp_path)["status"] == "abandoned"
+
+
+# ---------------------------------------------------------------------------------- a slow writer
+
+
+class SlowDisk:
+    """Makes every shard write wait until ``release()``; ``writes`` counts the writes that began."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._open = threading.Event()
+        self.writes = 0
+        original = normtrace.writer.ShardWriter._write_shard
+
+        def slow(writer, table, data):
+            self.writes += 1
+            assert self._open.wait(60), "the test never released the disk"
+            return original(writer, table, data)
+
+        monkeypatch.setattr(normtrace.writer.ShardWriter, "_write_shard", slow)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
+def test_training_waits_for_a_writer_slower_than_it_with_one_warning(tmp_path, monkeypatch):
+    """The queue to the writer used to grow without bound (RSS 254 -> 467 MiB in the issue's run). Now
+    a flush waits while more than max_queued_rows are queued, and says so once, naming the run."""
+    disk = SlowDisk(monkeypatch)
+    model = QNetwork()
+    xs = [torch.randn(2, 4) for _ in range(12)]
+    rec = nt.Recorder(
+        tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], flush_every=2, max_queued_rows=10
+    ).attach(model)
+    passes_done = []
+
+    def train() -> None:
+        for x in xs:
+            model(x)
+            passes_done.append(1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        wait_until(lambda: rec._writer.stalls > 0 or len(passes_done) == len(xs), "training stalls")
+        # passes 2 and 4 flush 10 rows each; pass 6 finds 20 queued (over 10) and waits in its flush
+        assert len(passes_done) == 6 and rec._writer.queued_rows == 20
+        disk.release()
+        trainer.join(timeout=60)
+    rec.close()
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert len(rows) == 12 * 5
+    for p, x in enumerate(xs):
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
+    stalls = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(stalls) == 1 and str(tmp_path) in stalls[0] and "max_queued_rows" in stalls[0], stalls
+
+
+def test_close_says_how_many_rows_are_left_while_it_drains(tmp_path, monkeypatch):
+    monkeypatch.setattr(normtrace.writer, "PROGRESS_SECS", 0.01)
+    disk = SlowDisk(monkeypatch)
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(model)
+    for _ in range(4):
+        model(torch.randn(2, 4))
+    rec.push_metric("m", 1.0)
+    said: list[str] = []
+    spoke = threading.Event()
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+            spoke.set()
+
+    listener = Listener()
+    logging.getLogger("normtrace").addHandler(listener)
+    try:
+        closer = threading.Thread(target=rec.close)
+        closer.start()
+        assert spoke.wait(30), "close() said nothing while the writer was stuck"
+        disk.release()
+        closer.join(timeout=60)
+    finally:
+        logging.getLogger("normtrace").removeHandler(listener)
+    assert str(tmp_path) in said[0] and "21 rows left" in said[0], said
+    assert read_table(tmp_path, "outputs").num_rows == 20
+    assert meta_of(tmp_path)["status"] == "closed"
+
+
+# ---------------------------------------------------------------------------------- signals
+
+TERMINATED = """
+import json, signal, sys, time, torch
+sys.path[:0] = [{tests!r}, {examples!r}]
+import normtrace as nt
+from recorder_models import QNetwork, expected_output_norms
+{setup}
+torch.manual_seed(0)
+model = QNetwork()
+rec = nt.Recorder({run!r}, lenses=[nt.OutputNorm(include=[torch.nn.Identity])], flush_every=10_000,
+                  flush_secs=3600)
+rec.attach(model)
+xs = [torch.randn(3, 4) for _ in range(7)]
+for x in xs:
+    model(x)
+rec.push_metric("last", 7.0)
+rec.event("before_signal")
+with open({expected!r}, "w") as f:
+    json.dump([expected_output_norms(model, x) for x in xs], f)
+print("ready", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+USER_HANDLER = """
+def on_term(signum, frame):
+    with open({marker!r}, "w") as f:
+        f.write("the user's handler ran")
+    sys.exit(3)
+signal.signal(signal.{sig}, on_term)
+"""
+
+
+def run_until_signal(tmp_path: Path, sig: signal.Signals, setup: str = "") -> subprocess.Popen:
+    run, expected = tmp_path / "run", tmp_path / "expected.json"
+    script = TERMINATED.format(
+        tests=str(TESTS), examples=str(EXAMPLES), run=str(run), expected=str(expected), setup=setup
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def assert_everything_before_the_signal_is_there(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    rows = read_table(run, "outputs").to_pylist()
+    assert len(rows) == 7 * 5
+    for p, want in enumerate(expected):
+        assert norms_by_module(rows, p) == pytest.approx(want, rel=1e-6)
+    assert read_table(run, "metrics").column("value").to_pylist() == [7.0]
+    assert read_table(run, "events").column("name").to_pylist() == ["before_signal"]
+    meta = meta_of(run)
+    assert (meta["status"], meta["passes"]) == ("terminated", 7)
+
+
+SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_sigterm_and_sighup_write_the_unflushed_tail_and_still_kill(tmp_path, sig):
+    """What schedulers and ``docker stop`` send: every row recorded before the signal is written, the run
+    says it was terminated, and the process still dies of the signal."""
+    proc = run_until_signal(tmp_path, sig)
+    assert proc.returncode == -sig, proc.stderr.read().decode()
+    assert_everything_before_the_signal_is_there(tmp_path)
+
+
+def test_the_users_own_signal_handler_still_runs_after_the_recorders_are_written(tmp_path):
+    marker = tmp_path / "marker"
+    setup = USER_HANDLER.format(marker=str(marker), sig="SIGTERM")
+    proc = run_until_signal(tmp_path, signal.SIGTERM, setup)
+    assert proc.returncode == 3, proc.stderr.read().decode()
+    assert marker.read_text() == "the user's handler ran"
+    assert_everything_before_the_signal_is_there(tmp_path)
+
+
+def test_signal_handlers_are_installed_while_open_and_put_back_after(tmp_path):
+    """Installed by a recorder made in the main thread, put back when the last such recorder closes there
+    (signal.signal works in the main thread only: one closed elsewhere leaves them to the next close)."""
+    gc.collect()
+    nt.Recorder(tmp_path / "earlier").close()
+    before = signal.getsignal(signal.SIGTERM)
+    with nt.Recorder(tmp_path / "a", handle_signals=False):
+        assert signal.getsignal(signal.SIGTERM) is before
+    rec = nt.Recorder(tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) is not before
+    rec.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+    if hasattr(signal, "SIGHUP"):  # a signal ignored on purpose (nohup) stays ignored
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with nt.Recorder(tmp_path / "c"):
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+
+# ---------------------------------------------------------------------------------- fork
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_is_refused_the_parents_run_instead_of_hanging(tmp_path):
+    """flush() in a forked child used to wait forever for a writer thread that fork does not copy. The
+    child now gets a clear error, its hooks record nothing, close() leaves the parent's run alone, and
+    the parent goes on recording."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's own ops hang in a forked child once the parent used its thread pool
+    try:
+        forked_child_runs_and_is_refused(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def forked_child_runs_and_is_refused(tmp_path: Path) -> None:
+    model = QNetwork()
+    x = torch.randn(3, 4)
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(model)
+    model(x)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 1
+        try:
+            model(x)
+            try:
+                rec.flush()
+                code = 10
+            except nt.NormtraceError as exc:
+                code = 0 if "fork" in str(exc) and str(os.getppid()) in str(exc) else 11
+            rec.close()
+        except BaseException:
+            code = 12
+        os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("flush() in the forked child hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    model(x)
+    rec.close()
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [0] * 5 + [1] * 5
+    assert norms_by_module(rows, 1) == approx_output_norms(model, x)
+    assert meta_of(tmp_path)["status"] == "closed"

@@ -1,0 +1,139 @@
+"""One writer per run directory and rank, across processes: a lock file the kernel releases on death."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from recorder_models import read_table
+
+import normtrace as nt
+from normtrace import schema
+
+TESTS = Path(__file__).parent
+EXAMPLES = TESTS.parent / "examples"
+
+HOLDER = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {examples!r}]
+import normtrace as nt
+go = {go!r}
+if go:
+    print("ready", flush=True)
+while go and not os.path.exists(go):
+    time.sleep(0.0005)
+try:
+    rec = nt.Recorder({run!r}, overwrite={overwrite!r})
+except Exception as exc:
+    print("refused", type(exc).__name__, exc, flush=True)
+    sys.exit(0)
+print("writing", os.getpid(), flush=True)
+sys.stdin.readline()  # hold the run until told to finish
+rec.push_metric("from", os.getpid())
+rec.close()
+print("closed", flush=True)
+"""
+
+
+def start_holder(run: Path, *, go: Path | None = None, overwrite: bool = False) -> subprocess.Popen:
+    script = HOLDER.format(
+        tests=str(TESTS), examples=str(EXAMPLES), run=str(run), go=str(go) if go else "", overwrite=overwrite
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_processes_starting_together_on_one_run_exactly_one_writes(tmp_path, overwrite):
+    """Both start on a go signal; exactly one gets the run, the other a RunDirError naming the winner
+    (it used to be a 'No such file or directory' from the middle of the other's start, or, with
+    overwrite=True, a run mixing both)."""
+    run, go = tmp_path / "run", tmp_path / "go"
+    if overwrite:  # a finished run both want to replace
+        nt.Recorder(run).close()
+    procs = [start_holder(run, go=go, overwrite=overwrite) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]  # both wait for go
+    go.touch()
+    firsts = [p.stdout.readline().split() for p in procs]
+    writers = [f for f in firsts if f[0] == "writing"]
+    refused = [" ".join(f) for f in firsts if f[0] == "refused"]
+    assert len(writers) == 1 and len(refused) == 1, firsts
+    winner = writers[0][1]
+    assert f"process {winner} on {socket.gethostname()}" in refused[0] and "RunDirError" in refused[0]
+    for p in procs:
+        finish(p)
+    assert read_table(run, "metrics").column("value").to_pylist() == [float(winner)]
+    assert not (run / schema.lock_name(0)).exists()
+
+
+def test_overwrite_refuses_a_run_that_a_live_process_is_writing(tmp_path):
+    run = tmp_path / "run"
+    holder = start_holder(run)
+    first = holder.stdout.readline().split()
+    assert first[0] == "writing", first
+    lock = json.loads((run / schema.lock_name(0)).read_text())
+    assert (lock["pid"], lock["hostname"]) == (int(first[1]), socket.gethostname())
+    with pytest.raises(nt.RunDirError, match=rf"process {first[1]} on {socket.gethostname()}.*even with"):
+        nt.Recorder(run, overwrite=True)
+    finish(holder)
+    assert read_table(run, "metrics").column("value").to_pylist() == [float(first[1])]
+    assert json.loads((run / schema.meta_name(0)).read_text())["status"] == "closed"
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    holder = start_holder(run)
+    first = holder.stdout.readline().split()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    assert (run / schema.lock_name(0)).exists()  # SIGKILL leaves the file; the kernel dropped the lock
+    with pytest.raises(nt.RunDirError, match="already holds a trace"):
+        nt.Recorder(run)  # the dead process's trace is still protected from accidents
+    with pytest.warns(UserWarning, match=rf"process {first[1]}.*no longer running"):
+        rec = nt.Recorder(run, overwrite=True)
+    lock = json.loads((run / schema.lock_name(0)).read_text())
+    assert lock["pid"] == os.getpid()
+    rec.push_metric("mine", 1.0)
+    rec.close()
+    assert read_table(run, "metrics").column("name").to_pylist() == ["mine"]
+    assert not (run / schema.lock_name(0)).exists()
+
+
+def test_a_lock_file_from_another_host_is_refused_unless_overwrite(tmp_path):
+    """A lock written on another host (a shared file system) cannot be checked from here: whether that
+    process is alive is unknowable, so only overwrite=True takes it, with a warning."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = {"pid": 4242, "hostname": "elsewhere.example", "start_time": "2026-11-30T00:00:00+00:00"}
+    (run / schema.lock_name(0)).write_text(json.dumps(lock))
+    with pytest.raises(nt.RunDirError, match=r"process 4242 on elsewhere\.example.*overwrite=True"):
+        nt.Recorder(run)
+    with pytest.warns(UserWarning, match=r"elsewhere\.example"):
+        nt.Recorder(run, overwrite=True).close()
+    assert not (run / schema.lock_name(0)).exists()
+
+
+def test_the_lock_file_is_held_while_open_and_ignored_by_the_reader(tmp_path):
+    import normtrace_analysis as na
+
+    rec = nt.Recorder(tmp_path)
+    rec.push_metric("m", 1.0)
+    rec.flush()
+    lock = json.loads((tmp_path / schema.lock_name(0)).read_text())
+    assert (lock["pid"], lock["hostname"]) == (os.getpid(), socket.gethostname())
+    assert na.load(tmp_path).metrics.collect().height == 1
+    rec.close()
+    assert not (tmp_path / schema.lock_name(0)).exists()
