@@ -250,25 +250,27 @@ class Trace:
             conds.append(pl.col("split").is_in(list(f.split)))
         return conds
 
-    def shards_by_rank(self, name: str) -> dict[str, dict[int, list[tuple[Path, int]]]]:
+    def shards_by_rank(self, name: str) -> dict[str, dict[int, list[tuple[RunPath, int]]]]:
         """Per selected run, per rank (from the shard names), its shards of table ``name`` in sequence
         order with their sizes in bytes: the order the rows were written in. Ranks the Trace's filters
         leave out are left out."""
         check_table(name)
         ranks = self._filters.ranks
-        out: dict[str, dict[int, list[tuple[Path, int]]]] = {}
+        out: dict[str, dict[int, list[tuple[RunPath, int]]]] = {}
         for run in self._runs:
             if self._filters.runs is not None and run.name not in self._filters.runs:
                 continue
-            by_rank: dict[int, list[tuple[Path, int]]] = {}
+            by_rank: dict[int, list[tuple[RunPath, int]]] = {}
             for path, _ in run.shards[name]:
-                rank = int(SHARD_NAME.match(path.name).group(1))  # validated at load
+                named = SHARD_NAME.match(path.name)
+                assert named is not None  # only shard names are kept at load
+                rank = int(named.group(1))
                 if ranks is None or rank in ranks:
                     by_rank.setdefault(rank, []).append((path, path.stat().st_size))
             out[run.name] = by_rank
         return out
 
-    def scan_shards(self, name: str, run: str, paths: Sequence[Path]) -> pl.LazyFrame:
+    def scan_shards(self, name: str, run: str, paths: Sequence[RunPath]) -> pl.LazyFrame:
         """Table ``name`` of one run as :meth:`table` gives it (derived columns, filters), read from the
         shards ``paths`` only (some of those :meth:`shards_by_rank` lists), in that order."""
         found = next(r for r in self._runs if r.name == run)
