@@ -53,7 +53,7 @@ from .names import (
     Level,
     Table,
 )
-from .series import Series, epoch_series, pass_series
+from .series import Series, SeriesInfo, complete_series, epoch_means, series_info
 from .spikes import check_detector, spikes
 from .stats import bh_qvalues, clopper_pearson, permutation_p
 
@@ -523,19 +523,14 @@ def _positions(level: str) -> pl.Expr:
     return pl.col("pass") if level == "pass" else pl.col("epoch").cast(pl.Int64) - 1
 
 
-def _groups_of(trace: Trace, series: Series, event: str, s: _Setup, boundaries: bool) -> list[_Group]:
-    """The (run, rank) groups of ``series`` with their events (and epoch boundaries when asked)."""
-    keys = series.keys
+def _groups_of(trace: Trace, info: SeriesInfo, event: str, s: _Setup, boundaries: bool) -> list[_Group]:
+    """The (run, rank) groups of the series with their events (and epoch boundaries when asked)."""
+    keys = info.keys
     if keys.height == 0:
         return []
     col = "pass" if s.level == "pass" else "epoch"
-    data = series.data
     ends = keys.select(
-        "sid",
-        "run",
-        "rank",
-        data[col].gather(keys["start"]).cast(pl.Int64).alias("first"),
-        data[col].gather(keys["start"] + keys["length"] - 1).cast(pl.Int64).alias("last"),
+        "sid", "run", "rank", pl.col(f"first_{col}").alias("first"), pl.col(f"last_{col}").alias("last")
     )
     spans = ends.group_by("run", "rank", maintain_order=True).agg(
         pl.col("sid"), pl.col("first").min(), pl.col("last").max()
@@ -545,7 +540,7 @@ def _groups_of(trace: Trace, series: Series, event: str, s: _Setup, boundaries: 
         .select("run", "rank", _positions(s.level).cast(pl.Int64).alias("at"))
         .collect()
     )
-    starts = _epoch_starts(series) if boundaries else None
+    starts = info.epoch_starts if boundaries else None
     out = []
     for run, rank, sids, first, last in spans.iter_rows():
         at = np.sort(events.filter((pl.col("run") == run) & (pl.col("rank") == rank))["at"].to_numpy())
@@ -557,25 +552,6 @@ def _groups_of(trace: Trace, series: Series, event: str, s: _Setup, boundaries: 
             _Group(run, int(rank), np.asarray(sids), int(first), int(last), at.astype(np.int64), bounds)
         )
     return out
-
-
-def _epoch_starts(series: Series) -> pl.DataFrame:
-    """Per run, rank and epoch after the first: the epoch's first recorded pass (over all series)."""
-    data = series.data
-    changed = data.select(
-        "sid",
-        "pass",
-        "epoch",
-        ((pl.col("epoch") != pl.col("epoch").shift(1)) & (pl.col("sid") == pl.col("sid").shift(1))).alias(
-            "new"
-        ),
-    ).filter("new")
-    return (
-        changed.join(series.keys.select("sid", "run", "rank"), on="sid")
-        .group_by("run", "rank", "epoch")
-        .agg(pl.col("pass").min().alias("first"))
-        .sort("run", "rank", "epoch")
-    )
 
 
 def _placebo_positions(group: _Group, window: int) -> np.ndarray:
@@ -615,12 +591,12 @@ def cluster_spikes(found: pl.DataFrame, keys: list[str], at: str, gap: int) -> p
     )
 
 
-def _onsets_by_sid(clusters: pl.DataFrame, series: Series, keys: list[str]) -> dict[int, np.ndarray]:
+def _onsets_by_sid(clusters: pl.DataFrame, info: SeriesInfo, keys: list[str]) -> dict[int, np.ndarray]:
     """Sorted cluster onsets per series id."""
     if clusters.height == 0:
         return {}
     joined = (
-        clusters.join(series.keys.select("sid", *keys), on=keys).group_by("sid").agg(pl.col("onset").sort())
+        clusters.join(info.keys.select("sid", *keys), on=keys).group_by("sid").agg(pl.col("onset").sort())
     )
     return {int(sid): np.asarray(on, dtype=np.int64) for sid, on in joined.iter_rows()}
 
@@ -630,8 +606,8 @@ def _onsets_by_sid(clusters: pl.DataFrame, series: Series, keys: list[str]) -> d
 
 
 def _alignment(trace: Trace, event: str, windows: list[int], s: _Setup, placebo: bool) -> pl.DataFrame:
-    series = pass_series(trace, s.table, s.modules)
-    groups = _groups_of(trace, series, event, s, placebo)
+    info = series_info(trace, s.table, s.modules)
+    groups = _groups_of(trace, info, event, s, placebo)
     counts = (
         spikes(
             trace,
@@ -644,21 +620,17 @@ def _alignment(trace: Trace, event: str, windows: list[int], s: _Setup, placebo:
         .group_by(s.keys)
         .agg(pl.len().cast(pl.Int64).alias("spikes"))
     )
-    points = (
-        series.keys.select("sid", pl.col("length").cast(pl.Int64).alias("points"))
-        if s.level == "pass"
-        else epoch_series(series).group_by("sid").agg(pl.len().cast(pl.Int64).alias("points"))
-    )
+    points = info.keys.select("sid", pl.col("length" if s.level == "pass" else "epochs").alias("points"))
     blocks = []
     for w in windows:
         clusters = _clusters(trace, s, merge_gap(w, s.baseline))
-        onsets = _onsets_by_sid(clusters, series, s.keys)
+        onsets = _onsets_by_sid(clusters, info, s.keys)
         rows = []
         for g in groups:
             rows.extend(_test_group(g, onsets, w, s, placebo))
         block = pl.DataFrame(rows, schema=_ROW_SCHEMA, orient="row")
         block = (
-            series.keys.drop("start", "length")
+            info.keys.select("sid", *s.keys)
             .join(block, on="sid", how="left")
             .join(points, on="sid", how="left")
             .join(counts, on=s.keys, how="left")
@@ -1011,7 +983,7 @@ class _Levels:
 def _levels(series: Series, level: str, window: int) -> dict[int, _Levels]:
     """Every series at the level, with its trailing medians over ``window`` and its robust noise."""
     col = "pass" if level == "pass" else "epoch"
-    frame = series.data if level == "pass" else epoch_series(series)
+    frame = series.data if level == "pass" else epoch_means(series)
     finite = pl.when(pl.col("value").is_finite()).then(pl.col("value"))
     frame = frame.select(
         "sid",
@@ -1019,33 +991,35 @@ def _levels(series: Series, level: str, window: int) -> dict[int, _Levels]:
         finite.alias("value"),
     ).with_columns(
         pl.col("value").rolling_median_by("at", window_size=f"{window}i").over("sid").alias("before"),
-        pl.col("value").diff().over("sid").alias("_d"),
-    )
-    scale = frame.group_by("sid").agg(
-        ((pl.col("_d") - pl.col("_d").median()).abs().median() * 1.4826 / math.sqrt(2)).alias("scale"),
-        pl.col("value").abs().median().alias("level"),
     )
     out = {}
-    parts = frame.partition_by("sid", as_dict=True, maintain_order=True)
-    scales = {int(sid): (sc, lv) for sid, sc, lv in scale.iter_rows()}
-    for (sid,), part in parts.items():
-        sc, lv = scales[int(sid)]
-        sc = sc if sc is not None and sc > 0 else max(1e-12, 1e-6 * (lv or 0.0)) or 1e-12
+    for (sid,), part in frame.partition_by("sid", as_dict=True, maintain_order=True).items():
+        value = part["value"].fill_null(np.nan).to_numpy()
         out[int(sid)] = _Levels(
-            part["at"].to_numpy(),
-            part["value"].fill_null(np.nan).to_numpy(),
-            part["before"].fill_null(np.nan).to_numpy(),
-            float(sc),
+            part["at"].to_numpy(), value, part["before"].fill_null(np.nan).to_numpy(), _noise(value)
         )
     return out
 
 
+def _noise(value: np.ndarray) -> float:
+    """The robust SD of a series' noise: 1.4826 x the MAD of its first differences / sqrt(2) (NaN values
+    left out); computed per series with numpy, so that it does not depend on which other series are
+    analysed with it. A series without noise gets a millionth of its level instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: no difference, no level
+        d = np.diff(value)
+        sc = float(np.nanmedian(np.abs(d - np.nanmedian(d))) * 1.4826 / math.sqrt(2)) if d.size else math.nan
+        level = float(np.nanmedian(np.abs(value))) if value.size else math.nan
+    if sc > 0:
+        return sc
+    return max(1e-12, 1e-6 * (0.0 if math.isnan(level) else level)) or 1e-12
+
+
 def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
-    series = pass_series(trace, s.table, s.modules)
-    groups = _groups_of(trace, series, event, s, boundaries=False)
-    levels = _levels(series, s.level, window)
+    info = series_info(trace, s.table, s.modules)
+    groups = _groups_of(trace, info, event, s, boundaries=False)
     x = exclusion(window, s.baseline)
-    rows: list[tuple[int, int, float | None, float | None, int | None, float | None]] = []
+    tests: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # per sid: its events, jittered trains
     for g in groups:
         events = g.events(window)
         lo, hi = g.span(window)
@@ -1055,11 +1029,19 @@ def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
                 events, lo, hi, exclude=x, permutations=s.permutations, rng=_rng(s.seed, g.rank, 0)
             )
         for sid in g.sids:
-            lv = levels.get(int(sid))
-            if trains is None or lv is None:
-                rows.append((int(sid), events.size, None, None, None, None))
-                continue
-            rows.append((int(sid), events.size, *step_test(lv, events, trains, window)))
+            tests[int(sid)] = (events, trains)
+    results: dict[int, tuple[float | None, float | None, int, float | None]] = {}
+    for series in complete_series(trace, s.table, s.modules):  # a group of whole series at a time
+        for sid, lv in _levels(series, s.level, window).items():
+            events, trains = tests[sid]
+            if trains is not None:
+                results[sid] = step_test(lv, events, trains, window)
+    rows: list[tuple[int, int, float | None, float | None, int | None, float | None]] = []
+    for g in groups:
+        for sid in g.sids:
+            events, _ = tests[int(sid)]
+            found = results.get(int(sid))
+            rows.append((int(sid), events.size, *(found or (None, None, None, None))))
     schema = {
         "sid": pl.UInt32,
         "events": pl.Int64,
@@ -1069,7 +1051,7 @@ def _steps(trace: Trace, event: str, window: int, s: _Setup) -> pl.DataFrame:
         "p_value": pl.Float64,
     }
     table = (
-        series.keys.drop("start", "length")
+        info.keys.select("sid", *s.keys)
         .join(pl.DataFrame(rows, schema=schema, orient="row"), on="sid", how="left")
         .with_columns(
             pl.lit(window, pl.Int64).alias("window"),
@@ -1142,23 +1124,21 @@ def _step_finding(row: dict[str, Any], event: str, s: _Setup, multi_run: bool, m
 
 
 def _profile(trace: Trace, event: str, window: int, s: _Setup, placebo: bool) -> pl.DataFrame:
-    series = pass_series(trace, s.table, s.modules)
-    groups = _groups_of(trace, series, event, s, boundaries=placebo)
-    levels = _levels(series, s.level, window)
+    info = series_info(trace, s.table, s.modules)
+    groups = _groups_of(trace, info, event, s, boundaries=placebo)
     offsets = np.arange(-window, window + 1)
-    parts = []
+    positions = {}  # per sid: its group's (kind, event positions)
     for g in groups:
         kinds = [("event", g.events(window))]
         if placebo:
             kinds.append(("placebo", _placebo_positions(g, window)))
-        for kind, at in kinds:
-            if at.size == 0:
-                continue
-            for sid in g.sids:
-                lv = levels.get(int(sid))
-                if lv is None:
-                    continue
-                parts.append(_profile_rows(lv, at, offsets, int(sid), kind))
+        for sid in g.sids:
+            positions[int(sid)] = [(kind, at) for kind, at in kinds if at.size]
+    parts = []
+    for series in complete_series(trace, s.table, s.modules):  # a group of whole series at a time
+        for sid, lv in _levels(series, s.level, window).items():
+            for kind, at in positions[sid]:
+                parts.append(_profile_rows(lv, at, offsets, sid, kind))
     schema = {
         "sid": pl.UInt32,
         "kind": pl.String,
@@ -1173,7 +1153,7 @@ def _profile(trace: Trace, event: str, window: int, s: _Setup, placebo: bool) ->
     }
     frame = pl.concat(parts) if parts else pl.DataFrame(schema=schema)
     return (
-        series.keys.drop("start", "length")
+        info.keys.select("sid", *s.keys)
         .join(frame, on="sid", how="inner")
         .drop("sid")
         .sort(*s.keys, "kind", "offset")

@@ -4,6 +4,10 @@ On a terminal it is a live tqdm line, refreshed every half second by a backgroun
 long step (one big Polars query) still shows its elapsed time. When stderr is not a terminal (a pipe, a
 log file, CI) a redrawn line would leave carriage returns in the text, so each new step is one plain line
 instead. stdout is never touched, so piped output stays parseable.
+
+Long inner loops (reading a table of many millions of rows in pieces) call :func:`detail` with how far
+they are; it shows in the innermost open ``progress`` block after its step name, and nowhere when no
+block is open, so the library stays quiet unless a caller asked for progress.
 """
 
 from __future__ import annotations
@@ -26,6 +30,32 @@ class Steps(Protocol):
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         """Name the step under way."""
+
+
+_open: list[_Tracked] = []
+"""The steps of the ``progress`` blocks now open, innermost last."""
+
+
+def detail(text: str) -> None:
+    """Show ``text`` (e.g. "outputs 40%") after the step under way in the innermost open progress
+    block; does nothing when no block is open."""
+    if _open:
+        _open[-1].detail(text)
+
+
+class _Tracked:
+    """The object a ``progress`` block yields: the step it names, plus a detail from inner loops."""
+
+    def __init__(self, target: Steps) -> None:
+        self.target = target
+        self.step = ""
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.step = s
+        self.target.set_postfix_str(s, refresh=refresh)
+
+    def detail(self, text: str) -> None:
+        self.target.set_postfix_str(f"{self.step}: {text}" if self.step else text, refresh=False)
 
 
 class _Lines:
@@ -73,9 +103,12 @@ def progress(desc: str, total: int | None = None, *, enabled: bool = True) -> It
         ticker = threading.Thread(target=announce, daemon=True)
         if enabled:
             ticker.start()
+        tracked = _Tracked(lines if enabled else _Silent())
+        _open.append(tracked)
         try:
-            yield lines if enabled else _Silent()
+            yield tracked
         finally:
+            _open.remove(tracked)
             done.set()
             if enabled:
                 ticker.join()
@@ -96,9 +129,12 @@ def progress(desc: str, total: int | None = None, *, enabled: bool = True) -> It
     ticker = threading.Thread(target=tick, daemon=True)
     if enabled:
         ticker.start()
+    tracked = _Tracked(bar)
+    _open.append(tracked)
     try:
-        yield bar
+        yield tracked
     finally:
+        _open.remove(tracked)
         done.set()
         if enabled:
             ticker.join()

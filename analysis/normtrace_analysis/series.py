@@ -1,43 +1,72 @@
-"""Every module's series gathered contiguously, in pass order: the shared input of summaries and spikes.
+"""Every module's series read in pieces of bounded size, in pass order: the input of summaries and spikes.
 
-Grouping ten million rows by string keys is what costs in Polars; this reads the needed columns once,
-numbers the series (``sid``), and permutes the rows so that each series is one contiguous slice in
-pass order. The recorder writes every pass's modules in the same order, so the permutation is usually a
-strided one computed from the first pass (no sort); any other layout falls back to a stable sort. The
-result is memoised on the Trace (one slot), so ``epoch_summary``, ``spikes`` and ``event_alignment``
-read the shards once.
+A long run is hundreds of millions of output rows, more than a laptop holds as one table, so no analysis
+holds a table. The recorder writes each rank's shards in pass order, so reading a rank's shards in
+sequence meets every series in time order: :func:`scan` reads about ``chunk_rows`` rows at a time (the
+ranks of a run side by side, so that an epoch is complete on every rank at about the same time), numbers
+the series (``sid``), regroups the piece so that each series is contiguous, and hands it, after the tail
+of the series kept from earlier pieces, to the *consumers* (an epoch summary, the spike detector), each of
+which says how much of each tail it needs next time: the detector a few baseline windows, the summary the
+epoch not yet complete. Memory is one piece plus those tails, whatever the length of the run.
+
+Regrouping is cheap in the recorder's layout: it writes every pass's modules in the same order, so a
+piece is a strided permutation of its first pass (no sort, no string hashing). A piece that is not
+periodic is regrouped by a join on the keys. A trace whose rows are not in pass order within a series
+(rows shuffled, shards out of order) cannot be read that way: :func:`scan` notices and starts again with
+whole series, a group of modules at a time (one read of the table per group: slower, same results).
+
+Every scan also records what the event tests need to know of each series (:class:`SeriesInfo`: span,
+length, epochs, the pass where each epoch starts), memoised on the Trace.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import polars as pl
 
 from .names import SERIES_KEYS
+from .progress import detail
 from .trace import module_filter
 
 if TYPE_CHECKING:
     from .trace import Trace
 
-__all__ = ["SERIES_KEYS", "Series", "epoch_series", "pass_series", "points"]
+__all__ = [
+    "CHUNK_ROWS",
+    "SERIES_KEYS",
+    "Consumer",
+    "Frame",
+    "Registry",
+    "Series",
+    "SeriesInfo",
+    "complete_series",
+    "epoch_means",
+    "epoch_series",
+    "points",
+    "scan",
+    "series_info",
+    "settled_rows",
+]
 
+CHUNK_ROWS = 1_000_000
+"""Rows read and regrouped at once (the analysis' memory is a few hundred bytes times this, plus the
+tails the consumers keep: a few hundred rows and an epoch per series)."""
 
-_DATA_SCHEMA = {"sid": pl.UInt32, "pass": pl.Int64, "epoch": pl.Int32, "value": pl.Float64}
+GROUP_ROWS = 2_000_000
+"""Rows of the groups of whole series :func:`complete_series` hands over (each group costs one read of
+its run's shards, so fewer, larger groups than the scan's pieces: a few hundred MiB each)."""
 
+NEVER = np.iinfo(np.int64).max
+"""An epoch bound meaning "every epoch of this series is complete"."""
 
-@dataclass(frozen=True)
-class Series:
-    """``data``: sid (u32), pass, epoch, value, contiguous per sid and in pass order within it.
-
-    ``keys``: one row per sid with the table's series keys, ``start`` (first row in ``data``) and
-    ``length``, sorted by sid.
-    """
-
-    data: pl.DataFrame
-    keys: pl.DataFrame
+_COLUMNS = ["pass", "epoch", "value"]
 
 
 def points(trace: Trace, table: str, modules: Sequence[str] | str | None) -> pl.LazyFrame:
@@ -47,122 +76,756 @@ def points(trace: Trace, table: str, modules: Sequence[str] | str | None) -> pl.
     return lf if modules is None else lf.filter(module_filter(modules))
 
 
-def pass_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
-    """The table's series at pass resolution (memoised on the Trace for the last table/modules asked)."""
-    memo_key = ("series", table, modules if modules is None or isinstance(modules, str) else tuple(modules))
-    return trace.cached(memo_key, lambda: _collect_series(trace, table, modules), slot="series")
+def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str | None:
+    return modules if modules is None or isinstance(modules, str) else tuple(modules)
 
 
-def _collect_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
-    """Read and regroup the table's rows (the uncached work behind :func:`pass_series`), one run at a
-    time, each from its own shards (``trace.filter(runs=...)`` scans only those)."""
-    parts = [_run_series(points(trace.filter(runs=run), table, modules), table, run) for run in trace.runs]
-    parts = [p for p in parts if p.keys.height]
-    if not parts:
-        return Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
-    offsets = [0]
-    rows = [0]
-    for p in parts[:-1]:
-        offsets.append(offsets[-1] + p.keys.height)
-        rows.append(rows[-1] + p.data.height)
-    data = pl.concat(
-        [p.data.with_columns(pl.col("sid") + off) for p, off in zip(parts, offsets, strict=True)]
-    )
-    keys = pl.concat(
-        [
-            p.keys.with_columns(pl.col("sid") + off, pl.col("start") + row)
-            for p, off, row in zip(parts, offsets, rows, strict=True)
-        ]
-    )
-    return Series(data, keys)
+# ----------------------------------------------------------------------------------------------------------
+# Series numbers and pieces
 
 
-def epoch_series(series: Series) -> pl.DataFrame:
-    """Per sid and epoch, the mean value (NaN if any value is NaN): sid, epoch, value, sorted."""
-    return (
-        series.data.lazy().group_by("sid", "epoch").agg(pl.col("value").mean()).sort("sid", "epoch").collect()
-    )
+class Registry:
+    """The series met so far: ``sid`` -> (run, rank, module, split or param), and each series' summary
+    group (run, module, split or param: the ranks pooled)."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.second = "grad_enabled" if table == "outputs" else "param"
+        self.keys: list[tuple] = []
+        self.group: list[int] = []
+        self.by_rank: dict[tuple[str, int], list[int]] = {}
+        self.runs: list[str] = []
+        self.run_of: list[int] = []
+        self._run_index: dict[str, int] = {}
+        self._sid: dict[tuple, int] = {}
+        self._group: dict[tuple, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def sid(self, run: str, rank: int, module: str, second: object) -> int:
+        key = (run, int(rank), module, second)
+        sid = self._sid.get(key)
+        if sid is None:
+            sid = self._sid[key] = len(self.keys)
+            self.keys.append(key)
+            self.group.append(self._group.setdefault((run, module, second), len(self._group)))
+            self.by_rank.setdefault((run, int(rank)), []).append(sid)
+            if run not in self._run_index:
+                self._run_index[run] = len(self.runs)
+                self.runs.append(run)
+            self.run_of.append(self._run_index[run])
+        return sid
+
+    def frame(self) -> pl.DataFrame:
+        """One row per sid: sid, run, rank, module, split (outputs) or param (params)."""
+        run, rank, module, second = (list(c) for c in zip(*self.keys, strict=True)) if self.keys else [[]] * 4
+        columns = {
+            "sid": pl.Series(range(len(self.keys)), dtype=pl.UInt32),
+            "run": pl.Series(run, dtype=pl.String),
+            "rank": pl.Series(rank, dtype=pl.Int32),
+            "module": pl.Series(module, dtype=pl.String),
+        }
+        if self.table == "outputs":
+            columns["split"] = pl.Series(["train" if g else "no_grad" for g in second], dtype=pl.String)
+        else:
+            columns["param"] = pl.Series(second, dtype=pl.String)
+        return pl.DataFrame(columns)
 
 
-def _empty_keys(table: str) -> pl.DataFrame:
-    """A keys frame with no series."""
-    schema = {"sid": pl.UInt32, "run": pl.String, "rank": pl.Int32, "module": pl.String}
-    schema |= {"split": pl.String} if table == "outputs" else {"param": pl.String}
-    return pl.DataFrame(schema=schema | {"start": pl.UInt32, "length": pl.UInt32})
+class Frame:
+    """What consumers see of one piece: for every series with rows in it, a contiguous stretch of the
+    series in pass order: the tail kept from earlier pieces, then the rows new in this piece.
 
-
-def _run_series(lf: pl.LazyFrame, table: str, run: str) -> Series:
-    """One run's series: collect, number by (rank, split, name), permute to contiguous pass order."""
-    if table == "outputs":
-        name, flag = pl.col("module"), pl.col("grad_enabled")
-    else:
-        name, flag = pl.concat_str("module", "param", separator="\x00"), pl.lit(False)
-    name = name.cast(pl.Categorical)
-    key = (
-        pl.col("rank").cast(pl.UInt64) * (1 << 33)
-        + flag.cast(pl.UInt64) * (1 << 32)
-        + name.to_physical().cast(pl.UInt64)
-    )
-    # One column at a time, so that the rows exist about once in memory: read it (the shards are
-    # column-oriented: a column costs what it weighs), make it one chunk (gathers across the hundreds of
-    # chunks that one chunk per shard gives are many times slower), permute it.
-    keys_first = lf.select(key.alias("key"), name.alias("name")).collect(engine="streaming").rechunk()
-    if keys_first.height == 0:
-        return Series(pl.DataFrame(schema=_DATA_SCHEMA), _empty_keys(table))
-    names = keys_first.filter(pl.col("key").is_first_distinct()).with_columns(pl.col("name").cast(pl.String))
-    order = _strided_order(keys_first["key"])
-    if order is None:
-        order = keys_first.select(pl.int_range(pl.len(), dtype=pl.UInt32).sort_by("key", maintain_order=True))
-        order = order.to_series()
-    key = keys_first["key"].gather(order)
-    del keys_first
-    data = pl.DataFrame(
-        [
-            lf.select(c).collect(engine="streaming").to_series().rechunk().gather(order)
-            for c in ("pass", "epoch", "value")
-        ]
-    )
-    del order
-    runs = key.rle().struct.unnest()
-    bounds = runs.select(
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("sid"),
-        pl.col("value").alias("key"),
-        pl.col("len").cast(pl.UInt32).alias("length"),
-    ).with_columns((pl.col("length").cum_sum() - pl.col("length")).alias("start"))
-    del key, runs
-    sid = pl.int_range(bounds.height, dtype=pl.UInt32, eager=True).repeat_by(bounds["length"]).explode()
-    data = data.insert_column(0, sid.alias("sid"))
-    # Rows within a rank are in pass order as the recorder writes them; sort if a trace says otherwise.
-    if data.select(((pl.col("pass").diff() < 0) & (pl.col("sid").diff() == 0)).any()).item():
-        data = data.sort("sid", "pass", maintain_order=True)
-    names = bounds.join(names, on="key", how="left", maintain_order="left")["name"]
-    if table == "outputs":
-        split = (
-            pl.when((pl.col("key") // (1 << 32)) % 2 == 1).then(pl.lit("train")).otherwise(pl.lit("no_grad"))
-        )
-        labels = [names.alias("module"), split.alias("split")]
-    else:
-        parts = names.str.split_exact("\x00", 1)
-        labels = [parts.struct.field("field_0").alias("module"), parts.struct.field("field_1").alias("param")]
-    rank = (pl.col("key") // (1 << 33)).cast(pl.Int32).alias("rank")
-    keys = bounds.select("sid", pl.lit(run).alias("run"), rank, *labels, "start", "length")
-    return Series(data, keys)
-
-
-def _strided_order(key: pl.Series) -> pl.Series | None:
-    """Row order making each key contiguous when keys repeat with a fixed period and once per period.
-
-    The recorder writes one row per hooked module per pass in a fixed order, so the key sequence of a
-    rank is periodic; then the rows of the key at offset ``j`` of a period are ``j, j + K, j + 2K, …``.
-    Returns None when the sequence is not periodic that way (a sort is needed).
+    ``cols``: numpy arrays ``sid`` (u32), ``pos`` (the row's index within its series), ``pass``,
+    ``epoch``, ``value``; one segment per series, in ``sids`` order (``data`` is the same as a Polars
+    frame, sharing the memory). Per segment: ``rows`` (its first row; one more entry at the end),
+    ``start`` and ``end`` (pos of its first row and one past its last), ``fresh`` (pos of its first new
+    row), ``ended`` (no row of the series comes later; an ended series stays in later frames while a
+    consumer keeps some of it) and ``settled`` (every epoch below it is complete: no later row of the
+    series, nor of the series of other ranks pooled with it, has it).
     """
-    n = key.len()
-    repeats = (key == key[0]).arg_true()
-    period = int(repeats[1]) if repeats.len() > 1 else n
-    cycle = key.slice(0, period)
-    if cycle.n_unique() != period:
-        return None
-    if period < n and not (key.slice(period) == key.slice(0, n - period)).all():
-        return None
-    offsets = pl.DataFrame({"j": pl.int_range(period, dtype=pl.UInt32, eager=True), "key": cycle}).sort("key")
-    return offsets.select(pl.int_ranges("j", n, period, dtype=pl.UInt32).explode()).to_series()
+
+    def __init__(
+        self,
+        cols: dict[str, np.ndarray],
+        sids: np.ndarray,
+        rows: np.ndarray,
+        start: np.ndarray,
+        fresh: np.ndarray,
+        end: np.ndarray,
+        ended: np.ndarray,
+        settled: np.ndarray,
+        registry: Registry | None,
+    ) -> None:
+        self.cols = cols
+        self.sids = sids
+        self.rows = rows
+        self.start = start
+        self.fresh = fresh
+        self.end = end
+        self.ended = ended
+        self.settled = settled
+        self.registry = registry
+        self._data: pl.DataFrame | None = None
+        self._segment: np.ndarray | None = None
+
+    @property
+    def data(self) -> pl.DataFrame:
+        if self._data is None:
+            self._data = pl.DataFrame(self.cols)
+        return self._data
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.rows)
+
+    def per_row(self, per_segment: np.ndarray) -> np.ndarray:
+        """A per-segment array repeated over each segment's rows."""
+        return np.repeat(per_segment, self.lengths)
+
+    @property
+    def segment(self) -> np.ndarray:
+        """Each row's segment (index into ``sids``)."""
+        if self._segment is None:
+            self._segment = np.repeat(np.arange(len(self.sids), dtype=np.int64), self.lengths)
+        return self._segment
+
+    def between(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """A row mask: per segment, rows ``lo[i] <= row < hi[i]`` (frame rows, within the segment)."""
+        rows = self.rows
+        runs = np.stack([lo - rows[:-1], hi - lo, rows[1:] - hi], axis=1).ravel()
+        return np.repeat(np.tile(np.array([False, True, False]), len(lo)), runs)
+
+
+class Consumer(Protocol):
+    """What :func:`scan` feeds: ``feed`` returns, per segment, the first pos of the series it still needs
+    (the scan keeps the rows from there on for the next frame); ``finish`` is called after the last."""
+
+    def feed(self, frame: Frame) -> np.ndarray: ...
+
+    def finish(self) -> None: ...
+
+
+def settled_rows(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), and per
+    segment the pos of its first row of an epoch not yet complete (its end when there is none).
+
+    Epochs never decrease along a series read in pieces, so each segment's rows to take are one run,
+    found by a binary search; whole series (the out-of-order path) have every epoch settled."""
+    rows, lengths = frame.rows, frame.lengths
+    lo = rows[:-1] + np.clip(done - frame.start, 0, lengths)
+    if (frame.settled == NEVER).all():
+        hi = rows[1:].copy()
+    else:
+        offset = np.int64(1 << 31)
+        key = (frame.segment << 33) + (frame.cols["epoch"].astype(np.int64) + offset)
+        bound = np.clip(frame.settled, -offset, offset) + offset
+        hi = np.searchsorted(key, (np.arange(len(lengths), dtype=np.int64) << 33) + bound, "left")
+        hi = np.maximum(hi, lo)
+    need = frame.start + (hi - rows[:-1])
+    return frame.between(lo, hi), need
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The scan
+
+
+class _Unordered(Exception):
+    """Rows of a series are not in pass order across pieces (or epochs go back): read whole series."""
+
+
+_DTYPES = {"sid": np.uint32, "pass": np.int64, "epoch": np.int32, "value": np.float64}
+
+
+def _no_rows() -> dict[str, np.ndarray]:
+    return {k: np.zeros(0, dtype=t) for k, t in _DTYPES.items()}
+
+
+@dataclass
+class _Piece:
+    """New rows from the reader, sorted by sid (stably): numpy ``cols`` sid, pass, epoch, value;
+    ``ended`` sids with no later rows; ``settled`` per run: epochs below it are complete."""
+
+    cols: dict[str, np.ndarray]
+    ended: list[int]
+    settled: dict[str, int]
+    progress: str = ""
+
+
+def scan(
+    trace: Trace,
+    table: str,
+    modules: Sequence[str] | str | None,
+    make: Callable[[Registry], list[Consumer]],
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[list[Consumer], SeriesInfo]:
+    """Feed every series of ``table`` (the Trace's filters and ``modules`` applied) to the consumers that
+    ``make`` builds, in pieces of about ``chunk_rows`` rows; return them (finished) and the series' info
+    (also memoised on the Trace). Rows out of pass order make it start again on whole series."""
+    trace.require(table)
+    chunk = CHUNK_ROWS if chunk_rows is None else max(1, int(chunk_rows))
+    registry = Registry(table)
+    consumers = make(registry)
+    info = _Info(registry)
+    try:
+        _drive(_ordered_pieces(trace, table, modules, chunk, registry), registry, [info, *consumers])
+    except _Unordered:
+        registry = Registry(table)
+        consumers = make(registry)
+        info = _Info(registry)
+        _drive(_whole_series(trace, table, modules, chunk, registry), registry, [info, *consumers])
+    for c in consumers:
+        c.finish()
+    result = info.result()
+    trace.cached(("series-info", table, _modules_key(modules)), lambda: result)  # kept if none yet
+    return consumers, result
+
+
+def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consumer]) -> None:
+    """Assemble each piece with the tails kept from earlier ones into a frame; feed it; keep what the
+    consumers still need. At the end, end every series not ended yet (the reader ends a rank's series
+    after its last shard; one whose rank column differs from its file name's ends here)."""
+    assembly = _Assembly(registry)
+    for piece in _ahead(pieces):
+        assembly.feed(piece, consumers)
+    still = np.flatnonzero(~assembly.ended[: len(registry)])
+    if still.size:
+        assembly.feed(_Piece(_no_rows(), [int(s) for s in still], {}), consumers)
+
+
+def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
+    """The pieces, each read while the consumers work on the one before (reading, decompression and
+    regrouping overlap the analysis on a second core; one piece more is held)."""
+    done = object()
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for piece in pieces:
+                while not stop.is_set():
+                    try:
+                        box.put(piece, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as exc:  # handed to the consumer's thread, raised there
+            box.put(exc)
+
+    reader = threading.Thread(target=read, name="normtrace-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+class _Assembly:
+    """Per series: rows met so far, whether it ended, and the rows kept for the next frame."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.end = np.zeros(0, dtype=np.int64)
+        self.ended = np.zeros(0, dtype=bool)
+        self.carry_start = np.zeros(0, dtype=np.int64)  # pos of the first kept row
+        self.carry = _no_rows()
+        self.shown = ""
+
+    def feed(self, piece: _Piece, consumers: list[Consumer]) -> None:
+        registry, carry = self.registry, self.carry
+        n = len(registry)
+        if n > len(self.end):
+            grow = n - len(self.end)
+            self.end = np.concatenate([self.end, np.zeros(grow, dtype=np.int64)])
+            self.ended = np.concatenate([self.ended, np.zeros(grow, dtype=bool)])
+            self.carry_start = np.concatenate([self.carry_start, np.zeros(grow, dtype=np.int64)])
+        new = piece.cols
+        n_carry = np.bincount(carry["sid"], minlength=n)
+        n_new = np.bincount(new["sid"], minlength=n)
+        if (n_new[self.ended] > 0).any():
+            raise _Unordered  # rows of a series after its rank's last shard: rank names and columns differ
+        self.ended[piece.ended] = True
+        sids = np.flatnonzero(n_carry + n_new)
+        lengths = n_carry[sids] + n_new[sids]
+        rows = np.concatenate([[0], np.cumsum(lengths)])
+        if carry["sid"].size == 0:
+            cols = dict(new)
+        else:  # each series' kept rows, then its new rows: block copies
+            c_from = np.concatenate([[0], np.cumsum(n_carry)])[sids]
+            n_from = np.concatenate([[0], np.cumsum(n_new)])[sids]
+            blocks = [
+                (c0, c0 + c, n0, n0 + m)
+                for c0, c, n0, m in zip(c_from, n_carry[sids], n_from, n_new[sids], strict=True)
+            ]
+            cols = {
+                name: np.concatenate(
+                    [part for c0, c1, n0, n1 in blocks for part in (carry[name][c0:c1], new[name][n0:n1])]
+                )
+                for name in _DTYPES
+            }
+        fresh = self.end[sids].copy()
+        start = np.where(n_carry[sids] > 0, self.carry_start[sids], fresh)
+        self.end[sids] += n_new[sids]
+        # An ended series' last epochs wait too: other ranks' rows of them may come later.
+        bound = np.array([piece.settled.get(run, NEVER) for run in registry.runs], dtype=np.int64)
+        settled = bound[np.asarray(registry.run_of, dtype=np.int64)[sids]]
+        cols["pos"] = np.repeat(start - rows[:-1], lengths) + np.arange(rows[-1])
+        frame = Frame(
+            cols, sids, rows, start, fresh, self.end[sids].copy(), self.ended[sids].copy(), settled, registry
+        )
+        need = np.full(len(sids), NEVER, dtype=np.int64)
+        for c in consumers if len(sids) else ():
+            need = np.minimum(need, c.feed(frame))
+        keep_from = np.clip(need, frame.start, frame.end)
+        mask = frame.between(rows[:-1] + (keep_from - frame.start), rows[1:])
+        self.carry = {name: cols[name][mask] for name in _DTYPES}
+        self.carry_start[sids] = keep_from
+        if piece.progress and piece.progress != self.shown:
+            detail(piece.progress)
+            self.shown = piece.progress
+
+
+def _ordered_pieces(
+    trace: Trace, table: str, modules: Sequence[str] | str | None, chunk_rows: int, registry: Registry
+) -> Iterator[_Piece]:
+    """Each run's shards in order, the ranks side by side, about ``chunk_rows`` rows at a time."""
+    second = registry.second
+    select = ["rank", "module", second, *_COLUMNS]
+    runs = trace.shards_by_rank(table)
+    total = sum(size for by_rank in runs.values() for files in by_rank.values() for _, size in files)
+    done = 0
+    last_pass = np.zeros(0, dtype=np.int64)
+    last_epoch = np.zeros(0, dtype=np.int64)
+    bytes_per_row: float | None = None
+    for run, by_rank in runs.items():
+        queues = {rank: deque(files) for rank, files in sorted(by_rank.items())}
+        top_epoch: dict[int, int | None] = dict.fromkeys(queues)  # per rank: largest epoch read
+        while queues:
+            # The first piece takes one shard per rank and learns the bytes per row; then about
+            # chunk_rows rows from the ranks furthest behind (in epochs), so that the ranks of a run
+            # progress together and an epoch is complete on all of them soon after it is read.
+            behind = min(-1 if top_epoch[r] is None else top_epoch[r] for r in queues)
+            lagging = [r for r in queues if (-1 if top_epoch[r] is None else top_epoch[r]) == behind]
+            budget = None if bytes_per_row is None else chunk_rows * bytes_per_row / len(lagging)
+            taken: list[tuple[int, list]] = []
+            piece_bytes = 0
+            for rank in lagging:
+                queue = queues[rank]
+                files, size = [], 0
+                while queue and (not files or (budget is not None and size + queue[0][1] <= budget)):
+                    path, nbytes = queue.popleft()
+                    files.append(path)
+                    size += nbytes
+                piece_bytes += size
+                taken.append((rank, files))
+            done += piece_bytes
+            scans = []
+            for _, files in taken:
+                lf = trace.scan_shards(table, run, files)
+                if modules is not None:
+                    lf = lf.filter(module_filter(modules))
+                scans.append(lf.select(select))
+            raws = pl.collect_all(scans)
+            parts = []
+            rows_read = 0
+            for (rank, _), raw in zip(taken, raws, strict=True):
+                rows_read += raw.height
+                if raw.height == 0:
+                    continue
+                cols = _number(raw, run, registry)
+                if len(registry) > len(last_pass):
+                    grow = len(registry) - len(last_pass)
+                    last_pass = np.concatenate([last_pass, np.full(grow, np.iinfo(np.int64).min)])
+                    last_epoch = np.concatenate([last_epoch, np.full(grow, np.iinfo(np.int64).min)])
+                top_epoch[rank] = _check_order(cols, last_pass, last_epoch, top_epoch[rank])
+                parts.append(cols)
+            if bytes_per_row is None and rows_read:
+                bytes_per_row = max(piece_bytes / rows_read, 1e-3)
+            ended: list[int] = []
+            for rank, _ in taken:
+                if not queues[rank]:
+                    del queues[rank]
+                    ended.extend(registry.by_rank.get((run, rank), []))
+            bounds = [top_epoch[r] for r in queues]
+            settled = NEVER if not bounds else (min(bounds) if None not in bounds else np.iinfo(np.int64).min)
+            percent = f"{table} {100 * done // max(total, 1)}%"
+            yield _Piece(_merge(parts), ended, {run: int(settled)}, percent)
+
+
+def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.ndarray]:
+    """Number the series of a part (rows of one rank as read): its sid, pass, epoch and value columns
+    as numpy arrays, sorted by sid (stably).
+
+    The recorder's layout repeats the same sequence of keys every pass: then the first repetition of
+    the first key gives the period K, the sids of the first K rows give every row's, and sorting is a
+    transposition (no hashing of names). Anything else is numbered by a join on the keys and sorted."""
+    second = registry.second
+    n = raw.height
+    values = {c: raw[c].to_numpy() for c in _COLUMNS}
+    r0 = raw.row(0, named=True)
+    same = (pl.col("rank") == r0["rank"]) & (pl.col("module") == r0["module"])
+    same &= pl.col(second) == r0[second]
+    period = n
+    for look in (min(n, 4096), n):  # the period is usually short: look at the first rows first
+        repeats = raw.head(look).select(pl.arg_where(same).head(2)).to_series()
+        if repeats.len() > 1:
+            period = int(repeats[1])
+            break
+    cycle = raw.head(period).select("rank", "module", second)
+    periodic = cycle.n_unique() == period
+    if periodic and period < n:
+        head, tail = raw.slice(0, n - period), raw.slice(period)
+        periodic = all((tail[c] == head[c]).all() for c in ("rank", second, "module"))  # numbers first
+    if periodic:
+        ids = np.array([registry.sid(run, *row) for row in cycle.iter_rows()], dtype=np.int64)
+        by_sid = np.argsort(ids, kind="stable")
+        counts = (n - by_sid + period - 1) // period
+        if n % period == 0:  # whole passes: a transposition
+            in_order = bool((np.diff(by_sid) == 1).all())
+            sorted_ = {c: _transpose(v, period, None if in_order else by_sid) for c, v in values.items()}
+        else:
+            starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+            order = np.repeat(by_sid, counts) + period * (np.arange(n) - np.repeat(starts, counts))
+            sorted_ = {c: v[order] for c, v in values.items()}
+        sorted_["sid"] = np.repeat(ids[by_sid], counts).astype(np.uint32)
+        return sorted_
+    keys = raw.select("rank", "module", second)
+    unique = keys.unique(maintain_order=True)
+    ids = [registry.sid(run, *row) for row in unique.iter_rows()]
+    mapping = unique.with_columns(pl.Series("sid", ids, dtype=pl.UInt32))
+    sid = keys.join(mapping, on=["rank", "module", second], how="left", maintain_order="left")["sid"]
+    sid = sid.to_numpy()
+    order = np.argsort(sid, kind="stable")
+    sorted_ = {c: v[order] for c, v in values.items()}
+    sorted_["sid"] = sid[order]
+    return sorted_
+
+
+def _transpose(values: np.ndarray, period: int, rows: np.ndarray | None) -> np.ndarray:
+    """``values`` seen as (passes, period) transposed to (period, passes), flattened; in the order
+    ``rows`` of the period's offsets when given. Copied a band of passes at a time: several times
+    faster than numpy's copy of the whole transposed view, which walks memory with a large stride."""
+    table = values.reshape(-1, period)
+    out = np.empty((period, len(table)), dtype=values.dtype)
+    band = max(16, (1 << 17) // period)
+    for b0 in range(0, len(table), band):
+        out[:, b0 : b0 + band] = table[b0 : b0 + band].T
+    return (out if rows is None else out[rows]).ravel()
+
+
+def _check_order(
+    cols: dict[str, np.ndarray], last_pass: np.ndarray, last_epoch: np.ndarray, top: int | None
+) -> int:
+    """Raise :class:`_Unordered` unless each series' passes and epochs go on from where they stopped and
+    never decrease, and no row of the rank has an epoch below one read earlier; update the last pass and
+    epoch per sid; return the rank's largest epoch so far."""
+    sid, passes, epochs = cols["sid"], cols["pass"], cols["epoch"]
+    if top is not None and int(epochs.min()) < top:
+        raise _Unordered
+    same = sid[1:] == sid[:-1]
+    if (same & (passes[1:] < passes[:-1])).any() or (same & (epochs[1:] < epochs[:-1])).any():
+        raise _Unordered
+    first = np.flatnonzero(np.concatenate([[True], ~same]))
+    last = np.concatenate([first[1:] - 1, [len(sid) - 1]])
+    s = sid[first]
+    if (passes[first] < last_pass[s]).any() or (epochs[first] < last_epoch[s]).any():
+        raise _Unordered
+    last_pass[s] = passes[last]
+    last_epoch[s] = epochs[last]
+    high = int(epochs.max())
+    return high if top is None else max(top, high)
+
+
+def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Parts (one per rank, disjoint sids, each sorted by sid) as one piece sorted by sid."""
+    if not parts:
+        return _no_rows()
+    if len(parts) == 1:
+        return parts[0]
+    cols = {c: np.concatenate([p[c] for p in parts]) for c in _DTYPES}
+    sid = cols["sid"]
+    heads = np.flatnonzero(np.concatenate([[True], sid[1:] != sid[:-1]]))
+    by_sid = np.argsort(sid[heads], kind="stable")
+    if (np.diff(by_sid) == 1).all():
+        return cols
+    lengths = np.diff(np.concatenate([heads, [len(sid)]]))[by_sid]
+    starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    regroup = np.repeat(heads[by_sid], lengths) + (np.arange(len(sid)) - np.repeat(starts, lengths))
+    return {c: v[regroup] for c, v in cols.items()}
+
+
+def _whole_series(
+    trace: Trace, table: str, modules: Sequence[str] | str | None, chunk_rows: int, registry: Registry
+) -> Iterator[_Piece]:
+    """Whole series, a group of modules (every rank and split) at a time, each group about ``chunk_rows``
+    rows, each series sorted by pass (stably): for traces whose rows are not in pass order."""
+    second = registry.second
+    key = ["rank", "module", second]
+    for run in trace.runs:
+        lf = points(trace.filter(runs=run), table, modules)
+        counts = lf.group_by(key).agg(pl.len().alias("n")).sort("module", "rank", second).collect()
+        for row in counts.select(key).iter_rows():
+            registry.sid(run, *row)
+        per_module = counts.group_by("module", maintain_order=True).agg(pl.col("n").sum())
+        groups: list[list[str]] = [[]]
+        size = 0
+        for module, n in per_module.iter_rows():
+            if groups[-1] and size + n > chunk_rows:
+                groups.append([])
+                size = 0
+            groups[-1].append(module)
+            size += n
+        for i, names in enumerate(g for g in groups if g):
+            raw = lf.filter(pl.col("module").is_in(names)).select(*key, *_COLUMNS).collect()
+            mapping = counts.filter(pl.col("module").is_in(names)).select(key)
+            ids = [registry.sid(run, *r) for r in mapping.iter_rows()]
+            mapping = mapping.with_columns(pl.Series("sid", ids, dtype=pl.UInt32))
+            joined = raw.join(mapping, on=key, how="left", maintain_order="left")
+            ordered = joined.select("sid", *_COLUMNS).sort("sid", "pass", maintain_order=True)
+            yield _Piece(
+                {c: ordered[c].to_numpy() for c in _DTYPES},
+                ids,
+                {run: NEVER},
+                f"{table} {run}: modules {i + 1} of {len(groups)}",
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the event tests need of each series
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What is known of each series after a scan, small whatever the run's length.
+
+    ``keys``: one row per sid: the series keys (run, rank, module, split or param), ``length`` (rows),
+    ``first_pass``, ``last_pass``, ``first_epoch``, ``last_epoch``, ``epochs`` (distinct epochs).
+    ``epoch_starts``: per run, rank and epoch (but a series' first): the first pass of the epoch over
+    all the rank's series (``first``), from the passes where some series' epoch changes.
+    """
+
+    keys: pl.DataFrame
+    epoch_starts: pl.DataFrame
+
+
+class _Info:
+    """The consumer behind :class:`SeriesInfo` (every scan runs it)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.length = np.zeros(0, dtype=np.int64)
+        self.first = np.zeros((0, 2), dtype=np.int64)
+        self.last = np.zeros((0, 2), dtype=np.int64)
+        self.epochs = np.zeros(0, dtype=np.int64)
+        self.starts: list[pl.DataFrame] = []
+
+    def feed(self, frame: Frame) -> np.ndarray:
+        n = len(self.registry)
+        if n > len(self.length):
+            grow = n - len(self.length)
+            self.length = np.concatenate([self.length, np.zeros(grow, dtype=np.int64)])
+            self.first = np.concatenate([self.first, np.zeros((grow, 2), dtype=np.int64)])
+            self.last = np.concatenate([self.last, np.zeros((grow, 2), dtype=np.int64)])
+            self.epochs = np.concatenate([self.epochs, np.zeros(grow, dtype=np.int64)])
+        sids = frame.sids
+        new = frame.end > frame.fresh
+        if not new.any():
+            return frame.end.copy()
+        before = self.last[sids, 1].copy()  # each series' last epoch before this frame
+        passes = frame.cols["pass"]
+        epochs = frame.cols["epoch"]
+        pos = frame.cols["pos"]
+        head = frame.rows[:-1] + (frame.fresh - frame.start)  # first new row of each segment
+        tail = frame.rows[1:] - 1
+        born = new & (frame.fresh == 0)
+        self.first[sids[born]] = np.stack([passes[head[born]], epochs[head[born]]], axis=1)
+        self.last[sids[new]] = np.stack([passes[tail[new]], epochs[tail[new]]], axis=1)
+        previous = np.concatenate([[0], epochs[:-1]]).astype(np.int64)
+        previous[frame.rows[:-1]] = before  # counts only where a segment starts with a new row
+        changed = (epochs != previous) & frame.between(head, frame.rows[1:]) & (pos > 0)
+        self.length[sids] = frame.end
+        whole = (frame.start == 0) & frame.ended
+        if whole.all():  # whole series (the out-of-order path): count distinct epochs
+            distinct = (
+                frame.data.group_by("sid", maintain_order=True)
+                .agg(pl.col("epoch").n_unique())["epoch"]
+                .to_numpy()
+            )
+            self.epochs[sids] = distinct
+        else:
+            self.epochs[sids] += np.add.reduceat(changed.astype(np.int64), frame.rows[:-1]) + born
+        if changed.any():
+            at = np.flatnonzero(changed)
+            self.starts.append(
+                pl.DataFrame({"sid": frame.cols["sid"][at], "epoch": epochs[at], "pass": passes[at]})
+            )
+        return frame.end.copy()
+
+    def finish(self) -> None:
+        """Nothing to flush: the info is read by :meth:`result`."""
+
+    def result(self) -> SeriesInfo:
+        keys = self.registry.frame().with_columns(
+            pl.Series("length", self.length[: len(self.registry)], dtype=pl.Int64),
+            pl.Series("first_pass", self.first[:, 0], dtype=pl.Int64),
+            pl.Series("last_pass", self.last[:, 0], dtype=pl.Int64),
+            pl.Series("first_epoch", self.first[:, 1], dtype=pl.Int64),
+            pl.Series("last_epoch", self.last[:, 1], dtype=pl.Int64),
+            pl.Series("epochs", self.epochs, dtype=pl.Int64),
+        )
+        schema = {"sid": pl.UInt32, "epoch": pl.Int32, "pass": pl.Int64}
+        changes = pl.concat(self.starts) if self.starts else pl.DataFrame(schema=schema)
+        starts = (
+            changes.join(keys.select("sid", "run", "rank"), on="sid")
+            .group_by("run", "rank", "epoch")
+            .agg(pl.col("pass").min().alias("first"))
+            .sort("run", "rank", "epoch")
+        )
+        return SeriesInfo(keys, starts)
+
+
+def series_info(trace: Trace, table: str, modules: Sequence[str] | str | None) -> SeriesInfo:
+    """The table's :class:`SeriesInfo` (memoised; one scan that keeps nothing but it, if no analysis of
+    the same table and modules has run yet)."""
+    key = ("series-info", table, _modules_key(modules))
+    return trace.cached(key, lambda: scan(trace, table, modules, lambda _: [])[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-epoch means, and whole series for the analyses that need a series at once
+
+
+@dataclass(frozen=True)
+class Series:
+    """``data``: sid (u32), pass, epoch, value (or sid, epoch, value for epoch means), contiguous per sid
+    and in time order within it. ``keys``: one row per sid with the series keys (at least ``sid``)."""
+
+    data: pl.DataFrame
+    keys: pl.DataFrame
+
+
+class _EpochMeans:
+    """Consumer: per series and complete epoch, the mean value (NaN if any value is NaN)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.done = np.zeros(0, dtype=np.int64)
+        self.parts: list[pl.DataFrame] = []
+
+    def feed(self, frame: Frame) -> np.ndarray:
+        if len(self.registry) > len(self.done):
+            self.done = np.concatenate([self.done, np.zeros(len(self.registry) - len(self.done), np.int64)])
+        take, need = settled_rows(frame, self.done[frame.sids])
+        if take.any():
+            self.parts.append(_means(*(frame.cols[c][take] for c in ("sid", "epoch", "value"))))
+        self.done[frame.sids] = need
+        return need
+
+    def finish(self) -> None:
+        """The means are read by :meth:`result`."""
+
+    def result(self) -> Series:
+        schema = {"sid": pl.UInt32, "epoch": pl.Int32, "value": pl.Float64}
+        data = pl.concat(self.parts).sort("sid", "epoch") if self.parts else pl.DataFrame(schema=schema)
+        return Series(data, self.registry.frame())
+
+
+def epoch_series(trace: Trace, table: str, modules: Sequence[str] | str | None) -> Series:
+    """Per series and epoch, the mean value: data sid, epoch, value sorted; keys the registry's
+    (memoised on the Trace)."""
+    key = ("epoch-series", table, _modules_key(modules))
+
+    def compute() -> Series:
+        consumers, _ = scan(trace, table, modules, lambda reg: [_EpochMeans(reg)])
+        return consumers[0].result()
+
+    return trace.cached(key, compute)
+
+
+def epoch_means(series: Series) -> pl.DataFrame:
+    """Per sid and epoch of whole series in memory, the mean value: sid, epoch, value, sorted."""
+    d = series.data
+    return _means(d["sid"].to_numpy(), d["epoch"].to_numpy(), d["value"].to_numpy())
+
+
+def _means(sid: np.ndarray, epoch: np.ndarray, value: np.ndarray) -> pl.DataFrame:
+    """Per (sid, epoch), the mean value (NaN if any is NaN): sid, epoch, value, sorted. Grouped as
+    contiguous slices of the key (sid, epoch) packed in one integer, so that each mean sums its rows in
+    order whatever else is in the frame (a hash group-by's sums vary in the last bit with the frame)."""
+    key = (sid.astype(np.uint64) << np.uint64(32)) + epoch.astype(np.int64).astype(np.uint64)
+    rows = pl.DataFrame({"g": key, "value": value})
+    rows = (
+        rows.with_columns(pl.col("g").set_sorted())
+        if (np.diff(key) >= 0).all()
+        else rows.sort("g", maintain_order=True)
+    )
+    means = rows.group_by("g", maintain_order=True).agg(pl.col("value").mean())
+    g = means["g"].to_numpy()
+    return pl.DataFrame(
+        {
+            "sid": (g >> np.uint64(32)).astype(np.uint32),
+            "epoch": (g & np.uint64(0xFFFFFFFF)).astype(np.int32),
+            "value": means["value"],
+        }
+    )
+
+
+def complete_series(
+    trace: Trace,
+    table: str,
+    modules: Sequence[str] | str | None,
+    *,
+    chunk_rows: int | None = None,
+) -> Iterator[Series]:
+    """Whole series, numbered as :func:`series_info` numbers them, a group at a time: as many whole
+    series as fit in about ``chunk_rows`` rows (default :data:`GROUP_ROWS`; a longer series alone). For analyses that need a series
+    at once (a median over all of it); each group costs one read of the run's shards of its ranks."""
+    info = series_info(trace, table, modules)
+    chunk = GROUP_ROWS if chunk_rows is None else max(1, int(chunk_rows))
+    keys = info.keys
+    second = "split" if table == "outputs" else "param"
+    column = "grad_enabled" if table == "outputs" else "param"
+    for (run,), per_run in keys.group_by("run", maintain_order=True):
+        lf = points(trace.filter(runs=run), table, modules)
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i, n in enumerate(per_run["length"]):
+            if groups[-1] and size + n > chunk:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += n
+        total = len(groups)
+        for g, members in enumerate(groups):
+            if not members:
+                continue
+            chosen = per_run[members]
+            mapping = chosen.select(
+                "rank",
+                "module",
+                (pl.col("split") == "train").alias(column) if table == "outputs" else pl.col(second),
+                "sid",
+            )
+            want = pl.col("module").is_in(chosen["module"].unique().to_list()) & pl.col("rank").is_in(
+                chosen["rank"].unique().to_list()
+            )
+            raw = lf.filter(want).select("rank", "module", column, *_COLUMNS).collect()
+            data = (
+                raw.join(mapping, on=["rank", "module", column], how="inner", maintain_order="left")
+                .select("sid", *_COLUMNS)
+                .sort("sid", maintain_order=True)
+            )
+            if data.select(((pl.col("pass").diff() < 0) & (pl.col("sid").diff() == 0)).any()).item():
+                data = data.sort("sid", "pass", maintain_order=True)
+            if total > 1:
+                detail(f"{table} {run}: series group {g + 1} of {total}")
+            yield Series(data, chosen.drop("length"))

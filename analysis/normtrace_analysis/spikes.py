@@ -24,11 +24,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 
 from .errors import ShortSeriesWarning, caller_stacklevel
-from .names import BASELINE_WINDOW, SERIES_KEYS, THRESHOLD, Level, Table
-from .series import epoch_series, pass_series
+from .names import BASELINE_WINDOW, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
+from .series import Frame, Registry, epoch_series, scan
+from .summary import Summary, summary_key
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -85,18 +87,36 @@ def spikes(
 def _spikes(
     trace: Trace, table: str, level: str, modules: Sequence[str] | str | None, threshold: float, window: int
 ) -> pl.DataFrame:
-    series = pass_series(trace, table, modules)
-    frame = series.data if level == "pass" else epoch_series(series)
-    _warn_if_too_short(frame, level, window)
-    found = _detect(frame, level, threshold, window).join(series.keys.drop("start", "length"), on="sid")
+    if level == "pass":
+        # The epoch summary of all modules costs a fraction of the reading it would repeat: compute it
+        # on the side when the scan covers all modules and no summary is held yet.
+        side = modules is None and not trace.is_cached(summary_key(table))
+
+        def make(registry: Registry) -> list:
+            detector = _Detector(level, threshold, window)
+            return [detector, Summary(registry)] if side else [detector]
+
+        (detector, *summary), info = scan(trace, table, modules, make)
+        if summary:
+            trace.cached(summary_key(table), lambda: summary[0].result(SUMMARY_KEYS[table]))
+        keys = info.keys.select("sid", *SERIES_KEYS[table])
+        lengths = info.keys["length"]
+        found = detector.result()
+    else:
+        series = epoch_series(trace, table, modules)
+        keys = series.keys
+        lengths = series.data.group_by("sid").len()["len"]
+        found = _detect(series.data, level, threshold, window)
+    _warn_if_too_short(lengths, level, window)
+    found = found.join(keys, on="sid")
     return _attach_nearest_event(found, trace.events, table, level)
 
 
-def _warn_if_too_short(frame: pl.DataFrame, level: str, window: int) -> None:
+def _warn_if_too_short(lengths: pl.Series, level: str, window: int) -> None:
     """Say so when series have fewer points than the baseline window: their rolling median is their
     whole length, so a spike among a handful of epochs is not told from noise, and "0 spikes" would
     read as "nothing happened"."""
-    lengths = frame.group_by("sid").len()["len"]
+    lengths = lengths.filter(lengths > 0)
     short = int((lengths < window).sum())
     if short:
         unit = "epochs" if level == "epoch" else "points"
@@ -127,115 +147,325 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
 
 
 def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
-    """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; contiguous per sid, time-ordered).
+    """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; whole series, contiguous per sid,
+    in time order): sid, [pass,] epoch, value, baseline, score, points."""
+    sid = frame["sid"].to_numpy()
+    heads = np.flatnonzero(np.concatenate([[True], sid[1:] != sid[:-1]])) if len(sid) else np.zeros(0, int)
+    rows = np.concatenate([heads, [len(sid)]]).astype(np.int64)
+    lengths = np.diff(rows)
+    cols = {c: frame[c].to_numpy() for c in frame.columns}
+    cols["pos"] = np.arange(len(sid)) - np.repeat(rows[:-1], lengths)
+    none = np.zeros(len(heads), dtype=np.int64)
+    whole = Frame(
+        cols, sid[heads].astype(np.int64), rows, none, none, lengths, np.ones(len(heads), bool), none, None
+    )
+    detector = _Detector(level, threshold, window)
+    detector.feed(whole)
+    return detector.result()
 
-    The frame is cut at series boundaries into parts of at most about PART_ROWS rows (and at least one
-    per Polars thread), scored in parallel: all cores work, and the scoring's temporary columns exist
-    for a few parts at a time only.
+
+PART_ROWS = 200_000
+"""Frames of more rows than this are scored in parts (cut between series), one per Polars thread."""
+
+
+class _Detector:
+    """The detector as a consumer of :func:`.series.scan`: it scores each piece of the series in turn.
+
+    A point's score depends on the points around it only: its baseline on half a window either side, its
+    scale on the blocks within ``SCALE_SPAN / 2`` windows either side, and on the last median before a
+    run of non-finite values (carried forward). So each series is scored in stretches: a frame holds the
+    series from ``s`` (a few windows before the first point not scored yet, ``a``) to the last point
+    read, ``e``; every point whose windows lie inside is scored (up to ``b``, about a window and a half
+    before ``e`` unless the series ended), and the carried medians at the start of the next stretch are
+    kept. Every score equals the one the whole series would give; a run of flags cut at ``b`` is joined
+    again at the end.
     """
-    threads = pl.thread_pool_size()
-    parts = _split(frame, max(threads, -(-frame.height // PART_ROWS)))
-    with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-        found = list(pool.map(lambda part: _detect_part(part, level, threshold, window), parts))
-    return pl.concat(found)
+
+    def __init__(self, level: str, threshold: float, window: int) -> None:
+        self.level = level
+        self.threshold = threshold
+        self.window = window
+        self.half = window // 2
+        self.lb = window - 1 - self.half  # points before p in the window that gives p's median
+        self.block = max(1, window // 4)
+        self.span = max(3, (SCALE_SPAN * window // self.block) | 1)
+        self.lbs = self.span - 1 - self.span // 2
+        self.lookback = self.lb + self.block * (self.lbs + 3)
+        self.position = ["pass", "epoch"] if level == "pass" else ["epoch"]
+        self.s = np.zeros(0, dtype=np.int64)  # per sid: first point of the stretch kept
+        self.a = np.zeros(0, dtype=np.int64)  # per sid: first point not scored yet
+        self.seed = np.zeros((0, 2))  # per sid: carried baseline and block MAD at the stretch's start
+        self.found: list[pl.DataFrame] = []
+
+    def feed(self, frame: Frame) -> np.ndarray:
+        n = int(frame.sids.max()) + 1 if len(frame.sids) else 0
+        if n > len(self.s):
+            grow = n - len(self.s)
+            self.s = np.concatenate([self.s, np.zeros(grow, dtype=np.int64)])
+            self.a = np.concatenate([self.a, np.zeros(grow, dtype=np.int64)])
+            self.seed = np.concatenate([self.seed, np.full((grow, 2), np.nan)])
+        cols = {c: frame.cols[c] for c in ("pos", "value", *self.position)}
+        rows = frame.rows
+        s = self.s[frame.sids]
+        # Another consumer may keep more of a series (or all that is left of one that this one is done
+        # with): start where this one's stretch does.
+        if (frame.start < s).any():
+            keep = cols["pos"] >= frame.per_row(s)
+            cols = {c: v[keep] for c, v in cols.items()}
+            live = frame.end > s
+            rows = np.concatenate([[0], np.cumsum((frame.end - s)[live])])
+        else:
+            live = np.ones(len(s), dtype=bool)
+        sids, s, end, ended = frame.sids[live], s[live], frame.end[live], frame.ended[live]
+        if not len(sids):
+            return self.s[frame.sids].copy()
+        segments = np.arange(len(sids))
+        parts = [segments]
+        threads = pl.thread_pool_size()
+        if rows[-1] > PART_ROWS and threads > 1 and len(sids) > 1:
+            cuts = np.searchsorted(rows[1:-1], np.arange(1, threads) * rows[-1] / threads)
+            parts = [p for p in np.split(segments, np.unique(cuts)) if len(p)]
+        jobs = [
+            (
+                {c: v[rows[p[0]] : rows[p[-1] + 1]] for c, v in cols.items()},
+                rows[p[0] : p[-1] + 2] - rows[p[0]],
+                s[p],
+                end[p],
+                ended[p],
+                self.a[sids[p]],
+                self.seed[sids[p]],
+            )
+            for p in parts
+        ]
+        if len(jobs) > 1:
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                results = list(pool.map(lambda job: self._score(*job), jobs))
+        else:
+            results = [self._score(*job) for job in jobs]
+        for p, (found, b, s_next, seed) in zip(parts, results, strict=True):
+            if found.height:
+                found = found.with_columns(pl.Series("sid", sids[p], dtype=pl.UInt32).gather(found["_seg"]))
+                self.found.append(found.drop("_seg"))
+            self.a[sids[p]] = b
+            self.s[sids[p]] = s_next
+            self.seed[sids[p]] = seed
+        return self.s[frame.sids].copy()
+
+    def finish(self) -> None:
+        """The spikes are read by :meth:`result`."""
+
+    def result(self) -> pl.DataFrame:
+        """Spikes: sid, [pass,] epoch, value, baseline, score, points (runs of flags cut between
+        stretches joined again, at their peak)."""
+        schema = {"sid": pl.UInt32, **dict.fromkeys(self.position, pl.Int64), "epoch": pl.Int32}
+        schema |= {"value": pl.Float64, "baseline": pl.Float64, "score": pl.Float64, "points": pl.Int64}
+        if not self.found:
+            return pl.DataFrame(schema=schema)
+        found = pl.concat(self.found, how="vertical_relaxed").sort("sid", "_first")
+        joined = (pl.col("sid") != pl.col("sid").shift(1)) | (
+            pl.col("_first") != pl.col("_last").shift(1) + 1
+        )
+        peak = pl.col("score").abs().arg_max()
+        out = (
+            found.with_columns(joined.fill_null(True).cum_sum().alias("_run"))
+            .group_by("_run", maintain_order=True)
+            .agg(
+                pl.col("sid").first(),
+                *[pl.col(c).get(peak) for c in [*self.position, "value", "baseline", "score"]],
+                pl.col("points").sum(),
+            )
+            .drop("_run")
+        )
+        return out.select(list(schema)).cast(schema)
+
+    def _score(
+        self,
+        cols: dict[str, np.ndarray],
+        rows: np.ndarray,
+        s: np.ndarray,
+        e: np.ndarray,
+        ended: np.ndarray,
+        a: np.ndarray,
+        seed: np.ndarray,
+    ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+        """Score the stretches [s, e) of some series (numpy ``cols``): the spikes among points [a, b),
+        b, and the next stretch's start and carried medians. numpy for the arithmetic, Polars for the
+        medians; NaN stands for "no value" throughout."""
+        half, lb, block, span, lbs = self.half, self.lb, self.block, self.span, self.lbs
+        counts = np.diff(rows)
+        xm = np.where(s == 0, 0, s + lb)  # first point with its baseline known
+        vend = np.where(ended, e, e - half)  # one past the last such point
+        nb = -(-e // block)
+        bs = -(-xm // block)  # first block whose points all have their baseline
+        bve = np.where(ended, nb, vend // block)
+        ms = np.where(s == 0, 0, bs + lbs)  # first block with its MAD known
+        me = np.where(ended, nb, bve - span // 2)
+        b = np.maximum(a, np.where(ended, e, np.minimum(vend, me * block)))
+        lo = np.maximum(xm, ms * block)
+        if ((a < b) & (a < lo)).any():
+            raise AssertionError("the detector's stretch starts too late")  # a bug, not bad data
+        s_next = np.where(ended, e, np.maximum(s, np.maximum(b - self.lookback, 0) // block * block))
+        if not ((b > a) | (s_next > s)).any():
+            return pl.DataFrame(), b, s, seed
+        value = cols["value"]
+        pos = cols["pos"]
+        finite = np.isfinite(value)
+        x = value if finite.all() else np.where(finite, value, np.nan)
+        baseline = _centred_median(x, pos, rows, s, s, e, seed[:, 0], self.window)
+        with np.errstate(invalid="ignore"):
+            absdev = np.subtract(x, baseline)
+        np.abs(absdev, out=absdev)
+        # Rolling MAD at block resolution: the median absolute deviation of each block of ``block``
+        # points, then the centred rolling median of those over the blocks spanning SCALE_SPAN windows.
+        per_block = nb - s // block
+        sizes = np.full(int(per_block.sum()), block, dtype=np.int64)
+        sizes[np.cumsum(per_block) - 1] = counts - block * (per_block - 1)  # each stretch's last block
+        blk = np.repeat(np.arange(len(sizes)), sizes)
+        block_mad = _block_medians(absdev, sizes, block)
+        block_rows = np.concatenate([[0], np.cumsum(per_block)])
+        block_pos = np.repeat(s // block - block_rows[:-1], per_block) + np.arange(len(sizes))
+        # Blocks before a stretch's first complete one are never used: give them a number, not NaN
+        # (Polars' rolling median takes a much slower path as soon as a column has a null).
+        block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
+        mad = _centred_median(block_mad, block_pos, block_rows, s // block, bs, bve, seed[:, 1], span)
+        scale = mad[blk]
+        np.multiply(scale, MAD_TO_SIGMA, out=scale)
+        floor = np.abs(baseline)
+        np.multiply(floor, SCALE_FLOOR, out=floor)
+        np.fmax(scale, floor, out=scale)
+        np.fmax(scale, 1e-300, out=scale)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.subtract(value, baseline)
+            np.divide(score, scale, out=score)
+        if not finite.all():
+            bad = ~finite
+            score[bad] = np.where(value[bad] < 0, -math.inf, math.inf)
+        with np.errstate(invalid="ignore"):
+            flag = np.abs(score) > self.threshold
+        flag |= ~finite
+        at = np.flatnonzero(flag)
+        seg = np.searchsorted(rows, at, "right") - 1
+        at = at[(pos[at] >= a[seg]) & (pos[at] < b[seg])]  # scored in this stretch
+        seg = np.searchsorted(rows, at, "right") - 1
+        found = pl.DataFrame()
+        if at.size:
+            run = np.concatenate([[True], (at[1:] != at[:-1] + 1) | (pos[at[1:]] == a[seg[1:]])])
+            flagged = pl.DataFrame({c: cols[c][at] for c in (*self.position, "value", "pos")}).with_columns(
+                pl.Series("_seg", seg, dtype=pl.UInt32),
+                pl.Series("baseline", baseline[at]).fill_nan(None),
+                pl.Series("score", score[at]),
+                pl.Series("_spike", np.cumsum(run)),
+            )
+            peak = pl.col("score").abs().arg_max()
+            found = (
+                flagged.group_by("_spike", maintain_order=True)
+                .agg(
+                    pl.col("_seg").first(),
+                    *[pl.col(c).get(peak) for c in [*self.position, "value", "baseline", "score"]],
+                    pl.len().cast(pl.Int64).alias("points"),
+                    pl.col("pos").first().alias("_first"),
+                    pl.col("pos").last().alias("_last"),
+                )
+                .drop("_spike")
+            )
+        # What the next stretch, from s_next, carries in: the baseline just before its first known
+        # baseline, and the block MAD just before its first known one.
+        new_seed = seed.copy()
+        moved = np.flatnonzero((s_next > s) & ~ended)
+        if moved.size:
+            xm_next = s_next[moved] + lb
+            new_seed[moved, 0] = baseline[rows[moved] + (xm_next - 1 - s[moved])]
+            ms_next = -(-xm_next // block) + lbs
+            new_seed[moved, 1] = mad[block_rows[moved] + (ms_next - 1 - s[moved] // block)]
+        return found, b, s_next, new_seed
 
 
-PART_ROWS = 2_000_000
-"""Rows scored at once per thread by the detector (bounds its memory: ~50 bytes per row)."""
+def _block_medians(x: np.ndarray, sizes: np.ndarray, block: int) -> np.ndarray:
+    """The median of each block of consecutive values (``sizes`` of them, each at most ``block``), NaN
+    left out (NaN where a block has none): Polars' median, the two middle values' midpoint written
+    ``lo + (hi - lo) / 2``, over a sort of the values padded into a (blocks, block) array."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    padded = np.full((len(sizes), block), np.nan)
+    if (sizes == block).all():
+        padded[:] = x.reshape(-1, block)
+    else:
+        within = np.arange(len(x)) - np.repeat(starts, sizes)
+        padded.reshape(-1)[np.repeat(np.arange(len(sizes)) * block, sizes) + within] = x
+    padded.sort(axis=1)  # NaN last
+    c = block - np.isnan(padded).sum(axis=1)
+    k = np.arange(len(sizes))
+    lo = padded[k, np.maximum(c - 1, 0) // 2]
+    hi = padded[k, c // 2 - (c == 0)]
+    return lo + (hi - lo) / 2
 
 
-def _split(frame: pl.DataFrame, n: int) -> list[pl.DataFrame]:
-    """Up to ``n`` slices of about equal rows, cut only where the sid changes."""
-    if frame.height < 100_000 or n < 2:
-        return [frame]
-    starts = frame.select(pl.arg_where(pl.col("sid") != pl.col("sid").shift(1))).to_series()
-    cuts = [0]
-    for k in range(1, n):
-        i = int(starts.search_sorted(k * frame.height // n))
-        if i < starts.len() and cuts[-1] < int(starts[i]) < frame.height:
-            cuts.append(int(starts[i]))
-    cuts.append(frame.height)
-    return [frame.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+def _centred_median(
+    x: np.ndarray,
+    pos: np.ndarray,
+    rows: np.ndarray,
+    p0: np.ndarray,
+    xs: np.ndarray,
+    xe: np.ndarray,
+    seed: np.ndarray,
+    window: int,
+) -> np.ndarray:
+    """Centred rolling median of ``x`` within each stretch of a series, carried forward over gaps.
 
+    ``x`` (NaN: no value) holds stretches of series, stretch i in ``rows[i]:rows[i+1]`` at positions
+    ``pos`` (its index in the series) from ``p0[i]`` on; its values are known for positions
+    [xs[i], xe[i]) (``xs`` 0 when the stretch starts the series); ``seed[i]`` is the result just
+    before the first position the stretch can give (NaN: none). The result at p is the median of the
+    values at p - (window - 1 - half) … p + half (a window centred on p; at the start of a series,
+    fewer) when at least half a window of them are numbers, else the last such median before p; NaN
+    where no median is known yet and before ``xs + window - 1 - half`` (the window would reach before
+    ``xs``). From ``xe - half`` on (windows reaching past ``xe``) the last median is carried: right at
+    the end of a series, not to be used where the series goes on.
 
-_ROW = pl.int_range(pl.len(), dtype=pl.UInt32)
-_POSITION = (
-    _ROW - pl.when((pl.col("sid") != pl.col("sid").shift(1)).fill_null(True)).then(_ROW).forward_fill()
-).alias("_pos")
-"""Each row's index within its series (rows contiguous per sid)."""
-
-
-def _centred_median(frame: pl.DataFrame, x: pl.Expr, window: int) -> pl.Series:
-    """Centred rolling median of ``x`` within each sid of ``frame`` (needs ``_pos``, the row's index in
-    its series); the last half-window of a series keeps its last full window's median; windows need
-    half a window of non-null values, else the last median is carried forward.
-
-    Same as ``x.rolling_median(window).shift(-half).forward_fill().over("sid")`` but cheaper: one
-    trailing median over the whole column (shifted back by half a window, which centres it), with the
-    first half-window of each series, whose windows would reach into the previous series, recomputed.
+    On whole series this is ``x.rolling_median(window).shift(-half).forward_fill().over("sid")``, but
+    cheaper: one trailing median over the whole column (shifted back by half a window, which centres
+    it), with the first half-window of each series, whose windows would reach into the previous series,
+    recomputed.
     """
     half = window // 2
-    med = x.rolling_median(window, min_samples=half + 1)
-    inside = (pl.col("sid").shift(-half) == pl.col("sid")) & (pl.col("_pos") >= half)
-    centred = frame.select(pl.when(inside.fill_null(False)).then(med.shift(-half)).alias("m")).to_series()
-    head = (
-        frame.with_row_index("_row")
-        .filter(pl.col("_pos") < window)
-        .with_columns(med.shift(-half).over("sid").alias("m"))
-        .filter(pl.col("_pos") < half)
+    n = len(x)
+    counts = np.diff(rows)
+    gaps = bool(np.isnan(x).any())
+    # Without a gap every full window is complete, and the windows shorter than half of one are those
+    # reaching before a stretch (not used) or at a series' start (recomputed below): no nulls needed,
+    # which keeps Polars on its fast path.
+    med = (
+        pl.Series(x, nan_to_null=gaps).rolling_median(window, min_samples=half + 1 if gaps else 1).to_numpy()
     )
-    centred = centred.scatter(head["_row"], head["m"])
-    carried = frame.select(centred.alias("m"), "sid").select(
-        pl.when(pl.when(pl.col("m").is_not_null()).then(pl.col("sid")).forward_fill() == pl.col("sid")).then(
-            pl.col("m").forward_fill()
-        )
-    )
-    return carried.to_series()
-
-
-def _detect_part(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
-    """Score one part's points, flag them and merge consecutive flags into spikes (at their peak)."""
-    finite = pl.col("value").is_finite()
-    block = max(1, window // 4)
-    df = frame.with_columns(_POSITION)
-    df = df.with_columns(_centred_median(df, pl.when(finite).then(pl.col("value")), window).alias("baseline"))
-    df = df.with_columns(
-        pl.when(finite).then((pl.col("value") - pl.col("baseline")).abs()).alias("_absdev"),
-        (pl.col("_pos") % block == 0).cum_sum().alias("_b"),
-    ).with_columns(pl.col("_b").set_sorted())
-    # Rolling MAD at block resolution: the median absolute deviation of each block of ``block`` points,
-    # then the centred rolling median of those over the blocks spanning SCALE_SPAN windows.
-    blocks = df.group_by("_b", maintain_order=True).agg(pl.col("sid").first(), pl.col("_absdev").median())
-    blocks = blocks.with_columns(_POSITION)
-    mad = _centred_median(blocks, pl.col("_absdev"), max(3, (SCALE_SPAN * window // block) | 1))
-    df = df.with_columns(mad.gather(df["_b"] - 1).alias("mad"))
-    scale = pl.max_horizontal(
-        MAD_TO_SIGMA * pl.col("mad"), SCALE_FLOOR * pl.col("baseline").abs(), pl.lit(1e-300)
-    )
-    signed_inf = pl.when(pl.col("value") < 0).then(-math.inf).otherwise(math.inf)
-    score = pl.when(~finite).then(signed_inf).otherwise((pl.col("value") - pl.col("baseline")) / scale)
-    flagged = (
-        df.lazy()
-        .with_columns(score.alias("score"))
-        .with_columns(flag=(~finite | (pl.col("score").abs() > threshold)).fill_null(False))
-        .with_columns(
-            spike=(
-                pl.col("flag") & (~pl.col("flag").shift(1, fill_value=False) | (pl.col("_pos") == 0))
-            ).cum_sum()
-        )
-        .filter("flag")
-    )
-    position = ["sid", "pass", "epoch"] if level == "pass" else ["sid", "epoch"]
-    peak = pl.col("score").abs().arg_max()
-    return (
-        flagged.group_by("spike")
-        .agg(
-            *[pl.col(c).get(peak) for c in [*position, "value", "baseline", "score"]],
-            pl.len().cast(pl.Int64).alias("points"),
-        )
-        .drop("spike")
-        .collect()
-    )
+    m = np.full(n, np.nan)
+    m[: max(n - half, 0)] = med[half:]
+    first = np.where(xs == 0, 0, xs + window - 1 - half)
+    lo = np.clip(np.maximum(first, half) - p0, 0, counts)  # per stretch, its rows with a centred median
+    hi = np.clip(xe - half - p0, lo, counts)
+    for i in range(len(counts)):
+        m[rows[i] : rows[i] + lo[i]] = np.nan
+        m[rows[i] + hi[i] : rows[i + 1]] = np.nan
+    for i in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
+        r0 = rows[i]
+        head = x[r0 : r0 + min(window, counts[i])]
+        trailing = pl.Series(head, nan_to_null=True).rolling_median(window, min_samples=half + 1).to_numpy()
+        k = np.arange(min(half, len(head)))
+        k = k[k + half < min(len(head), xe[i] - p0[i])]
+        m[r0 + k] = trailing[k + half]
+    start = np.clip(first - p0, 0, counts)  # first row where a value (median or carried) is due
+    if gaps or ((xs == 0) & (xe - p0 < window)).any():
+        # carry the last median over windows with too few values (a gap, a series shorter than a
+        # window), and from the seed
+        known = np.where(np.isnan(m), -1, np.arange(n))
+        np.maximum.accumulate(known, out=known)
+        own = known >= np.repeat(rows[:-1], counts)
+        out = np.where(own, m[np.maximum(known, 0)], np.repeat(seed, counts))
+        for i in range(len(counts)):
+            out[rows[i] : rows[i] + start[i]] = np.nan
+        return out
+    for i in range(len(counts)):  # every median is known: carry the last one over the stretch's end
+        end = rows[i] + max(hi[i], start[i])
+        m[end : rows[i + 1]] = m[end - 1] if end > rows[i] + start[i] else seed[i]
+    return m
 
 
 def _attach_nearest_event(found: pl.DataFrame, events: pl.LazyFrame, table: str, level: str) -> pl.DataFrame:

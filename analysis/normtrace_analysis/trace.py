@@ -135,6 +135,11 @@ class Trace:
             held = self._cache[slot] = (key, compute())
         return cast("T", held[1])  # what compute() returned for this key
 
+    def is_cached(self, key: Hashable) -> bool:
+        """Whether :meth:`cached` holds a result under ``key`` (so a scan computing it on the side can
+        leave it out)."""
+        return key in self._cache
+
     def __repr__(self) -> str:
         """A few lines (runs, rows per table from the shards' metadata, filters): see :mod:`.notebook`."""
         from .notebook import trace_repr
@@ -222,6 +227,13 @@ class Trace:
             lf = pl.concat(parts, how="diagonal") if parts else lf.clear()
         elif f.runs is not None:
             conds.append(pl.col("run").is_in(list(f.runs)))
+        conds.extend(self._row_conditions(name))
+        return lf.filter(*conds) if conds else lf
+
+    def _row_conditions(self, name: str) -> list[pl.Expr]:
+        """This Trace's filters on the rows of table ``name``, but for the choice of runs."""
+        f = self._filters
+        conds: list[pl.Expr] = []
         if f.ranks is not None:
             conds.append(pl.col("rank").is_in(list(f.ranks)))
         for col, bounds in (("epoch", f.epochs), ("pass", f.passes)):
@@ -236,6 +248,37 @@ class Trace:
                 conds.append(module_filter(spec))
         if name == "outputs" and f.split is not None:
             conds.append(pl.col("split").is_in(list(f.split)))
+        return conds
+
+    def shards_by_rank(self, name: str) -> dict[str, dict[int, list[tuple[RunPath, int]]]]:
+        """Per selected run, per rank (from the shard names), its shards of table ``name`` in sequence
+        order with their sizes in bytes: the order the rows were written in. Ranks the Trace's filters
+        leave out are left out."""
+        check_table(name)
+        ranks = self._filters.ranks
+        out: dict[str, dict[int, list[tuple[RunPath, int]]]] = {}
+        for run in self._runs:
+            if self._filters.runs is not None and run.name not in self._filters.runs:
+                continue
+            by_rank: dict[int, list[tuple[RunPath, int]]] = {}
+            for path, _ in run.shards[name]:
+                named = SHARD_NAME.match(path.name)
+                assert named is not None  # only shard names are kept at load
+                rank = int(named.group(1))
+                if ranks is None or rank in ranks:
+                    by_rank.setdefault(rank, []).append((path, path.stat().st_size))
+            out[run.name] = by_rank
+        return out
+
+    def scan_shards(self, name: str, run: str, paths: Sequence[RunPath]) -> pl.LazyFrame:
+        """Table ``name`` of one run as :meth:`table` gives it (derived columns, filters), read from the
+        shards ``paths`` only (some of those :meth:`shards_by_rank` lists), in that order."""
+        found = next(r for r in self._runs if r.name == run)
+        schemas = dict(found.shards[name])
+        chosen = [(p, schemas[p]) for p in paths]
+        part = replace(found, shards={**found.shards, name: chosen})
+        lf = _scan(part, name, {t: self._normalize[run].get(t, False) for t in TABLES})
+        conds = self._row_conditions(name)
         return lf.filter(*conds) if conds else lf
 
     @contextmanager

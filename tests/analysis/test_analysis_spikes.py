@@ -11,7 +11,7 @@ import normtrace_analysis as na
 import numpy as np
 import polars as pl
 import pytest
-from normtrace_analysis.spikes import _POSITION, _centred_median
+from normtrace_analysis.spikes import _centred_median
 from tracegen import synthetic_dqn, write_trace
 
 
@@ -163,27 +163,59 @@ def test_params_spikes_at_epoch_level(tmp_path: Path) -> None:
 
 def test_centred_median_matches_the_per_series_definition() -> None:
     rng = np.random.default_rng(1)
-    lengths = [1, 2, 5, 30, 51, 52, 80, 300]
+    lengths = np.array([1, 2, 5, 30, 51, 52, 80, 300])
     sid = np.concatenate([np.full(n, i, dtype=np.uint32) for i, n in enumerate(lengths)])
     values = rng.standard_normal(len(sid))
     values[rng.random(len(values)) < 0.2] = np.nan
-    frame = pl.DataFrame({"sid": sid, "value": values}).with_columns(_POSITION)
-    x = pl.when(pl.col("value").is_finite()).then(pl.col("value"))
+    # Whole series: each stretch starts its series at pos 0 and runs to its end; nothing carried in.
+    rows = np.concatenate([[0], np.cumsum(lengths)])
+    pos = np.arange(len(sid)) - np.repeat(rows[:-1], lengths)
+    zero, none = np.zeros(len(lengths), dtype=np.int64), np.full(len(lengths), np.nan)
+    frame = pl.DataFrame({"sid": sid, "value": values}).with_columns(pl.col("value").fill_nan(None))
     for window in (3, 4, 11, 51):
         half = window // 2
-        got = _centred_median(frame, x, window)
+        got = _centred_median(values, pos, rows, zero, zero, lengths, none, window)
         want = frame.select(
-            x.rolling_median(window, min_samples=half + 1).shift(-half).forward_fill().over("sid")
+            pl.col("value")
+            .rolling_median(window, min_samples=half + 1)
+            .shift(-half)
+            .forward_fill()
+            .over("sid")
         )
-        assert got.equals(want.to_series(), check_names=False), window
+        assert np.array_equal(got, want.to_series().fill_null(np.nan).to_numpy(), equal_nan=True), window
     # And the definition itself, by brute force for one long series.
     series = values[sid == 7]
-    got = _centred_median(frame, x, 11).to_numpy()[sid == 7]
+    got = _centred_median(values, pos, rows, zero, zero, lengths, none, 11)[sid == 7]
     for i in range(5, len(series) - 5):
         window = series[i - 5 : i + 6]
         window = window[~np.isnan(window)]
         if len(window) >= 6:
             assert got[i] == pytest.approx(np.median(window))
+
+
+def test_centred_median_on_short_series_with_gaps_matches_the_definition() -> None:
+    # Series shorter than a window and gaps of every length: the carried medians and the heads.
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        lengths = rng.integers(1, 140, size=rng.integers(1, 6))
+        window = int(rng.choice([3, 4, 11, 17, 51]))
+        values = rng.standard_normal(lengths.sum())
+        if trial % 2:
+            values[rng.random(len(values)) < 0.3] = np.nan
+        rows = np.concatenate([[0], np.cumsum(lengths)])
+        pos = np.arange(len(values)) - np.repeat(rows[:-1], lengths)
+        zero, none = np.zeros(len(lengths), dtype=np.int64), np.full(len(lengths), np.nan)
+        got = _centred_median(values, pos, rows, zero, zero, lengths, none, window)
+        half = window // 2
+        frame = pl.DataFrame({"sid": np.repeat(np.arange(len(lengths)), lengths), "value": values})
+        want = frame.with_columns(pl.col("value").fill_nan(None)).select(
+            pl.col("value")
+            .rolling_median(window, min_samples=half + 1)
+            .shift(-half)
+            .forward_fill()
+            .over("sid")
+        )
+        assert np.array_equal(got, want.to_series().fill_null(np.nan).to_numpy(), equal_nan=True), trial
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
