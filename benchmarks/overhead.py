@@ -194,6 +194,7 @@ class Monitorch:
         from monitorch.inspector import PyTorchInspector
         from monitorch.lens import LossMetrics, OutputNorm, ParameterNorm
 
+        self.model, self.loss_fn = model, loss_fn
         self.output_norm = OutputNorm(include=[nn.Identity], normalize_by_size=True)
         self.inspector = PyTorchInspector(
             lenses=[
@@ -217,8 +218,17 @@ class Monitorch:
         """Everything was already reduced in the hooks and at the ticks."""
 
     def cleanup(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks, including the forward hook monitorch's LossMetrics leaves on ``loss_fn``.
+
+        ``inspector.detach()`` does not remove that one (monitorch 0.1.0.7): left there, the shared loss
+        function would carry one more hook after every D block, paid by every later block of every variant.
+        """
         self.inspector.detach()
+        for module in (self.model, self.loss_fn):
+            for sub in module.modules():
+                for key, hook in list(sub._forward_hooks.items()):
+                    if getattr(hook, "__module__", "").startswith("monitorch"):
+                        del sub._forward_hooks[key]
 
 
 def monitorch_version() -> str | None:
@@ -422,6 +432,27 @@ class Samples:
         return list(self.per_unit["wall"])
 
 
+def hook_state(*modules: nn.Module) -> list[tuple[str, type, int]]:
+    """Every submodule's class and count of hooks: what a variant's cleanup must leave as it found."""
+    state = []
+    for module in modules:
+        for name, sub in module.named_modules():
+            hooks = sum(
+                len(getattr(sub, attr))
+                for attr in dir(sub)
+                if attr.endswith("_hooks") and isinstance(getattr(sub, attr, None), dict)
+            )
+            state.append((name, type(sub), hooks))
+    return state
+
+
+def _check_clean(work: Workload, before: list[tuple[str, type, int]], key: str) -> None:
+    after = hook_state(work.model, work.loss_fn)
+    if after != before:
+        changed = [(b, a) for b, a in zip(before, after, strict=True) if a != b]
+        raise RuntimeError(f"variant {key} left hooks or swapped classes behind: {changed[:3]}")
+
+
 def measure(
     work: Workload,
     variants: Sequence[str],
@@ -439,10 +470,12 @@ def measure(
     are settled before any recorded block.
     """
     out = Samples({clock: {k: [] for k in variants} for clock in CLOCKS}, {k: [] for k in variants})
+    pristine = hook_state(work.model, work.loss_fn)
     for key in variants:
         tracer = make(key, work.model, work.loss_fn)
         run_block(work, tracer, warmup, epoch_len)
         tracer.cleanup()
+        _check_clean(work, pristine, key)
     for r in range(repeats):
         order = [variants[(r + j) % len(variants)] for j in range(len(variants))]
         for key in order:
@@ -450,6 +483,7 @@ def measure(
             gc.collect()
             wall, cpu, finish = run_block(work, tracer, steps, epoch_len)
             tracer.cleanup()
+            _check_clean(work, pristine, key)
             out.per_unit["wall"][key].append(wall / steps)
             out.per_unit["cpu"][key].append(cpu / steps)
             out.finish_per_unit[key].append(finish / steps)
