@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import itertools
+import json
 import os
 import platform
 import socket
@@ -17,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -190,7 +191,8 @@ class Recorder:
     manager or call ``close()``; a recorder still open at interpreter exit is closed then, one collected
     without ``close()`` is finished then, and one open when the process gets SIGTERM or SIGHUP is written
     before the signal goes on (``handle_signals=False``: not). When more than ``max_queued_rows`` rows
-    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``).
+    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). ``config`` (a mapping of
+    JSON values: learning rate, seed, ...) is stored in meta.json, where the analysis groups runs by it.
     """
 
     def __init__(
@@ -206,7 +208,9 @@ class Recorder:
         compression: str | None = "lz4",
         handle_signals: bool = True,
         max_queued_rows: int = 1_000_000,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
+        self.config = run_config(config)
         if int(flush_every) < 1:
             raise ValueError(f"Recorder(flush_every=...) must be at least 1 pass, got {flush_every!r}")
         if not float(flush_secs) > 0:
@@ -682,7 +686,32 @@ class Recorder:
                 "max_queued_rows": self.max_queued_rows,
             },
             "notes": [],
+            "config": self.config,
         }
+
+
+def run_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` as meta.json stores it: a JSON object with string keys, so that the analysis can group
+    and filter runs by their hyperparameters; anything else is refused before the run starts, naming the
+    key at fault."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"Recorder(config=...) must be a mapping of names to values, got {type(config).__name__}"
+        )
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise TypeError(f"Recorder(config=...) keys must be strings, got {key!r}")
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"Recorder(config=...)[{key!r}] is not a JSON value ({exc}): pass numbers, strings, booleans, "
+                "None, lists or mappings"
+            ) from None
+    parsed: dict[str, Any] = json.loads(json.dumps(dict(config), allow_nan=True))
+    return parsed
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

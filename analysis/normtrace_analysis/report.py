@@ -29,6 +29,7 @@ from .charts import MAX_ROWS, Band
 from .errors import TraceError
 from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 from .progress import progress as show_progress
+from .runs import RUN_COLUMNS, differing
 from .trace import Trace, load
 
 Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -339,12 +340,39 @@ def _metadata_html(trace: Trace) -> str:
     ]
     note_html = f"<h3>Recorder notes</h3><ul>{''.join(notes)}</ul>" if notes else ""
     table = f'<table class="meta"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>'
-    return f'<section id="metadata"><h2>Runs</h2>{table}{note_html}</section>'
+    if len(metas) == 1:
+        return f'<section id="metadata"><h2>Runs</h2>{table}{note_html}</section>'
+    return (
+        f'<section id="metadata"><h2>Runs</h2>{_sweep_html(trace)}'
+        f"<details><summary>Each run's metadata</summary>{table}</details>{note_html}</section>"
+    )
+
+
+def _sweep_html(trace: Trace) -> str:
+    """Several runs: one row each, with the configuration settings that differ between them; the settings
+    they share are said once below."""
+    frame = trace.run_table
+    varying = differing(frame)
+    shared = [c for c in frame.columns[len(RUN_COLUMNS) :] if c not in varying]
+    view = frame.select("run", "status", "seconds", "epochs", "passes", *varying)
+    caption = f"{frame.height} runs; configuration settings that differ between them: " + (
+        ", ".join(varying)
+        if varying
+        else "none recorded (pass Recorder(config={...}) to compare runs by them)"
+    )
+    same = (
+        "<p>Same in every run: "
+        + "; ".join(f"{_esc(c)} = {_esc(_meta_value(c, frame[c][0]))}" for c in shared)
+        + ".</p>"
+        if shared
+        else ""
+    )
+    return _table(view, caption=caption) + same
 
 
 _META_ORDER = (
     "run_name", "status", "start_time", "end_time", "root", "world_size", "hostname", "pid", "normalize",
-    "lenses", "modules", "targets", "metrics", "flush", "notes", "schema_version", "normtrace_version",
+    "config", "lenses", "modules", "targets", "metrics", "flush", "notes", "schema_version", "normtrace_version",
     "torch_version", "python_version", "rank",
 )  # fmt: skip
 
@@ -455,7 +483,7 @@ def _alignment_html(trace: Trace, event: str, level: Level) -> str:
         return f'{head}<p class="note">Not computed: the trace has no output norms.</p></section>'
     aligned = trace.event_alignment(event=event, level=level)
     tested = aligned.filter(pl.col("p_value").is_not_null())
-    findings = "".join(f"<li>{_esc(s)}</li>" for s in tested.sort("p_value")["finding"].to_list())
+    findings = _collapsed(tested, f"spikes do not follow {event} more often than chance")
     quiet = aligned.filter(pl.col("spikes") == 0)
     if quiet.height:  # one line for every series without a spike, not one each
         names = ", ".join(_series_names(quiet, "outputs"))
@@ -499,9 +527,23 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
     keys = SERIES_KEYS["outputs"]
     grouped = groups.join(found.select(keys), on=keys, how="semi")
     together = ""
-    if grouped.height:
-        largest = grouped.filter(pl.col("group") == grouped["group"].min())
-        together = f"; {', '.join(_series_names(largest, 'outputs'))} spike together: one finding, not {largest.height}"
+    if grouped.height:  # groups are numbered per run and rank: a group is (run, rank, group)
+        sizes = (
+            grouped.group_by("run", "rank", "group", maintain_order=True)
+            .len()
+            .sort("len", descending=True, maintain_order=True)
+        )
+        top = sizes.row(0, named=True)
+        largest = grouped.filter(
+            (pl.col("run") == top["run"])
+            & (pl.col("rank") == top["rank"])
+            & (pl.col("group") == top["group"])
+        )
+        names = ", ".join(_series_names(largest, "outputs", several_runs=False))
+        where = f"In {top['run']}, " if trace.run_table.height > 1 else ""
+        together = f" {where}{names} spike together: one finding, not {largest.height}"
+        more = sizes.height - 1
+        together += f"; {more} more such group{'s' if more > 1 else ''} below." if more else "."
     placebo = found.filter(pl.col("placebo_p").is_not_null())
     boundary = ""
     if placebo.height:
@@ -513,14 +555,32 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
             else f" But the other {PLACEBO} are followed by spikes too (placebo p = {worst:.2g}): the boundary, "
             f"not {event} itself, may be the cause."
         )
-    return (
-        f"Spikes follow {event} in {found.height} of {n} output series (q < {SIGNIFICANT}{together})."
-        + boundary
-    )
+    return f"Spikes follow {event} in {found.height} of {n} output series (q < {SIGNIFICANT}).{together}{boundary}"
 
 
 SIGNIFICANT = 0.05
 """The q-value below which the report's verdict counts a series as one where spikes follow the event."""
+
+LISTED = 12
+"""Findings listed one by one before those not significant are folded away (a sweep has hundreds)."""
+
+
+def _collapsed(tested: pl.DataFrame, none_found: str) -> str:
+    """``<li>`` findings of the tested series, most significant first; beyond ``LISTED`` lines the ones
+    with q >= ``SIGNIFICANT`` fold into one expandable line, so a sweep's report opens on what was found."""
+    ordered = tested.sort("p_value")
+    lines = [f"<li>{_esc(s)}</li>" for s in ordered["finding"].to_list()]
+    if len(lines) <= LISTED:
+        return "".join(lines)
+    significant = ordered["q_value"].fill_null(1.0) < SIGNIFICANT
+    shown = [line for line, sig in zip(lines, significant, strict=True) if sig]
+    folded = [line for line, sig in zip(lines, significant, strict=True) if not sig]
+    if not folded:
+        return "".join(shown)
+    return "".join(shown) + (
+        f"<li><details><summary>{len(folded)} other series: {_esc(none_found)} (q ≥ {SIGNIFICANT})</summary>"
+        f"<ul>{''.join(folded)}</ul></details></li>"
+    )
 
 
 def _least(values: pl.Series) -> float:
@@ -528,10 +588,11 @@ def _least(values: pl.Series) -> float:
     return cast(float, values.min())
 
 
-def _series_names(frame: pl.DataFrame, table: str) -> list[str]:
+def _series_names(frame: pl.DataFrame, table: str, *, several_runs: bool | None = None) -> list[str]:
     """Series as a reader names them: the module (``module.param``), the split when not "train", and the
-    run and rank when there are several."""
-    several_runs = frame["run"].n_unique() > 1
+    run and rank when there are several (``several_runs=False``: never the run)."""
+    if several_runs is None:
+        several_runs = frame["run"].n_unique() > 1
     several_ranks = frame["rank"].n_unique() > 1
     names = []
     for row in frame.iter_rows(named=True):
@@ -668,7 +729,7 @@ def _steps_html(trace: Trace, event: str, level: Level) -> str:
     steps = steps.filter(pl.col("p_value").is_not_null())
     if steps.is_empty():
         return ""
-    findings = "".join(f"<li>{_esc(s)}</li>" for s in steps.sort("p_value")["finding"].to_list())
+    findings = _collapsed(steps, f"no step at {event} beyond chance")
     keys = ["module", "split"] + (["run"] if steps["run"].n_unique() > 1 else [])
     table = steps.select(
         *keys,

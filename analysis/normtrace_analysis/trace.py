@@ -154,8 +154,22 @@ class Trace:
 
     @property
     def runs(self) -> list[str]:
-        """Names of the loaded runs (directory names, suffixed ``#2``, ``#3`` … where two collide)."""
-        return [r.name for r in self._runs]
+        """Names of the loaded runs (directory names, suffixed ``#2``, ``#3`` … where two collide) that the
+        Trace's filters keep."""
+        return [r.name for r in self._selected_runs()]
+
+    def _selected_runs(self) -> list[_Run]:
+        keep = self._filters.runs
+        return [r for r in self._runs if keep is None or r.name in keep]
+
+    @property
+    def run_table(self) -> pl.DataFrame:
+        """One row per run: status, start and end, seconds, epochs, passes, world size, and one column per
+        ``Recorder(config=...)`` setting (nested ones dotted), to group or filter a sweep by, e.g.
+        ``trace.filter(runs=trace.run_table.filter(pl.col("lr") < 1e-3)["run"].to_list())``."""
+        from .runs import run_table
+
+        return run_table(self.metas)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -164,13 +178,13 @@ class Trace:
 
     @property
     def metas(self) -> dict[str, dict[str, Any]]:
-        """Every run's ``meta.json``, by run name."""
-        return {r.name: r.meta for r in self._runs}
+        """Every selected run's ``meta.json``, by run name."""
+        return {r.name: r.meta for r in self._selected_runs()}
 
     @property
     def rank_metas(self) -> dict[str, dict[int, dict[str, Any]]]:
-        """Per run, the metadata of every rank that wrote one (rank 0 is ``meta.json``)."""
-        return {r.name: r.rank_metas for r in self._runs}
+        """Per selected run, the metadata of every rank that wrote one (rank 0 is ``meta.json``)."""
+        return {r.name: r.rank_metas for r in self._selected_runs()}
 
     @property
     def paths(self) -> dict[str, RunPath]:

@@ -10,6 +10,7 @@ parameter norms are those at the end of epoch ``k`` (nothing trains in between).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -92,6 +93,20 @@ def optimizer_rates(optimizers: Iterable[Any]) -> list[float]:
     return rates
 
 
+def json_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``config`` with string keys and JSON values (a framework's hyperparameters may hold
+    objects: a loss module, a callable; those are left out rather than failing the run)."""
+    out = {}
+    for key, value in config.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(key, str):
+            out[key] = value
+    return out
+
+
 class Session:
     """One training run's Recorder, created at fit start and closed at the end (or on an error)."""
 
@@ -110,13 +125,18 @@ class Session:
         self._rates = LearningRates()
         self._epoch_ended = False
 
-    def start(self, model: nn.Module) -> Recorder:
+    def start(self, model: nn.Module, config: Mapping[str, Any] | None = None) -> Recorder:
         """Create the Recorder (in the process's final rank: the framework has set up distribution by
-        now) and attach it to ``model``. A recorder left open by a run that raised is closed first."""
+        now) and attach it to ``model``. A recorder left open by a run that raised is closed first.
+        ``config``, the framework's hyperparameters, becomes the run's ``config`` (its JSON values only)
+        unless the user passed ``config=`` to the callback."""
         self.close("failed")
         self._rates = LearningRates()
         self._epoch_ended = False
-        self.recorder = Recorder(self.run_dir, self.lenses, **self.recorder_options)
+        options = dict(self.recorder_options)
+        if config is not None and "config" not in options:
+            options["config"] = json_values(config)
+        self.recorder = Recorder(self.run_dir, self.lenses, **options)
         self.recorder.attach(model)
         return self.recorder
 

@@ -90,7 +90,7 @@ class NormtraceCallback(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._seen, self._step_names = {}, set()
-        self._session.start(self._target(pl_module))
+        self._session.start(self._target(pl_module), dict(getattr(pl_module, "hparams", None) or {}))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._session.open_epoch()

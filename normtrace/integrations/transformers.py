@@ -90,7 +90,7 @@ class NormtraceCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError("NormtraceCallback: the Trainer passed no model to on_train_begin")
-        self._session.start(model)
+        self._session.start(model, args.to_dict() if hasattr(args, "to_dict") else None)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._session.open_epoch()

@@ -28,6 +28,7 @@ class Regressor(L.LightningModule):
 
     def __init__(self, fail_at: int | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters({"hidden": 8, "lr": 0.1, "loss": nn.MSELoss()})  # a module is not JSON
         self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         self.losses: list[float] = []
         self.epoch_means: list[float] = []
@@ -95,6 +96,7 @@ def test_one_line_records_losses_logged_metrics_epochs_params_and_events(tmp_pat
     assert meta["epochs"] == EPOCHS
     # the sanity check's 2 validation batches, then per epoch 4 training and 2 validation batches
     assert meta["passes"] == VAL_BATCHES + EPOCHS * (BATCHES + VAL_BATCHES)
+    assert meta["config"] == {"hidden": 8, "lr": 0.1}  # the hparams, less what is not JSON
 
     metrics = _table(run, "metrics")
     loss = metrics.filter(pl.col("name") == "loss")

@@ -94,6 +94,10 @@ def test_one_line_records_the_trainers_logs_epochs_params_and_events(tmp_path: P
     assert meta["status"] == "closed"
     assert meta["epochs"] == EPOCHS
     assert meta["root"] == "BertForSequenceClassification"
+    # the TrainingArguments become the run's config, JSON values only, as the Trainer holds them
+    assert meta["config"]["learning_rate"] == 1e-3 and meta["config"]["seed"] == 0
+    assert meta["config"]["per_device_train_batch_size"] == 4
+    assert meta["config"]["lr_scheduler_type"] == "linear"
 
     metrics = _table(run, "metrics")
     train = metrics.filter(pl.col("name") == "loss", pl.col("split") == "train")
