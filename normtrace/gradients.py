@@ -85,7 +85,8 @@ def _groups(params: Sequence[nn.Parameter]) -> list[list[int]]:
 def _norms(tensors: list[Tensor]) -> Tensor:
     """1-d float32 tensor of the L2 norms of ``tensors`` (one device and dtype), half accumulated in float32."""
     acc = _ACCUMULATE.get(tensors[0].dtype)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).to(torch.float32)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc))
+    return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
 
 
 def _cosines(a: list[Tensor], b: list[Tensor], a_norms: Tensor, b_norms: Tensor) -> Tensor:
@@ -199,11 +200,12 @@ class GradientNorm(_ParamLens):
                             idx.append(i)
                     if not idx:
                         continue
-                    grads = [params[i].grad.detach() for i in idx]  # type: ignore[union-attr]
-                    norms = _norms(grads)
+                    with torch.no_grad():  # (a .grad needs no detach: it has no history)
+                        grads = [params[i].grad for i in idx]
+                        norms = _norms(grads)  # type: ignore[arg-type]
                     recording.add_signals(kinds[len(idx)], [keys[i] for i in idx], norms, step=step)
                     if cosine:
-                        _record_cosines(
+                        _record_cosines(  # type: ignore[arg-type]
                             recording, "grad_cosine", idx, grads, norms, prev, prev_norm, keys, step
                         )
             except Exception as exc:  # the training loop must never break
@@ -262,12 +264,16 @@ def _record_cosines(
         )
         recording.add_signals((kind,) * len(have), [keys[idx[j]] for j in have], cos, step=step)
     with torch.no_grad():
+        if all(prev[i] is not None and prev[i].shape == now[j].shape for j, i in enumerate(idx)):  # type: ignore[union-attr]
+            torch._foreach_copy_([prev[i] for i in idx], now)  # type: ignore[misc]
+        else:
+            for j, i in enumerate(idx):
+                kept = prev[i]
+                if kept is None or kept.shape != now[j].shape:
+                    prev[i] = now[j].detach().clone()
+                else:
+                    kept.copy_(now[j])
         for j, i in enumerate(idx):
-            kept = prev[i]
-            if kept is None or kept.shape != now[j].shape:
-                prev[i] = now[j].detach().clone()
-            else:
-                kept.copy_(now[j])
             prev_norm[i] = norms[j]
 
 
@@ -336,7 +342,7 @@ class UpdateRatio(_ParamLens):
                         idx = [i for i in group if params[i].grad is not None]
                         if idx:
                             taken_idx.append(idx)
-                            taken.append(torch._foreach_mul([params[i].detach() for i in idx], 1.0))
+                            taken.append(torch._foreach_mul([params[i] for i in idx], 1.0))
                     pending.append((recording.step, taken_idx, taken))
             except Exception as exc:
                 recording.note(ROOT_NAME, "hook_error", f"UpdateRatio: {type(exc).__name__}: {exc}")
@@ -349,7 +355,7 @@ class UpdateRatio(_ParamLens):
                 with torch.no_grad():
                     for idx, copies in zip(taken_idx, taken, strict=True):
                         before_norms = _norms(copies)
-                        torch._foreach_sub_(copies, [params[i].detach() for i in idx])  # now −Δθ
+                        torch._foreach_sub_(copies, [params[i] for i in idx])  # now −Δθ
                         deltas = _norms(copies)
                         ratio = deltas / before_norms
                         recording.add_signals(
