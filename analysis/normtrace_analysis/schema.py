@@ -1,6 +1,6 @@
 """What the reader requires of a trace: the schema version it understands and each table's columns.
 
-This mirrors ``docs/trace-format.md`` (schema version 1) without importing the recorder, so the analysis
+This mirrors ``docs/trace-format.md`` (schema version 2) without importing the recorder, so the analysis
 package runs where torch is not installed; a contract test checks the two agree.
 """
 
@@ -10,8 +10,9 @@ import re
 
 import polars as pl
 
-SCHEMA_VERSION = 1
-"""Newest trace-format version this reader understands; newer traces are refused."""
+SCHEMA_VERSION = 2
+"""Newest trace-format version this reader understands; newer traces are refused. Version 2 added the
+``signals`` table; version-1 traces (without it) load as runs that recorded no signals."""
 
 META_FILE = "meta.json"
 """Rank 0's run metadata; rank r > 0 writes ``meta.rank{r}.json``."""
@@ -61,11 +62,22 @@ REQUIRED_COLUMNS: dict[str, dict[str, pl.DataType]] = {
         "rank": pl.Int32(),
         "time": pl.Float64(),
     },
+    "signals": {
+        "step": pl.Int64(),
+        "pass": pl.Int64(),
+        "epoch": pl.Int32(),
+        "kind": pl.String(),
+        "module": pl.String(),
+        "param": pl.String(),
+        "value": pl.Float32(),
+        "rank": pl.Int32(),
+    },
 }
 """Per table, the columns (name -> Polars dtype) every shard must have; extra columns are allowed."""
 
 TABLES: tuple[str, ...] = tuple(REQUIRED_COLUMNS)
-"""The four trace tables, each a folder of shards under the run directory."""
+"""The trace tables, each a folder of shards under the run directory (a table without shards, such as
+``signals`` in a version-1 trace, is an empty frame)."""
 
 
 def check_table(table: str) -> None:
