@@ -118,11 +118,13 @@ def norms(
     found = None if spikes is False else trace.spikes(table=table, level=level) if spikes is True else spikes
     shown, others = _most_telling(groups, ids, found)
     grid = _grid(groups, domain, max(2, max_rows // (shown.height + others["run"].n_unique())))
-    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi"), x, ids, band, grid, label)
+    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi", nulls_equal=True), x, ids, band, grid, label)
     title_note = ""
     if others.height:
         rest = _others_label(others.height, table)
-        lumped = _curves(lf.join(others.lazy(), on=ids, how="semi"), x, ["run"], band, grid, pl.lit(rest))
+        lumped = _curves(
+            lf.join(others.lazy(), on=ids, how="semi", nulls_equal=True), x, ["run"], band, grid, pl.lit(rest)
+        )
         curves = pl.concat([curves, lumped.select(curves.columns)])
         title_note = f" ({shown.height} of {groups.height} series shown: {_SHOWN_RULE}; {rest})"
     rules = _event_rules(trace, x, grid, events)
@@ -168,14 +170,14 @@ def _most_telling(
     ranked = groups.group_by(keys).agg(pl.col("mean").max())
     if found is not None and not found.is_empty():
         counts = found.group_by(keys).len("spikes")
-        ranked = ranked.join(counts, on=keys, how="left")
+        ranked = ranked.join(counts, on=keys, how="left", nulls_equal=True)
     else:
         ranked = ranked.with_columns(spikes=pl.lit(None, pl.UInt32))
     top = ranked.sort(
         pl.col("spikes").fill_null(0), pl.col("mean").fill_nan(None), *keys, descending=True, nulls_last=True
     ).head(MAX_SERIES)
-    shown = groups.join(top.select(keys), on=keys, how="semi").select(ids)
-    return shown, groups.join(top.select(keys), on=keys, how="anti").select(ids)
+    shown = groups.join(top.select(keys), on=keys, how="semi", nulls_equal=True).select(ids)
+    return shown, groups.join(top.select(keys), on=keys, how="anti", nulls_equal=True).select(ids)
 
 
 def _others_label(n: int, table: Table) -> str:
@@ -397,7 +399,7 @@ def event_profile(
         .sort("_stray", descending=True, nulls_last=True)
         .head(panels)
     )
-    frame = frame.join(strays.select(keys), on=keys, how="semi")
+    frame = frame.join(strays.select(keys), on=keys, how="semi", nulls_equal=True)
     # Offsets no event has a point at (a series recorded every other pass) would break the line.
     data = (
         frame.filter(pl.col("events") > 0)
@@ -602,7 +604,7 @@ def _spike_marks(
     if found is None:
         return pl.DataFrame(schema={**columns, "direction": pl.String})
     return (
-        found.join(shown, on=ids, how="semi")
+        found.join(shown, on=ids, how="semi", nulls_equal=True)
         .filter(pl.col("value").is_finite())
         .sort(pl.col("score").abs(), descending=True)
         .head(MAX_SPIKES)

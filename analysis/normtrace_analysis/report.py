@@ -472,7 +472,9 @@ def _alignment_html(trace: Trace, event: str, level: Level) -> str:
         )
         windows = SENSITIVITY_WINDOWS[level]
         several = trace.event_alignment(event=event, level=level, window=windows)
-        several = several.join(tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi")
+        several = several.join(
+            tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi", nulls_equal=True
+        )
         unit = "passes" if level == "pass" else "epochs"
         parts.append(
             f"<h3>The same for windows of {', '.join(map(str, windows))} {unit}</h3>"
@@ -497,7 +499,7 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
         )
     groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
     keys = SERIES_KEYS["outputs"]
-    grouped = groups.join(found.select(keys), on=keys, how="semi")
+    grouped = groups.join(found.select(keys), on=keys, how="semi", nulls_equal=True)
     together = ""
     if grouped.height:
         largest = grouped.filter(pl.col("group") == grouped["group"].min())
