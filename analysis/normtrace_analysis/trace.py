@@ -540,6 +540,14 @@ class Trace:
         )
 
     @_reads_shards
+    def signal_findings(self, *, event: str | None = None, tail: float = 0.1) -> pl.DataFrame:
+        """Exploding or vanishing gradients, dead units, update ratios far from 1e-3, gradient spikes
+        with output spikes and after ``event``: one sentence each; see :func:`.signals.signal_findings`."""
+        from .signals import signal_findings
+
+        return signal_findings(self, event=event, tail=tail)
+
+    @_reads_shards
     def event_steps(
         self,
         event: str = "target_update",
