@@ -12,6 +12,7 @@ Ranks are pooled.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,13 +82,16 @@ _SCHEMA = pl.Schema(
 )
 
 
-def signal_findings(trace: Trace, *, event: str | None = None, tail: float = TAIL) -> pl.DataFrame:
+def signal_findings(
+    trace: Trace, *, event: str | Sequence[str] | None = None, tail: float = TAIL
+) -> pl.DataFrame:
     """The findings about the trace's signals, one row each, strongest kinds first.
 
     Args:
         trace: the loaded runs (its filters apply); it must have a signals table.
-        event: an event name (e.g. ``"target_update"``) whose alignment with gradient-norm spikes is
-            tested (:func:`.alignment.event_alignment` on the signals, ``grad_norm`` only); None: none.
+        event: an event name (e.g. ``"target_update"``), or several, whose alignment with gradient-norm
+            spikes is tested (:func:`.alignment.event_alignment` on the signals, ``grad_norm`` only); an
+            event no run recorded is skipped; None: none.
         tail: share of each run's steps whose median is a level (first and last part of the run).
 
     Returns:
@@ -103,10 +107,11 @@ def signal_findings(trace: Trace, *, event: str | None = None, tail: float = TAI
     if not 0 < tail <= 0.5:
         raise ValueError(f"tail must be in (0, 0.5], got {tail}")
     trace.require("signals")
-    return trace.cached(("signal_findings", event, tail), lambda: _findings(trace, event, tail))
+    events = () if event is None else (event,) if isinstance(event, str) else tuple(dict.fromkeys(event))
+    return trace.cached(("signal_findings", events, tail), lambda: _findings(trace, events, tail))
 
 
-def _findings(trace: Trace, event: str | None, tail: float) -> pl.DataFrame:
+def _findings(trace: Trace, events: tuple[str, ...], tail: float) -> pl.DataFrame:
     levels = _levels(trace, tail)
     parts = [
         _growth(levels, tail),
@@ -115,8 +120,7 @@ def _findings(trace: Trace, event: str | None, tail: float) -> pl.DataFrame:
         _updates(levels, tail),
         _with_outputs(trace),
     ]
-    if event is not None:
-        parts.append(_after_event(trace, event))
+    parts.extend(_after_event(trace, e) for e in events)
     found = [p.select(list(_SCHEMA)).cast(_SCHEMA) for p in parts if p.height]
     return pl.concat(found) if found else pl.DataFrame(schema=_SCHEMA)
 

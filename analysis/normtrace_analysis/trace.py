@@ -540,7 +540,7 @@ class Trace:
         )
 
     @_reads_shards
-    def signal_findings(self, *, event: str | None = None, tail: float = 0.1) -> pl.DataFrame:
+    def signal_findings(self, *, event: str | Sequence[str] | None = None, tail: float = 0.1) -> pl.DataFrame:
         """Exploding or vanishing gradients, dead units, update ratios far from 1e-3, gradient spikes
         with output spikes and after ``event``: one sentence each; see :func:`.signals.signal_findings`."""
         from .signals import signal_findings
