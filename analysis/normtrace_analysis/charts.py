@@ -618,7 +618,13 @@ def event_profile(
 
 
 def value_title(trace: Trace, table: Table) -> str:
-    """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel))."""
+    """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel)); for the
+    signals, the kind's title when one kind is selected."""
+    if table == "signals":
+        kinds = trace.signal_kinds()
+        return (
+            SIGNAL_TITLES.get(kinds[0], printable(kinds[0])) if len(kinds) == 1 else "signal value (per kind)"
+        )
     what = "output" if table == "outputs" else "parameter"
     views = {flags[table] for flags in trace.normalize.values()}
     if views == {True}:
