@@ -31,8 +31,8 @@ EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc":
 """Output file extension -> format written by ``normtrace export``."""
 
 _STATS = ("mean", "p50", "p05", "p95", "min", "max", "std", "count")
-_SPIKE_COLUMNS = ("run", "kind", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "points",
-                  "event", "lag_passes", "lag_epochs")  # fmt: skip
+_SPIKE_COLUMNS = ("run", "kind", "module", "param", "split", "pass", "epoch", "value", "baseline", "score",
+                  "points", "event", "lag_passes", "lag_epochs")  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["outputs", "params", "signals"],
         default="outputs",
         help="output norms, parameter norms, or signals (gradient norms, update ratios, dead units … of "
-        "a trace-format-2 run; every kind unless --kind) (default: outputs)",
+        "a trace-format-2 run; every kind unless --kind)",
     )
     summary.add_argument("--stat", choices=_STATS, default="mean", help="statistic shown per epoch (text)")
     summary.add_argument(
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["outputs", "params", "signals"],
         default="outputs",
         help="search output norms, parameter norms, or signals (every kind unless --kind; norms and "
-        "ratios on log10) (default: outputs)",
+        "ratios on log10)",
     )
     spikes.add_argument(
         "--event",
