@@ -317,7 +317,8 @@ def _isolated(
 class SyntheticSignals:
     """A synthetic trace with a signals table (trace format 2) and what was planted in it.
 
-    ``explode``: the layer whose gradient norm grows 10**4-fold over the run; ``high_update``: the layer
+    ``explode``: the layer whose gradient norm grows 10**4-fold over the run (``vanish``: falls
+    10**4-fold); ``high_update``: the layer
     whose update ratio is 1e-1 (the others' 1e-3); ``dying``: the layer whose dead fraction rises from
     0.02 to 0.9; ``spiky``: the layer whose gradient norm (and output norm, when ``coupled``) is 10x for
     one pass, ``event_lag`` passes after each ``target_update``, at ``spike_passes``.
@@ -328,6 +329,7 @@ class SyntheticSignals:
     signals: dict[str, np.ndarray]
     modules: tuple[str, ...]
     explode: str | None
+    vanish: str | None
     high_update: str | None
     dying: str | None
     spiky: str | None
@@ -341,6 +343,7 @@ def synthetic_signals(
     passes_per_epoch: int = 50,
     target_every: int = 5,
     explode: str | None = None,
+    vanish: str | None = None,
     high_update: str | None = None,
     dying: str | None = None,
     spiky: str | None = None,
@@ -380,6 +383,8 @@ def synthetic_signals(
             grad = lognormal(level * (1 + 0.2 * i))
             if m == explode:
                 grad = grad * 10.0 ** (4 * t)
+            if m == vanish:
+                grad = grad * 10.0 ** (-4 * t)
             if m == spiky:
                 grad[spike_passes] *= 10.0
             series.append(("grad_norm", m, param, grad))
@@ -414,5 +419,5 @@ def synthetic_signals(
     order = np.argsort(np.concatenate(out_cols["pass"]), kind="stable")
     outputs = {c: np.concatenate(v)[order] for c, v in out_cols.items()}
     return SyntheticSignals(
-        outputs, events, signals, tuple(modules), explode, high_update, dying, spiky, spike_passes
+        outputs, events, signals, tuple(modules), explode, vanish, high_update, dying, spiky, spike_passes
     )
