@@ -345,7 +345,7 @@ def signals(
     )
     classes = {**module_classes(trace, "params"), **module_classes(trace, "outputs")}
     label = _signal_label(classes)
-    one_kind = trace.filter(kinds=kind)
+    one_kind = trace.of_kind(kind)
     found = None if spikes is False else one_kind.spikes("signals") if spikes is True else spikes
     if found is not None:
         found = _with_steps(trace, found.filter(pl.col("kind") == kind), exact=True)

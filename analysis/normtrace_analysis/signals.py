@@ -329,9 +329,7 @@ def _with_outputs(trace: Trace) -> pl.DataFrame:
     of any output norm of its run and rank, against the chance of that for a random pass."""
     if not trace.shards("outputs"):
         return _frame([])
-    grads = (
-        spike_clusters(trace.filter(kinds="grad_norm"), "signals") if _has_kind(trace, "grad_norm") else None
-    )
+    grads = spike_clusters(trace.of_kind("grad_norm"), "signals") if _has_kind(trace, "grad_norm") else None
     if grads is None or grads.is_empty():
         return _frame([])
     outs = spike_clusters(trace, "outputs")
@@ -386,7 +384,7 @@ def _after_event(trace: Trace, event: str) -> pl.DataFrame:
 
     if event not in recorded_events(trace)["name"].to_list():
         return _frame([])
-    aligned = trace.filter(kinds="grad_norm").event_alignment(event, table="signals")
+    aligned = trace.of_kind("grad_norm").event_alignment(event, table="signals")
     found = aligned.filter(pl.col("q_value") < SIGNIFICANT).sort("p_value")
     rows = [
         (r, "spikes_after_event", r["q_value"], f"gradient spikes follow {event}: {r['finding']}")

@@ -380,8 +380,17 @@ class Trace:
         """The signal kinds recorded in the selected rows, sorted (empty without a signals table)."""
         if not self.has_signals:
             return []
-        with self.reading():
-            return sorted(self.signals.select(pl.col("kind").unique()).collect()["kind"].to_list())
+
+        def read() -> list[str]:
+            with self.reading():
+                return sorted(self.signals.select(pl.col("kind").unique()).collect()["kind"].to_list())
+
+        return list(self.cached(("signal_kinds",), read))
+
+    def of_kind(self, kind: str) -> Trace:
+        """This Trace filtered to one signal kind, kept on this Trace: the analyses of one kind (its
+        spikes, its alignment, its chart) then share one filtered Trace and its memoised results."""
+        return self.cached(("of_kind", kind), lambda: self.filter(kinds=kind))
 
     def _check_kinds(self, kinds: tuple[str, ...]) -> None:
         """Refuse signal kinds that no loaded run recorded, listing those recorded (a typo such as
