@@ -318,7 +318,7 @@ def _signal_families(
     others = tuple(k for k in recorded if k not in known)
     families = [*_FAMILIES, SignalFamily("other", "Other signals", others, (), "")]
     found = partial(trace.signal_findings, event=list(events))
-    out = []
+    out: list[tuple[SignalFamily, Callable[[], pl.DataFrame]]] = []
     for family in families:
         kinds = tuple(k for k in family.kinds if k in recorded)
         if not kinds:
@@ -331,13 +331,14 @@ def _signal_families(
             )
             for kind in kinds
         )
-        chosen = family.findings
-
-        def mine(chosen: tuple[str, ...] = chosen) -> pl.DataFrame:
-            return found().filter(pl.col("finding").is_in(list(chosen)))
-
+        mine = partial(_findings_of, found, family.findings)
         out.append((replace(family, kinds=kinds, charts=sections), mine))
     return out
+
+
+def _findings_of(found: Callable[[], pl.DataFrame], findings: tuple[str, ...]) -> pl.DataFrame:
+    """The rows of ``found()`` (every signal finding, memoised) that are one of ``findings``."""
+    return found().filter(pl.col("finding").is_in(list(findings)))
 
 
 def _slug(text: str) -> str:
