@@ -113,12 +113,13 @@ def signal_findings(
 
 def _findings(trace: Trace, events: tuple[str, ...], tail: float) -> pl.DataFrame:
     levels = _levels(trace, tail)
+    runs = len(trace.runs)  # with several, each sentence names its run
     parts = [
-        _growth(levels, tail),
-        _spread(trace, tail),
-        _dead(levels, tail),
-        _updates(levels, tail),
-        _with_outputs(trace),
+        _growth(levels, tail, runs),
+        _spread(trace, tail, runs),
+        _dead(levels, tail, runs),
+        _updates(levels, tail, runs),
+        _with_outputs(trace, runs),
     ]
     parts.extend(_after_event(trace, e) for e in events)
     found = [p.select(list(_SCHEMA)).cast(_SCHEMA) for p in parts if p.height]
@@ -172,14 +173,14 @@ def _where(module: str, param: str | None) -> str:
 
 
 def _run_prefix(run: str, runs: int) -> str:
+    """How a sentence starts when several runs are loaded: the run's name."""
     return f"{run}: " if runs > 1 else ""
 
 
-def _growth(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
+def _growth(levels: pl.DataFrame, tail: float, runs: int) -> pl.DataFrame:
     """Gradient norms (of parameters and of module outputs) that grow or decay by GROWTH_ORDERS or
     more from the first part to the last, or become non-finite."""
     rows = []
-    runs = levels["run"].n_unique()
     grads = levels.filter(pl.col("kind").is_in(["grad_norm", "output_grad_norm"]))
     for r in grads.iter_rows(named=True):
         what = "gradient norm" if r["kind"] == "grad_norm" else "output-gradient norm"
@@ -224,7 +225,7 @@ def _growth(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
     return _frame(rows)
 
 
-def _spread(trace: Trace, tail: float) -> pl.DataFrame:
+def _spread(trace: Trace, tail: float, runs: int) -> pl.DataFrame:
     """Layers whose gradient norms at the same step span SPREAD_ORDERS or more orders of magnitude."""
     per_layer = (
         _parts(trace.signals.filter((pl.col("kind") == "grad_norm") & (pl.col("module") != "")), tail)
@@ -244,7 +245,6 @@ def _spread(trace: Trace, tail: float) -> pl.DataFrame:
     )
     typical = per_layer.group_by("run", "module").agg(pl.col("norm").median())
     rows = []
-    runs = per_step.height
     for run, orders in per_step.iter_rows():
         if orders is None or orders < SPREAD_ORDERS:
             continue
@@ -262,10 +262,9 @@ def _spread(trace: Trace, tail: float) -> pl.DataFrame:
     return _frame(rows)
 
 
-def _dead(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
+def _dead(levels: pl.DataFrame, tail: float, runs: int) -> pl.DataFrame:
     """Layers whose dead fraction is high (DEAD_HIGH) or rising (DEAD_RISE)."""
     rows = []
-    runs = levels["run"].n_unique()
     for r in levels.filter(pl.col("kind") == "dead_fraction").iter_rows(named=True):
         first, last = r["first"], r["last"]
         if last is None:
@@ -292,10 +291,9 @@ def _dead(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
     return _frame(rows)
 
 
-def _updates(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
+def _updates(levels: pl.DataFrame, tail: float, runs: int) -> pl.DataFrame:
     """Parameters whose median update ratio over the last part is outside UPDATE_BAND."""
     rows = []
-    runs = levels["run"].n_unique()
     lo, hi = UPDATE_BAND
     for r in levels.filter(pl.col("kind") == "update_ratio").iter_rows(named=True):
         last = r["last"]
@@ -324,7 +322,7 @@ def _updates(levels: pl.DataFrame, tail: float) -> pl.DataFrame:
     return _frame(rows)
 
 
-def _with_outputs(trace: Trace) -> pl.DataFrame:
+def _with_outputs(trace: Trace, runs: int) -> pl.DataFrame:
     """Per gradient-norm series with excursions: how many start within TOLERANCE passes of an excursion
     of any output norm of its run and rank, against the chance of that for a random pass."""
     if not trace.shards("outputs"):
@@ -341,7 +339,6 @@ def _with_outputs(trace: Trace) -> pl.DataFrame:
     )
     tol = TOLERANCE["pass"]
     rows = []
-    runs = grads["run"].n_unique()
     for (run, rank, kind, module, param), part in grads.group_by(
         "run", "rank", "kind", "module", "param", maintain_order=True
     ):

@@ -205,3 +205,28 @@ def test_findings_do_not_fire_on_a_clean_trace(clean) -> None:
 def test_findings_refuse_a_bad_tail(planted) -> None:
     with pytest.raises(ValueError, match="tail"):
         na.load(planted[0]).signal_findings(tail=0.9)
+
+
+def test_a_non_finite_gradient_norm_is_an_explosion_named_with_its_first_step(tmp_path: Path) -> None:
+    synthetic = synthetic_signals(n_epochs=10)
+    values = synthetic.signals["value"]
+    params = np.array(synthetic.signals["param"].to_pylist(), dtype=object)
+    mine = np.flatnonzero(
+        (synthetic.signals["kind"] == "grad_norm")
+        & (synthetic.signals["module"] == "net.2")
+        & (params == "bias")
+    )
+    values[mine[[300, 301, 420]]] = [np.inf, np.nan, np.inf]  # passes 300, 301 and 420: steps 301, 302, 421
+    found = na.load(_write(tmp_path / "nan", synthetic)).signal_findings()
+    # the non-finite values are spikes too, with no output-norm excursion beside them
+    assert found["finding"].to_list() == ["explode", "spikes_with_outputs"]
+    assert found.filter(pl.col("finding") == "spikes_with_outputs")["value"].to_list() == [0.0]
+    row = found.row(0, named=True)
+    assert (row["module"], row["param"], row["value"]) == ("net.2", "bias", math.inf)
+    assert "at 3 step(s), the first at step 301" in row["sentence"]
+
+
+def test_findings_of_several_runs_name_their_run(planted, clean) -> None:
+    found = na.load([planted[0], clean]).signal_findings()
+    assert set(found["run"]) == {"planted"}  # the clean run has none
+    assert found["sentence"].str.starts_with("planted: ").all()
