@@ -326,6 +326,12 @@ def event_profile(
     Example:
         ``na.charts.event_profile(trace.event_profile("target_update", window=50))``
     """
+    if table == "signals":
+        # its ``kind`` column (event or placebo) would clash with the signals' own ``kind`` key
+        raise ValueError(
+            "event_profile does not take the signals table: its 'kind' column (event or placebo) is "
+            "also a signal's key; use event_steps or event_alignment with table='signals'"
+        )
     s = _setup(table, level, modules, None, None)
     (w,) = _windows(window, level)
     check_event(trace, event)

@@ -99,6 +99,7 @@ def norms(
     """
     if layout not in ("panels", "overlay"):
         raise ValueError(f"layout must be 'panels' or 'overlay', not {layout!r}")
+    _norms_only(table)
     lf = getattr(trace, table)
     x = _x_column(level)
     ids = SUMMARY_KEYS[table]
@@ -200,6 +201,7 @@ def share(
     Outputs use the leaf modules only (a container's output repeats its children's), each module's
     epoch mean; parameters combine a module's tensors as the root of the summed squared norms.
     """
+    _norms_only(table)
     lf = getattr(trace, table).filter(pl.col("value").is_finite())
     if table == "outputs":
         leaves = _leaf_modules(lf.select(pl.col("module").unique()).collect()["module"].to_list())
@@ -392,6 +394,15 @@ def signals(
             layers = [*_update_band(), *layers]
         panels.append(alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=printable(str(run))))
     return alt.vconcat(*panels).properties(title=f"{y_title} per step, one curve per layer{title_note}")
+
+
+def _norms_only(table: str) -> None:
+    """Refuse the signals table where a chart draws norms (a signal's kind is part of its series)."""
+    if table not in ("outputs", "params"):
+        raise ValueError(
+            f"this chart draws output or parameter norms, not {table!r}; for the signals use "
+            "charts.signals(trace, kind)"
+        )
 
 
 def _signal_label(classes: dict[str, str]) -> pl.Expr:

@@ -161,3 +161,12 @@ def test_signal_charts_render_offline_in_chromium(browser: Any, planted: Path, t
         assert chart["state"] == "rendered" and chart["marks"] > 0, chart
         assert chart["axes"] >= 2 and chart["untitled"] == 0, chart
     assert drawn["signal-grad_norm"]["lines"] >= 6  # weight and bias of three layers
+
+
+def test_the_norm_charts_and_the_event_profile_refuse_signals(planted: Path) -> None:
+    trace = na.load(planted)
+    for draw in (charts.norms, charts.share):
+        with pytest.raises(ValueError, match=r"charts\.signals\(trace, kind\)"):
+            draw(trace, "signals")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="event_steps or event_alignment"):
+        charts.event_profile(trace, table="signals")
