@@ -18,7 +18,7 @@ from typing import Any, Literal, NoReturn
 
 import polars as pl
 
-from .alignment import recorded_events
+from .alignment import recorded_events, series_name
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
 from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
@@ -31,8 +31,8 @@ EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc":
 """Output file extension -> format written by ``normtrace export``."""
 
 _STATS = ("mean", "p50", "p05", "p95", "min", "max", "std", "count")
-_SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "points",
-                  "event", "lag_passes", "lag_epochs")  # fmt: skip
+_SPIKE_COLUMNS = ("run", "kind", "module", "param", "split", "pass", "epoch", "value", "baseline", "score",
+                  "points", "event", "lag_passes", "lag_epochs")  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):
@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loading.add_argument("--split", choices=["train", "no_grad"], help="only grad-enabled or no_grad passes")
     loading.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="only signals of this kind, e.g. grad_norm, update_ratio, dead_fraction (repeat for several; "
+        "default: every kind; a kind no run recorded is an error listing those recorded)",
+    )
+    loading.add_argument(
         "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
     )
     loading.add_argument(
@@ -121,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser("summary", parents=[loading, script], help="modules x epochs statistics")
     summary.add_argument(
-        "--table", choices=["outputs", "params"], default="outputs", help="output norms or parameter norms"
+        "--table",
+        choices=["outputs", "params", "signals"],
+        default="outputs",
+        help="output norms, parameter norms, or signals (gradient norms, update ratios, dead units … of "
+        "a trace-format-2 run; every kind unless --kind)",
     )
     summary.add_argument("--stat", choices=_STATS, default="mean", help="statistic shown per epoch (text)")
     summary.add_argument(
@@ -137,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spikes", parents=[loading, script], help="spikes and their alignment to events"
     )
     spikes.add_argument(
-        "--table", choices=["outputs", "params"], default="outputs", help="search output or parameter norms"
+        "--table",
+        choices=["outputs", "params", "signals"],
+        default="outputs",
+        help="search output norms, parameter norms, or signals (every kind unless --kind; norms and "
+        "ratios on log10)",
     )
     spikes.add_argument(
         "--event",
@@ -225,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--table",
-        choices=["outputs", "params", "metrics", "events"],
-        help="the table to export (default: outputs; with --tensorboard, all four)",
+        choices=["outputs", "params", "metrics", "events", "signals"],
+        help="the table to export (default: outputs; with --tensorboard, every table)",
     )
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -264,7 +279,12 @@ def _load(args: argparse.Namespace) -> Trace:
     options = dict(args.storage_option) or None
     on_error: Literal["raise", "skip"] = "skip" if args.skip_corrupt else "raise"
     trace = load(args.runs, normalize=args.normalize, on_error=on_error, storage_options=options)
-    filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
+    filters: dict[str, Any] = {
+        "modules": args.modules,
+        "epochs": args.epochs,
+        "split": args.split,
+        "kinds": args.kind,
+    }
     return trace.filter(**filters)
 
 
@@ -389,9 +409,10 @@ def _most_recorded_event(trace: Trace) -> str | None:
 
 
 def _series_name(row: dict[str, Any], table: str) -> str:
-    """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``."""
-    if table == "params":
-        return f"{row['module']}.{row['param']}"
+    """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``, ``grad_norm of
+    module.param``."""
+    if table != "outputs":
+        return series_name(row, table)
     module: str = row["module"]
     return module + ("" if row["split"] == "train" else f" ({row['split']})")
 

@@ -11,6 +11,13 @@ flagged when ``|value - baseline| / scale > threshold``; NaN and ±Inf values ar
 shift is absorbed into the baseline within half a window: it yields at most one short spike, never a
 spike per point; an excursion shorter than half a window is a spike.
 
+Signals (run, rank, kind, module, param) of the kinds in :data:`.names.LOG_KINDS` (gradient norms,
+update ratios) are scored on ``log10(value)``: they span orders of magnitude and their noise is
+multiplicative, so a robust SD of the logs is a relative one, the same for a layer whose gradient is 1e-6
+as for one whose gradient is 10. Their spikes' ``value`` and ``baseline`` are given back in the signal's
+own units, ``score`` in robust SDs of log10; a zero (``log10`` is -inf) is flagged as a non-finite value
+is. Other kinds are scored on their values.
+
 Event timing: events are recorded between passes with the last pass started, so at level "pass" an event
 precedes a spike when ``spike.pass > event.pass``; at level "epoch" an event of epoch ``e`` (a DQN's
 target sync right after ``tick_epoch``) precedes the spikes of epoch ``e`` and later.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -28,7 +35,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ShortSeriesWarning, caller_stacklevel
-from .names import BASELINE_WINDOW, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
+from .names import BASELINE_WINDOW, LOG_KINDS, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
 from .series import Frame, Registry, epoch_series, scan
 from .summary import Summary, summary_key
 
@@ -61,15 +68,16 @@ def spikes(
 
     Args:
         trace: the loaded runs (its filters apply).
-        table: "outputs" (one series per run, rank, module and split) or "params" (per run, rank,
-            module and parameter).
+        table: "outputs" (one series per run, rank, module and split), "params" (per run, rank,
+            module and parameter) or "signals" (per run, rank, kind, module and parameter; the kinds of
+            :data:`.names.LOG_KINDS` are scored on log10, see the module docstring).
         level: "pass" scores every recorded point; "epoch" the per-epoch means.
         modules: exact module names, or a regex searched in the name; None for all.
         threshold: robust z-score above which a point is flagged (default :data:`THRESHOLD`).
         baseline_window: points in the rolling median (default :data:`BASELINE_WINDOW` of the level).
 
     Returns:
-        Columns: the series keys (``run``, ``rank``, ``module``, ``split`` or ``param``), ``pass``
+        Columns: the series keys (``run``, ``rank``, [``kind``,] ``module``, ``split`` or ``param``), ``pass``
         (level "pass" only), ``epoch``, ``value``, ``baseline``, ``score`` (signed, in robust SDs; ±inf
         for NaN/Inf), ``points`` (consecutive flagged points merged into this spike), ``event``,
         ``event_pass``, ``event_epoch``, ``lag_passes`` (null at level "epoch"), ``lag_epochs`` (all
@@ -93,7 +101,8 @@ def _spikes(
         side = modules is None and not trace.is_cached(summary_key(table))
 
         def make(registry: Registry) -> list:
-            detector = _Detector(level, threshold, window)
+            log = _LogScale(lambda sid: registry.keys[sid][2]) if table == "signals" else None
+            detector = _Detector(level, threshold, window, log)
             return [detector, Summary(registry)] if side else [detector]
 
         (detector, *summary), info = scan(trace, table, modules, make)
@@ -106,7 +115,11 @@ def _spikes(
         series = epoch_series(trace, table, modules)
         keys = series.keys
         lengths = series.data.group_by("sid").len()["len"]
-        found = _detect(series.data, level, threshold, window)
+        log = None
+        if table == "signals":
+            kind_of = dict(zip(keys["sid"].to_list(), keys["kind"].to_list(), strict=True))
+            log = _LogScale(kind_of.__getitem__)
+        found = _detect(series.data, level, threshold, window, log)
     _warn_if_too_short(lengths, level, window)
     found = found.join(keys, on="sid")
     return _attach_nearest_event(found, trace.events, table, level)
@@ -132,7 +145,7 @@ def _warn_if_too_short(lengths: pl.Series, level: str, window: int) -> None:
 def check_detector(table: str, level: str, baseline_window: int | None) -> int:
     """Validate the detector's arguments; return the baseline window to use."""
     if table not in SERIES_KEYS:
-        raise ValueError(f"spike detection works on 'outputs' or 'params', not {table!r}")
+        raise ValueError(f"spike detection works on {' or '.join(map(repr, SERIES_KEYS))}, not {table!r}")
     if level not in BASELINE_WINDOW:
         raise ValueError(f"level must be 'pass' or 'epoch', not {level!r}")
     window = BASELINE_WINDOW[level] if baseline_window is None else int(baseline_window)
@@ -146,7 +159,29 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
     return modules if modules is None or isinstance(modules, str) else tuple(modules)
 
 
-def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
+class _LogScale:
+    """Which series are scored on log10 (signals of :data:`.names.LOG_KINDS`), by sid; ``kind_of`` names
+    a sid's kind (the registry grows as a scan meets series, so flags are added as sids are asked for)."""
+
+    def __init__(self, kind_of: Callable[[int], str]) -> None:
+        self.kind_of = kind_of
+        self.flags = np.zeros(0, dtype=bool)
+
+    def __call__(self, sids: np.ndarray) -> np.ndarray:
+        n = int(sids.max()) + 1 if len(sids) else 0
+        if n > len(self.flags):
+            new = [self.kind_of(i) in LOG_KINDS for i in range(len(self.flags), n)]
+            self.flags = np.concatenate([self.flags, np.array(new, dtype=bool)])
+        return self.flags[sids]
+
+
+LOG_SCALE_FLOOR = SCALE_FLOOR / math.log(10)
+"""The scale floor on log10 values: the same relative size, ``SCALE_FLOOR``, as a change of log10."""
+
+
+def _detect(
+    frame: pl.DataFrame, level: str, threshold: float, window: int, log: _LogScale | None = None
+) -> pl.DataFrame:
     """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; whole series, contiguous per sid,
     in time order): sid, [pass,] epoch, value, baseline, score, points."""
     sid = frame["sid"].to_numpy()
@@ -159,7 +194,7 @@ def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> p
     whole = Frame(
         cols, sid[heads].astype(np.int64), rows, none, none, lengths, np.ones(len(heads), bool), none, None
     )
-    detector = _Detector(level, threshold, window)
+    detector = _Detector(level, threshold, window, log)
     detector.feed(whole)
     return detector.result()
 
@@ -181,8 +216,9 @@ class _Detector:
     again at the end.
     """
 
-    def __init__(self, level: str, threshold: float, window: int) -> None:
+    def __init__(self, level: str, threshold: float, window: int, log: _LogScale | None = None) -> None:
         self.level = level
+        self.log = log  # which series are scored on log10 (None: none)
         self.threshold = threshold
         self.window = window
         self.half = window // 2
@@ -205,6 +241,11 @@ class _Detector:
             self.a = np.concatenate([self.a, np.zeros(grow, dtype=np.int64)])
             self.seed = np.concatenate([self.seed, np.full((grow, 2), np.nan)])
         cols = {c: frame.cols[c] for c in ("pos", "value", *self.position)}
+        if self.log is not None:
+            on_log = frame.per_row(self.log(frame.sids))
+            with np.errstate(divide="ignore", invalid="ignore"):  # log10(0) = -inf: flagged as non-finite
+                cols["value"] = np.where(on_log, np.log10(cols["value"]), cols["value"])
+            cols["_log"] = on_log
         rows = frame.rows
         s = self.s[frame.sids]
         # Another consumer may keep more of a series (or all that is left of one that this one is done
@@ -276,6 +317,12 @@ class _Detector:
             )
             .drop("_run")
         )
+        if self.log is not None:  # back from log10 to the signal's own units
+            on_log = pl.Series(self.log(out["sid"].to_numpy().astype(np.int64)))
+            out = out.with_columns(
+                pl.when(on_log).then(10.0 ** pl.col(c)).otherwise(pl.col(c)).alias(c)
+                for c in ("value", "baseline")
+            )
         return out.select(list(schema)).cast(schema)
 
     def _score(
@@ -332,6 +379,8 @@ class _Detector:
         np.multiply(scale, MAD_TO_SIGMA, out=scale)
         floor = np.abs(baseline)
         np.multiply(floor, SCALE_FLOOR, out=floor)
+        if "_log" in cols:
+            floor[cols["_log"]] = LOG_SCALE_FLOOR
         np.fmax(scale, floor, out=scale)
         np.fmax(scale, 1e-300, out=scale)
         with np.errstate(invalid="ignore", divide="ignore"):

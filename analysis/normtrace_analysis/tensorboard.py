@@ -9,9 +9,9 @@ torch. Every series becomes a scalar tag, one TensorBoard run per normtrace run 
 - ``metrics/<name>`` and ``metrics/<name>/<split>`` when the row has a split (``loss/train``,
   ``loss/val``);
 - ``events/<name>``: how many such events fall at that step (1 for a single event), so events show as
-  spikes on their own chart;
-- ``signals/<kind>/<module>`` and ``signals/<kind>/<module>.<param>`` (gradient norms, update ratios,
-  activation rates).
+  spikes on their own chart.
+- ``signals/<kind>/<module>.<param>`` (``signals/<kind>/<module>`` for a module-level signal), from a
+  trace-format-2 run.
 
 The step is the pass (``level="pass"``) or the epoch (``level="epoch"``). The volume is bounded: a
 series with more than ``max_points`` points is cut into at most ``max_points`` bins of consecutive
@@ -19,7 +19,8 @@ steps, each written at its first step as the mean of its rows (the count, for ev
 itself keeps 1000 points per scalar tag when it loads, so more would only be dropped there. Rows with
 NaN or ±Inf stay in the means (TensorBoard shows what the trace holds). Wall times are the rows' own
 ``time``; ``outputs`` and ``signals`` rows have none, so theirs are interpolated by pass from the run's
-other tables.
+other tables. Signals are tagged ``signals/<kind>/<module>.<param>`` (``signals/<kind>/<module>`` for a
+module-level one).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ MAX_POINTS = 1000
 
 _TAG_KEYS = {"outputs": ["module", "split"], "params": ["module", "param"], "metrics": ["name", "split"],
              "events": ["name"], "signals": ["kind", "module", "param"]}  # fmt: skip
+
 _UNTIMED = ("outputs", "signals")
-"""Tables without a ``time`` column: their wall times are interpolated by pass."""
+"""Tables whose rows carry no wall time: theirs are interpolated by pass from the other tables."""
 
 
 def to_tensorboard(
@@ -197,9 +199,9 @@ def _tag_expr(table: str) -> pl.Expr:
     if table == "metrics":
         suffix = pl.when(pl.col("split").is_null()).then(pl.lit("")).otherwise("/" + pl.col("split"))
         return pl.concat_str([pl.lit("metrics/"), pl.col("name"), suffix])
-    if table == "signals":
-        param = pl.when(pl.col("param").is_null()).then(pl.lit("")).otherwise("." + pl.col("param"))
-        return pl.concat_str([pl.lit("signals/"), pl.col("kind"), pl.lit("/"), pl.col("module"), param])
+    if table == "signals":  # signals/grad_norm/net.0.weight; a module-level one has no param
+        where = pl.concat_str([pl.col("module"), pl.lit("."), pl.col("param")]).fill_null(pl.col("module"))
+        return pl.concat_str([pl.lit("signals/"), pl.col("kind"), pl.lit("/"), where])
     return pl.concat_str([pl.lit("events/"), pl.col("name")])
 
 
