@@ -67,7 +67,6 @@ class ShardWriter:
         self.run_dir = run_dir
         self.rank = rank
         self.max_queued_rows = max_queued_rows
-        self.compression = compression
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
         self._seq = dict.fromkeys(schema.TABLES, 0)
         self._pending: list[tuple[str, pa.Table, int]] = []  # converted, not yet written (after a failure)
@@ -239,7 +238,7 @@ class ShardWriter:
         for table in schema.TABLES:
             folder = schema.shard_dir(self.run_dir, table)
             try:
-                schema.compact(folder, self.rank, compression=self.compression)
+                schema.compact(folder, self.rank)
             except OSError as exc:
                 log.warning(
                     "normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc
