@@ -126,6 +126,7 @@ class _Run:
         self.finishing = False  # finish() has told the writer to stop
         self.inert = False  # a forked child's copy: its hooks record nothing
         self.notes: dict[tuple[str, str], str] = {}
+        self.compact = True  # merge the shards when the user closes the run (Recorder(compact=...))
 
     def count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After each ``optimizer.step()`` that ran (a ``GradScaler`` skipping a step never calls it)."""
@@ -175,7 +176,10 @@ class _Run:
                     steps=self.step,
                 )
                 self.writer.submit_meta(dict(self.meta))
-                self.writer.close(then=self.lock.release)  # the directory is free once all is written
+                # the directory is free once all is written (and merged, at a close the user asked for)
+                self.writer.close(
+                    then=self.lock.release, compact=self.compact and status in ("closed", "failed")
+                )
         if not wait:
             return None
         self.writer.join()
@@ -194,8 +198,12 @@ class Recorder:
     manager or call ``close()``; a recorder still open at interpreter exit is closed then, one collected
     without ``close()`` is finished then, and one open when the process gets SIGTERM or SIGHUP is written
     before the signal goes on (``handle_signals=False``: not). When more than ``max_queued_rows`` rows
-    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). ``config`` (a mapping of
-    JSON values: learning rate, seed, ...) is stored in meta.json, where the analysis groups runs by it.
+    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). When the run is
+    closed (``close()``, the end of its ``with`` block), each table's shards are merged into files of about
+    a million rows (``schema.compact``; ``compact=False``: not), which costs one more read and write of
+    the trace; a run that ends any other way keeps its shards, and ``normtrace compact RUN`` merges them.
+    ``config`` (a mapping of JSON values: learning rate, seed, ...) is stored in meta.json, where the
+    analysis groups runs by it.
     """
 
     def __init__(
@@ -211,6 +219,7 @@ class Recorder:
         compression: str | None = "lz4",
         handle_signals: bool = True,
         max_queued_rows: int = 1_000_000,
+        compact: bool = True,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = run_config(config)
@@ -240,6 +249,7 @@ class Recorder:
             raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
         self.epoch_flush_secs = float(epoch_flush_secs)
         self.max_queued_rows = int(max_queued_rows)
+        self.compact = bool(compact)
         self._key = (str(self.run_dir.resolve()), self.rank)
         self._wait_for_other_writers(overwrite)
         lock = rundir.claim(self.run_dir, self.rank, overwrite)
@@ -271,6 +281,7 @@ class Recorder:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
         self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
         self._run = _Run(self._key, self._buffer, self._writer, self._meta, lock)
+        self._run.compact = self.compact
         # the lenses' handle: it refers to the run, never to this recorder (hooks kept alive by the model
         # must not keep the recorder alive: one dropped by its last reference is finished at once)
         self._recording = Recording(self._run, self._local, self.rank)

@@ -140,12 +140,13 @@ class ShardWriter:
         err, self._error = self._error, None
         return err
 
-    def close(self, then: Callable[[], None] | None = None) -> None:
-        """Queue the end: write what is queued, retry what failed, call ``then``, and stop the thread.
-        Returns at once; ``join`` waits. Safe to call again (later calls do nothing)."""
+    def close(self, then: Callable[[], None] | None = None, *, compact: bool = False) -> None:
+        """Queue the end: write what is queued, retry what failed, merge the shards when ``compact`` and
+        all is written (``schema.compact``), call ``then``, and stop the thread. Returns at once; ``join``
+        waits. Safe to call again (later calls do nothing)."""
         if not self._stopping:
             self._stopping = True
-            self._jobs.put((_STOP, then))
+            self._jobs.put((_STOP, (then, compact)))
 
     def join(self) -> None:
         """Wait for the thread to stop (after ``close``), logging progress while a backlog drains."""
@@ -167,9 +168,12 @@ class ShardWriter:
             kind, payload = self._jobs.get()
             try:
                 if kind == _STOP:
+                    then, compact = payload
                     self._retry_pending()
-                    if payload is not None:
-                        payload()
+                    if compact and not self._pending and self._error is None:
+                        self._compact()
+                    if then is not None:
+                        then()
                     return
                 if kind == _SYNC:
                     payload.set()
@@ -227,6 +231,18 @@ class ShardWriter:
                 tmp.unlink(missing_ok=True)
             raise
         self._seq[table] += 1
+
+    def _compact(self) -> None:
+        """Merge this rank's shards of every table (``schema.compact``). A failure loses nothing (every
+        row stays in its shard) and is logged, not raised."""
+        for table in schema.TABLES:
+            folder = schema.shard_dir(self.run_dir, table)
+            try:
+                schema.compact(folder, self.rank)
+            except OSError as exc:
+                log.warning(
+                    "normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc
+                )
 
     def _note_infinite_norms(self, data: pa.Table) -> None:
         """Say once per module, in a warning and a metadata note, that some of its norms are inf."""

@@ -24,8 +24,20 @@ SHARD_SUFFIX: str = _format.SHARD_SUFFIX
 """Shards end in this (temporary ``.arrow.tmp`` files are ignored)."""
 
 SHARD_NAME = _format.SHARD_NAME
-"""A shard's file name, ``rank{r}-{seq}.arrow``: rank and sequence number. Any other ``.arrow`` file in a
-table folder (a copy, an export) is not part of the run and is left out with a warning."""
+"""A shard's file name, ``rank{r}-{seq}.arrow`` or, merged, ``rank{r}-{first}-{last}.arrow``. Any other
+``.arrow`` file in a table folder (a copy, an export) is not part of the run and is left out with a warning."""
+
+live_shards = _format.live_shards
+"""The shard names a reader reads (a merged shard replaces those of its span) and the conflicting ones."""
+
+compact = _format.compact
+"""Merge one rank's shards of a table folder (``normtrace compact``)."""
+
+COMPACT_ROWS: int = _format.COMPACT_ROWS
+"""Rows per merged file at most, by default."""
+
+lock_name = _format.lock_name
+"""The lock file a rank's writer holds on its run directory while it writes."""
 
 META_KEYS: tuple[str, ...] = _format.META_KEYS
 """The keys of every ``meta.json`` (``docs/trace-format.md``)."""

@@ -43,6 +43,7 @@ from .schema import (
     SHARD_SUFFIX,
     TABLES,
     check_table,
+    live_shards,
 )
 from .storage import ObjectPath, StorageOptions, is_url, parallel_map
 from .storage import expand as expand_url
@@ -669,8 +670,8 @@ def load(
     if stray:
         listing = "\n  ".join(str(p) for p in stray)
         warnings.warn(
-            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, "
-            f"one per rank and sequence number):\n  {listing}",
+            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, or "
+            f"rank<r>-<first>-<last>.arrow once merged, one per rank and span of sequence numbers):\n  {listing}",
             StrayFilesWarning,
             stacklevel=2,
         )
@@ -801,27 +802,23 @@ def _shard_files(folder: RunPath, stray: list[RunPath]) -> list[RunPath]:
     """A table folder's shards in (rank, sequence) order; other ``.arrow`` files go to ``stray``.
 
     Only the recorder's names count, so a copy (``rank0-000003 copy.arrow``) or an export written into
-    the folder is never read as part of the run; two names for one (rank, sequence) are both stray.
+    the folder is never read as part of the run. A merged shard replaces the shards of its span (a merge
+    interrupted before it deleted them leaves both); names that would read rows twice (two names for
+    one span) are stray too (``format.live_shards``).
     """
     if not folder.is_dir():
         return []
-    found: dict[tuple[int, int], list[RunPath]] = {}
+    by_name: dict[str, RunPath] = {}
     for f in folder.iterdir():
         if not f.name.endswith(SHARD_SUFFIX):
             continue  # temporary .arrow.tmp files of a writer, anything else
-        m = SHARD_NAME.match(f.name)
-        if m is None:
+        if SHARD_NAME.match(f.name) is None:
             stray.append(f)
         else:
-            found.setdefault((int(m.group(1)), int(m.group(2))), []).append(f)
-    shards: list[RunPath] = []
-    for key in sorted(found):
-        names = found[key]
-        if len(names) == 1:
-            shards.append(names[0])
-        else:
-            stray.extend(sorted(names, key=str))  # ObjectPaths do not order; one folder's str()s do
-    return shards
+            by_name[f.name] = f
+    live, conflicting = live_shards(by_name)
+    stray.extend(by_name[n] for n in conflicting)
+    return [by_name[n] for n in live]
 
 
 _SCHEMAS: list[tuple[pa.Schema, pl.Schema]] = []
