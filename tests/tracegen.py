@@ -35,22 +35,6 @@ _schema = _load_trace_schema()
 SCHEMA_VERSION: int = _schema.SCHEMA_VERSION
 SCHEMAS: dict[str, pa.Schema] = dict(_schema.TABLES)
 
-SIGNALS_SCHEMA = pa.schema(
-    [
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("pass", pa.int64(), nullable=False),
-        pa.field("epoch", pa.int32(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("module", pa.string(), nullable=False),
-        pa.field("param", pa.string(), nullable=True),
-        pa.field("value", pa.float32(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-    ]
-)
-"""The ``signals`` table of trace format 2 (issue 13), used until the recorder's schema defines it."""
-SCHEMAS.setdefault("signals", SIGNALS_SCHEMA)
-SIGNALS_VERSION = 2
-"""The trace-format version that added ``signals``: a trace written with signals says at least this."""
 
 Columns = Mapping[str, Any]
 
@@ -89,8 +73,6 @@ def write_trace(
     if write_meta:
         norm = normalize if isinstance(normalize, Mapping) else {"outputs": normalize, "params": normalize}
         doc = default_meta(run.name, rank=rank, normalize=dict(norm))
-        if signals is not None:
-            doc["schema_version"] = max(SCHEMA_VERSION, SIGNALS_VERSION)
         doc.update(meta or {})
         (run / ("meta.json" if rank == 0 else f"meta.rank{rank}.json")).write_text(json.dumps(doc))
     return run

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from normtrace_analysis.schema import REQUIRED_COLUMNS
-from tracegen import SCHEMAS, synthetic_dqn, write_trace
+from tracegen import SCHEMA_VERSION, SCHEMAS, synthetic_dqn, write_trace
 
 
 def _outputs(n_pass: int = 12, modules=("a", "b.0"), epoch_len: int = 4, grad_every: int = 1) -> dict:
@@ -257,7 +257,7 @@ def test_tracegen_writes_the_documented_layout(tmp_path: Path) -> None:
         reader = pa.ipc.open_file(str(run / table / "rank0-000001.arrow"))
         assert reader.schema.equals(SCHEMAS[table])
         assert reader.get_batch(0).num_rows > 0
-    assert json.loads((run / "meta.json").read_text())["schema_version"] == 1
+    assert json.loads((run / "meta.json").read_text())["schema_version"] == SCHEMA_VERSION == 2
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,9 @@ def test_signals_load_with_their_columns_and_a_v1_trace_has_none(planted, tmp_pa
         ["grad_norm", "update_ratio", "output_grad_norm", "dead_fraction", "active_rate"]
     )
 
-    v1 = write_trace(tmp_path / "v1", outputs=synthetic.outputs, events=synthetic.events)
+    v1 = write_trace(
+        tmp_path / "v1", outputs=synthetic.outputs, events=synthetic.events, meta={"schema_version": 1}
+    )
     old = na.load(v1)
     assert old.meta["schema_version"] == 1 and not old.has_signals
     assert old.signals.collect().is_empty()
