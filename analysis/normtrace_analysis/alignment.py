@@ -1130,13 +1130,17 @@ def _step_finding(row: dict[str, Any], event: str, s: _Setup, multi_run: bool, m
         return f"{label}: too few points around the {event} events to compare levels"
     direction = "higher" if row["step"] > 0 else "lower"
     change = row["step_change"]
-    size = f"{abs(row['step']):.2g} robust SD"
-    if change is not None:
-        size += f", {abs(100 * change):.2g}%"
+    sd = f"{abs(row['step']):.2g} robust SD"
+    if change is not None and change >= 1:  # at least doubled: a factor reads better than "5.3e+02%"
+        level = f"{sd} {direction}, {1 + change:.2g}× as high as"
+    elif change is not None:
+        level = f"{sd}, {abs(100 * change):.2g}% {direction} than"
+    else:
+        level = f"{sd} {direction} than"
     q = f", q = {_num(row['q_value'])}" if row["q_value"] is not None else ""
     return (
-        f"{label}: the median level in the {w} {_unit(w, s.level)} after a {event} is {size} {direction} "
-        f"than in the {w} before (median over {row['events']} events; {row['steps_up']} up), "
+        f"{label}: the median level in the {w} {_unit(w, s.level)} after a {event} is {level} "
+        f"in the {w} before (median over {row['events']} events; {row['steps_up']} up), "
         f"{format_p(row['p_value'], row['p_floor'])}{q}"
     )
 
