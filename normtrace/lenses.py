@@ -78,7 +78,8 @@ def sample_norms(x: Tensor) -> Tensor | None:
         return None
     if not (x.is_floating_point() or x.is_complex()):
         x = x.float()
-    return torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+    return norms
 
 
 def is_data_parallel_replica(module: nn.Module) -> bool:
@@ -225,7 +226,7 @@ class ParameterNorm:
 
     def select(self, named: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, str, nn.Parameter]]:
         """``(module, param, tensor)`` for every module owning all the listed parameters."""
-        chosen = []
+        chosen: list[tuple[str, str, nn.Parameter]] = []
         for name, module in named:
             own = dict(module.named_parameters(recurse=False))
             if all(own.get(p) is not None for p in self.parameters):

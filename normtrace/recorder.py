@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from normtrace import __version__, lifecycle, rundir, schema
 from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
-from normtrace.lenses import graph_task_id, in_transform, is_data_parallel_replica
+from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
-from normtrace.recording import ROOT_NAME, Lens, Recording, Target
+from normtrace.recording import ROOT_NAME, Lens, Recording, Target, in_transform
 from normtrace.writer import ShardWriter, write_json_atomic
 
 TRANSFORM_NOTE = (
@@ -216,7 +216,7 @@ class Recorder:
         flush_secs: float = 10.0,
         epoch_flush_secs: float = 1.0,
         overwrite: bool = False,
-        compression: str | None = "lz4",
+        compression: schema.Compression = "lz4",
         handle_signals: bool = True,
         max_queued_rows: int = 1_000_000,
         compact: bool = True,
@@ -260,7 +260,11 @@ class Recorder:
             raise
 
     def _start(
-        self, run_name: str | None, lock: rundir.RunDirLock, compression: str | None, handle_signals: bool
+        self,
+        run_name: str | None,
+        lock: rundir.RunDirLock,
+        compression: schema.Compression,
+        handle_signals: bool,
     ) -> None:
         """The rest of ``__init__``, once the run directory is this recorder's (``rundir.claim``)."""
         self._buffer = Buffer()
@@ -360,7 +364,7 @@ class Recorder:
                 return
             self._buffer.events.append((self._run.epoch, self._current_pass(), event, time.time()))
 
-        self._handles.append(module.register_load_state_dict_post_hook(hook))
+        self._handles.append(module.register_load_state_dict_post_hook(hook))  # type: ignore[no-untyped-call]
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
         self._run.write_meta()
         self._raise_writer_error()
@@ -521,7 +525,8 @@ class Recorder:
     def _current_pass(self) -> int:
         """The pass a row recorded now belongs to: the calling thread's last, else any thread's last."""
         try:
-            return self._local.state[0]
+            last: int = self._local.state[0]
+            return last
         except AttributeError:
             return self._run.last_pass
 

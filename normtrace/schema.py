@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
 
@@ -208,7 +208,10 @@ def live_shards(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return live, conflicting
 
 
-COMPACT_COMPRESSION = "zstd"
+Compression: TypeAlias = Literal["lz4", "zstd"] | None
+"""The IPC body compressions a shard may use (None: uncompressed)."""
+
+COMPACT_COMPRESSION: Compression = "zstd"
 """Merged files are compressed with zstd: a third smaller than the writer's LZ4 (7.3 against 11.0 bytes
 per output row on ``benchmarks/analysis.py``'s trace) for ~7% more CPU when the analysis reads them; the
 writer keeps LZ4, which costs the training process less while it runs."""
@@ -219,7 +222,7 @@ def compact(
     rank: int,
     *,
     max_rows: int = COMPACT_ROWS,
-    compression: str | None = COMPACT_COMPRESSION,
+    compression: Compression = COMPACT_COMPRESSION,
 ) -> list[Path]:
     """Merge one rank's consecutive shards in a table ``folder`` into files of at most ``max_rows`` rows
     (a shard larger than that stays as it is); return the merged files written.

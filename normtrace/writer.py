@@ -61,7 +61,7 @@ class ShardWriter:
         self,
         run_dir: Path,
         rank: int,
-        compression: str | None = "lz4",
+        compression: schema.Compression = "lz4",
         max_queued_rows: int = 1_000_000,
     ) -> None:
         self.run_dir = run_dir
@@ -254,7 +254,7 @@ class ShardWriter:
             m for m in pc.unique(pc.filter(data.column("module"), infinite)).to_pylist() if m not in noted
         ]
         for module in modules:
-            self._notes.append({"module": module, "kind": "inf_norm", "detail": INF_NORM})
+            self._notes.append({"module": str(module), "kind": "inf_norm", "detail": INF_NORM})
             warnings.warn(
                 f"normtrace: module {module!r} in {self.run_dir}: {INF_NORM}", RuntimeWarning, stacklevel=2
             )
