@@ -26,7 +26,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 import polars as pl
@@ -36,7 +36,7 @@ from .progress import detail
 from .trace import module_filter
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from .trace import RunPath, Trace
 
 __all__ = [
     "CHUNK_ROWS",
@@ -86,6 +86,11 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
 # Series numbers and pieces
 
 
+SeriesKey = tuple[object, ...]
+"""A series' key as a :class:`Registry` holds it: (run, rank, then the values of the table's other key
+columns as Polars reads them: strings, booleans, nulls), or the same without the rank for a group."""
+
+
 class Registry:
     """The series met so far: ``sid`` -> (run, rank, then the table's other key columns: module and
     grad_enabled for outputs, module and param for params, kind, module and param for signals), and
@@ -95,14 +100,14 @@ class Registry:
         self.table = table
         self.columns = SERIES_COLUMNS[table]
         """The stored columns read to number a row's series (rank first)."""
-        self.keys: list[tuple] = []
+        self.keys: list[SeriesKey] = []
         self.group: list[int] = []
         self.by_rank: dict[tuple[str, int], list[int]] = {}
         self.runs: list[str] = []
         self.run_of: list[int] = []
         self._run_index: dict[str, int] = {}
-        self._sid: dict[tuple, int] = {}
-        self._group: dict[tuple, int] = {}
+        self._sid: dict[SeriesKey, int] = {}
+        self._group: dict[SeriesKey, int] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -210,6 +215,10 @@ class Consumer(Protocol):
     def finish(self) -> None: ...
 
 
+C = TypeVar("C", bound=Consumer)
+"""The consumers of one :func:`scan`, as its caller built them (their results differ: each reads its own)."""
+
+
 def settled_rows(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), and per
     segment the pos of its first row of an epoch not yet complete (its end when there is none).
@@ -260,10 +269,10 @@ def scan(
     trace: Trace,
     table: str,
     modules: Sequence[str] | str | None,
-    make: Callable[[Registry], list[Consumer]],
+    make: Callable[[Registry], list[C]],
     *,
     chunk_rows: int | None = None,
-) -> tuple[list[Consumer], SeriesInfo]:
+) -> tuple[list[C], SeriesInfo]:
     """Feed every series of ``table`` (the Trace's filters and ``modules`` applied) to the consumers that
     ``make`` builds, in pieces of about ``chunk_rows`` rows; return them (finished) and the series' info
     (also memoised on the Trace). Rows out of pass order make it start again on whole series."""
@@ -301,8 +310,7 @@ def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consume
 def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
     """The pieces, each read while the consumers work on the one before (reading, decompression and
     regrouping overlap the analysis on a second core; one piece more is held)."""
-    done = object()
-    box: queue.Queue = queue.Queue(maxsize=1)
+    box: queue.Queue[_Piece | BaseException | None] = queue.Queue(maxsize=1)  # None: the last piece was read
     stop = threading.Event()
 
     def read() -> None:
@@ -316,14 +324,14 @@ def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
                         continue
                 if stop.is_set():
                     return
-            box.put(done)
+            box.put(None)
         except BaseException as exc:  # handed to the consumer's thread, raised there
             box.put(exc)
 
     reader = threading.Thread(target=read, name="normtrace-read-ahead", daemon=True)
     reader.start()
     try:
-        while (item := box.get()) is not done:
+        while (item := box.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -415,14 +423,15 @@ def _ordered_pieces(
             # The first piece takes one shard per rank and learns the bytes per row; then about
             # chunk_rows rows from the ranks furthest behind (in epochs), so that the ranks of a run
             # progress together and an epoch is complete on all of them soon after it is read.
-            behind = min(-1 if top_epoch[r] is None else top_epoch[r] for r in queues)
-            lagging = [r for r in queues if (-1 if top_epoch[r] is None else top_epoch[r]) == behind]
+            behind = min(-1 if (top := top_epoch[r]) is None else top for r in queues)
+            lagging = [r for r in queues if (-1 if (top := top_epoch[r]) is None else top) == behind]
             budget = None if bytes_per_row is None else chunk_rows * bytes_per_row / len(lagging)
-            taken: list[tuple[int, list]] = []
+            taken: list[tuple[int, list[RunPath]]] = []
             piece_bytes = 0
             for rank in lagging:
                 queue = queues[rank]
-                files, size = [], 0
+                files: list[RunPath] = []
+                size = 0
                 while queue and (not files or (budget is not None and size + queue[0][1] <= budget)):
                     path, nbytes = queue.popleft()
                     files.append(path)
@@ -457,8 +466,9 @@ def _ordered_pieces(
                 if not queues[rank]:
                     del queues[rank]
                     ended.extend(registry.by_rank.get((run, rank), []))
-            bounds = [top_epoch[r] for r in queues]
-            settled = NEVER if not bounds else (min(bounds) if None not in bounds else np.iinfo(np.int64).min)
+            bounds = [top for r in queues if (top := top_epoch[r]) is not None]
+            unread = len(bounds) < len(queues)  # a rank with no epoch read yet
+            settled = NEVER if not queues else (np.iinfo(np.int64).min if unread else min(bounds))
             percent = f"{table} {100 * done // max(total, 1)}%"
             yield _Piece(_merge(parts), ended, {run: int(settled)}, percent)
 
@@ -502,10 +512,10 @@ def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.nda
         return sorted_
     keys = raw.select(columns)
     unique = keys.unique(maintain_order=True)
-    ids = [registry.sid(run, *row) for row in unique.iter_rows()]
-    mapping = unique.with_columns(pl.Series("sid", ids, dtype=pl.UInt32))
-    sid = keys.join(mapping, on=columns, how="left", maintain_order="left", nulls_equal=True)["sid"]
-    sid = sid.to_numpy()
+    numbers = [registry.sid(run, *row) for row in unique.iter_rows()]
+    mapping = unique.with_columns(pl.Series("sid", numbers, dtype=pl.UInt32))
+    joined = keys.join(mapping, on=columns, how="left", maintain_order="left", nulls_equal=True)
+    sid = joined["sid"].to_numpy()
     order = np.argsort(sid, kind="stable")
     sorted_ = {c: v[order] for c, v in values.items()}
     sorted_["sid"] = sid[order]

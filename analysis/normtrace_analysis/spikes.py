@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import polars as pl
@@ -100,14 +100,17 @@ def _spikes(
         # on the side when the scan covers all modules and no summary is held yet.
         side = modules is None and not trace.is_cached(summary_key(table))
 
-        def make(registry: Registry) -> list:
+        def make(registry: Registry) -> list[_Detector | Summary]:
             log = _LogScale(lambda sid: registry.keys[sid][2]) if table == "signals" else None
             detector = _Detector(level, threshold, window, log)
             return [detector, Summary(registry)] if side else [detector]
 
         (detector, *summary), info = scan(trace, table, modules, make)
+        assert isinstance(detector, _Detector)  # as make built them
         if summary:
-            trace.cached(summary_key(table), lambda: summary[0].result(SUMMARY_KEYS[table]))
+            side_summary = summary[0]
+            assert isinstance(side_summary, Summary)
+            trace.cached(summary_key(table), lambda: side_summary.result(SUMMARY_KEYS[table]))
         keys = info.keys.select("sid", *SERIES_KEYS[table])
         lengths = info.keys["length"]
         found = detector.result()
@@ -134,8 +137,9 @@ def _warn_if_too_short(lengths: pl.Series, level: str, window: int) -> None:
     if short:
         unit = "epochs" if level == "epoch" else "points"
         hint = "use level='pass' (CLI: --level pass)" if level == "epoch" else "use a smaller baseline_window"
+        least = int(cast(int, lengths.min()))  # an integer column with rows (short > 0)
         warnings.warn(
-            f"{short} of {lengths.len()} series have fewer {unit} ({int(lengths.min())} at least) than the "
+            f"{short} of {lengths.len()} series have fewer {unit} ({least} at least) than the "
             f"spike detector's baseline window of {window}: too few to tell a spike from noise; {hint}",
             ShortSeriesWarning,
             stacklevel=caller_stacklevel(),
@@ -163,7 +167,7 @@ class _LogScale:
     """Which series are scored on log10 (signals of :data:`.names.LOG_KINDS`), by sid; ``kind_of`` names
     a sid's kind (the registry grows as a scan meets series, so flags are added as sids are asked for)."""
 
-    def __init__(self, kind_of: Callable[[int], str]) -> None:
+    def __init__(self, kind_of: Callable[[int], object]) -> None:
         self.kind_of = kind_of
         self.flags = np.zeros(0, dtype=bool)
 
@@ -172,7 +176,7 @@ class _LogScale:
         if n > len(self.flags):
             new = [self.kind_of(i) in LOG_KINDS for i in range(len(self.flags), n)]
             self.flags = np.concatenate([self.flags, np.array(new, dtype=bool)])
-        return self.flags[sids]
+        return cast(np.ndarray, self.flags[sids])  # numpy's stubs: an index array of unknown dtype gives Any
 
 
 LOG_SCALE_FLOOR = SCALE_FLOOR / math.log(10)
@@ -259,7 +263,7 @@ class _Detector:
             live = np.ones(len(s), dtype=bool)
         sids, s, end, ended = frame.sids[live], s[live], frame.end[live], frame.ended[live]
         if not len(sids):
-            return self.s[frame.sids].copy()
+            return cast(np.ndarray, self.s[frame.sids].copy())  # as below
         segments = np.arange(len(sids))
         parts = [segments]
         threads = pl.thread_pool_size()
@@ -290,7 +294,7 @@ class _Detector:
             self.a[sids[p]] = b
             self.s[sids[p]] = s_next
             self.seed[sids[p]] = seed
-        return self.s[frame.sids].copy()
+        return cast(np.ndarray, self.s[frame.sids].copy())  # numpy's stubs: Any (an index of unknown dtype)
 
     def finish(self) -> None:
         """The spikes are read by :meth:`result`."""
@@ -298,8 +302,17 @@ class _Detector:
     def result(self) -> pl.DataFrame:
         """Spikes: sid, [pass,] epoch, value, baseline, score, points (runs of flags cut between
         stretches joined again, at their peak)."""
-        schema = {"sid": pl.UInt32, **dict.fromkeys(self.position, pl.Int64), "epoch": pl.Int32}
-        schema |= {"value": pl.Float64, "baseline": pl.Float64, "score": pl.Float64, "points": pl.Int64}
+        schema = pl.Schema(
+            {
+                "sid": pl.UInt32,
+                **dict.fromkeys(self.position, pl.Int64),
+                "epoch": pl.Int32,
+                "value": pl.Float64,
+                "baseline": pl.Float64,
+                "score": pl.Float64,
+                "points": pl.Int64,
+            }
+        )
         if not self.found:
             return pl.DataFrame(schema=schema)
         found = pl.concat(self.found, how="vertical_relaxed").sort("sid", "_first")
@@ -445,7 +458,7 @@ def _block_medians(x: np.ndarray, sizes: np.ndarray, block: int) -> np.ndarray:
     k = np.arange(len(sizes))
     lo = padded[k, np.maximum(c - 1, 0) // 2]
     hi = padded[k, c // 2 - (c == 0)]
-    return lo + (hi - lo) / 2
+    return cast(np.ndarray, lo + (hi - lo) / 2)  # numpy's stubs: Any (arithmetic on arrays of unknown dtype)
 
 
 def _centred_median(
@@ -493,12 +506,12 @@ def _centred_median(
     for i in range(len(counts)):
         m[rows[i] : rows[i] + lo[i]] = np.nan
         m[rows[i] + hi[i] : rows[i + 1]] = np.nan
-    for i in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
-        r0 = rows[i]
-        head = x[r0 : r0 + min(window, counts[i])]
+    for j in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
+        r0 = rows[j]
+        head = x[r0 : r0 + min(window, counts[j])]
         trailing = pl.Series(head, nan_to_null=True).rolling_median(window, min_samples=half + 1).to_numpy()
         k = np.arange(min(half, len(head)))
-        k = k[k + half < min(len(head), xe[i] - p0[i])]
+        k = k[k + half < min(len(head), xe[j] - p0[j])]
         m[r0 + k] = trailing[k + half]
     start = np.clip(first - p0, 0, counts)  # first row where a value (median or carried) is due
     if gaps or ((xs == 0) & (xe - p0 < window)).any():
