@@ -332,9 +332,9 @@ class LossMetrics:
             if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
                 return
             try:
-                pass_, _, calls = local.state
+                pass_, epoch, calls = local.state
             except AttributeError:  # no pass started in this thread
-                pass_, _, calls = outside_pass()
+                pass_, epoch, calls = outside_pass()
             if calls is None or in_transform():
                 return  # a pass that records nothing (see Recording.local), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
@@ -346,7 +346,7 @@ class LossMetrics:
             if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
                 value = value.reshape(()) if value.numel() == 1 else value.float().mean()
             split = "train" if is_grad_enabled() else "val"
-            append((recording.epoch, pass_, "loss", value, split, time.time()))
+            append((epoch, pass_, "loss", value, split, time.time()))
 
         return [after_forward(self.loss_fn, hook)]
 

@@ -146,6 +146,8 @@ class Recording:
         """Record ``signals`` rows: one per ``(kind, (module, param), value)``, at the current optimizer
         step, pass and epoch (or the ``step``/``pass_`` given, e.g. those of the forward a backward
         belongs to). ``values`` is a 1-d tensor (left on its device) or plain floats, one per row."""
+        if self._run.inert:
+            return  # a forked child's copy: the run is the parent's
         if pass_ is None:
             pass_ = self.current_pass()
         self._append_signal((self.step if step is None else step, pass_, self.epoch, kinds, keys, values))

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from dist_worker import ddp_gradient_worker
 from recorder_models import QNetwork, read_table
 from torch import nn
 
@@ -224,6 +226,31 @@ def test_sparse_gradients_are_noted_and_the_rest_recorded(tmp_path):
     assert "weight" in notes[0]["detail"]
 
 
+def test_checkpoint_recomputation_adds_no_rows(tmp_path):
+    """Backward recomputes a checkpointed forward: the forward-time lenses record the first run only."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+    model = Checkpointed()
+    with nt.Recorder(tmp_path, lenses=[nt.ActivationRate(), nt.OutputGradientNorm()]) as rec:
+        rec.attach(model)
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+    rows = signals(tmp_path)
+    assert sorted((r["kind"], r["pass"]) for r in rows) == sorted(
+        (kind, p) for p in (0, 1) for kind in ("active_rate", "dead_fraction", "output_grad_norm")
+    )
+    assert {r["module"] for r in rows} == {"block.1"}
+
+
 def test_bad_input_names_the_thing_at_fault(tmp_path):
     model = QNetwork()
     with nt.Recorder(tmp_path / "a", lenses=[nt.UpdateRatio()]) as rec:
@@ -312,6 +339,28 @@ def test_all_lenses_together_never_synchronise(tmp_path, monkeypatch):
         "active_rate": 20,
         "dead_fraction": 20,
     }
+
+
+def test_under_ddp_every_rank_records_the_all_reduced_gradients(tmp_path):
+    """Each rank trains on its own batches; the gradients step() sees are DDP's all-reduced mean, so both
+    ranks record the same norms, each under its own rank, with no collective call of normtrace's."""
+    run = tmp_path / "run"
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(
+        ddp_gradient_worker, args=(2, init, str(run), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    rows = signals(run, "grad_norm")
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"ddp{rank}.json").read_text())
+        got = by_step([r for r in rows if r["rank"] == rank])
+        for step, norms in enumerate(seen):
+            want = {tuple(name.rsplit(".", 1)): value for name, value in norms.items()}
+            assert got[step] == pytest.approx(want, rel=1e-5)
+    by_rank = [by_step([r for r in rows if r["rank"] == rank]) for rank in (0, 1)]
+    assert sorted(by_rank[0]) == sorted(by_rank[1]) == [0, 1, 2]
+    for step, norms in by_rank[0].items():  # all-reduced: the same on both ranks
+        assert norms == pytest.approx(by_rank[1][step], rel=1e-5)
+    assert {r["rank"] for r in signals(run, "update_ratio")} == {0, 1}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")

@@ -52,7 +52,7 @@ def run(tmp_path: Path) -> Path:
 def test_tables_are_lazy_with_documented_and_derived_columns(run: Path) -> None:
     trace = na.load(run)
     for table, required in REQUIRED_COLUMNS.items():
-        lf = getattr(trace, table)
+        lf = trace.table(table)
         assert isinstance(lf, pl.LazyFrame)
         schema = lf.collect_schema()
         for col, dtype in required.items():
