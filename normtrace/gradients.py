@@ -176,7 +176,10 @@ class GradientNorm(_ParamLens):
             _nothing_selected(self, target, recording)
             return []
         if target.optimizer is None:
-            return [p.register_post_accumulate_grad_hook(self._on_grad(recording, key)) for key, p in chosen]
+            return [
+                p.register_post_accumulate_grad_hook(self._on_grad(recording, key))  # type: ignore[no-untyped-call]
+                for key, p in chosen
+            ]
         return [target.optimizer.register_step_pre_hook(self._on_step(recording, chosen))]
 
     def _on_step(
@@ -208,11 +211,11 @@ class GradientNorm(_ParamLens):
                     if not idx:
                         continue
                     with torch.no_grad():  # (a .grad needs no detach: it has no history)
-                        grads = [params[i].grad for i in idx]
-                        norms = _norms(grads)  # type: ignore[arg-type]
+                        grads = [g for i in idx if (g := params[i].grad) is not None]  # idx: grads not None
+                        norms = _norms(grads)
                     recording.add_signals(kinds[len(idx)], [keys[i] for i in idx], norms, step=step)
                     if cosine:
-                        _record_cosines(  # type: ignore[arg-type]
+                        _record_cosines(
                             recording, "grad_cosine", idx, grads, norms, prev, prev_norm, keys, step
                         )
             except Exception as exc:  # the training loop must never break
@@ -344,12 +347,13 @@ class UpdateRatio(_ParamLens):
             pending.clear()
             try:
                 with torch.no_grad():
-                    taken_idx, taken = [], []
+                    taken_idx: list[list[int]] = []
+                    taken: list[list[Tensor]] = []
                     for group in groups:
                         idx = [i for i in group if params[i].grad is not None]
                         if idx:
                             taken_idx.append(idx)
-                            taken.append(torch._foreach_mul([params[i] for i in idx], 1.0))
+                            taken.append(list(torch._foreach_mul([params[i] for i in idx], 1.0)))
                     pending.append((recording.step, taken_idx, taken))
             except Exception as exc:
                 recording.note(ROOT_NAME, "hook_error", f"UpdateRatio: {type(exc).__name__}: {exc}")
@@ -454,7 +458,7 @@ class OutputGradientNorm:
                     recording.note(name, "hook_error", f"OutputGradientNorm: {type(exc).__name__}: {exc}")
 
             try:
-                out.register_hook(on_grad)
+                out.register_hook(on_grad)  # type: ignore[no-untyped-call]
             except Exception as exc:
                 recording.note(name, "hook_error", f"OutputGradientNorm: {type(exc).__name__}: {exc}")
 

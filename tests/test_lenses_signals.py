@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_worker import ddp_gradient_worker
+from optional import need
 from recorder_models import QNetwork, read_table
 from torch import nn
 
@@ -395,7 +396,7 @@ def test_every_lens_runs_without_sync_on_cuda(tmp_path):
 
 def test_seed_library_names_give_the_same_per_step_values(tmp_path):
     """monitorch's lens names port by import; where definitions agree, per-step values are its own."""
-    mt = pytest.importorskip("monitorch.preprocessor")
+    mt = need("monitorch.preprocessor")
     torch.manual_seed(5)
     model = QNetwork()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
