@@ -37,14 +37,16 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy, strict, over the analysis package; its configuration is `[tool.mypy]` in analysis/pyproject.toml.
+    """mypy, strict, over the recorder and the analysis package; their configurations are `[tool.mypy]` in
+    pyproject.toml and analysis/pyproject.toml.
 
-    Installs the analysis package with its own dependencies (polars, numpy, altair and vl-convert ship
-    their types; pyarrow's and tqdm's come from pyarrow-stubs and types-tqdm): no torch, no test extras.
-    The recorder (normtrace/) is not checked yet. mypy is pinned: a new release may find new errors, so
-    bump it on purpose.
+    Installs the two packages with their own dependencies (torch, from the pinned CPU build; polars,
+    numpy, altair and vl-convert ship their types; pyarrow's and tqdm's come from pyarrow-stubs and
+    types-tqdm): no test extras, no frameworks. mypy is pinned: a new release may find new errors, so bump
+    it on purpose.
     """
-    session.install("mypy==2.4.1", "pyarrow-stubs>=20", "types-tqdm", "-e", "./analysis")
+    session.install("mypy==2.4.1", "pyarrow-stubs>=20", "types-tqdm", "-e", ".", "-e", "./analysis")
+    session.run("mypy", *session.posargs)
     session.chdir("analysis")
     session.run("mypy", *session.posargs)
 

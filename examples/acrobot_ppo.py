@@ -93,13 +93,21 @@ class TrainResult:
 
 
 def make_recorder(run_dir: str | Path, *, overwrite: bool = False) -> nt.Recorder:
-    """Every lens normtrace has: outputs of each layer, parameter norms, losses and episode returns."""
+    """Every lens normtrace has: each layer's output and the gradient arriving at it, parameter norms,
+    per-step gradient norms and update ratios (with their directions), activation rates, losses and
+    episode returns."""
     return nt.Recorder(
         run_dir,
         lenses=[
             nt.LossMetrics(metrics=["episode_return", "policy_loss", "value_loss", "entropy"]),
             nt.OutputNorm(include=[nn.Tanh, nn.Identity], normalize_by_size=True, skip_no_grad_pass=False),
             nt.ParameterNorm(normalize_by_size=True),
+            nt.GradientNorm(
+                cosine=True
+            ),  # at each optimizer step: after clip_grad_norm_, as step() uses them
+            nt.UpdateRatio(cosine=True),
+            nt.OutputGradientNorm(include=[nn.Tanh, nn.Identity]),
+            nt.ActivationRate(),  # tanh is never exactly 0: recorded for completeness, no unit can die
         ],
         overwrite=overwrite,
     )
@@ -149,7 +157,7 @@ def train(
     recording = contextlib.nullcontext() if run_dir is None else make_recorder(run_dir, overwrite=overwrite)
     with recording as rec, contextlib.closing(env):  # the run is closed "failed" on an exception
         if rec is not None:
-            rec.attach(model)
+            rec.attach(model, optimizer=optimizer)
         bar = trange(iterations, disable=not progress, desc="iterations", unit="it")
         for _ in bar:
             states, actions, logps, rewards, dones, values = [], [], [], [], [], []

@@ -151,13 +151,18 @@ def soft_update(target_net: nn.Module, policy_net: nn.Module, tau: float) -> Non
 
 
 def make_recorder(run_dir: str | Path, loss_fn: nn.Module, *, overwrite: bool = False) -> nt.Recorder:
-    """The seed's three lenses: loss + episode metrics, Identity/activation outputs, parameter norms."""
+    """The seed's three lenses (loss + episode metrics, Identity/activation outputs, parameter norms) and
+    the gradient, update and activation lenses the seed could not record."""
     return nt.Recorder(
         run_dir,
         lenses=[
             nt.LossMetrics(loss_fn=loss_fn, metrics=["total_reward", "smoothed_treward"]),
             nt.OutputNorm(include=[nn.Identity], normalize_by_size=True),
             nt.ParameterNorm(normalize_by_size=True),
+            nt.GradientNorm(cosine=True),  # per parameter at every optimizer step, and its direction
+            nt.UpdateRatio(),  # |update| / |weight| per parameter and step
+            nt.OutputGradientNorm(include=[nn.Identity]),  # gradient arriving at each activation
+            nt.ActivationRate(),  # share of active units, dead ReLUs
         ],
         overwrite=overwrite,
     )
@@ -278,7 +283,7 @@ def train(
     try:
         with torch_threads(threads), recording(run_dir, loss_fn, overwrite) as rec:
             if rec is not None:
-                rec.attach(agent.policy_net)
+                rec.attach(agent.policy_net, optimizer=agent.optimizer)
                 rec.track_target(agent.target_net)
             bar = trange(episodes, disable=not progress, desc="episodes", unit="ep")
             for episode in bar:

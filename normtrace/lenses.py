@@ -1,5 +1,6 @@
-"""Lenses: what to record. Each lens is a small configuration object that installs its own hooks
-(observers of a module's forward, see ``observe``; not PyTorch hooks, whose dispatch costs more).
+"""The lenses of outputs, parameters and losses. Each lens is a small configuration object that follows
+the lens protocol (``recording.Lens``): ``attach`` installs its own observers (of a module's forward, see
+``observe``; not PyTorch hooks, whose dispatch costs more) that record through a ``Recording``.
 
 The hooks are the hot path. They never synchronise host and device: they launch one norm kernel on the
 output with grad mode off and extend the buffer's flat ``outputs`` list with the record's plain values and
@@ -14,15 +15,13 @@ import fnmatch
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from normtrace.observe import Removable, after_forward
-
-if TYPE_CHECKING:
-    from normtrace.recorder import Recorder
+from normtrace.recording import Lens, Recording, Target, in_transform
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = tuple(
     getattr(nn, name) for name in nn.modules.activation.__all__ if name != "MultiheadAttention"
@@ -37,12 +36,6 @@ set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, wit
 is_exporting = torch.compiler.is_exporting
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 """-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
-in_transform = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-"""True inside ``torch.func`` transforms (vmap, grad, jvp, jacrev), whose tensors are batched or wrapped:
-their norms cannot be read once the transform returns. (It reads the dispatch-key set; the obvious
-``torch._C._functorch.maybe_current_level()`` creates functorch's thread-local state, which every later
-``backward()`` then deep-copies: +8k instructions per W2 step, measured.)"""
-
 Selector = type[nn.Module] | str
 """A module class (matches instances and subclasses) or a glob over dotted module names."""
 
@@ -57,11 +50,13 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> boo
     return False
 
 
-def _check_selectors(arg: str, selectors: Sequence[Selector]) -> tuple[Selector, ...]:
-    out = tuple(selectors)
+def _check_selectors(
+    arg: str, selectors: Sequence[Selector], lens: str = "OutputNorm"
+) -> tuple[Selector, ...]:
+    out = (selectors,) if isinstance(selectors, str) else tuple(selectors)
     for sel in out:
         if not (isinstance(sel, str) or (isinstance(sel, type) and issubclass(sel, nn.Module))):
-            raise TypeError(f"OutputNorm({arg}=...) takes nn.Module classes or name globs, got {sel!r}")
+            raise TypeError(f"{lens}({arg}=...) takes nn.Module classes or name globs, got {sel!r}")
     return out
 
 
@@ -83,7 +78,8 @@ def sample_norms(x: Tensor) -> Tensor | None:
         return None
     if not (x.is_floating_point() or x.is_complex()):
         x = x.float()
-    return torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+    return norms
 
 
 def is_data_parallel_replica(module: nn.Module) -> bool:
@@ -138,17 +134,26 @@ class OutputNorm:
             "normalize_by_size": self.normalize_by_size,
         }
 
-    def install(self, rec: Recorder, named: Sequence[tuple[str, nn.Module]]) -> list[Removable]:
+    def attach(self, target: Target, recording: Recording) -> list[Removable]:
         """Observe the output of every selected module (``observe.after_forward``); returns the handles."""
-        return [
-            after_forward(module, self._hook(rec, name, module))
-            for name, module in named
-            if self.selects(name, module)
-        ]
+        chosen = [(name, module) for name, module in target.modules if self.selects(name, module)]
+        recording.describe("modules.outputs", [{"name": n, "class": type(m).__name__} for n, m in chosen])
+        recording.describe("normalize.outputs", self.normalize_by_size)
+        if not chosen:
+            recording.warn(
+                "no_output_modules",
+                f"OutputNorm selects no module of {type(target.model).__name__}: it has no torch.nn activation "
+                "module (a function call such as F.relu cannot be hooked) and nothing matches include=...; "
+                "pass include=[nn.Linear] or name globs such as include=['encoder.*']",
+            )
+        return [after_forward(module, self._hook(recording, name, module)) for name, module in chosen]
 
-    def _hook(self, rec: Recorder, name: str, owner: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
+    def _hook(
+        self, recording: Recording, name: str, owner: nn.Module
+    ) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
-        extend, local, outside_pass = rec._buffer.outputs.extend, rec._local, rec._outside_pass
+        extend, local, outside_pass = recording.extend_outputs, recording.local, recording.outside_pass
+        note = recording.note
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
@@ -161,7 +166,7 @@ class OutputNorm:
             except AttributeError:  # this thread started no pass: a DataParallel worker, a direct call
                 pass_, epoch, calls = outside_pass()
             if calls is None or graph_task_id() != -1:
-                return  # a pass that records nothing (see recorder._on_pass), or a recomputation in backward
+                return  # a pass that records nothing (see Recording.local), or a recomputation in backward
             if name in calls:  # called again in the same pass (one activation after every layer)
                 k = calls[name] = calls[name] + 1
                 label = f"{name}#{k}"
@@ -194,9 +199,9 @@ class OutputNorm:
                         numel = leaf.numel() // batch
                         extend((leaf_name, pass_, epoch, grad, module.training, numel, batch, norms))
                     elif not isinstance(leaf, Tensor):
-                        rec._note(leaf_name, "non_tensor_output", type(leaf).__name__)
+                        note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle
-                rec._note(label, "hook_error", f"{type(exc).__name__}: {exc}")
+                note(label, "hook_error", f"{type(exc).__name__}: {exc}")
 
         return hook
 
@@ -221,7 +226,7 @@ class ParameterNorm:
 
     def select(self, named: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, str, nn.Parameter]]:
         """``(module, param, tensor)`` for every module owning all the listed parameters."""
-        chosen = []
+        chosen: list[tuple[str, str, nn.Parameter]] = []
         for name, module in named:
             own = dict(module.named_parameters(recurse=False))
             if all(own.get(p) is not None for p in self.parameters):
@@ -235,6 +240,33 @@ class ParameterNorm:
             "parameters": list(self.parameters),
             "normalize_by_size": self.normalize_by_size,
         }
+
+    def attach(self, target: Target, recording: Recording) -> list[Removable]:
+        """Take the norms at every ``tick_epoch()``/``collect()`` (``Recording.on_collect``)."""
+        params = self.select(target.modules)
+        classes = dict(target.modules)
+        recording.describe(
+            "modules.params",
+            [
+                {"name": n, "class": type(classes[n]).__name__, "params": list(self.parameters)}
+                for n in dict.fromkeys(n for n, _, _ in params)
+            ],
+        )
+        recording.describe("normalize.params", self.normalize_by_size)
+        if not params:
+            wanted = ", ".join(repr(p) for p in self.parameters)
+            recording.warn(
+                "no_param_modules",
+                f"ParameterNorm finds no module of {type(target.model).__name__} that has all of {wanted}; "
+                "pass parameters=['weight'] for layers without a bias",
+            )
+            return []
+
+        def collect() -> None:
+            keys, norms = parameter_norms(params)
+            recording.append_param((recording.epoch, recording.current_pass(), time.time(), keys, norms))
+
+        return [recording.on_collect(collect)]
 
 
 def parameter_norms(
@@ -287,30 +319,26 @@ class LossMetrics:
             "metrics": list(self.metrics),
         }
 
-    def install(self, rec: Recorder) -> list[Removable]:
+    def attach(self, target: Target, recording: Recording) -> list[Removable]:
         """Observe ``loss_fn`` so each value it returns becomes a ``loss`` row; returns the handles."""
+        recording.describe("metrics", list(self.metrics))
         if self.loss_fn is None:
             return []
 
-        append, loss_fn, local, outside_pass = (
-            rec._buffer.metrics.append,
-            self.loss_fn,
-            rec._local,
-            rec._outside_pass,
-        )
-        run = rec._run
+        append, loss_fn = recording.append_metric, self.loss_fn
+        local, outside_pass = recording.local, recording.outside_pass
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
                 return
             try:
-                pass_, _, calls = local.state
+                pass_, epoch, calls = local.state
             except AttributeError:  # no pass started in this thread
-                pass_, _, calls = outside_pass()
+                pass_, epoch, calls = outside_pass()
             if calls is None or in_transform():
-                return  # a pass that records nothing (see recorder._on_pass), or inside torch.func
+                return  # a pass that records nothing (see Recording.local), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
-                rec._note("loss", "non_tensor_output", type(out).__name__)
+                recording.note("loss", "non_tensor_output", type(out).__name__)
                 return
             # .data: the same alias as detach() without a trip through the dispatcher (measured inside
             # the W2 step: the loss hook 12-15 -> 10-11 us); the value is only read, at the flush
@@ -318,9 +346,9 @@ class LossMetrics:
             if value.ndim:  # a reduction="none" loss, or a 1-element tensor: one number per call
                 value = value.reshape(()) if value.numel() == 1 else value.float().mean()
             split = "train" if is_grad_enabled() else "val"
-            append((run.epoch, pass_, "loss", value, split, time.time()))
+            append((epoch, pass_, "loss", value, split, time.time()))
 
         return [after_forward(self.loss_fn, hook)]
 
 
-Lens = OutputNorm | ParameterNorm | LossMetrics
+__all__ = ["ACTIVATIONS", "Lens", "LossMetrics", "OutputNorm", "ParameterNorm", "parameter_norms"]

@@ -63,11 +63,11 @@ def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Mod
 
     @functools.wraps(base_forward)  # the original signature, for inspect and torch.fx's tracer
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        for fn in before:
-            fn(self, args)
+        for call_before in before:
+            call_before(self, args)
         out = base_forward(self, *args, **kwargs)
-        for fn in after:
-            fn(self, args, out)
+        for call_after in after:
+            call_after(self, args, out)
         return out
 
     def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:  # noqa: N807
@@ -76,10 +76,11 @@ def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Mod
         reduced = base.__reduce_ex__(self, protocol)
         if not isinstance(reduced, tuple):
             return reduced
-        if reduced[0] is copyreg.__newobj__ and reduced[1] == (cls,):
-            return (copyreg._reconstructor, (base, object, None), *reduced[2:])
-        if reduced[0] is copyreg._reconstructor and reduced[1][0] is cls:
-            return (copyreg._reconstructor, (base, *reduced[1][1:]), *reduced[2:])
+        newobj, reconstructor = getattr(copyreg, "__newobj__"), getattr(copyreg, "_reconstructor")  # noqa: B009
+        if reduced[0] is newobj and reduced[1] == (cls,):
+            return (reconstructor, (base, object, None), *reduced[2:])
+        if reduced[0] is reconstructor and reduced[1][0] is cls:
+            return (reconstructor, (base, *reduced[1][1:]), *reduced[2:])
         return reduced
 
     namespace = {
@@ -89,7 +90,8 @@ def _observed_class(base: type[nn.Module], observers: _Observers) -> type[nn.Mod
         "__qualname__": base.__qualname__,
         "_normtrace_observers": observers,
     }
-    cls = type(base)(base.__name__, (base,), namespace)
+    metaclass: Any = type(base)  # base's own metaclass, whatever it is
+    cls: type[nn.Module] = metaclass(base.__name__, (base,), namespace)
     return cls
 
 
@@ -112,9 +114,10 @@ def _observers_of(module: nn.Module) -> _Observers | None:
 
 def _observe(module: nn.Module, fn: Any, side: str, hook: Callable[[Any], Removable]) -> Removable:
     """Add ``fn`` to the module's ``side`` ("before"/"after") observers, or register it with ``hook``."""
-    observers = _observers_of(module)
-    if observers is None:
+    found = _observers_of(module)
+    if found is None:
         return hook(fn)
+    observers: _Observers = found  # narrowed for the closure below
     bucket: list[Any] = getattr(observers, side)
     bucket.append(fn)
 

@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,25 +29,11 @@ from torch import Tensor, nn
 from normtrace import __version__, lifecycle, rundir, schema
 from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
-from normtrace.lenses import (
-    Lens,
-    LossMetrics,
-    OutputNorm,
-    ParameterNorm,
-    graph_task_id,
-    in_transform,
-    is_data_parallel_replica,
-    parameter_norms,
-)
+from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, before_forward
+from normtrace.recording import ROOT_NAME, Lens, Recording, Target, in_transform
 from normtrace.writer import ShardWriter, write_json_atomic
-
-ROOT_NAME = "(root)"
-
-PassState = tuple[int, int, "dict[str, int] | None"]
-"""What a thread's hooks record under: (pass, epoch at its start, calls of each module so far in it, or
-None when the pass records nothing)."""
 
 TRANSFORM_NOTE = (
     "passes run under torch.func transforms (vmap, grad, jacrev) are counted but not recorded: their "
@@ -133,11 +118,26 @@ class _Run:
         self.key = key  # (resolved run directory, rank)
         self.buffer, self.writer, self.meta, self.lock = buffer, writer, meta, lock
         self.epoch = 0
+        self.step = 0  # optimizer steps completed (Recorder.attach(..., optimizer=...))
         self.next_pass = _pass_counter()
         self.last_pass = -1  # the last pass started (exact but for a pass another thread starts meanwhile)
         self.pid = os.getpid()  # a forked child's copy is not this run's owner
         self.signalled: int | None = None  # a SIGTERM/SIGHUP seen while open
         self.finishing = False  # finish() has told the writer to stop
+        self.inert = False  # a forked child's copy: its hooks record nothing
+        self.notes: dict[tuple[str, str], str] = {}
+        self.compact = True  # merge the shards when the user closes the run (Recorder(compact=...))
+
+    def count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """After each ``optimizer.step()`` that ran (a ``GradScaler`` skipping a step never calls it)."""
+        self.step += 1
+
+    def note(self, module: str, kind: str, detail: str) -> None:
+        """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
+        if (module, kind) not in self.notes:
+            self.notes[(module, kind)] = detail
+            self.meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self.notes.items()]
+            self.write_meta()
 
     def hand_over(self, wait_for_room: bool = True) -> None:
         """Give the buffered rows to the writer; with ``wait_for_room``, first wait while it lags too far
@@ -169,10 +169,17 @@ class _Run:
                 self.last_pass = self.next_pass() - 1  # exact: the next number is the count so far
                 self.writer.submit_records(self.buffer.take())
                 self.meta.update(
-                    status=status, end_time=_utcnow(), epochs=self.epoch, passes=self.last_pass + 1
+                    status=status,
+                    end_time=_utcnow(),
+                    epochs=self.epoch,
+                    passes=self.last_pass + 1,
+                    steps=self.step,
                 )
                 self.writer.submit_meta(dict(self.meta))
-                self.writer.close(then=self.lock.release)  # the directory is free once all is written
+                # the directory is free once all is written (and merged, at a close the user asked for)
+                self.writer.close(
+                    then=self.lock.release, compact=self.compact and status in ("closed", "failed")
+                )
         if not wait:
             return None
         self.writer.join()
@@ -191,8 +198,12 @@ class Recorder:
     manager or call ``close()``; a recorder still open at interpreter exit is closed then, one collected
     without ``close()`` is finished then, and one open when the process gets SIGTERM or SIGHUP is written
     before the signal goes on (``handle_signals=False``: not). When more than ``max_queued_rows`` rows
-    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). ``config`` (a mapping of
-    JSON values: learning rate, seed, ...) is stored in meta.json, where the analysis groups runs by it.
+    wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). When the run is
+    closed (``close()``, the end of its ``with`` block), each table's shards are merged into files of about
+    a million rows (``schema.compact``; ``compact=False``: not), which costs one more read and write of
+    the trace; a run that ends any other way keeps its shards, and ``normtrace compact RUN`` merges them.
+    ``config`` (a mapping of JSON values: learning rate, seed, ...) is stored in meta.json, where the
+    analysis groups runs by it.
     """
 
     def __init__(
@@ -205,9 +216,10 @@ class Recorder:
         flush_secs: float = 10.0,
         epoch_flush_secs: float = 1.0,
         overwrite: bool = False,
-        compression: str | None = "lz4",
+        compression: schema.Compression = "lz4",
         handle_signals: bool = True,
         max_queued_rows: int = 1_000_000,
+        compact: bool = True,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = run_config(config)
@@ -217,22 +229,16 @@ class Recorder:
             raise ValueError(f"Recorder(flush_secs=...) must be positive, got {flush_secs!r}")
         if int(max_queued_rows) < 1:
             raise ValueError(f"Recorder(max_queued_rows=...) must be at least 1, got {max_queued_rows!r}")
-        self.output_norm: OutputNorm | None = None
-        self.parameter_norm: ParameterNorm | None = None
-        self.loss_metrics: LossMetrics | None = None
+        seen: set[type] = set()
         for lens in lenses:
-            slot = {
-                OutputNorm: "output_norm",
-                ParameterNorm: "parameter_norm",
-                LossMetrics: "loss_metrics",
-            }.get(type(lens))
-            if slot is None:
+            if not isinstance(lens, Lens):
                 raise TypeError(
-                    f"Recorder(lenses=...): {lens!r} is not an OutputNorm, ParameterNorm or LossMetrics"
+                    f"Recorder(lenses=...): {lens!r} is not a lens: a lens has config() and "
+                    "attach(target, recording) methods (see normtrace.recording.Lens)"
                 )
-            if getattr(self, slot) is not None:
+            if type(lens) in seen:
                 raise ValueError(f"Recorder(lenses=...): more than one {type(lens).__name__} lens")
-            setattr(self, slot, lens)
+            seen.add(type(lens))
         self.lenses = tuple(lenses)
 
         self.run_dir = local_run_dir(run_dir) if run_dir is not None else default_run_dir()
@@ -243,6 +249,7 @@ class Recorder:
             raise ValueError(f"Recorder(epoch_flush_secs=...) must be 0 or more, got {epoch_flush_secs!r}")
         self.epoch_flush_secs = float(epoch_flush_secs)
         self.max_queued_rows = int(max_queued_rows)
+        self.compact = bool(compact)
         self._key = (str(self.run_dir.resolve()), self.rank)
         self._wait_for_other_writers(overwrite)
         lock = rundir.claim(self.run_dir, self.rank, overwrite)
@@ -253,7 +260,11 @@ class Recorder:
             raise
 
     def _start(
-        self, run_name: str | None, lock: rundir.RunDirLock, compression: str | None, handle_signals: bool
+        self,
+        run_name: str | None,
+        lock: rundir.RunDirLock,
+        compression: schema.Compression,
+        handle_signals: bool,
     ) -> None:
         """The rest of ``__init__``, once the run directory is this recorder's (``rundir.claim``)."""
         self._buffer = Buffer()
@@ -264,8 +275,6 @@ class Recorder:
         self._root: nn.Module | None = None
         self._model: weakref.ref[nn.Module] | None = None  # the one model this run records
         self._handles: list[Removable] = []
-        self._params: list[tuple[str, str, nn.Parameter]] = []
-        self._notes: dict[tuple[str, str], str] = {}
         self._closed = False
         self._inert = False  # a forked child's copy: records nothing, refuses every call
         self.handle_signals = bool(handle_signals)
@@ -276,6 +285,10 @@ class Recorder:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
         self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
         self._run = _Run(self._key, self._buffer, self._writer, self._meta, lock)
+        self._run.compact = self.compact
+        # the lenses' handle: it refers to the run, never to this recorder (hooks kept alive by the model
+        # must not keep the recorder alive: one dropped by its last reference is finished at once)
+        self._recording = Recording(self._run, self._local, self.rank)
         # collected without close(): finish the run (lifecycle); at exit the exit handler closes instead
         self._finalizer = weakref.finalize(self, lifecycle.abandon, self._run)
         self._finalizer.atexit = False
@@ -283,15 +296,27 @@ class Recorder:
 
     # ------------------------------------------------------------------ attaching
 
-    def attach(self, model: nn.Module) -> Recorder:
+    def attach(self, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> Recorder:
         """Hook ``model`` (the root whose forward calls count as passes) with the configured lenses.
 
-        A ``torch.compile`` or ``DistributedDataParallel`` wrapper is looked through: the model inside is
-        hooked, under its own names.
+        Args:
+            model: the root module. A ``torch.compile`` or ``DistributedDataParallel`` wrapper is looked
+                through: the model inside is hooked, under its own names.
+            optimizer: the ``torch.optim.Optimizer`` that trains it. Its ``step()`` calls are counted (the
+                ``step`` column of ``signals``), and the lenses that measure at an optimizer step
+                (``GradientNorm``, ``UpdateRatio``) observe it.
+
+        Example: ``rec.attach(model, optimizer=opt)``.
         """
         self._check_open()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Recorder.attach(model): expected an nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "Recorder.attach(optimizer=...): expected a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}; a wrapper (a LightningOptimizer, an accelerate "
+                "AcceleratedOptimizer) holds the torch optimizer as .optimizer: pass that"
+            )
         if isinstance(model, torch.jit.ScriptModule):
             raise TypeError(
                 "Recorder.attach(model): a TorchScript module runs without Python, so nothing can observe "
@@ -310,60 +335,20 @@ class Recorder:
                 "new Recorder (its own run directory)"
             )
         self._model = weakref.ref(model)
-        named = [(name or ROOT_NAME, module) for name, module in model.named_modules()]
+        target = Target(
+            model, [(name or ROOT_NAME, module) for name, module in model.named_modules()], optimizer
+        )
         self._root = model
         self._handles.append(before_forward(model, self._on_pass))
-        hooked: list[dict[str, str]] = []
-        if self.output_norm is not None:
-            self._handles += self.output_norm.install(self, named)
-            hooked = [
-                {"name": n, "class": type(m).__name__} for n, m in named if self.output_norm.selects(n, m)
-            ]
-        if self.parameter_norm is not None:
-            self._params = self.parameter_norm.select(named)
-        if self.loss_metrics is not None:
-            self._handles += self.loss_metrics.install(self)
-        self._warn_if_empty(model, hooked)
-        classes = dict(named)
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(self._run.count_step))
         self._meta["root"] = type(model).__name__
-        self._meta["modules"] = {
-            "outputs": hooked,
-            "params": [
-                {
-                    "name": n,
-                    "class": type(classes[n]).__name__,
-                    "params": list(self.parameter_norm.parameters),
-                }
-                for n in dict.fromkeys(n for n, _, _ in self._params)
-            ]
-            if self.parameter_norm is not None
-            else [],
-        }
+        self._meta["optimizer"] = None if optimizer is None else type(optimizer).__name__
+        for lens in self.lenses:
+            self._handles += lens.attach(target, self._recording)
         self._run.write_meta()
         self._raise_writer_error()
         return self
-
-    def _warn_if_empty(self, model: nn.Module, hooked: list[dict[str, str]]) -> None:
-        """Say so (a warning now, a note in meta.json) when a lens finds nothing to record in ``model``."""
-        root = type(model).__name__
-        if self.output_norm is not None and not hooked:
-            self._warn_and_note(
-                "no_output_modules",
-                f"OutputNorm selects no module of {root}: it has no torch.nn activation module (a function "
-                "call such as F.relu cannot be hooked) and nothing matches include=...; pass "
-                "include=[nn.Linear] or name globs such as include=['encoder.*']",
-            )
-        if self.parameter_norm is not None and not self._params:
-            wanted = ", ".join(repr(p) for p in self.parameter_norm.parameters)
-            self._warn_and_note(
-                "no_param_modules",
-                f"ParameterNorm finds no module of {root} that has all of {wanted}; pass "
-                "parameters=['weight'] for layers without a bias",
-            )
-
-    def _warn_and_note(self, kind: str, detail: str) -> None:
-        warnings.warn(detail, stacklevel=4)  # at the user's attach() call
-        self._note(ROOT_NAME, kind, detail)
 
     def track_target(self, module: nn.Module, event: str = "target_update") -> Recorder:
         """Log an ``event`` row every time ``load_state_dict`` loads into ``module`` (a DQN's target net)."""
@@ -379,7 +364,7 @@ class Recorder:
                 return
             self._buffer.events.append((self._run.epoch, self._current_pass(), event, time.time()))
 
-        self._handles.append(module.register_load_state_dict_post_hook(hook))
+        self._handles.append(module.register_load_state_dict_post_hook(hook))  # type: ignore[no-untyped-call]
         self._meta["targets"].append({"class": type(module).__name__, "event": event})
         self._run.write_meta()
         self._raise_writer_error()
@@ -430,15 +415,13 @@ class Recorder:
         self._raise_writer_error()
 
     def collect(self) -> None:
-        """Record the parameter norms now (``ParameterNorm``), in addition to every epoch tick."""
+        """Take the measurements lenses take at epoch ticks (``ParameterNorm``'s norms) now, in addition."""
         self._check_open()
         self._collect()
         self._raise_writer_error()
 
     def _collect(self) -> None:
-        if self._params:
-            keys, norms = parameter_norms(self._params)
-            self._buffer.params.append((self._run.epoch, self._current_pass(), time.time(), keys, norms))
+        self._recording.collect()
 
     def tick_epoch(self) -> None:
         """Close the current epoch: record parameter norms, advance the epoch counter, flush.
@@ -542,20 +525,10 @@ class Recorder:
     def _current_pass(self) -> int:
         """The pass a row recorded now belongs to: the calling thread's last, else any thread's last."""
         try:
-            return self._local.state[0]
+            last: int = self._local.state[0]
+            return last
         except AttributeError:
             return self._run.last_pass
-
-    def _outside_pass(self) -> PassState:
-        """The state for a hook in a thread that started no pass of its own (a ``DataParallel`` worker,
-        a module called without its root): the last pass any thread started, counted for this thread."""
-        run = self._run
-        state: PassState | None = getattr(self._local, "outside", None)
-        if state is None or state[0] != run.last_pass:
-            state = self._local.outside = (run.last_pass, run.epoch, None if self._inert else {})
-        if in_transform():
-            return (state[0], state[1], None)
-        return state
 
     def _maybe_flush(self) -> None:
         if time.monotonic() > self._flush_deadline:
@@ -575,23 +548,26 @@ class Recorder:
         run = self._run
         run.signalled = signum
         run.hand_over(wait_for_room=False)
-        run.meta.update(status="terminated", end_time=_utcnow(), epochs=run.epoch, passes=run.last_pass + 1)
+        run.meta.update(
+            status="terminated",
+            end_time=_utcnow(),
+            epochs=run.epoch,
+            passes=run.last_pass + 1,
+            steps=run.step,
+        )
         run.write_meta()
         self._writer.wait()
 
     def _forked(self) -> None:
         """In a forked child: record nothing more (hooks see a pass that records nothing), refuse calls."""
-        self._inert = True
+        self._inert = self._run.inert = True
         self._root = None  # no pass observer call counts a pass any more
         self._local.state = (self._run.last_pass, self._run.epoch, None)
         self._run.lock.forget()  # the child's copy of the descriptor must not hold the parent's lock
 
     def _note(self, module: str, kind: str, detail: str) -> None:
-        """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
-        if (module, kind) not in self._notes:
-            self._notes[(module, kind)] = detail
-            self._meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self._notes.items()]
-            self._run.write_meta()
+        """Remember, once, that something about ``module`` could not be recorded (``_Run.note``)."""
+        self._run.note(module, kind, detail)
 
     def _check_open(self) -> None:
         """Refuse a call on a closed recorder, or on a forked child's copy; every public call starts here."""
@@ -656,10 +632,6 @@ class Recorder:
         lifecycle.wait_for_finishing(self._key)
 
     def _initial_meta(self, run_name: str | None) -> dict[str, Any]:
-        normalize = {
-            "outputs": bool(self.output_norm and self.output_norm.normalize_by_size),
-            "params": bool(self.parameter_norm and self.parameter_norm.normalize_by_size),
-        }
         return {
             "schema_version": schema.SCHEMA_VERSION,
             "normtrace_version": __version__,
@@ -674,11 +646,12 @@ class Recorder:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "lenses": [lens.config() for lens in self.lenses],
-            "normalize": normalize,
+            "normalize": {"outputs": False, "params": False},
             "root": None,
+            "optimizer": None,
             "modules": {"outputs": [], "params": []},
             "targets": [],
-            "metrics": list(self.loss_metrics.metrics) if self.loss_metrics else [],
+            "metrics": [],
             "flush": {
                 "every_passes": self.flush_every,
                 "every_secs": self.flush_secs,

@@ -24,15 +24,17 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from normtrace import schema
 from normtrace.errors import RunDirError
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 
 class RunDirLock:

@@ -1,83 +1,159 @@
-"""The trace format: the one definition of every table's Arrow schema and of the run-directory layout.
+"""The trace format: the one definition of every table's Arrow schema, the run-directory layout and the
+``meta.json`` keys, shared by the recorder and ``normtrace_analysis``.
 
-This module is the contract between the recorder and ``normtrace_analysis``; ``docs/trace-format.md``
-describes it in prose and a test checks that the two agree. Bump ``SCHEMA_VERSION`` on any change that
-an older reader could misread.
+It imports only the standard library and pyarrow, so the analysis package, which runs without torch,
+uses this very file: ``analysis/normtrace_analysis/format.py`` is a git symlink to it (a wheel or sdist
+of the analysis package holds a copy). ``docs/trace-format.md`` describes it in prose and
+``tests/test_trace_format.py`` checks that the two agree. Bump ``SCHEMA_VERSION`` on any change that an
+older reader could misread.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-"""Integer version of the trace format; readers refuse a version newer than they know."""
+SCHEMA_VERSION = 2
+"""Integer version of the trace format; readers refuse a version newer than they know. Version 2 added
+the ``signals`` table and the ``optimizer``/``steps`` metadata keys; a version-1 trace reads as one
+whose ``signals`` table is empty."""
 
 META_FILE = "meta.json"
 """Run metadata, written by rank 0 (other ranks write ``meta.rank{r}.json``)."""
 
 SHARD_SUFFIX = ".arrow"
+"""Shards end in this (temporary ``.arrow.tmp`` files are ignored)."""
 
-OUTPUTS = pa.schema(
-    [
-        pa.field("pass", pa.int64(), nullable=False),
-        pa.field("epoch", pa.int32(), nullable=False),
-        pa.field("module", pa.string(), nullable=False),
-        pa.field("norm", pa.float32(), nullable=False),
-        pa.field("numel", pa.int64(), nullable=False),
-        pa.field("batch", pa.int32(), nullable=False),
-        pa.field("grad_enabled", pa.bool_(), nullable=False),
-        pa.field("training", pa.bool_(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-    ]
+SHARD_NAME = re.compile(r"^rank(\d+)-(\d+)(?:-(\d+))?\.arrow\Z")
+"""A shard's file name: ``rank{r}-{seq}.arrow`` as the writer names its ``seq``-th shard, or
+``rank{r}-{first}-{last}.arrow`` for the shards ``first`` to ``last`` merged into one (``compact``). Any
+other ``.arrow`` file in a table folder (a copy, an export) is not part of the run."""
+
+COMPACT_ROWS = 1_000_000
+"""``compact`` merges consecutive shards into files of about this many rows at most: few enough files for
+object stores and Spark, small enough pieces for a reader that reads a run a piece at a time."""
+
+
+def _schema(*fields: pa.Field[Any]) -> pa.Schema:
+    """A schema of ``fields`` (spelled out so type checkers see a list of fields, not of objects)."""
+    return pa.schema(list(fields))
+
+
+OUTPUTS = _schema(
+    pa.field("pass", pa.int64(), nullable=False),
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("module", pa.string(), nullable=False),
+    pa.field("norm", pa.float32(), nullable=False),
+    pa.field("numel", pa.int64(), nullable=False),
+    pa.field("batch", pa.int32(), nullable=False),
+    pa.field("grad_enabled", pa.bool_(), nullable=False),
+    pa.field("training", pa.bool_(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
 )
 """One row per hooked module per recorded forward pass: the batch mean of per-sample L2 norms."""
 
-PARAMS = pa.schema(
-    [
-        pa.field("epoch", pa.int32(), nullable=False),
-        pa.field("pass", pa.int64(), nullable=False),
-        pa.field("module", pa.string(), nullable=False),
-        pa.field("param", pa.string(), nullable=False),
-        pa.field("norm", pa.float32(), nullable=False),
-        pa.field("numel", pa.int64(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("time", pa.float64(), nullable=False),
-    ]
+PARAMS = _schema(
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("pass", pa.int64(), nullable=False),
+    pa.field("module", pa.string(), nullable=False),
+    pa.field("param", pa.string(), nullable=False),
+    pa.field("norm", pa.float32(), nullable=False),
+    pa.field("numel", pa.int64(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("time", pa.float64(), nullable=False),
 )
 """One row per tracked parameter per ``tick_epoch()``/``collect()``: its whole-tensor L2 norm."""
 
-METRICS = pa.schema(
-    [
-        pa.field("epoch", pa.int32(), nullable=False),
-        pa.field("pass", pa.int64(), nullable=False),
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
-        pa.field("split", pa.string(), nullable=True),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("time", pa.float64(), nullable=False),
-    ]
+METRICS = _schema(
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("pass", pa.int64(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("value", pa.float64(), nullable=False),
+    pa.field("split", pa.string(), nullable=True),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("time", pa.float64(), nullable=False),
 )
 """One row per loss value (hooked) or user metric (``push_metric``/``push_loss``)."""
 
-EVENTS = pa.schema(
-    [
-        pa.field("epoch", pa.int32(), nullable=False),
-        pa.field("pass", pa.int64(), nullable=False),
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("time", pa.float64(), nullable=False),
-    ]
+EVENTS = _schema(
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("pass", pa.int64(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("time", pa.float64(), nullable=False),
 )
 """One row per event: ``target_update`` from ``track_target`` or any name given to ``event()``."""
+
+SIGNALS = _schema(
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("pass", pa.int64(), nullable=False),
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("module", pa.string(), nullable=False),
+    pa.field("param", pa.string(), nullable=True),
+    pa.field("value", pa.float32(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+)
+"""One row per (signal kind, module, parameter) per measurement: gradient norms, update ratios, output
+gradients, activation rates, and user lenses' own kinds (``SIGNAL_KINDS``)."""
+
+SIGNAL_KINDS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_cosine",
+    "update_ratio",
+    "update_cosine",
+    "output_grad_norm",
+    "active_rate",
+    "dead_fraction",
+)
+"""The ``kind`` values normtrace's own lenses write; a user lens may write others."""
 
 TABLES: dict[str, pa.Schema] = {
     "outputs": OUTPUTS,
     "params": PARAMS,
     "metrics": METRICS,
     "events": EVENTS,
+    "signals": SIGNALS,
 }
+
+META_KEYS: tuple[str, ...] = (
+    "schema_version",
+    "normtrace_version",
+    "torch_version",
+    "python_version",
+    "run_name",
+    "start_time",
+    "end_time",
+    "status",
+    "rank",
+    "world_size",
+    "hostname",
+    "pid",
+    "lenses",
+    "normalize",
+    "root",
+    "optimizer",
+    "modules",
+    "targets",
+    "metrics",
+    "flush",
+    "notes",
+    "config",
+)
+"""The keys of every ``meta.json`` from its first write (``docs/trace-format.md`` says what each means)."""
+
+META_END_KEYS: tuple[str, ...] = ("epochs", "passes", "steps")
+"""The keys a run's metadata gains when it ends (closed, exited, terminated, abandoned)."""
+
+
+def empty_table(table: str) -> pa.Table:
+    """A table of no rows with ``table``'s schema: what a reader sees of a table without shards."""
+    return TABLES[_known(table)].empty_table()
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -85,11 +161,135 @@ def shard_name(rank: int, seq: int) -> str:
     return f"rank{rank}-{seq:06d}{SHARD_SUFFIX}"
 
 
+def merged_name(rank: int, first: int, last: int) -> str:
+    """File name of shards ``first`` to ``last`` of a rank merged into one: ``rank{r}-{first}-{last}.arrow``."""
+    return f"rank{rank}-{first:06d}-{last:06d}{SHARD_SUFFIX}"
+
+
+def shard_span(name: str) -> tuple[int, int, int] | None:
+    """(rank, first, last) sequence numbers a shard file name covers (first == last for a written shard);
+    None for any other name."""
+    m = SHARD_NAME.match(name)
+    if m is None:
+        return None
+    first = int(m.group(2))
+    return int(m.group(1)), first, first if m.group(3) is None else int(m.group(3))
+
+
+def live_shards(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The shard names a reader reads, in write order (by rank, then sequence), and the names it must not.
+
+    A merged shard replaces the shards of its span: ``compact`` renames it into place before deleting
+    them, so a merge interrupted in between leaves both, and the merged file wins (its span's shards are
+    left out silently: they are the same rows). Names that cannot be told apart (two names for one span,
+    ``rank0-3.arrow`` beside ``rank0-000003.arrow``) or spans that overlap without one containing the
+    other (no writer makes them) would read rows twice: they come back as the second list, not read.
+    """
+    spans: dict[tuple[int, int, int], list[str]] = {}
+    for name in names:
+        span = shard_span(name)
+        if span is not None:
+            spans.setdefault(span, []).append(name)
+    live: list[str] = []
+    conflicting = sorted(n for group in spans.values() if len(group) > 1 for n in group)
+    covered: dict[int, int] = {}  # per rank, the last sequence number a kept shard covers
+    for rank, first, last in sorted(
+        (k for k, v in spans.items() if len(v) == 1), key=lambda k: (k[0], k[1], -k[2])
+    ):
+        (name,) = spans[(rank, first, last)]
+        end = covered.get(rank, -1)
+        if last <= end:
+            continue  # inside a merged shard already kept
+        if first <= end:
+            conflicting.append(name)
+            continue
+        live.append(name)
+        covered[rank] = last
+    return live, conflicting
+
+
+Compression: TypeAlias = Literal["lz4", "zstd"] | None
+"""The IPC body compressions a shard may use (None: uncompressed)."""
+
+COMPACT_COMPRESSION: Compression = "zstd"
+"""Merged files are compressed with zstd: a third smaller than the writer's LZ4 (7.3 against 11.0 bytes
+per output row on ``benchmarks/analysis.py``'s trace) for ~7% more CPU when the analysis reads them; the
+writer keeps LZ4, which costs the training process less while it runs."""
+
+
+def compact(
+    folder: str | Path,
+    rank: int,
+    *,
+    max_rows: int = COMPACT_ROWS,
+    compression: Compression = COMPACT_COMPRESSION,
+) -> list[Path]:
+    """Merge one rank's consecutive shards in a table ``folder`` into files of at most ``max_rows`` rows
+    (a shard larger than that stays as it is); return the merged files written.
+
+    Each merged file is written under a temporary name and renamed into place, then the shards it holds
+    are deleted: a reader at any moment, or after a kill at any moment, reads every row once
+    (``live_shards``). Rows, their order and the schema are unchanged; shards whose schemas differ are
+    left as they are.
+    """
+    import pyarrow.ipc as ipc
+
+    folder = Path(folder)
+    live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
+    spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
+    groups: list[list[tuple[str, int]]] = [[]]
+    for name in spans:
+        rows = _row_count(folder / name)
+        if groups[-1] and sum(r for _, r in groups[-1]) + rows > max_rows:
+            groups.append([])
+        groups[-1].append((name, rows))
+    written = []
+    options = ipc.IpcWriteOptions(compression=compression)
+    for group in groups:
+        if len(group) < 2:
+            continue
+        names = [n for n, _ in group]
+        first, last = spans[names[0]][1], spans[names[-1]][2]
+        final = folder / merged_name(rank, first, last)
+        tmp = folder / f".{final.name}.tmp"
+        tables = [ipc.open_file(pa.memory_map(str(folder / n))).read_all() for n in names]
+        try:
+            data = pa.concat_tables(tables).unify_dictionaries()
+        except pa.ArrowInvalid:
+            continue  # shards of different schemas (extra columns written by hand): left as they are
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, data.schema, options=options) as w:
+                w.write_table(data)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for n in names:
+            (folder / n).unlink()
+        written.append(final)
+    return written
+
+
+def _row_count(path: Path) -> int:
+    """Rows of an Arrow IPC file, from its footer and batch headers (no data decompressed)."""
+    import pyarrow.ipc as ipc
+
+    with pa.memory_map(str(path)) as source:
+        reader = ipc.open_file(source)
+        count = getattr(reader, "count_rows", None)  # pyarrow >= 15
+        if count is not None:
+            return int(count())
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
 def shard_dir(run_dir: str | Path, table: str) -> Path:
     """Folder holding one table's shards: ``RUN/<table>/``."""
+    return Path(run_dir) / _known(table)
+
+
+def _known(table: str) -> str:
     if table not in TABLES:
-        raise ValueError(f"unknown trace table {table!r}; expected one of {sorted(TABLES)}")
-    return Path(run_dir) / table
+        raise ValueError(f"unknown trace table {table!r}; expected one of {list(TABLES)}")
+    return table
 
 
 def meta_name(rank: int) -> str:

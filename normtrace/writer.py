@@ -61,7 +61,7 @@ class ShardWriter:
         self,
         run_dir: Path,
         rank: int,
-        compression: str | None = "lz4",
+        compression: schema.Compression = "lz4",
         max_queued_rows: int = 1_000_000,
     ) -> None:
         self.run_dir = run_dir
@@ -140,12 +140,13 @@ class ShardWriter:
         err, self._error = self._error, None
         return err
 
-    def close(self, then: Callable[[], None] | None = None) -> None:
-        """Queue the end: write what is queued, retry what failed, call ``then``, and stop the thread.
-        Returns at once; ``join`` waits. Safe to call again (later calls do nothing)."""
+    def close(self, then: Callable[[], None] | None = None, *, compact: bool = False) -> None:
+        """Queue the end: write what is queued, retry what failed, merge the shards when ``compact`` and
+        all is written (``schema.compact``), call ``then``, and stop the thread. Returns at once; ``join``
+        waits. Safe to call again (later calls do nothing)."""
         if not self._stopping:
             self._stopping = True
-            self._jobs.put((_STOP, then))
+            self._jobs.put((_STOP, (then, compact)))
 
     def join(self) -> None:
         """Wait for the thread to stop (after ``close``), logging progress while a backlog drains."""
@@ -167,9 +168,12 @@ class ShardWriter:
             kind, payload = self._jobs.get()
             try:
                 if kind == _STOP:
+                    then, compact = payload
                     self._retry_pending()
-                    if payload is not None:
-                        payload()
+                    if compact and not self._pending and self._error is None:
+                        self._compact()
+                    if then is not None:
+                        then()
                     return
                 if kind == _SYNC:
                     payload.set()
@@ -228,6 +232,18 @@ class ShardWriter:
             raise
         self._seq[table] += 1
 
+    def _compact(self) -> None:
+        """Merge this rank's shards of every table (``schema.compact``). A failure loses nothing (every
+        row stays in its shard) and is logged, not raised."""
+        for table in schema.TABLES:
+            folder = schema.shard_dir(self.run_dir, table)
+            try:
+                schema.compact(folder, self.rank)
+            except OSError as exc:
+                log.warning(
+                    "normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc
+                )
+
     def _note_infinite_norms(self, data: pa.Table) -> None:
         """Say once per module, in a warning and a metadata note, that some of its norms are inf."""
         infinite = pc.is_inf(data.column("norm"))
@@ -238,7 +254,7 @@ class ShardWriter:
             m for m in pc.unique(pc.filter(data.column("module"), infinite)).to_pylist() if m not in noted
         ]
         for module in modules:
-            self._notes.append({"module": module, "kind": "inf_norm", "detail": INF_NORM})
+            self._notes.append({"module": str(module), "kind": "inf_norm", "detail": INF_NORM})
             warnings.warn(
                 f"normtrace: module {module!r} in {self.run_dir}: {INF_NORM}", RuntimeWarning, stacklevel=2
             )

@@ -38,3 +38,25 @@ def distributed_worker(rank: int, world: int, init: str, run: str, tmp: str) -> 
     out = Path(tmp) / f"rank{rank}.json"
     out.write_text(json.dumps({"collectives": collectives, "expected": expected}))
     dist.destroy_process_group()
+
+
+def ddp_gradient_worker(rank: int, world: int, init: str, run: str, tmp: str) -> None:
+    """Three DDP steps on this rank's own data with GradientNorm and UpdateRatio; write the gradient norms
+    seen at each step (after DDP's all-reduce) to JSON."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial weights on every rank, as DDP requires
+    model = nn.parallel.DistributedDataParallel(QNetwork())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(100 + rank)  # each rank its own batches
+    seen = []
+    with nt.Recorder(run, lenses=[nt.GradientNorm(), nt.UpdateRatio()]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            seen.append(
+                {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.module.named_parameters()}
+            )
+            opt.step()
+    (Path(tmp) / f"ddp{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()

@@ -1,12 +1,16 @@
 """Synthetic runs for the chart, report and command-line tests, with their ground truth.
 
 ``dqn_run`` writes a small DQN-like run with all four tables; ``long_run`` one whose row count grows with
-``n_epochs``; ``read_table`` reads a table back with pyarrow alone (independent of normtrace_analysis).
+``n_epochs``; ``read_table`` reads a table back with pyarrow alone (independent of normtrace_analysis);
+``specs`` and ``open_report`` read a written report back (its embedded specs; what Chromium drew).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -96,3 +100,43 @@ def read_table(run: Path, table: str) -> dict[str, np.ndarray]:
     parts = [ipc.open_file(str(p)).read_all() for p in sorted((run / table).glob("*.arrow"))]
     merged = pa.concat_tables(parts)
     return {name: merged.column(name).to_numpy(zero_copy_only=False) for name in merged.column_names}
+
+
+def specs(text: str) -> dict[str, dict[str, Any]]:
+    """The Vega-Lite spec embedded for each chart container, by slug."""
+    found = re.findall(
+        r'<script type="application/json" data-for="chart-([\w-]+)">(.*?)</script>', text, re.S
+    )
+    return {slug: json.loads(body) for slug, body in found}
+
+
+def open_report(browser: Any, path: Path) -> dict[str, Any]:
+    """Load a report with every http(s) request intercepted; what rendered, what failed, what was asked."""
+    page = browser.new_page()
+    requests: list[str] = []
+    errors: list[str] = []
+    page.route(re.compile(r"^https?://"), lambda route: route.abort())
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-chart]')].every(el => el.dataset.state)", timeout=30_000
+    )
+    charts_state = page.eval_on_selector_all(
+        "[data-chart]",
+        """els => els.map(el => ({
+            slug: el.dataset.chart,
+            state: el.dataset.state,
+            views: el.querySelectorAll('svg.marks, canvas').length,
+            marks: el.querySelectorAll('g.mark-line path, g.mark-area path, g.mark-rule line').length,
+            lines: el.querySelectorAll('g.mark-line path').length,
+            title: [...el.querySelectorAll('g.role-title-text text')].map(t => t.textContent).join(' '),
+            axes: el.querySelectorAll('g.role-axis').length,
+            untitled: [...el.querySelectorAll('g.role-axis')].filter(  // grid-only axes have no labels
+                a => a.querySelector('g.role-axis-label text')
+                     && !a.querySelector('g.role-axis-title text')?.textContent.trim()).length,
+        }))""",
+    )
+    page.close()
+    return {"charts": charts_state, "errors": errors, "requests": requests}

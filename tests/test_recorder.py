@@ -632,7 +632,8 @@ def test_flush_every_n_passes_hands_exact_blocks_to_the_writer(tmp_path):
 
 def test_shards_match_the_schema_and_scan_with_polars(tmp_path):
     model, loss_fn = QNetwork(), nn.MSELoss()
-    with nt.Recorder(tmp_path, lenses=seed_lenses(loss_fn), flush_every=3) as rec:
+    lenses = [*seed_lenses(loss_fn), nt.ActivationRate()]
+    with nt.Recorder(tmp_path, lenses=lenses, flush_every=3) as rec:
         rec.attach(model)
         rec.track_target(QNetwork())
         for _ in range(2):

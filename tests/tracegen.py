@@ -33,7 +33,8 @@ def _load_trace_schema() -> ModuleType:
 
 _schema = _load_trace_schema()
 SCHEMA_VERSION: int = _schema.SCHEMA_VERSION
-SCHEMAS: dict[str, pa.Schema] = _schema.TABLES
+SCHEMAS: dict[str, pa.Schema] = dict(_schema.TABLES)
+
 
 Columns = Mapping[str, Any]
 
@@ -45,6 +46,7 @@ def write_trace(
     params: Columns | pa.Table | None = None,
     metrics: Columns | pa.Table | None = None,
     events: Columns | pa.Table | None = None,
+    signals: Columns | pa.Table | None = None,
     shards: int | Mapping[str, int] = 3,
     rank: int = 0,
     normalize: bool | Mapping[str, bool] = False,
@@ -55,13 +57,13 @@ def write_trace(
 
     Columns the doc marks as per-row bookkeeping may be left out: ``rank`` (= ``rank``), ``time``,
     ``numel``/``batch`` (1), ``grad_enabled`` (True), ``training`` (= grad_enabled), metrics ``split``
-    (null). Columns not in the format are written too (the format allows extra columns). A table given
+    (null), signals ``param`` (null: module-level) and ``step`` (= ``pass``). Columns not in the format are written too (the format allows extra columns). A table given
     as None or with no rows gets no shards. ``shards`` (per table or for all) is the number of contiguous
     row chunks. Call again with ``rank=1`` etc. to add ranks; rank r > 0 writes ``meta.rank{r}.json``.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    tables = {"outputs": outputs, "params": params, "metrics": metrics, "events": events}
+    tables = {"outputs": outputs, "params": params, "metrics": metrics, "events": events, "signals": signals}
     for name, cols in tables.items():
         if cols is None:
             continue
@@ -136,6 +138,9 @@ def _to_table(name: str, cols: Columns, rank: int) -> pa.Table:
         fill["training"] = np.asarray(cols.get("grad_enabled", fill["grad_enabled"]), dtype=bool)
     if name == "metrics":
         fill["split"] = pa.nulls(n, pa.string())
+    if name == "signals":
+        fill["param"] = pa.nulls(n, pa.string())
+        fill["step"] = np.asarray(cols["pass"], dtype=np.int64)
     schema = SCHEMAS[name]
     arrays, fields = [], []
     for f in schema:
@@ -288,3 +293,113 @@ def _isolated(
             if len(chosen) == k:
                 break
     return sorted(chosen)
+
+
+@dataclass
+class SyntheticSignals:
+    """A synthetic trace with a signals table (trace format 2) and what was planted in it.
+
+    ``explode``: the layer whose gradient norm grows 10**4-fold over the run (``vanish``: falls
+    10**4-fold); ``high_update``: the layer
+    whose update ratio is 1e-1 (the others' 1e-3); ``dying``: the layer whose dead fraction rises from
+    0.02 to 0.9; ``spiky``: the layer whose gradient norm (and output norm, when ``coupled``) is 10x for
+    one pass, ``event_lag`` passes after each ``target_update``, at ``spike_passes``.
+    """
+
+    outputs: dict[str, np.ndarray]
+    events: dict[str, np.ndarray]
+    signals: dict[str, np.ndarray]
+    modules: tuple[str, ...]
+    explode: str | None
+    vanish: str | None
+    high_update: str | None
+    dying: str | None
+    spiky: str | None
+    spike_passes: list[int]
+
+
+def synthetic_signals(
+    *,
+    modules: Sequence[str] = ("net.0", "net.2", "net.4"),
+    n_epochs: int = 60,
+    passes_per_epoch: int = 50,
+    target_every: int = 5,
+    explode: str | None = None,
+    vanish: str | None = None,
+    high_update: str | None = None,
+    dying: str | None = None,
+    spiky: str | None = None,
+    coupled: bool = True,
+    event_lag: int = 3,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> SyntheticSignals:
+    """A DQN-like run recorded with every lens: one optimizer step per pass (``step`` = pass + 1, the
+    steps completed after the pass), a ``target_update`` every ``target_every`` epochs.
+
+    Per layer: ``grad_norm`` and ``update_ratio`` of ``weight`` and ``bias`` (log-normal noise of
+    ``noise`` around 0.1 / 0.05 and 1e-3), ``output_grad_norm``, ``active_rate`` (0.5) and
+    ``dead_fraction`` (0.02) of the module (param null); output norms per pass. With every planted
+    option None the trace is clean: no finding should fire on it.
+    """
+    rng = np.random.default_rng(seed)
+    n_pass = n_epochs * passes_per_epoch
+    passes = np.arange(n_pass, dtype=np.int64)
+    epochs = (passes // passes_per_epoch).astype(np.int32)
+    t = passes / max(n_pass - 1, 1)
+    sync_epochs = np.arange(target_every, n_epochs, target_every)
+    events = {
+        "epoch": sync_epochs.astype(np.int32),
+        "pass": (sync_epochs * passes_per_epoch - 1).astype(np.int64),
+        "name": np.full(len(sync_epochs), "target_update", dtype=object),
+    }
+    spike_passes = [int(p) + event_lag for p in events["pass"] if int(p) + event_lag < n_pass]
+
+    def lognormal(level: np.ndarray | float) -> np.ndarray:
+        return np.asarray(level) * np.exp(noise * rng.standard_normal(n_pass))
+
+    series: list[tuple[str, str, str | None, np.ndarray]] = []  # kind, module, param, values per pass
+    out_cols: dict[str, list[np.ndarray]] = {k: [] for k in ("pass", "epoch", "module", "norm")}
+    for i, m in enumerate(modules):
+        for param, level in (("weight", 0.1), ("bias", 0.05)):
+            grad = lognormal(level * (1 + 0.2 * i))
+            if m == explode:
+                grad = grad * 10.0 ** (4 * t)
+            if m == vanish:
+                grad = grad * 10.0 ** (-4 * t)
+            if m == spiky:
+                grad[spike_passes] *= 10.0
+            series.append(("grad_norm", m, param, grad))
+            ratio = lognormal(1e-1 if m == high_update else 1e-3)
+            series.append(("update_ratio", m, param, ratio))
+        series.append(("output_grad_norm", m, None, lognormal(0.01)))
+        dead = np.clip(0.02 + (0.88 * t if m == dying else 0.0) + 0.005 * rng.standard_normal(n_pass), 0, 1)
+        series.append(("dead_fraction", m, None, dead))
+        series.append(
+            ("active_rate", m, None, np.clip(0.5 * (1 - dead) + 0.01 * rng.standard_normal(n_pass), 0, 1))
+        )
+        norm = lognormal(2.0 + i)
+        if m == spiky and coupled:
+            norm[spike_passes] *= 3.0
+        out_cols["pass"].append(passes)
+        out_cols["epoch"].append(epochs)
+        out_cols["module"].append(np.full(n_pass, m))
+        out_cols["norm"].append(norm.astype(np.float32))
+    # Rows as a recorder writes them: measurement by measurement, the same order of series each time.
+    k = len(series)
+    signals = {
+        "step": np.repeat(passes + 1, k),
+        "pass": np.repeat(passes, k),
+        "epoch": np.repeat(epochs, k),
+        "kind": np.tile(np.array([s[0] for s in series], dtype=object), n_pass),
+        "module": np.tile(np.array([s[1] for s in series], dtype=object), n_pass),
+        "param": pa.array(
+            np.tile(np.array([s[2] for s in series], dtype=object), n_pass).tolist(), pa.string()
+        ),
+        "value": np.stack([s[3] for s in series], axis=1).ravel().astype(np.float32),
+    }
+    order = np.argsort(np.concatenate(out_cols["pass"]), kind="stable")
+    outputs = {c: np.concatenate(v)[order] for c, v in out_cols.items()}
+    return SyntheticSignals(
+        outputs, events, signals, tuple(modules), explode, vanish, high_update, dying, spiky, spike_passes
+    )

@@ -326,6 +326,12 @@ def event_profile(
     Example:
         ``na.charts.event_profile(trace.event_profile("target_update", window=50))``
     """
+    if table == "signals":
+        # its ``kind`` column (event or placebo) would clash with the signals' own ``kind`` key
+        raise ValueError(
+            "event_profile does not take the signals table: its 'kind' column (event or placebo) is "
+            "also a signal's key; use event_steps or event_alignment with table='signals'"
+        )
     s = _setup(table, level, modules, None, None)
     (w,) = _windows(window, level)
     check_event(trace, event)
@@ -596,7 +602,9 @@ def _onsets_by_sid(clusters: pl.DataFrame, info: SeriesInfo, keys: list[str]) ->
     if clusters.height == 0:
         return {}
     joined = (
-        clusters.join(info.keys.select("sid", *keys), on=keys).group_by("sid").agg(pl.col("onset").sort())
+        clusters.join(info.keys.select("sid", *keys), on=keys, nulls_equal=True)
+        .group_by("sid")
+        .agg(pl.col("onset").sort())
     )
     return {int(sid): np.asarray(on, dtype=np.int64) for sid, on in joined.iter_rows()}
 
@@ -633,11 +641,12 @@ def _alignment(trace: Trace, event: str, windows: list[int], s: _Setup, placebo:
             info.keys.select("sid", *s.keys)
             .join(block, on="sid", how="left")
             .join(points, on="sid", how="left")
-            .join(counts, on=s.keys, how="left")
+            .join(counts, on=s.keys, how="left", nulls_equal=True)
             .join(
                 clusters.group_by(s.keys).agg(pl.len().cast(pl.Int64).alias("clusters")),
                 on=s.keys,
                 how="left",
+                nulls_equal=True,
             )
             .with_columns(
                 pl.col("spikes", "clusters", "points").fill_null(0), pl.lit(w, pl.Int64).alias("window")
@@ -874,7 +883,7 @@ def _empty_alignment(s: _Setup) -> pl.DataFrame:
 
 
 def _label(row: dict[str, Any], table: str, multi_run: bool, multi_rank: bool) -> str:
-    label: str = row["module"] + (f".{row['param']}" if table == "params" else "")
+    label = series_name(row, table)
     if table == "outputs" and row["split"] != "train":
         label += f" ({row['split']} passes)"
     if multi_rank:
@@ -882,6 +891,15 @@ def _label(row: dict[str, Any], table: str, multi_run: bool, multi_rank: bool) -
     if multi_run:
         label = f"{row['run']}: {label}"
     return label
+
+
+def series_name(row: dict[str, Any], table: str) -> str:
+    """A series as a sentence names it: ``module`` (outputs), ``module.param`` (params), ``kind of
+    module[.param]`` (signals; the whole model, module "", is "the model")."""
+    if table == "signals":
+        where = ".".join(p for p in (row["module"], row["param"]) if p) or "the model"
+        return f"{row['kind']} of {where}"
+    return str(row["module"]) + (f".{row['param']}" if table == "params" else "")
 
 
 def format_p(p: float, floor: float) -> str:
@@ -1112,13 +1130,17 @@ def _step_finding(row: dict[str, Any], event: str, s: _Setup, multi_run: bool, m
         return f"{label}: too few points around the {event} events to compare levels"
     direction = "higher" if row["step"] > 0 else "lower"
     change = row["step_change"]
-    size = f"{abs(row['step']):.2g} robust SD"
-    if change is not None:
-        size += f", {abs(100 * change):.2g}%"
+    sd = f"{abs(row['step']):.2g} robust SD"
+    if change is not None and change >= 1:  # at least doubled: a factor reads better than "5.3e+02%"
+        level = f"{sd} {direction}, {1 + change:.2g}× as high as"
+    elif change is not None:
+        level = f"{sd}, {abs(100 * change):.2g}% {direction} than"
+    else:
+        level = f"{sd} {direction} than"
     q = f", q = {_num(row['q_value'])}" if row["q_value"] is not None else ""
     return (
-        f"{label}: the median level in the {w} {_unit(w, s.level)} after a {event} is {size} {direction} "
-        f"than in the {w} before (median over {row['events']} events; {row['steps_up']} up), "
+        f"{label}: the median level in the {w} {_unit(w, s.level)} after a {event} is {level} "
+        f"in the {w} before (median over {row['events']} events; {row['steps_up']} up), "
         f"{format_p(row['p_value'], row['p_floor'])}{q}"
     )
 

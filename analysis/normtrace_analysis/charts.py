@@ -1,5 +1,5 @@
-"""Altair charts of a trace: norm curves per module, each layer's share of the norm, metrics, and the
-event-triggered average.
+"""Altair charts of a trace: norm curves per module, each layer's share of the norm, metrics, the
+event-triggered average, and the signals (gradient norms, update ratios, dead units) per layer and step.
 
 Every chart aggregates with Polars before it reaches Altair: the x axis (epochs or passes) is cut into
 bins so that a chart's curves embed at most about ``max_rows`` rows whatever the run length, and event
@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Literal, cast
 import altair as alt
 import polars as pl
 
-from .names import LEVELS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
+from .names import LEVELS, LOG_KINDS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 
 if TYPE_CHECKING:
     from .trace import Trace
 
 Band = Literal["p05-p95", "min-max", "none"]
+Axis = Literal["pass", "epoch", "step"]
+"""What a chart's x axis counts: passes or epochs (every table), or optimizer steps (signals)."""
 Layout = Literal["panels", "overlay"]
 
 MAX_ROWS = 3000
@@ -97,6 +99,7 @@ def norms(
     """
     if layout not in ("panels", "overlay"):
         raise ValueError(f"layout must be 'panels' or 'overlay', not {layout!r}")
+    _norms_only(table)
     lf = getattr(trace, table)
     x = _x_column(level)
     ids = SUMMARY_KEYS[table]
@@ -118,11 +121,13 @@ def norms(
     found = None if spikes is False else trace.spikes(table=table, level=level) if spikes is True else spikes
     shown, others = _most_telling(groups, ids, found)
     grid = _grid(groups, domain, max(2, max_rows // (shown.height + others["run"].n_unique())))
-    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi"), x, ids, band, grid, label)
+    curves = _curves(lf.join(shown.lazy(), on=ids, how="semi", nulls_equal=True), x, ids, band, grid, label)
     title_note = ""
     if others.height:
         rest = _others_label(others.height, table)
-        lumped = _curves(lf.join(others.lazy(), on=ids, how="semi"), x, ["run"], band, grid, pl.lit(rest))
+        lumped = _curves(
+            lf.join(others.lazy(), on=ids, how="semi", nulls_equal=True), x, ["run"], band, grid, pl.lit(rest)
+        )
         curves = pl.concat([curves, lumped.select(curves.columns)])
         title_note = f" ({shown.height} of {groups.height} series shown: {_SHOWN_RULE}; {rest})"
     rules = _event_rules(trace, x, grid, events)
@@ -168,14 +173,14 @@ def _most_telling(
     ranked = groups.group_by(keys).agg(pl.col("mean").max())
     if found is not None and not found.is_empty():
         counts = found.group_by(keys).len("spikes")
-        ranked = ranked.join(counts, on=keys, how="left")
+        ranked = ranked.join(counts, on=keys, how="left", nulls_equal=True)
     else:
         ranked = ranked.with_columns(spikes=pl.lit(None, pl.UInt32))
     top = ranked.sort(
         pl.col("spikes").fill_null(0), pl.col("mean").fill_nan(None), *keys, descending=True, nulls_last=True
     ).head(MAX_SERIES)
-    shown = groups.join(top.select(keys), on=keys, how="semi").select(ids)
-    return shown, groups.join(top.select(keys), on=keys, how="anti").select(ids)
+    shown = groups.join(top.select(keys), on=keys, how="semi", nulls_equal=True).select(ids)
+    return shown, groups.join(top.select(keys), on=keys, how="anti", nulls_equal=True).select(ids)
 
 
 def _others_label(n: int, table: Table) -> str:
@@ -196,6 +201,7 @@ def share(
     Outputs use the leaf modules only (a container's output repeats its children's), each module's
     epoch mean; parameters combine a module's tensors as the root of the summed squared norms.
     """
+    _norms_only(table)
     lf = getattr(trace, table).filter(pl.col("value").is_finite())
     if table == "outputs":
         leaves = _leaf_modules(lf.select(pl.col("module").unique()).collect()["module"].to_list())
@@ -284,6 +290,175 @@ def share(
         panels.append(alt.layer(*layers).properties(width=width, height=_TALL, title=printable(str(run))))
     what = "output" if table == "outputs" else "parameter"
     return alt.hconcat(*panels).properties(title=f"share of the {what} norm per epoch{title_note}")
+
+
+SIGNAL_TITLES: dict[str, str] = {
+    "grad_norm": "gradient norm (L2)",
+    "grad_cosine": "cosine of successive gradients",
+    "update_ratio": "update ratio ‖Δθ‖/‖θ‖",
+    "update_cosine": "cosine of successive updates",
+    "output_grad_norm": "norm of the gradient at the output (L2)",
+    "active_rate": "active rate (share of non-zero outputs)",
+    "dead_fraction": "dead fraction (share of units zero on the whole batch)",
+}
+"""The y-axis title of each kind of signal normtrace records (a user's kind is titled by its name)."""
+
+UPDATE_BAND = (1e-4, 1e-2)
+"""The shaded reference band of the update-ratio chart, around the rule at 1e-3 (see
+:data:`.signals.UPDATE_BAND`, the band its finding uses)."""
+
+
+def signals(
+    trace: Trace,
+    kind: str = "grad_norm",
+    *,
+    band: Band = "p05-p95",
+    log: bool | None = None,
+    events: bool | Sequence[str] = True,
+    spikes: bool | pl.DataFrame = True,
+    max_rows: int = MAX_ROWS,
+) -> alt.TopLevelMixin:
+    """One signal per layer over optimizer steps: a curve per module (and parameter) in one view, in the
+    model's order, coloured by series, with the events as rules and the detected spikes as points.
+
+    ``kind`` is one recorded kind (``"grad_norm"``, ``"update_ratio"``, ``"dead_fraction"`` …; an
+    unknown one is refused, naming those recorded). ``log=None`` draws the kinds that span orders of
+    magnitude (:data:`.names.LOG_KINDS`: gradient norms, update ratios) on a log scale and the others
+    linearly. The update ratio's view shades :data:`UPDATE_BAND` and rules 1e-3, the usual healthy size
+    of a step. The line is the mean over the rows in each bin of steps and the band spans ``band`` of
+    them; at most :data:`MAX_SERIES` series are drawn one by one (those with the most spikes, then the
+    largest mean), the rest as one lumped curve; with several runs, one panel per run. ``spikes`` is
+    True to run ``trace.spikes("signals")`` on this kind, False for none, or a frame it returned.
+    """
+    recorded = trace.signal_kinds()
+    if kind not in recorded:
+        have = ", ".join(recorded) if recorded else "none (the trace has no signals table)"
+        raise ValueError(f"no {kind!r} signals to chart; the trace records kinds: {have}")
+    lf = trace.signals.filter(pl.col("kind") == kind).with_columns(pl.col("value").cast(pl.Float64))
+    ids = SUMMARY_KEYS["signals"]
+    groups = (
+        lf.group_by(ids)
+        .agg(
+            lo=pl.col("step").min(),
+            hi=pl.col("step").max(),
+            mean=pl.col("value").filter(pl.col("value").is_finite()).mean(),
+        )
+        .collect()
+    )
+    classes = {**module_classes(trace, "params"), **module_classes(trace, "outputs")}
+    label = _signal_label(classes)
+    one_kind = trace.of_kind(kind)
+    found = None if spikes is False else one_kind.spikes("signals") if spikes is True else spikes
+    if found is not None:
+        found = _with_steps(trace, found.filter(pl.col("kind") == kind), exact=True)
+    shown, others = _most_telling(groups, ids, found)
+    grid = _grid(groups, None, max(2, max_rows // (shown.height + others["run"].n_unique())))
+    curves = _curves(
+        lf.join(shown.lazy(), on=ids, how="semi", nulls_equal=True), "step", ids, band, grid, label
+    )
+    title_note = ""
+    if others.height:
+        rest = f"the other {others.height} series together"
+        lumped = _curves(
+            lf.join(others.lazy(), on=ids, how="semi", nulls_equal=True),
+            "step",
+            ["run"],
+            band,
+            grid,
+            pl.lit(rest),
+        )
+        curves = pl.concat([curves, lumped.select(curves.columns)])
+        title_note = f" ({shown.height} of {groups.height} series shown: {_SHOWN_RULE}; {rest})"
+    rules = _step_rules(trace, grid, events)
+    marks = _spike_marks(found, label, "step", shown, ids)
+    log = kind in LOG_KINDS if log is None else log
+    if log:
+        curves, marks = _positive_only(curves), marks.filter(pl.col("y") > 0)
+    y_title = SIGNAL_TITLES.get(kind, printable(kind))
+    order = _in_model_order(curves["series"].unique().to_list(), classes)
+    panels = []
+    for (run,), part in curves.group_by("run", maintain_order=True):
+        layers = _layers(
+            part,
+            rules.filter(pl.col("run") == run),
+            marks.filter(pl.col("run") == run),
+            "series",
+            grid,
+            "step",
+            y_title,
+            log,
+            select=True,
+            order=order,
+        )
+        if kind == "update_ratio":
+            layers = [*_update_band(), *layers]
+        panels.append(alt.layer(*layers).properties(width=_WIDE, height=_TALL, title=printable(str(run))))
+    return alt.vconcat(*panels).properties(title=f"{y_title} per step, one curve per layer{title_note}")
+
+
+def _norms_only(table: str) -> None:
+    """Refuse the signals table where a chart draws norms (a signal's kind is part of its series)."""
+    if table not in ("outputs", "params"):
+        raise ValueError(
+            f"this chart draws output or parameter norms, not {table!r}; for the signals use "
+            "charts.signals(trace, kind)"
+        )
+
+
+def _signal_label(classes: dict[str, str]) -> pl.Expr:
+    """Name of a signal's curve: ``module.param`` or ``module`` (``(model)`` for the whole model, module
+    ""), with the module's class from ``classes`` (``net.0.weight (Linear)``)."""
+    module = pl.when(pl.col("module") == "").then(pl.lit("(model)")).otherwise(pl.col("module"))
+    name = pl.concat_str([module, pl.lit("."), pl.col("param")], ignore_nulls=False).fill_null(module)
+    if not classes:
+        return name
+    suffixes = {m: f" ({c})" for m, c in classes.items()}
+    return pl.concat_str(
+        [name, pl.col("module").replace_strict(suffixes, default="", return_dtype=pl.String)]
+    )
+
+
+def _with_steps(trace: Trace, frame: pl.DataFrame, *, exact: bool) -> pl.DataFrame:
+    """``frame`` (run, rank, pass, …) with the ``step`` of its pass: that of the signals measured at the
+    pass (``exact``; a spike's own row), or of the last measurement at or before it (an event, recorded
+    after its pass: the steps completed by then). Null before the first measurement."""
+    steps = trace.signals.group_by("run", "rank", "pass").agg(pl.col("step").max()).sort("pass").collect()
+    if frame.is_empty():
+        return frame.with_columns(pl.lit(None, pl.Int64).alias("step"))
+    if exact:
+        return frame.join(steps, on=["run", "rank", "pass"], how="left")
+    return frame.sort("pass").join_asof(
+        steps, on="pass", by=["run", "rank"], strategy="backward", check_sortedness=False
+    )
+
+
+def _step_rules(trace: Trace, grid: Grid, which: bool | Sequence[str]) -> pl.DataFrame:
+    """The event rules of a chart over steps: each event at the steps completed when it was recorded,
+    one rule per run, name and bin of steps (as :func:`_event_rules` does for passes)."""
+    events = trace.events.select("run", "rank", "pass", "name").collect()
+    if which is False:
+        events = events.clear()
+    elif which is not True:
+        events = events.filter(pl.col("name").is_in(list(which)))
+    at = _with_steps(trace, events, exact=False).filter(pl.col("step").is_between(grid.lo, grid.hi))
+    return (
+        at.with_columns(x_bin=grid.start("step"))
+        .group_by("run", "name", "x_bin")
+        .agg(x=pl.col("step").min().cast(pl.Float64), count=pl.len(), last=pl.col("step").max())
+        .drop("x_bin")
+        .sort("run", "name", "x")
+    )
+
+
+def _update_band() -> list[alt.Chart]:
+    """The update ratio's reference: :data:`UPDATE_BAND` shaded, a rule at 1e-3."""
+    lo, hi = UPDATE_BAND
+    band = alt.Chart(pl.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(color="#2ca02c", opacity=0.08)
+    rule = alt.Chart(pl.DataFrame({"y": [1e-3]})).mark_rule(color="#2ca02c", strokeDash=[6, 3])
+    return [
+        band.encode(y=alt.Y("lo:Q", scale=alt.Scale(type="log")), y2="hi:Q"),
+        rule.encode(y=alt.Y("y:Q", scale=alt.Scale(type="log"))),
+    ]
 
 
 def metrics(
@@ -397,7 +572,7 @@ def event_profile(
         .sort("_stray", descending=True, nulls_last=True)
         .head(panels)
     )
-    frame = frame.join(strays.select(keys), on=keys, how="semi")
+    frame = frame.join(strays.select(keys), on=keys, how="semi", nulls_equal=True)
     # Offsets no event has a point at (a series recorded every other pass) would break the line.
     data = (
         frame.filter(pl.col("events") > 0)
@@ -454,7 +629,13 @@ def event_profile(
 
 
 def value_title(trace: Trace, table: Table) -> str:
-    """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel))."""
+    """What ``value`` means for a table: the raw L2 norm or the RMS view (norm / sqrt(numel)); for the
+    signals, the kind's title when one kind is selected."""
+    if table == "signals":
+        kinds = trace.signal_kinds()
+        return (
+            SIGNAL_TITLES.get(kinds[0], printable(kinds[0])) if len(kinds) == 1 else "signal value (per kind)"
+        )
     what = "output" if table == "outputs" else "parameter"
     views = {flags[table] for flags in trace.normalize.values()}
     if views == {True}:
@@ -591,7 +772,7 @@ def _event_rules(trace: Trace, x: str, grid: Grid, which: bool | Sequence[str]) 
 
 
 def _spike_marks(
-    found: pl.DataFrame | None, label: pl.Expr, level: Level, shown: pl.DataFrame, ids: list[str]
+    found: pl.DataFrame | None, label: pl.Expr, level: Axis, shown: pl.DataFrame, ids: list[str]
 ) -> pl.DataFrame:
     """The ``MAX_SPIKES`` strongest spikes (largest ``|score|``) of the ``shown`` series that have a
     finite value to draw.
@@ -602,7 +783,7 @@ def _spike_marks(
     if found is None:
         return pl.DataFrame(schema={**columns, "direction": pl.String})
     return (
-        found.join(shown, on=ids, how="semi")
+        found.join(shown, on=ids, how="semi", nulls_equal=True)
         .filter(pl.col("value").is_finite())
         .sort(pl.col("score").abs(), descending=True)
         .head(MAX_SPIKES)
@@ -617,7 +798,7 @@ def _spike_marks(
     )
 
 
-def _x_encoding(level: Level, grid: Grid) -> alt.X:
+def _x_encoding(level: Axis, grid: Grid) -> alt.X:
     """The shared x axis: passes or epochs, whole numbers only (a short run must not tick at 2.5)."""
     axis = alt.Axis(format=",d", tickMinStep=1)
     scale = alt.Scale(domain=[grid.lo, grid.hi], nice=False, zero=False)
@@ -630,7 +811,7 @@ def _layers(
     marks: pl.DataFrame,
     color: str,
     grid: Grid,
-    level: Level,
+    level: Axis,
     y_title: str,
     log: bool,
     *,

@@ -7,32 +7,33 @@ never a traceback; anything slower than a second shows progress on stderr so std
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import polars as pl
 
-from .alignment import recorded_events
+from .alignment import recorded_events, series_name
 from .charts import MAX_ROWS, value_title
 from .errors import TraceError
 from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
-from .schema import TABLES
+from .schema import COMPACT_ROWS, SHARD_NAME, SHARD_SUFFIX, TABLES, compact, lock_name
 from .trace import Trace, load
 
 EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
 """Output file extension -> format written by ``normtrace export``."""
 
 _STATS = ("mean", "p50", "p05", "p95", "min", "max", "std", "count")
-_SPIKE_COLUMNS = ("run", "module", "param", "split", "pass", "epoch", "value", "baseline", "score", "points",
-                  "event", "lag_passes", "lag_epochs")  # fmt: skip
+_SPIKE_COLUMNS = ("run", "kind", "module", "param", "split", "pass", "epoch", "value", "baseline", "score",
+                  "points", "event", "lag_passes", "lag_epochs")  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``normtrace`` argument parser with its four sub-commands."""
+    """The ``normtrace`` argument parser with its sub-commands."""
     parser = _Parser(prog="normtrace", description="Analyse normtrace traces from the shell.")
     parser.add_argument("--version", action="version", version=f"%(prog)s (normtrace-analysis) {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loading.add_argument("--split", choices=["train", "no_grad"], help="only grad-enabled or no_grad passes")
     loading.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="only signals of this kind, e.g. grad_norm, update_ratio, dead_fraction (repeat for several; "
+        "default: every kind; a kind no run recorded is an error listing those recorded)",
+    )
+    loading.add_argument(
         "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
     )
     loading.add_argument(
@@ -121,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser("summary", parents=[loading, script], help="modules x epochs statistics")
     summary.add_argument(
-        "--table", choices=["outputs", "params"], default="outputs", help="output norms or parameter norms"
+        "--table",
+        choices=["outputs", "params", "signals"],
+        default="outputs",
+        help="output norms, parameter norms, or signals (gradient norms, update ratios, dead units … of "
+        "a trace-format-2 run; every kind unless --kind)",
     )
     summary.add_argument("--stat", choices=_STATS, default="mean", help="statistic shown per epoch (text)")
     summary.add_argument(
@@ -137,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spikes", parents=[loading, script], help="spikes and their alignment to events"
     )
     spikes.add_argument(
-        "--table", choices=["outputs", "params"], default="outputs", help="search output or parameter norms"
+        "--table",
+        choices=["outputs", "params", "signals"],
+        default="outputs",
+        help="search output norms, parameter norms, or signals (every kind unless --kind; norms and "
+        "ratios on log10)",
     )
     spikes.add_argument(
         "--event",
@@ -225,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--table",
-        choices=["outputs", "params", "metrics", "events"],
-        help="the table to export (default: outputs; with --tensorboard, all four)",
+        choices=["outputs", "params", "metrics", "events", "signals"],
+        help="the table to export (default: outputs; with --tensorboard, every table)",
     )
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -256,7 +272,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     export.set_defaults(handler=_export)
+
+    merge = commands.add_parser(
+        "compact",
+        help="merge each run's shards into files of about a million rows (what closing a run does)",
+        description="Merge each table's shards, per rank, into files of at most --max-rows rows: the "
+        "same rows in the same order, in few files (object stores and Spark handle many small files "
+        "badly). A run whose writer still runs is refused; one that was killed is merged. Safe to "
+        "interrupt: every row is read once at any moment.",
+    )
+    merge.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or a glob such as 'runs/*'")
+    merge.add_argument(
+        "--max-rows", type=_positive, default=COMPACT_ROWS, metavar="N", help="rows per merged file at most"
+    )
+    merge.set_defaults(handler=_compact)
     return parser
+
+
+def _compact(args: argparse.Namespace) -> int:
+    trace = load(args.runs)
+    for run, path in trace.paths.items():
+        if not isinstance(path, Path):
+            raise ValueError(f"normtrace compact works on local run directories, not {path}")
+        files = before = after = 0
+        for table in TABLES:
+            folder = path / table
+            shards = [p for p in folder.glob(f"rank*{SHARD_SUFFIX}")] if folder.is_dir() else []
+            before += len(shards)
+            for rank in sorted({int(m.group(1)) for p in shards if (m := SHARD_NAME.match(p.name))}):
+                with _writer_lock(path, rank):
+                    files += len(compact(folder, rank, max_rows=args.max_rows))
+            after += len(list(folder.glob(f"rank*{SHARD_SUFFIX}"))) if folder.is_dir() else 0
+        print(f"{run}: {before} shard files -> {after} ({files} merged file(s) written)")
+    return 0
+
+
+@contextlib.contextmanager
+def _writer_lock(run: Path, rank: int) -> Iterator[None]:
+    """Hold the lock a recorder's writer holds on ``RUN/.lock-rank{r}`` (an exclusive ``flock``) while
+    merging, so a live writer's run is refused rather than merged under it. Where the lock file is gone
+    (the run was closed) or ``fcntl`` is missing, there is nothing to hold."""
+    lock = run / lock_name(rank)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{run} (rank {rank}) is being written by a live recorder ({lock}): compact it once it is closed"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load(args: argparse.Namespace) -> Trace:
@@ -264,7 +340,12 @@ def _load(args: argparse.Namespace) -> Trace:
     options = dict(args.storage_option) or None
     on_error: Literal["raise", "skip"] = "skip" if args.skip_corrupt else "raise"
     trace = load(args.runs, normalize=args.normalize, on_error=on_error, storage_options=options)
-    filters: dict[str, Any] = {"modules": args.modules, "epochs": args.epochs, "split": args.split}
+    filters: dict[str, Any] = {
+        "modules": args.modules,
+        "epochs": args.epochs,
+        "split": args.split,
+        "kinds": args.kind,
+    }
     return trace.filter(**filters)
 
 
@@ -389,9 +470,10 @@ def _most_recorded_event(trace: Trace) -> str | None:
 
 
 def _series_name(row: dict[str, Any], table: str) -> str:
-    """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``."""
-    if table == "params":
-        return f"{row['module']}.{row['param']}"
+    """A series as a reader names it: ``module``, ``module.param``, ``module (no_grad)``, ``grad_norm of
+    module.param``."""
+    if table != "outputs":
+        return series_name(row, table)
     module: str = row["module"]
     return module + ("" if row["split"] == "train" else f" ({row['split']})")
 

@@ -48,7 +48,7 @@ def to_parquet(
         finish; a run it already holds is refused unless ``overwrite``, which replaces that run's
         folder (and only that one).
     table:
-        One of the four tables. The files hold its columns, with ``value`` (and ``split`` for outputs)
+        One of the tables (:data:`.schema.TABLES`). The files hold its columns, with ``value`` (and ``split`` for outputs)
         as the Trace derives them, less ``run``, which the folder names carry.
     compression:
         Parquet codec.

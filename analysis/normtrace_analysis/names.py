@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-Table = Literal["outputs", "params"]
-"""The tables whose rows are norms (``value``): module outputs per pass, parameters per collection."""
+Table = Literal["outputs", "params", "signals"]
+"""The tables whose rows are series of ``value``: module output norms per pass, parameter norms per
+collection, and the signals (gradient norms, update ratios, activation rates …) per measurement."""
 
 Level = Literal["pass", "epoch"]
 """Time resolution of an analysis: every recorded pass, or per-epoch means."""
@@ -22,12 +23,25 @@ SPLITS: tuple[str, ...] = ("train", "no_grad")
 SERIES_KEYS: dict[str, list[str]] = {
     "outputs": ["run", "rank", "module", "split"],
     "params": ["run", "rank", "module", "param"],
+    "signals": ["run", "rank", "kind", "module", "param"],
 }
-"""Columns identifying one series (one time-ordered sequence of values) per table."""
+"""Columns identifying one series (one time-ordered sequence of values) per table. A signal's ``kind``
+is part of its key: a layer's gradient norm and its update ratio are two series, and every analysis of
+the signals table covers all kinds unless the Trace is filtered (``trace.filter(kinds=...)``). A
+module-level signal's ``param`` is null, and null equals null in these keys."""
+
+SERIES_COLUMNS: dict[str, list[str]] = {
+    "outputs": ["rank", "module", "grad_enabled"],
+    "params": ["rank", "module", "param"],
+    "signals": ["rank", "kind", "module", "param"],
+}
+"""The stored columns that give a row its series within a run: the series keys but ``run``, with the
+recorded ``grad_enabled`` in place of the derived ``split``."""
 
 SUMMARY_KEYS: dict[str, list[str]] = {
     "outputs": ["run", "module", "split"],
     "params": ["run", "module", "param"],
+    "signals": ["run", "kind", "module", "param"],
 }
 """Group keys of ``epoch_summary`` and of the charts' curves besides the x column: ranks are pooled."""
 
@@ -51,3 +65,20 @@ SENSITIVITY_WINDOWS: dict[str, tuple[int, ...]] = {"pass": (5, 20, 50), "epoch":
 
 PERMUTATIONS = 999
 """Default number of jittered event trains per test: p-values have a floor of 1 / (999 + 1) = 0.001."""
+
+SIGNAL_KINDS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_cosine",
+    "update_ratio",
+    "update_cosine",
+    "output_grad_norm",
+    "active_rate",
+    "dead_fraction",
+)
+"""The kinds of signal normtrace's own lenses record; a user's lens may record kinds of its own."""
+
+LOG_KINDS: frozenset[str] = frozenset({"grad_norm", "update_ratio", "output_grad_norm"})
+"""Signal kinds whose spikes are detected on ``log10(value)``: norms and ratios are positive and span
+orders of magnitude (a gradient norm grows tenfold in a few steps of an explosion), so a deviation is
+relative, and the noise of a norm is multiplicative. The other kinds (cosines in [-1, 1], rates and
+fractions in [0, 1], a user's kinds) are detected on their values."""

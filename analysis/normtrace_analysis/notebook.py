@@ -126,7 +126,7 @@ def _total(counts: list[int | None]) -> int | None:
 def _filters_text(trace: Trace) -> str:
     f = trace._filters
     parts = []
-    for name in ("modules", "split", "epochs", "passes", "ranks", "runs"):
+    for name in ("modules", "split", "epochs", "passes", "ranks", "runs", "kinds"):
         value = getattr(f, name)
         if value not in (None, ()):
             parts.append(f"{name}={value!r}" if name != "modules" else f"modules={list(value)!r}")
@@ -138,14 +138,21 @@ def _runs_text(names: list[str], at_most: int = 5) -> str:
     return shown + (f", … ({len(names) - at_most} more)" if len(names) > at_most else "")
 
 
+def _shown_tables(trace: Trace) -> list[str]:
+    """The tables a display lists: all, but ``signals`` only when recorded (a version-1 trace cannot
+    have it, and "signals –" on every older trace would read as something missing)."""
+    return [t for t in TABLES if t != "signals" or trace.has_signals]
+
+
 def trace_repr(trace: Trace) -> str:
     """A few lines: the runs, rows per table (from shard metadata), shards, and the filters."""
     counts = row_counts(trace)
-    totals = {t: [c[t] for c in counts.values()] for t in TABLES}
+    shown = _shown_tables(trace)
+    totals = {t: [c[t] for c in counts.values()] for t in shown}
     total = {t: _total(v) for t, v in totals.items()}
-    shards = {t: len(trace.shards(t)) for t in TABLES}
+    shards = {t: len(trace.shards(t)) for t in shown}
     tables = " · ".join(
-        f"{t} {_count(total[t])} rows/{shards[t]} shards" if shards[t] else f"{t} –" for t in TABLES
+        f"{t} {_count(total[t])} rows/{shards[t]} shards" if shards[t] else f"{t} –" for t in shown
     )
     n = len(trace.runs)
     lines = [f"<normtrace Trace: {n} run{'s' * (n != 1)} ({_runs_text(trace.runs)})", f"  {tables}"]
@@ -158,7 +165,8 @@ def trace_repr(trace: Trace) -> str:
 def trace_html(trace: Trace) -> str:
     """A small HTML table: one row per run (the first :data:`SHOWN_RUNS`) with status and row counts."""
     counts = row_counts(trace)
-    head = ["run", "status", "epochs", "passes", "ranks", *TABLES, "path"]
+    shown = _shown_tables(trace)
+    head = ["run", "status", "epochs", "passes", "ranks", *shown, "path"]
     rows = []
     for run in trace._runs[:SHOWN_RUNS]:
         meta = run.meta
@@ -168,7 +176,7 @@ def trace_html(trace: Trace) -> str:
             meta.get("epochs", "–"),
             meta.get("passes", "–"),
             len(run.rank_metas),
-            *(_count(counts[run.name][t]) for t in TABLES),
+            *(_count(counts[run.name][t]) for t in shown),
             str(run.path),
         ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

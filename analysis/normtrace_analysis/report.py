@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
@@ -90,8 +90,13 @@ def report(
         findings: list[tuple[str, Callable[[], str]]] = [
             (f"alignment-{i}", partial(_alignment_html, trace, e, level)) for i, e in enumerate(events)
         ]
+        signal_blocks: list[tuple[str, Callable[[], str]]] = [
+            (f"signals-{family.slug}", partial(_signal_family_html, trace, family, findings_of))
+            for family, findings_of in _signal_families(trace, events)
+        ]
         blocks: list[tuple[str, Callable[[], str]]] = [
             *(findings or [("alignment-0", lambda: _no_events_html(trace, spikes, level))]),
+            *signal_blocks,
             ("metadata", lambda: _metadata_html(trace)),
             ("summary", lambda: _summary_html(trace)),
         ]
@@ -101,6 +106,8 @@ def report(
         ]
         for name, step in steps:
             bar.set_postfix_str(name, refresh=False)
+            if name.startswith(SIGNAL_CHART):
+                continue  # drawn in its family's section
             if isinstance(step, ChartSection):
                 parts[name] = _chart_html(step)
             else:
@@ -112,10 +119,11 @@ def report(
                     parts[name] = _failed(name, exc)
     body = [
         *(parts[name] for name, _ in blocks if name.startswith("alignment-")),
+        *(parts[name] for name, _ in signal_blocks),
         parts["metadata"],
         parts["summary"],
         '<section id="charts"><h2>Charts</h2>',
-        *(parts[s.slug] for s in sections),
+        *(parts[s.slug] for s in sections if not s.slug.startswith(SIGNAL_CHART)),
         "</section>",
         parts["spikes"],
     ]
@@ -246,7 +254,113 @@ def chart_sections(
         sections.append(
             ChartSection("event-profile", "Output norms around events", None, "The runs recorded no events.")
         )
+    for family, _ in _signal_families(trace, events):
+        sections.extend(family.charts)
     return sections
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Signals (trace format 2): a section per family, its findings and its charts
+
+SIGNAL_CHART = "signal-"
+"""Slug prefix of the signal charts (``signal-grad_norm`` …): drawn in their family's section."""
+
+
+@dataclass(frozen=True)
+class SignalFamily:
+    """Signals the report shows together: their kinds (those recorded), the findings that are theirs,
+    what was checked (said when nothing was found), and one chart per kind."""
+
+    slug: str
+    heading: str
+    kinds: tuple[str, ...]
+    findings: tuple[str, ...]
+    checked: str
+    charts: tuple[ChartSection, ...] = ()
+
+
+_FAMILIES = (
+    SignalFamily(
+        "gradients",
+        "Gradients",
+        ("grad_norm", "output_grad_norm", "grad_cosine"),
+        ("explode", "vanish", "spread", "spikes_with_outputs", "spikes_after_event"),
+        "no gradient norm is non-finite or grows or falls a hundredfold from the first tenth of the steps "
+        "to the last, the layers' norms at one step stay within three orders of magnitude, and no "
+        "gradient-norm excursion was found beside an output-norm excursion or after an event",
+    ),
+    SignalFamily(
+        "updates",
+        "Updates",
+        ("update_ratio", "update_cosine"),
+        ("update_high", "update_low"),
+        "every parameter's median update ratio over the last tenth of the steps is within 1e-4..1e-2",
+    ),
+    SignalFamily(
+        "units",
+        "Units",
+        ("dead_fraction", "active_rate"),
+        ("dead",),
+        "no layer has half of its units dead over the last tenth of the steps, nor a dead fraction "
+        "that rose by a quarter",
+    ),
+)
+
+
+def _signal_families(
+    trace: Trace, events: Sequence[str]
+) -> list[tuple[SignalFamily, Callable[[], pl.DataFrame]]]:
+    """The families with a recorded kind (none for a trace without signals: a version-1 trace), each with
+    its charts and a function giving its findings (computed once for all families, on first use)."""
+    if not trace.has_signals:
+        return []
+    recorded = trace.signal_kinds()
+    known = {k for f in _FAMILIES for k in f.kinds}
+    others = tuple(k for k in recorded if k not in known)
+    families = [*_FAMILIES, SignalFamily("other", "Other signals", others, (), "")]
+    found = partial(trace.signal_findings, event=list(events))
+    out: list[tuple[SignalFamily, Callable[[], pl.DataFrame]]] = []
+    for family in families:
+        kinds = tuple(k for k in family.kinds if k in recorded)
+        if not kinds:
+            continue
+        sections = tuple(
+            ChartSection(
+                f"{SIGNAL_CHART}{_slug(kind)}",
+                f"{charts.SIGNAL_TITLES.get(kind, kind)} per step",
+                partial(charts.signals, trace, kind),
+            )
+            for kind in kinds
+        )
+        mine = partial(_findings_of, found, family.findings)
+        out.append((replace(family, kinds=kinds, charts=sections), mine))
+    return out
+
+
+def _findings_of(found: Callable[[], pl.DataFrame], findings: tuple[str, ...]) -> pl.DataFrame:
+    """The rows of ``found()`` (every signal finding, memoised) that are one of ``findings``."""
+    return found().filter(pl.col("finding").is_in(list(findings)))
+
+
+def _slug(text: str) -> str:
+    """A name made safe for a file name and an HTML id (a user's kind may hold anything)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+def _signal_family_html(trace: Trace, family: SignalFamily, findings: Callable[[], pl.DataFrame]) -> str:
+    """A family's findings as sentences (or what was checked, when nothing stands out), then its charts."""
+    head = f'<section id="signals-{family.slug}"><h2>Findings: {_esc(family.heading.lower())}</h2>'
+    parts = [head]
+    if family.findings:
+        found = findings()
+        if found.height:
+            items = "".join(f"<li>{_esc(s)}</li>" for s in found["sentence"].to_list())
+            parts.append(f'<ul class="findings">{items}</ul>')
+        else:
+            parts.append(f'<p class="verdict">{_esc("Nothing stands out: " + family.checked + ".")}</p>')
+    parts.extend(_chart_html(section) for section in family.charts)
+    parts.append("</section>")
+    return "".join(parts)
 
 
 REPORT_EVENTS = 3
@@ -500,7 +614,9 @@ def _alignment_html(trace: Trace, event: str, level: Level) -> str:
         )
         windows = SENSITIVITY_WINDOWS[level]
         several = trace.event_alignment(event=event, level=level, window=windows)
-        several = several.join(tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi")
+        several = several.join(
+            tested.select(SERIES_KEYS["outputs"]), on=SERIES_KEYS["outputs"], how="semi", nulls_equal=True
+        )
         unit = "passes" if level == "pass" else "epochs"
         parts.append(
             f"<h3>The same for windows of {', '.join(map(str, windows))} {unit}</h3>"
@@ -525,7 +641,7 @@ def _verdict(trace: Trace, aligned: pl.DataFrame, tested: pl.DataFrame, event: s
         )
     groups = trace.spike_groups("outputs", level=level).filter(pl.col("size") > 1)
     keys = SERIES_KEYS["outputs"]
-    grouped = groups.join(found.select(keys), on=keys, how="semi")
+    grouped = groups.join(found.select(keys), on=keys, how="semi", nulls_equal=True)
     together = ""
     if grouped.height:  # groups are numbered per run and rank: a group is (run, rank, group)
         sizes = (

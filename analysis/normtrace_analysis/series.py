@@ -26,17 +26,17 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 import polars as pl
 
-from .names import SERIES_KEYS
+from .names import SERIES_COLUMNS, SERIES_KEYS
 from .progress import detail
 from .trace import module_filter
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from .trace import RunPath, Trace
 
 __all__ = [
     "CHUNK_ROWS",
@@ -67,6 +67,8 @@ NEVER = np.iinfo(np.int64).max
 """An epoch bound meaning "every epoch of this series is complete"."""
 
 _COLUMNS = ["pass", "epoch", "value"]
+_READ = [pl.col("pass"), pl.col("epoch"), pl.col("value").cast(pl.Float64)]
+"""How the columns of a point are read: ``value`` as float64 (the signals table stores float32)."""
 
 
 def points(trace: Trace, table: str, modules: Sequence[str] | str | None) -> pl.LazyFrame:
@@ -84,32 +86,40 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
 # Series numbers and pieces
 
 
+SeriesKey = tuple[object, ...]
+"""A series' key as a :class:`Registry` holds it: (run, rank, then the values of the table's other key
+columns as Polars reads them: strings, booleans, nulls), or the same without the rank for a group."""
+
+
 class Registry:
-    """The series met so far: ``sid`` -> (run, rank, module, split or param), and each series' summary
-    group (run, module, split or param: the ranks pooled)."""
+    """The series met so far: ``sid`` -> (run, rank, then the table's other key columns: module and
+    grad_enabled for outputs, module and param for params, kind, module and param for signals), and
+    each series' summary group (the same without the rank: the ranks pooled)."""
 
     def __init__(self, table: str) -> None:
         self.table = table
-        self.second = "grad_enabled" if table == "outputs" else "param"
-        self.keys: list[tuple] = []
+        self.columns = SERIES_COLUMNS[table]
+        """The stored columns read to number a row's series (rank first)."""
+        self.keys: list[SeriesKey] = []
         self.group: list[int] = []
         self.by_rank: dict[tuple[str, int], list[int]] = {}
         self.runs: list[str] = []
         self.run_of: list[int] = []
         self._run_index: dict[str, int] = {}
-        self._sid: dict[tuple, int] = {}
-        self._group: dict[tuple, int] = {}
+        self._sid: dict[SeriesKey, int] = {}
+        self._group: dict[SeriesKey, int] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def sid(self, run: str, rank: int, module: str, second: object) -> int:
-        key = (run, int(rank), module, second)
+    def sid(self, run: str, rank: int, *rest: object) -> int:
+        """The number of the series (run, rank, *rest), ``rest`` the values of ``columns[1:]``."""
+        key = (run, int(rank), *rest)
         sid = self._sid.get(key)
         if sid is None:
             sid = self._sid[key] = len(self.keys)
             self.keys.append(key)
-            self.group.append(self._group.setdefault((run, module, second), len(self._group)))
+            self.group.append(self._group.setdefault((run, *rest), len(self._group)))
             self.by_rank.setdefault((run, int(rank)), []).append(sid)
             if run not in self._run_index:
                 self._run_index[run] = len(self.runs)
@@ -118,18 +128,16 @@ class Registry:
         return sid
 
     def frame(self) -> pl.DataFrame:
-        """One row per sid: sid, run, rank, module, split (outputs) or param (params)."""
-        run, rank, module, second = (list(c) for c in zip(*self.keys, strict=True)) if self.keys else [[]] * 4
-        columns = {
-            "sid": pl.Series(range(len(self.keys)), dtype=pl.UInt32),
-            "run": pl.Series(run, dtype=pl.String),
-            "rank": pl.Series(rank, dtype=pl.Int32),
-            "module": pl.Series(module, dtype=pl.String),
-        }
-        if self.table == "outputs":
-            columns["split"] = pl.Series(["train" if g else "no_grad" for g in second], dtype=pl.String)
-        else:
-            columns["param"] = pl.Series(second, dtype=pl.String)
+        """One row per sid: sid, then the series keys (``SERIES_KEYS[table]``: run, rank, module, split
+        for outputs; run, rank, module, param for params; run, rank, kind, module, param for signals)."""
+        names = ["run", *self.columns]
+        values = [list(c) for c in zip(*self.keys, strict=True)] if self.keys else [[] for _ in names]
+        columns = {"sid": pl.Series(range(len(self.keys)), dtype=pl.UInt32)}
+        for name, column in zip(names, values, strict=True):
+            if name == "grad_enabled":
+                columns["split"] = pl.Series(["train" if g else "no_grad" for g in column], dtype=pl.String)
+            else:
+                columns[name] = pl.Series(column, dtype=pl.Int32 if name == "rank" else pl.String)
         return pl.DataFrame(columns)
 
 
@@ -207,6 +215,10 @@ class Consumer(Protocol):
     def finish(self) -> None: ...
 
 
+C = TypeVar("C", bound=Consumer)
+"""The consumers of one :func:`scan`, as its caller built them (their results differ: each reads its own)."""
+
+
 def settled_rows(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), and per
     segment the pos of its first row of an epoch not yet complete (its end when there is none).
@@ -257,10 +269,10 @@ def scan(
     trace: Trace,
     table: str,
     modules: Sequence[str] | str | None,
-    make: Callable[[Registry], list[Consumer]],
+    make: Callable[[Registry], list[C]],
     *,
     chunk_rows: int | None = None,
-) -> tuple[list[Consumer], SeriesInfo]:
+) -> tuple[list[C], SeriesInfo]:
     """Feed every series of ``table`` (the Trace's filters and ``modules`` applied) to the consumers that
     ``make`` builds, in pieces of about ``chunk_rows`` rows; return them (finished) and the series' info
     (also memoised on the Trace). Rows out of pass order make it start again on whole series."""
@@ -298,8 +310,7 @@ def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consume
 def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
     """The pieces, each read while the consumers work on the one before (reading, decompression and
     regrouping overlap the analysis on a second core; one piece more is held)."""
-    done = object()
-    box: queue.Queue = queue.Queue(maxsize=1)
+    box: queue.Queue[_Piece | BaseException | None] = queue.Queue(maxsize=1)  # None: the last piece was read
     stop = threading.Event()
 
     def read() -> None:
@@ -313,14 +324,14 @@ def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
                         continue
                 if stop.is_set():
                     return
-            box.put(done)
+            box.put(None)
         except BaseException as exc:  # handed to the consumer's thread, raised there
             box.put(exc)
 
     reader = threading.Thread(target=read, name="normtrace-read-ahead", daemon=True)
     reader.start()
     try:
-        while (item := box.get()) is not done:
+        while (item := box.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -398,8 +409,7 @@ def _ordered_pieces(
     trace: Trace, table: str, modules: Sequence[str] | str | None, chunk_rows: int, registry: Registry
 ) -> Iterator[_Piece]:
     """Each run's shards in order, the ranks side by side, about ``chunk_rows`` rows at a time."""
-    second = registry.second
-    select = ["rank", "module", second, *_COLUMNS]
+    select = [*registry.columns, *_READ]
     runs = trace.shards_by_rank(table)
     total = sum(size for by_rank in runs.values() for files in by_rank.values() for _, size in files)
     done = 0
@@ -413,14 +423,15 @@ def _ordered_pieces(
             # The first piece takes one shard per rank and learns the bytes per row; then about
             # chunk_rows rows from the ranks furthest behind (in epochs), so that the ranks of a run
             # progress together and an epoch is complete on all of them soon after it is read.
-            behind = min(-1 if top_epoch[r] is None else top_epoch[r] for r in queues)
-            lagging = [r for r in queues if (-1 if top_epoch[r] is None else top_epoch[r]) == behind]
+            behind = min(-1 if (top := top_epoch[r]) is None else top for r in queues)
+            lagging = [r for r in queues if (-1 if (top := top_epoch[r]) is None else top) == behind]
             budget = None if bytes_per_row is None else chunk_rows * bytes_per_row / len(lagging)
-            taken: list[tuple[int, list]] = []
+            taken: list[tuple[int, list[RunPath]]] = []
             piece_bytes = 0
             for rank in lagging:
                 queue = queues[rank]
-                files, size = [], 0
+                files: list[RunPath] = []
+                size = 0
                 while queue and (not files or (budget is not None and size + queue[0][1] <= budget)):
                     path, nbytes = queue.popleft()
                     files.append(path)
@@ -455,8 +466,9 @@ def _ordered_pieces(
                 if not queues[rank]:
                     del queues[rank]
                     ended.extend(registry.by_rank.get((run, rank), []))
-            bounds = [top_epoch[r] for r in queues]
-            settled = NEVER if not bounds else (min(bounds) if None not in bounds else np.iinfo(np.int64).min)
+            bounds = [top for r in queues if (top := top_epoch[r]) is not None]
+            unread = len(bounds) < len(queues)  # a rank with no epoch read yet
+            settled = NEVER if not queues else (np.iinfo(np.int64).min if unread else min(bounds))
             percent = f"{table} {100 * done // max(total, 1)}%"
             yield _Piece(_merge(parts), ended, {run: int(settled)}, percent)
 
@@ -468,23 +480,23 @@ def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.nda
     The recorder's layout repeats the same sequence of keys every pass: then the first repetition of
     the first key gives the period K, the sids of the first K rows give every row's, and sorting is a
     transposition (no hashing of names). Anything else is numbered by a join on the keys and sorted."""
-    second = registry.second
+    columns = registry.columns
     n = raw.height
     values = {c: raw[c].to_numpy() for c in _COLUMNS}
     r0 = raw.row(0, named=True)
-    same = (pl.col("rank") == r0["rank"]) & (pl.col("module") == r0["module"])
-    same &= pl.col(second) == r0[second]
+    same = pl.all_horizontal(pl.col(c).eq_missing(r0[c]) for c in columns)  # a null param equals null
     period = n
     for look in (min(n, 4096), n):  # the period is usually short: look at the first rows first
         repeats = raw.head(look).select(pl.arg_where(same).head(2)).to_series()
         if repeats.len() > 1:
             period = int(repeats[1])
             break
-    cycle = raw.head(period).select("rank", "module", second)
+    cycle = raw.head(period).select(columns)
     periodic = cycle.n_unique() == period
     if periodic and period < n:
         head, tail = raw.slice(0, n - period), raw.slice(period)
-        periodic = all((tail[c] == head[c]).all() for c in ("rank", second, "module"))  # numbers first
+        cheap_first = sorted(columns, key=lambda c: c == "module")  # numbers and short names first
+        periodic = all(tail[c].eq_missing(head[c]).all() for c in cheap_first)
     if periodic:
         ids = np.array([registry.sid(run, *row) for row in cycle.iter_rows()], dtype=np.int64)
         by_sid = np.argsort(ids, kind="stable")
@@ -498,12 +510,12 @@ def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.nda
             sorted_ = {c: v[order] for c, v in values.items()}
         sorted_["sid"] = np.repeat(ids[by_sid], counts).astype(np.uint32)
         return sorted_
-    keys = raw.select("rank", "module", second)
+    keys = raw.select(columns)
     unique = keys.unique(maintain_order=True)
-    ids = [registry.sid(run, *row) for row in unique.iter_rows()]
-    mapping = unique.with_columns(pl.Series("sid", ids, dtype=pl.UInt32))
-    sid = keys.join(mapping, on=["rank", "module", second], how="left", maintain_order="left")["sid"]
-    sid = sid.to_numpy()
+    numbers = [registry.sid(run, *row) for row in unique.iter_rows()]
+    mapping = unique.with_columns(pl.Series("sid", numbers, dtype=pl.UInt32))
+    joined = keys.join(mapping, on=columns, how="left", maintain_order="left", nulls_equal=True)
+    sid = joined["sid"].to_numpy()
     order = np.argsort(sid, kind="stable")
     sorted_ = {c: v[order] for c, v in values.items()}
     sorted_["sid"] = sid[order]
@@ -568,11 +580,11 @@ def _whole_series(
 ) -> Iterator[_Piece]:
     """Whole series, a group of modules (every rank and split) at a time, each group about ``chunk_rows``
     rows, each series sorted by pass (stably): for traces whose rows are not in pass order."""
-    second = registry.second
-    key = ["rank", "module", second]
+    key = registry.columns
+    others = [c for c in key if c != "module"]
     for run in trace.runs:
         lf = points(trace.filter(runs=run), table, modules)
-        counts = lf.group_by(key).agg(pl.len().alias("n")).sort("module", "rank", second).collect()
+        counts = lf.group_by(key).agg(pl.len().alias("n")).sort("module", *others).collect()
         for row in counts.select(key).iter_rows():
             registry.sid(run, *row)
         per_module = counts.group_by("module", maintain_order=True).agg(pl.col("n").sum())
@@ -585,11 +597,11 @@ def _whole_series(
             groups[-1].append(module)
             size += n
         for i, names in enumerate(g for g in groups if g):
-            raw = lf.filter(pl.col("module").is_in(names)).select(*key, *_COLUMNS).collect()
+            raw = lf.filter(pl.col("module").is_in(names)).select(*key, *_READ).collect()
             mapping = counts.filter(pl.col("module").is_in(names)).select(key)
             ids = [registry.sid(run, *r) for r in mapping.iter_rows()]
             mapping = mapping.with_columns(pl.Series("sid", ids, dtype=pl.UInt32))
-            joined = raw.join(mapping, on=key, how="left", maintain_order="left")
+            joined = raw.join(mapping, on=key, how="left", maintain_order="left", nulls_equal=True)
             ordered = joined.select("sid", *_COLUMNS).sort("sid", "pass", maintain_order=True)
             yield _Piece(
                 {c: ordered[c].to_numpy() for c in _DTYPES},
@@ -792,8 +804,8 @@ def complete_series(
     info = series_info(trace, table, modules)
     chunk = GROUP_ROWS if chunk_rows is None else max(1, int(chunk_rows))
     keys = info.keys
-    second = "split" if table == "outputs" else "param"
-    column = "grad_enabled" if table == "outputs" else "param"
+    columns = SERIES_COLUMNS[table]
+    stored = [(pl.col("split") == "train").alias(c) if c == "grad_enabled" else pl.col(c) for c in columns]
     for (run,), per_run in keys.group_by("run", maintain_order=True):
         lf = points(trace.filter(runs=run), table, modules)
         groups: list[list[int]] = [[]]
@@ -809,18 +821,13 @@ def complete_series(
             if not members:
                 continue
             chosen = per_run[members]
-            mapping = chosen.select(
-                "rank",
-                "module",
-                (pl.col("split") == "train").alias(column) if table == "outputs" else pl.col(second),
-                "sid",
-            )
+            mapping = chosen.select(*stored, "sid")
             want = pl.col("module").is_in(chosen["module"].unique().to_list()) & pl.col("rank").is_in(
                 chosen["rank"].unique().to_list()
             )
-            raw = lf.filter(want).select("rank", "module", column, *_COLUMNS).collect()
+            raw = lf.filter(want).select(*columns, *_READ).collect()
             data = (
-                raw.join(mapping, on=["rank", "module", column], how="inner", maintain_order="left")
+                raw.join(mapping, on=columns, how="inner", maintain_order="left", nulls_equal=True)
                 .select("sid", *_COLUMNS)
                 .sort("sid", maintain_order=True)
             )

@@ -11,6 +11,13 @@ flagged when ``|value - baseline| / scale > threshold``; NaN and ±Inf values ar
 shift is absorbed into the baseline within half a window: it yields at most one short spike, never a
 spike per point; an excursion shorter than half a window is a spike.
 
+Signals (run, rank, kind, module, param) of the kinds in :data:`.names.LOG_KINDS` (gradient norms,
+update ratios) are scored on ``log10(value)``: they span orders of magnitude and their noise is
+multiplicative, so a robust SD of the logs is a relative one, the same for a layer whose gradient is 1e-6
+as for one whose gradient is 10. Their spikes' ``value`` and ``baseline`` are given back in the signal's
+own units, ``score`` in robust SDs of log10; a zero (``log10`` is -inf) is flagged as a non-finite value
+is. Other kinds are scored on their values.
+
 Event timing: events are recorded between passes with the last pass started, so at level "pass" an event
 precedes a spike when ``spike.pass > event.pass``; at level "epoch" an event of epoch ``e`` (a DQN's
 target sync right after ``tick_epoch``) precedes the spikes of epoch ``e`` and later.
@@ -20,15 +27,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import polars as pl
 
 from .errors import ShortSeriesWarning, caller_stacklevel
-from .names import BASELINE_WINDOW, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
+from .names import BASELINE_WINDOW, LOG_KINDS, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
 from .series import Frame, Registry, epoch_series, scan
 from .summary import Summary, summary_key
 
@@ -61,15 +68,16 @@ def spikes(
 
     Args:
         trace: the loaded runs (its filters apply).
-        table: "outputs" (one series per run, rank, module and split) or "params" (per run, rank,
-            module and parameter).
+        table: "outputs" (one series per run, rank, module and split), "params" (per run, rank,
+            module and parameter) or "signals" (per run, rank, kind, module and parameter; the kinds of
+            :data:`.names.LOG_KINDS` are scored on log10, see the module docstring).
         level: "pass" scores every recorded point; "epoch" the per-epoch means.
         modules: exact module names, or a regex searched in the name; None for all.
         threshold: robust z-score above which a point is flagged (default :data:`THRESHOLD`).
         baseline_window: points in the rolling median (default :data:`BASELINE_WINDOW` of the level).
 
     Returns:
-        Columns: the series keys (``run``, ``rank``, ``module``, ``split`` or ``param``), ``pass``
+        Columns: the series keys (``run``, ``rank``, [``kind``,] ``module``, ``split`` or ``param``), ``pass``
         (level "pass" only), ``epoch``, ``value``, ``baseline``, ``score`` (signed, in robust SDs; ±inf
         for NaN/Inf), ``points`` (consecutive flagged points merged into this spike), ``event``,
         ``event_pass``, ``event_epoch``, ``lag_passes`` (null at level "epoch"), ``lag_epochs`` (all
@@ -92,13 +100,17 @@ def _spikes(
         # on the side when the scan covers all modules and no summary is held yet.
         side = modules is None and not trace.is_cached(summary_key(table))
 
-        def make(registry: Registry) -> list:
-            detector = _Detector(level, threshold, window)
+        def make(registry: Registry) -> list[_Detector | Summary]:
+            log = _LogScale(lambda sid: registry.keys[sid][2]) if table == "signals" else None
+            detector = _Detector(level, threshold, window, log)
             return [detector, Summary(registry)] if side else [detector]
 
         (detector, *summary), info = scan(trace, table, modules, make)
+        assert isinstance(detector, _Detector)  # as make built them
         if summary:
-            trace.cached(summary_key(table), lambda: summary[0].result(SUMMARY_KEYS[table]))
+            side_summary = summary[0]
+            assert isinstance(side_summary, Summary)
+            trace.cached(summary_key(table), lambda: side_summary.result(SUMMARY_KEYS[table]))
         keys = info.keys.select("sid", *SERIES_KEYS[table])
         lengths = info.keys["length"]
         found = detector.result()
@@ -106,7 +118,11 @@ def _spikes(
         series = epoch_series(trace, table, modules)
         keys = series.keys
         lengths = series.data.group_by("sid").len()["len"]
-        found = _detect(series.data, level, threshold, window)
+        log = None
+        if table == "signals":
+            kind_of = dict(zip(keys["sid"].to_list(), keys["kind"].to_list(), strict=True))
+            log = _LogScale(kind_of.__getitem__)
+        found = _detect(series.data, level, threshold, window, log)
     _warn_if_too_short(lengths, level, window)
     found = found.join(keys, on="sid")
     return _attach_nearest_event(found, trace.events, table, level)
@@ -121,8 +137,9 @@ def _warn_if_too_short(lengths: pl.Series, level: str, window: int) -> None:
     if short:
         unit = "epochs" if level == "epoch" else "points"
         hint = "use level='pass' (CLI: --level pass)" if level == "epoch" else "use a smaller baseline_window"
+        least = int(cast(int, lengths.min()))  # an integer column with rows (short > 0)
         warnings.warn(
-            f"{short} of {lengths.len()} series have fewer {unit} ({int(lengths.min())} at least) than the "
+            f"{short} of {lengths.len()} series have fewer {unit} ({least} at least) than the "
             f"spike detector's baseline window of {window}: too few to tell a spike from noise; {hint}",
             ShortSeriesWarning,
             stacklevel=caller_stacklevel(),
@@ -132,7 +149,7 @@ def _warn_if_too_short(lengths: pl.Series, level: str, window: int) -> None:
 def check_detector(table: str, level: str, baseline_window: int | None) -> int:
     """Validate the detector's arguments; return the baseline window to use."""
     if table not in SERIES_KEYS:
-        raise ValueError(f"spike detection works on 'outputs' or 'params', not {table!r}")
+        raise ValueError(f"spike detection works on {' or '.join(map(repr, SERIES_KEYS))}, not {table!r}")
     if level not in BASELINE_WINDOW:
         raise ValueError(f"level must be 'pass' or 'epoch', not {level!r}")
     window = BASELINE_WINDOW[level] if baseline_window is None else int(baseline_window)
@@ -146,7 +163,29 @@ def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str |
     return modules if modules is None or isinstance(modules, str) else tuple(modules)
 
 
-def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> pl.DataFrame:
+class _LogScale:
+    """Which series are scored on log10 (signals of :data:`.names.LOG_KINDS`), by sid; ``kind_of`` names
+    a sid's kind (the registry grows as a scan meets series, so flags are added as sids are asked for)."""
+
+    def __init__(self, kind_of: Callable[[int], object]) -> None:
+        self.kind_of = kind_of
+        self.flags = np.zeros(0, dtype=bool)
+
+    def __call__(self, sids: np.ndarray) -> np.ndarray:
+        n = int(sids.max()) + 1 if len(sids) else 0
+        if n > len(self.flags):
+            new = [self.kind_of(i) in LOG_KINDS for i in range(len(self.flags), n)]
+            self.flags = np.concatenate([self.flags, np.array(new, dtype=bool)])
+        return cast(np.ndarray, self.flags[sids])  # numpy's stubs: an index array of unknown dtype gives Any
+
+
+LOG_SCALE_FLOOR = SCALE_FLOOR / math.log(10)
+"""The scale floor on log10 values: the same relative size, ``SCALE_FLOOR``, as a change of log10."""
+
+
+def _detect(
+    frame: pl.DataFrame, level: str, threshold: float, window: int, log: _LogScale | None = None
+) -> pl.DataFrame:
     """Spikes of every series in ``frame`` (sid, [pass,] epoch, value; whole series, contiguous per sid,
     in time order): sid, [pass,] epoch, value, baseline, score, points."""
     sid = frame["sid"].to_numpy()
@@ -159,7 +198,7 @@ def _detect(frame: pl.DataFrame, level: str, threshold: float, window: int) -> p
     whole = Frame(
         cols, sid[heads].astype(np.int64), rows, none, none, lengths, np.ones(len(heads), bool), none, None
     )
-    detector = _Detector(level, threshold, window)
+    detector = _Detector(level, threshold, window, log)
     detector.feed(whole)
     return detector.result()
 
@@ -181,8 +220,9 @@ class _Detector:
     again at the end.
     """
 
-    def __init__(self, level: str, threshold: float, window: int) -> None:
+    def __init__(self, level: str, threshold: float, window: int, log: _LogScale | None = None) -> None:
         self.level = level
+        self.log = log  # which series are scored on log10 (None: none)
         self.threshold = threshold
         self.window = window
         self.half = window // 2
@@ -205,6 +245,11 @@ class _Detector:
             self.a = np.concatenate([self.a, np.zeros(grow, dtype=np.int64)])
             self.seed = np.concatenate([self.seed, np.full((grow, 2), np.nan)])
         cols = {c: frame.cols[c] for c in ("pos", "value", *self.position)}
+        if self.log is not None:
+            on_log = frame.per_row(self.log(frame.sids))
+            with np.errstate(divide="ignore", invalid="ignore"):  # log10(0) = -inf: flagged as non-finite
+                cols["value"] = np.where(on_log, np.log10(cols["value"]), cols["value"])
+            cols["_log"] = on_log
         rows = frame.rows
         s = self.s[frame.sids]
         # Another consumer may keep more of a series (or all that is left of one that this one is done
@@ -218,7 +263,7 @@ class _Detector:
             live = np.ones(len(s), dtype=bool)
         sids, s, end, ended = frame.sids[live], s[live], frame.end[live], frame.ended[live]
         if not len(sids):
-            return self.s[frame.sids].copy()
+            return cast(np.ndarray, self.s[frame.sids].copy())  # as below
         segments = np.arange(len(sids))
         parts = [segments]
         threads = pl.thread_pool_size()
@@ -249,7 +294,7 @@ class _Detector:
             self.a[sids[p]] = b
             self.s[sids[p]] = s_next
             self.seed[sids[p]] = seed
-        return self.s[frame.sids].copy()
+        return cast(np.ndarray, self.s[frame.sids].copy())  # numpy's stubs: Any (an index of unknown dtype)
 
     def finish(self) -> None:
         """The spikes are read by :meth:`result`."""
@@ -257,8 +302,17 @@ class _Detector:
     def result(self) -> pl.DataFrame:
         """Spikes: sid, [pass,] epoch, value, baseline, score, points (runs of flags cut between
         stretches joined again, at their peak)."""
-        schema = {"sid": pl.UInt32, **dict.fromkeys(self.position, pl.Int64), "epoch": pl.Int32}
-        schema |= {"value": pl.Float64, "baseline": pl.Float64, "score": pl.Float64, "points": pl.Int64}
+        schema = pl.Schema(
+            {
+                "sid": pl.UInt32,
+                **dict.fromkeys(self.position, pl.Int64),
+                "epoch": pl.Int32,
+                "value": pl.Float64,
+                "baseline": pl.Float64,
+                "score": pl.Float64,
+                "points": pl.Int64,
+            }
+        )
         if not self.found:
             return pl.DataFrame(schema=schema)
         found = pl.concat(self.found, how="vertical_relaxed").sort("sid", "_first")
@@ -276,6 +330,12 @@ class _Detector:
             )
             .drop("_run")
         )
+        if self.log is not None:  # back from log10 to the signal's own units
+            on_log = pl.Series(self.log(out["sid"].to_numpy().astype(np.int64)))
+            out = out.with_columns(
+                pl.when(on_log).then(10.0 ** pl.col(c)).otherwise(pl.col(c)).alias(c)
+                for c in ("value", "baseline")
+            )
         return out.select(list(schema)).cast(schema)
 
     def _score(
@@ -332,6 +392,8 @@ class _Detector:
         np.multiply(scale, MAD_TO_SIGMA, out=scale)
         floor = np.abs(baseline)
         np.multiply(floor, SCALE_FLOOR, out=floor)
+        if "_log" in cols:
+            floor[cols["_log"]] = LOG_SCALE_FLOOR
         np.fmax(scale, floor, out=scale)
         np.fmax(scale, 1e-300, out=scale)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -396,7 +458,7 @@ def _block_medians(x: np.ndarray, sizes: np.ndarray, block: int) -> np.ndarray:
     k = np.arange(len(sizes))
     lo = padded[k, np.maximum(c - 1, 0) // 2]
     hi = padded[k, c // 2 - (c == 0)]
-    return lo + (hi - lo) / 2
+    return cast(np.ndarray, lo + (hi - lo) / 2)  # numpy's stubs: Any (arithmetic on arrays of unknown dtype)
 
 
 def _centred_median(
@@ -444,12 +506,12 @@ def _centred_median(
     for i in range(len(counts)):
         m[rows[i] : rows[i] + lo[i]] = np.nan
         m[rows[i] + hi[i] : rows[i + 1]] = np.nan
-    for i in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
-        r0 = rows[i]
-        head = x[r0 : r0 + min(window, counts[i])]
+    for j in np.flatnonzero(xs == 0):  # the first half-window of a series: its own partial windows
+        r0 = rows[j]
+        head = x[r0 : r0 + min(window, counts[j])]
         trailing = pl.Series(head, nan_to_null=True).rolling_median(window, min_samples=half + 1).to_numpy()
         k = np.arange(min(half, len(head)))
-        k = k[k + half < min(len(head), xe[i] - p0[i])]
+        k = k[k + half < min(len(head), xe[j] - p0[j])]
         m[r0 + k] = trailing[k + half]
     start = np.clip(first - p0, 0, counts)  # first row where a value (median or carried) is due
     if gaps or ((xs == 0) & (xe - p0 < window)).any():

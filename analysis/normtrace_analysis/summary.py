@@ -24,7 +24,8 @@ QUANTILES = (0.05, 0.50, 0.95)
 
 
 def epoch_summary(trace: Trace, table: Table = "outputs") -> pl.DataFrame:
-    """One row per (run, epoch, module, split) for outputs or (run, epoch, module, param) for params.
+    """One row per (run, epoch, module, split) for outputs, (run, epoch, module, param) for params, or
+    (run, epoch, kind, module, param) for signals (every kind; filter the Trace with ``kinds=`` for some).
 
     Columns: the keys, then ``count`` (rows), ``mean``, ``std`` (sample, ddof=1; null for one row),
     ``min``, ``max``, ``p05``, ``p50``, ``p95`` (linear interpolation, as ``numpy.percentile``) of
@@ -32,7 +33,7 @@ def epoch_summary(trace: Trace, table: Table = "outputs") -> pl.DataFrame:
     For outputs the mean is the mean over the epoch's recorded passes of the batch-mean norm.
     """
     if table not in SUMMARY_KEYS:
-        raise ValueError(f"epoch_summary works on 'outputs' or 'params', not {table!r}")
+        raise ValueError(f"epoch_summary works on {' or '.join(map(repr, SUMMARY_KEYS))}, not {table!r}")
 
     def compute() -> pl.DataFrame:
         (summary,), _ = scan(trace, table, None, lambda registry: [Summary(registry)])

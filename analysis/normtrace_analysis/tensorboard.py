@@ -10,13 +10,17 @@ torch. Every series becomes a scalar tag, one TensorBoard run per normtrace run 
   ``loss/val``);
 - ``events/<name>``: how many such events fall at that step (1 for a single event), so events show as
   spikes on their own chart.
+- ``signals/<kind>/<module>.<param>`` (``signals/<kind>/<module>`` for a module-level signal), from a
+  trace-format-2 run.
 
 The step is the pass (``level="pass"``) or the epoch (``level="epoch"``). The volume is bounded: a
 series with more than ``max_points`` points is cut into at most ``max_points`` bins of consecutive
 steps, each written at its first step as the mean of its rows (the count, for events) — TensorBoard
 itself keeps 1000 points per scalar tag when it loads, so more would only be dropped there. Rows with
 NaN or ±Inf stay in the means (TensorBoard shows what the trace holds). Wall times are the rows' own
-``time``; ``outputs`` rows have none, so theirs are interpolated by pass from the run's other tables.
+``time``; ``outputs`` and ``signals`` rows have none, so theirs are interpolated by pass from the run's
+other tables. Signals are tagged ``signals/<kind>/<module>.<param>`` (``signals/<kind>/<module>`` for a
+module-level one).
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ MAX_POINTS = 1000
 """Default bound on the points written per tag (TensorBoard's own default sample per scalar tag)."""
 
 _TAG_KEYS = {"outputs": ["module", "split"], "params": ["module", "param"], "metrics": ["name", "split"],
-             "events": ["name"]}  # fmt: skip
+             "events": ["name"], "signals": ["kind", "module", "param"]}  # fmt: skip
+
+_UNTIMED = ("outputs", "signals")
+"""Tables whose rows carry no wall time: theirs are interpolated by pass from the other tables."""
 
 
 def to_tensorboard(
@@ -148,7 +155,7 @@ def _points(trace: Trace, table: str, level: str, max_points: int) -> pl.DataFra
     value = pl.len().cast(pl.Float64) if table == "events" else pl.col("value").cast(pl.Float64).mean()
     if table == "events":
         lf = lf.with_columns(pl.lit(1.0).alias("value"))
-    time = pl.col("time").mean() if table != "outputs" else pl.lit(None, pl.Float64)
+    time = pl.col("time").mean() if table not in _UNTIMED else pl.lit(None, pl.Float64)
     if level == "epoch" or table == "events":  # one point per step (several rows of a step: one point)
         lf = lf.group_by(*keys, x.alias("step")).agg(value.alias("value"), time.alias("time"))
     else:
@@ -156,7 +163,7 @@ def _points(trace: Trace, table: str, level: str, max_points: int) -> pl.DataFra
             *keys,
             x.alias("step"),
             pl.col("value").cast(pl.Float64),
-            *([pl.col("time")] if table != "outputs" else [pl.lit(None, pl.Float64).alias("time")]),
+            *([pl.col("time")] if table not in _UNTIMED else [pl.lit(None, pl.Float64).alias("time")]),
         )
     spans = lf.group_by(keys).agg(n=pl.len(), lo=pl.col("step").min(), hi=pl.col("step").max())
     width = (
@@ -192,6 +199,9 @@ def _tag_expr(table: str) -> pl.Expr:
     if table == "metrics":
         suffix = pl.when(pl.col("split").is_null()).then(pl.lit("")).otherwise("/" + pl.col("split"))
         return pl.concat_str([pl.lit("metrics/"), pl.col("name"), suffix])
+    if table == "signals":  # signals/grad_norm/net.0.weight; a module-level one has no param
+        where = pl.concat_str([pl.col("module"), pl.lit("."), pl.col("param")]).fill_null(pl.col("module"))
+        return pl.concat_str([pl.lit("signals/"), pl.col("kind"), pl.lit("/"), where])
     return pl.concat_str([pl.lit("events/"), pl.col("name")])
 
 
@@ -239,7 +249,7 @@ def _write(
     if frame.is_empty():
         return
     times = frame["time"].to_numpy()
-    if table == "outputs" or np.isnan(times.astype(float)).any():
+    if table in _UNTIMED or np.isnan(times.astype(float)).any():
         fill = np.interp(frame["step"].to_numpy().astype(float), *clock)
         times = np.where(np.isnan(times.astype(float)), fill, times)
     unit = "pass" if level == "pass" else "epoch"

@@ -43,6 +43,7 @@ from .schema import (
     SHARD_SUFFIX,
     TABLES,
     check_table,
+    live_shards,
 )
 from .storage import ObjectPath, StorageOptions, is_url, parallel_map
 from .storage import expand as expand_url
@@ -54,6 +55,9 @@ T = TypeVar("T")
 V = TypeVar("V")
 
 _META_RANK = re.compile(r"^meta\.rank(\d+)\.json$")
+
+MODULE_TABLES: tuple[str, ...] = ("outputs", "params", "signals")
+"""The tables with a ``module`` column, to which the ``modules`` filter applies."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class _Filters:
     passes: tuple[int | None, int | None] | None = None
     ranks: tuple[int, ...] | None = None
     runs: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
 
 
 def _reads_shards(method: Callable[..., T]) -> Callable[..., T]:
@@ -97,7 +102,8 @@ class Trace:
     """A lazily loaded set of runs; every table is a ``polars.LazyFrame`` with a ``run`` column.
 
     ``outputs`` and ``params`` also carry ``value`` (float64: ``norm``, or ``norm / sqrt(numel)`` where
-    normalized) and ``outputs`` a ``split`` column ("train" when grad was enabled, else "no_grad").
+    normalized) and ``outputs`` a ``split`` column ("train" when grad was enabled, else "no_grad");
+    ``signals`` (trace format 2) has its own ``value`` (float32, as recorded).
     Build one with :func:`load`; :meth:`filter` returns a narrower Trace, the original is unchanged.
     """
 
@@ -216,6 +222,18 @@ class Trace:
         """Events such as ``target_update`` (filters on epochs, passes, ranks and runs applied)."""
         return self.table("events")
 
+    @property
+    def signals(self) -> pl.LazyFrame:
+        """Gradient norms, update ratios, activation rates … one row per kind, module and parameter per
+        measurement (filters on modules, kinds, epochs, passes, ranks and runs applied); an empty frame
+        for a version-1 trace, which has no such table."""
+        return self.table("signals")
+
+    @property
+    def has_signals(self) -> bool:
+        """Whether any loaded run recorded the signals table (a version-1 trace never does)."""
+        return bool(self.shards("signals"))
+
     def shards(self, table: str) -> list[RunPath]:
         """The validated shard files of ``table`` across all runs (empty when no run recorded it)."""
         check_table(table)
@@ -231,7 +249,7 @@ class Trace:
             )
 
     def table(self, name: str) -> pl.LazyFrame:
-        """Any of the four tables by name, with this Trace's filters applied."""
+        """Any table by name (:data:`.schema.TABLES`), with this Trace's filters applied."""
         check_table(name)
         lf = self._base[name]
         f = self._filters
@@ -257,9 +275,11 @@ class Trace:
                     conds.append(pl.col(col) >= lo)
                 if hi is not None:
                     conds.append(pl.col(col) <= hi)
-        if name in ("outputs", "params"):
+        if name in MODULE_TABLES:
             for spec in f.modules:
                 conds.append(module_filter(spec))
+        if name == "signals" and f.kinds is not None:
+            conds.append(pl.col("kind").is_in(list(f.kinds)))
         if name == "outputs" and f.split is not None:
             conds.append(pl.col("split").is_in(list(f.split)))
         return conds
@@ -331,13 +351,16 @@ class Trace:
         passes: int | tuple[int | None, int | None] | None = None,
         ranks: int | Sequence[int] | None = None,
         runs: str | Sequence[str] | None = None,
+        kinds: str | Sequence[str] | None = None,
     ) -> Trace:
         """A new Trace restricted to some rows; filters combine with this Trace's own (logical and).
 
         ``modules``: a list of exact names, or a regex string (searched, so anchor it with ``^…$`` for an
-        exact match); applies to outputs and params. ``split``: "train" (grad-enabled passes) or "no_grad",
-        applies to outputs. ``epochs``/``passes``: an int or an inclusive ``(lo, hi)`` range, either end may
-        be None; with ``ranks`` and ``runs`` they apply to every table.
+        exact match); applies to outputs, params and signals. ``split``: "train" (grad-enabled passes) or
+        "no_grad", applies to outputs. ``epochs``/``passes``: an int or an inclusive ``(lo, hi)`` range,
+        either end may be None; with ``ranks`` and ``runs`` they apply to every table. ``kinds``: signal
+        kinds (``"grad_norm"``, ``"update_ratio"`` …, exact names), applies to signals; a kind no run
+        recorded is refused, naming the recorded ones.
         """
         f = self._filters
         if modules is not None:
@@ -362,9 +385,42 @@ class Trace:
             if unknown:
                 raise ValueError(f"unknown run {unknown[0]!r}; loaded runs are {self.runs}")
             f = replace(f, runs=_intersect(f.runs, names))
+        if kinds is not None:
+            wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+            self._check_kinds(wanted)
+            f = replace(f, kinds=_intersect(f.kinds, wanted))
         narrower = replace(self, _filters=f)
-        narrower._check_selects_rows(modules=modules, epochs=epochs, passes=passes, split=split)
+        narrower._check_selects_rows(modules=modules, epochs=epochs, passes=passes, split=split, kinds=kinds)
         return narrower
+
+    def signal_kinds(self) -> list[str]:
+        """The signal kinds recorded in the selected rows, sorted (empty without a signals table)."""
+        if not self.has_signals:
+            return []
+
+        def read() -> list[str]:
+            with self.reading():
+                return sorted(self.signals.select(pl.col("kind").unique()).collect()["kind"].to_list())
+
+        return list(self.cached(("signal_kinds",), read))
+
+    def of_kind(self, kind: str) -> Trace:
+        """This Trace filtered to one signal kind, kept on this Trace: the analyses of one kind (its
+        spikes, its alignment, its chart) then share one filtered Trace and its memoised results."""
+        return self.cached(("of_kind", kind), lambda: self.filter(kinds=kind))
+
+    def _check_kinds(self, kinds: tuple[str, ...]) -> None:
+        """Refuse signal kinds that no loaded run recorded, listing those recorded (a typo such as
+        ``grad_norms`` must not read as "no spikes")."""
+        self.require("signals")
+        whole = replace(self, _filters=_Filters(runs=self._filters.runs))
+        recorded = whole.signal_kinds()
+        unknown = [k for k in kinds if k not in recorded]
+        if unknown:
+            raise EmptySelectionError(
+                f"no signals of kind {unknown[0]!r}; the trace records kinds: {_listing(recorded)}",
+                self._runs[0].path,
+            )
 
     def _check_selects_rows(self, **asked: Any) -> None:
         """Raise :class:`EmptySelectionError` when the filters ``asked`` for leave no row in the tables they
@@ -373,7 +429,9 @@ class Trace:
             return  # runs and ranks only: each named run exists (checked), so rows are not in question
         tables = [t for t in TABLES if self.shards(t)]
         if asked.get("modules") is not None:
-            tables = [t for t in tables if t in ("outputs", "params")]
+            tables = [t for t in tables if t in MODULE_TABLES]
+        if asked.get("kinds") is not None:
+            tables = [t for t in tables if t == "signals"]
         if asked.get("split") is not None:
             tables = [t for t in tables if t == "outputs"]
         probes = [self.table(t).head(1).select(pl.len()) for t in tables]
@@ -384,13 +442,7 @@ class Trace:
         found = []
         if asked.get("modules") is not None:
             names = (
-                pl.concat(
-                    [
-                        whole.table(t).select("module").unique()
-                        for t in ("outputs", "params")
-                        if self.shards(t)
-                    ]
-                )
+                pl.concat([whole.table(t).select("module").unique() for t in MODULE_TABLES if self.shards(t)])
                 .unique()
                 .sort("module")
                 .collect()["module"]
@@ -514,6 +566,14 @@ class Trace:
         )
 
     @_reads_shards
+    def signal_findings(self, *, event: str | Sequence[str] | None = None, tail: float = 0.1) -> pl.DataFrame:
+        """Exploding or vanishing gradients, dead units, update ratios far from 1e-3, gradient spikes
+        with output spikes and after ``event``: one sentence each; see :func:`.signals.signal_findings`."""
+        from .signals import signal_findings
+
+        return signal_findings(self, event=event, tail=tail)
+
+    @_reads_shards
     def event_steps(
         self,
         event: str = "target_update",
@@ -610,8 +670,8 @@ def load(
     if stray:
         listing = "\n  ".join(str(p) for p in stray)
         warnings.warn(
-            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, "
-            f"one per rank and sequence number):\n  {listing}",
+            f"left out {len(stray)} .arrow file(s) that are not shards (a shard is rank<r>-<seq>.arrow, or "
+            f"rank<r>-<first>-<last>.arrow once merged, one per rank and span of sequence numbers):\n  {listing}",
             StrayFilesWarning,
             stacklevel=2,
         )
@@ -742,27 +802,23 @@ def _shard_files(folder: RunPath, stray: list[RunPath]) -> list[RunPath]:
     """A table folder's shards in (rank, sequence) order; other ``.arrow`` files go to ``stray``.
 
     Only the recorder's names count, so a copy (``rank0-000003 copy.arrow``) or an export written into
-    the folder is never read as part of the run; two names for one (rank, sequence) are both stray.
+    the folder is never read as part of the run. A merged shard replaces the shards of its span (a merge
+    interrupted before it deleted them leaves both); names that would read rows twice (two names for
+    one span) are stray too (``format.live_shards``).
     """
     if not folder.is_dir():
         return []
-    found: dict[tuple[int, int], list[RunPath]] = {}
+    by_name: dict[str, RunPath] = {}
     for f in folder.iterdir():
         if not f.name.endswith(SHARD_SUFFIX):
             continue  # temporary .arrow.tmp files of a writer, anything else
-        m = SHARD_NAME.match(f.name)
-        if m is None:
+        if SHARD_NAME.match(f.name) is None:
             stray.append(f)
         else:
-            found.setdefault((int(m.group(1)), int(m.group(2))), []).append(f)
-    shards: list[RunPath] = []
-    for key in sorted(found):
-        names = found[key]
-        if len(names) == 1:
-            shards.append(names[0])
-        else:
-            stray.extend(sorted(names, key=str))  # ObjectPaths do not order; one folder's str()s do
-    return shards
+            by_name[f.name] = f
+    live, conflicting = live_shards(by_name)
+    stray.extend(by_name[n] for n in conflicting)
+    return [by_name[n] for n in live]
 
 
 _SCHEMAS: list[tuple[pa.Schema, pl.Schema]] = []

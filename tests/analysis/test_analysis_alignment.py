@@ -419,6 +419,19 @@ def test_step_statistic_against_medians_computed_directly(tmp_path: Path) -> Non
     assert "higher than in the 20 before" in row["finding"]
 
 
+def test_a_step_of_several_times_the_level_is_said_as_a_factor(tmp_path: Path) -> None:
+    values = 10 + _noise(4000, seed=15)
+    events = list(range(299, 3900, 300))
+    for e in events:
+        values[e + 1 : e + 41] *= 6  # the level six times as high for 40 passes after every event
+    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
+    v = values.astype(np.float32).astype(np.float64)
+    factor = np.median([np.median(v[e + 1 : e + 21]) / np.median(v[e - 19 : e + 1]) for e in events])
+    assert factor == pytest.approx(6, rel=0.05)
+    assert f"higher, {factor:.2g}× as high as in the 20 before" in row["finding"]
+
+
 def test_no_step_where_there_is_none(tmp_path: Path) -> None:
     values = _noise(4000, seed=14)
     run = write_trace(tmp_path / "r", **_series(values, _syncs(list(range(299, 3900, 300)))))

@@ -139,3 +139,32 @@ def test_epoch_level_and_the_command_line(run: Path, tmp_path: Path, capsys: pyt
 def test_table_picks_one_table(run: Path, tmp_path: Path) -> None:
     assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb"), "--table", "params"]) == 0
     assert sorted(_read(tmp_path / "tb" / "dqn")) == ["params/net.0.bias", "params/net.0.weight"]
+
+
+def test_signals_are_tagged_by_kind_module_and_param(tmp_path: Path) -> None:
+    from tracegen import synthetic_signals
+
+    s = synthetic_signals(modules=("net.0",), n_epochs=4, passes_per_epoch=25)
+    run = write_trace(tmp_path / "sig", outputs=s.outputs, events=s.events, signals=s.signals)
+    (folder,) = na.to_tensorboard(na.load(run), tmp_path / "tb", tables=["signals"], max_points=10_000)
+    tags = _read(folder)
+    assert sorted(tags) == [
+        "signals/active_rate/net.0",
+        "signals/dead_fraction/net.0",
+        "signals/grad_norm/net.0.bias",
+        "signals/grad_norm/net.0.weight",
+        "signals/output_grad_norm/net.0",
+        "signals/update_ratio/net.0.bias",
+        "signals/update_ratio/net.0.weight",
+    ]
+    signals = _shards(run, "signals").to_pydict()
+    rows = [
+        (p, v)
+        for p, k, prm, v in zip(
+            signals["pass"], signals["kind"], signals["param"], signals["value"], strict=True
+        )
+        if k == "grad_norm" and prm == "weight"
+    ]
+    assert [(step, v) for step, v, _ in tags["signals/grad_norm/net.0.weight"]] == rows  # float32: exact
+    walls = [w for _, _, w in tags["signals/dead_fraction/net.0"]]  # no time column: interpolated by pass
+    assert walls == sorted(walls) and walls[0] >= 1.7e9

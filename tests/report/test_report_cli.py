@@ -377,7 +377,10 @@ def test_filters_that_match_nothing_exit_2_listing_what_exists(
 
 def test_help_states_every_option_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
     for command, defaults in (
-        ("summary", ["--table {outputs,params}", "(default: outputs)", "(default: mean)", "(default: 8)"]),
+        (
+            "summary",
+            ["--table {outputs,params,signals}", "(default: outputs)", "(default: mean)", "(default: 8)"],
+        ),
         ("spikes", ["(default: pass)", "(default: 6)", "(default: 20 passes, 1 epoch)", "(default: 999)"]),
         ("report", ["(default: html)", "(default: p05-p95)", "(default: 3000)", "RUN/charts/"]),
         ("export", ["(default: pass)", "(default: 1000)", "from its extension"]),

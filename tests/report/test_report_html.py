@@ -18,19 +18,11 @@ import polars as pl
 import pytest
 from normtrace_analysis import charts
 from normtrace_analysis.report import ChartSection, chart_sections, export_charts, report
-from reportgen import MODULES, read_table
+from reportgen import MODULES, open_report, read_table, specs
 from tracegen import write_trace
 
 SLUGS = ["output-norms", "parameter-norms", "metrics", "output-share", "parameter-share", "event-profile"]
 _SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
-
-
-def specs(text: str) -> dict[str, dict[str, Any]]:
-    """The Vega-Lite spec embedded for each chart container, by slug."""
-    found = re.findall(
-        r'<script type="application/json" data-for="chart-([\w-]+)">(.*?)</script>', text, re.S
-    )
-    return {slug: json.loads(body) for slug, body in found}
 
 
 def test_report_is_self_contained(run_a: Path, tmp_path: Path) -> None:
@@ -130,38 +122,6 @@ def test_static_export_writes_one_file_per_chart(run_a: Path, tmp_path: Path) ->
     assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     with pytest.raises(ValueError, match="format"):
         export_charts(run_a, tmp_path, "pdf")  # type: ignore[arg-type]
-
-
-def open_report(browser: Any, path: Path) -> dict[str, Any]:
-    """Load a report with every http(s) request intercepted; what rendered, what failed, what was asked."""
-    page = browser.new_page()
-    requests: list[str] = []
-    errors: list[str] = []
-    page.route(re.compile(r"^https?://"), lambda route: route.abort())
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(path.as_uri())
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-chart]')].every(el => el.dataset.state)", timeout=30_000
-    )
-    charts_state = page.eval_on_selector_all(
-        "[data-chart]",
-        """els => els.map(el => ({
-            slug: el.dataset.chart,
-            state: el.dataset.state,
-            views: el.querySelectorAll('svg.marks, canvas').length,
-            marks: el.querySelectorAll('g.mark-line path, g.mark-area path, g.mark-rule line').length,
-            lines: el.querySelectorAll('g.mark-line path').length,
-            title: [...el.querySelectorAll('g.role-title-text text')].map(t => t.textContent).join(' '),
-            axes: el.querySelectorAll('g.role-axis').length,
-            untitled: [...el.querySelectorAll('g.role-axis')].filter(  // grid-only axes have no labels
-                a => a.querySelector('g.role-axis-label text')
-                     && !a.querySelector('g.role-axis-title text')?.textContent.trim()).length,
-        }))""",
-    )
-    page.close()
-    return {"charts": charts_state, "errors": errors, "requests": requests}
 
 
 @pytest.mark.browser

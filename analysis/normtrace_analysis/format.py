@@ -1,0 +1,1 @@
+../../normtrace/schema.py

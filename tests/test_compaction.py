@@ -1,0 +1,158 @@
+"""Compaction: a closed run's shards merged into few files, the same rows read once at every moment.
+
+A run flushing every few passes writes many small shards; ``close()`` merges each table's shards per rank
+(``schema.compact``), and ``normtrace compact`` does it for a run that was never closed. The expectations
+are the rows as written (a run recorded with ``compact=False``) and the rows the analysis read before.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import normtrace_analysis as na
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import torch
+from normtrace_analysis.cli import main as cli
+from torch import nn
+
+import normtrace as nt
+from normtrace import schema
+
+PASSES, FLUSH = 60, 4
+
+
+def record(run: Path, *, compact: bool = True, close: bool = True) -> nt.Recorder:
+    """A small model, a flush every ``FLUSH`` passes: 15 shards per table, 2 epochs, events and metrics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2), nn.Tanh())
+    rec = nt.Recorder(run, [nt.OutputNorm(), nt.ParameterNorm()], flush_every=FLUSH, compact=compact)
+    rec.attach(model)
+    x = torch.randn(5, 3)
+    for i in range(PASSES):
+        model(x * (1 + i / PASSES))
+        rec.push_metric("i", i)
+        if i % 20 == 19:
+            rec.event("mark")
+            rec.tick_epoch()
+    if close:
+        rec.close()
+    return rec
+
+
+def files(run: Path, table: str) -> list[str]:
+    return sorted(p.name for p in (run / table).glob("*.arrow"))
+
+
+def rows(run: Path, table: str) -> pa.Table:
+    """Every row of ``table``, read with pyarrow from the files the format says are live, in order."""
+    live, conflicting = schema.live_shards(files(run, table))
+    assert not conflicting
+    return pa.concat_tables([ipc.open_file(pa.memory_map(str(run / table / n))).read_all() for n in live])
+
+
+def without_time(t: pa.Table) -> pa.Table:
+    return t.drop_columns([c for c in ("time",) if c in t.column_names])
+
+
+def test_closing_merges_each_table_into_one_file_with_the_same_rows(tmp_path: Path) -> None:
+    merged, plain = tmp_path / "merged", tmp_path / "plain"
+    record(merged)
+    record(plain, compact=False)
+    assert len(files(plain, "outputs")) == PASSES // FLUSH  # what the flushes wrote
+    for table in ("outputs", "params", "metrics", "events"):
+        names = files(merged, table)
+        span = schema.shard_span(names[0])
+        assert len(names) == 1 and span is not None, (table, names)
+        written = files(plain, table)
+        assert span == (0, 1, len(written)) or len(written) == 1, (table, span, written)
+        assert without_time(rows(merged, table)).equals(without_time(rows(plain, table))), table
+
+
+def test_compact_false_keeps_the_shards_as_flushed(tmp_path: Path) -> None:
+    record(tmp_path / "run", compact=False)
+    assert files(tmp_path / "run", "outputs") == [
+        schema.shard_name(0, s) for s in range(1, PASSES // FLUSH + 1)
+    ]
+
+
+def test_merged_files_hold_at_most_max_rows(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    record(run, compact=False)
+    before = rows(run, "outputs")
+    per_shard = before.num_rows // (PASSES // FLUSH)
+    written = schema.compact(run / "outputs", 0, max_rows=3 * per_shard)
+    assert len(written) == 5  # 15 shards, 3 per merged file
+    assert [schema.shard_span(p.name) for p in written] == [(0, 1 + 3 * k, 3 + 3 * k) for k in range(5)]
+    assert rows(run, "outputs").equals(before)
+
+
+@pytest.mark.parametrize("state", ["tmp written", "renamed", "half deleted"])
+def test_a_merge_interrupted_at_any_step_reads_every_row_once(tmp_path: Path, state: str) -> None:
+    """The three states a kill can leave: the merged file still temporary; renamed into place beside the
+    shards it holds; some of those deleted. The reader must see each row once in each."""
+    run, scratch = tmp_path / "run", tmp_path / "scratch"
+    record(run, compact=False)
+    expected = na.load(run).outputs.collect()
+    shutil.copytree(run / "outputs", scratch)
+    (merged,) = schema.compact(scratch, 0)
+    folder = run / "outputs"
+    if state == "tmp written":
+        (folder / f".{merged.name}.tmp").write_bytes(merged.read_bytes()[:1000])
+    else:
+        shutil.copy(merged, folder / merged.name)
+    if state == "half deleted":
+        for name in files(run, "outputs")[:7]:
+            if name != merged.name:
+                (folder / name).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stray-file warning: superseded shards are not strays
+        got = na.load(run).outputs.collect()
+    assert got.equals(expected)
+
+
+def test_two_names_for_one_span_are_both_left_out_with_a_warning(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    record(run, compact=False)
+    folder = run / "outputs"
+    total = rows(run, "outputs").num_rows
+    third = ipc.open_file(pa.memory_map(str(folder / schema.shard_name(0, 3)))).read_all().num_rows
+    shutil.copy(folder / schema.shard_name(0, 3), folder / "rank0-3.arrow")  # same rank and sequence
+    with pytest.warns(na.StrayFilesWarning, match="rank0-3.arrow"):
+        trace = na.load(run)
+    assert trace.outputs.select(pl.len()).collect().item() == total - third
+
+
+def test_the_analysis_gives_the_same_answers_after_compaction(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    record(run, compact=False)
+    before = na.load(run)
+    summary, params = before.epoch_summary(), before.epoch_summary("params")
+    assert cli(["compact", str(run)]) == 0
+    after = na.load(run)
+    assert len(files(run, "outputs")) == 1
+    assert after.epoch_summary().equals(summary) and after.epoch_summary("params").equals(params)
+
+
+def test_normtrace_compact_merges_a_killed_run_and_refuses_a_live_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live = record(tmp_path / "live", close=False)  # an open recorder holds the run's writer lock
+    try:
+        assert cli(["compact", str(tmp_path / "live")]) == 2
+        assert "being written by a live recorder" in capsys.readouterr().err
+        assert len(files(tmp_path / "live", "outputs")) > 1  # nothing merged under the writer
+    finally:
+        live.close()
+    assert len(files(tmp_path / "live", "outputs")) == 1  # closing merged it
+    killed = tmp_path / "killed"
+    record(killed, compact=False)
+    (killed / schema.lock_name(0)).write_text("{}")  # a killed writer's lock file, held by nobody
+    before = sum(len(files(killed, t)) for t in ("outputs", "params", "metrics", "events"))
+    assert cli(["compact", str(killed)]) == 0
+    assert f"killed: {before} shard files -> 4 " in capsys.readouterr().out
+    assert [len(files(killed, t)) for t in ("outputs", "params", "metrics", "events")] == [1, 1, 1, 1]

@@ -1,0 +1,100 @@
+"""A lens written by a user, with normtrace's public API only (the example in docs/recorder.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from recorder_models import QNetwork, read_table
+from torch import nn
+
+import normtrace as nt
+
+
+class MaxAbsActivation:
+    """Largest absolute value of each ``nn.Linear`` output, per forward pass (kind ``max_abs``)."""
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "MaxAbsActivation"}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+        handles = []
+        for name, module in target.modules:
+            if isinstance(module, nn.Linear):
+
+                def hook(module: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
+                    recording.signal("max_abs", name, out.detach().abs().amax())  # stays on the device
+
+                handles.append(module.register_forward_hook(hook))
+        return handles
+
+
+class StepCounterPerEpoch:
+    """Pushes, at every epoch tick, how many optimizer steps ran so far (``Recording.on_collect``)."""
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "StepCounterPerEpoch"}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+        return [recording.on_collect(lambda: recording.push_metric("steps_so_far", recording.step))]
+
+
+def test_a_user_lens_records_signals_with_public_api_only(tmp_path):
+    torch.manual_seed(0)
+    model = QNetwork()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    maxima: list[dict[str, float]] = []
+    with nt.Recorder(tmp_path, lenses=[MaxAbsActivation(), StepCounterPerEpoch()]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            x = torch.randn(5, 4)
+            with torch.no_grad():  # layer by layer without calling the modules (their hooks would record)
+                h, seen = x, {}
+                for name, layer in model.net.named_children():
+                    if isinstance(layer, nn.Linear):
+                        h = nn.functional.linear(h, layer.weight, layer.bias)
+                        seen[f"net.{name}"] = h.abs().max().item()
+                    elif isinstance(layer, nn.ReLU):
+                        h = h.relu()
+                maxima.append(seen)
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+            rec.tick_epoch()
+        rec.detach()
+        model(torch.randn(5, 4))  # detached: the user's hooks are gone too
+    rows = read_table(tmp_path, "signals").to_pylist()
+    assert len(rows) == 3 * 5
+    for r in rows:
+        assert r["kind"] == "max_abs" and r["param"] is None
+        assert r["value"] == pytest.approx(maxima[r["pass"]][r["module"]], rel=1e-6)
+        assert r["step"] == r["pass"]  # measured in pass p, after p optimizer steps
+    metrics = read_table(tmp_path, "metrics").to_pylist()
+    assert [(m["name"], m["value"], m["epoch"]) for m in metrics] == [
+        ("steps_so_far", s, s - 1) for s in (1, 2, 3)
+    ]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert [lens["type"] for lens in meta["lenses"]] == ["MaxAbsActivation", "StepCounterPerEpoch"]
+
+
+def test_an_object_that_is_not_a_lens_is_refused_naming_the_protocol(tmp_path):
+    class Half:
+        def config(self) -> dict[str, Any]:
+            return {}
+
+    with pytest.raises(TypeError, match=r"config\(\) and attach\(target, recording\)"):
+        nt.Recorder(tmp_path, lenses=[Half()])
+
+
+def test_builtin_lenses_follow_the_same_protocol():
+    for lens in (
+        nt.OutputNorm(),
+        nt.ParameterNorm(),
+        nt.LossMetrics(),
+        nt.GradientNorm(),
+        nt.ActivationRate(),
+    ):
+        assert isinstance(lens, nt.Lens)
+        assert lens.config()["type"] == type(lens).__name__
