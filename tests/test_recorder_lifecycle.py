@@ -222,7 +222,7 @@ def run_until_signal(tmp_path: Path, sig: signal.Signals, setup: str = "") -> su
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    proc.wait(timeout=180)  # a loaded machine: the flush and exit, not a hang
     return proc
 
 
