@@ -127,6 +127,9 @@ def mutate(session: nox.Session) -> None:
         # timed out: Polars' and torch's thread pools, started by the stats run, do not survive a fork.
         # A fork server keeps the main process free of them.
         'process_isolation = "forkserver"\n'
+        # A mutant is stopped after (its tests' time + 1 s) x multiplier x 2 CPU seconds: at the default 15,
+        # one looping mutant of stats.permutation_p (65 s of covering tests) would run for half an hour.
+        "timeout_multiplier = 2.0\n"
     )
     (stage / "pyproject.toml").write_text(Path("pyproject.toml").read_text() + config)
     session.chdir(stage)
