@@ -1,0 +1,110 @@
+"""The spike detector at its edges, against planted ground truth: a dip's peak, flags at the boundary
+between two series, and the parallel path (frames cut into parts at series boundaries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import normtrace_analysis as na
+import normtrace_analysis.spikes as spikes_module
+import numpy as np
+import polars as pl
+import pytest
+from normtrace_analysis.spikes import _split
+from tracegen import write_trace
+
+
+def _outputs(series: dict[str, np.ndarray]) -> dict:
+    """One training-pass series per module, passes 0..n-1 each, epochs of 100 passes."""
+    modules, passes, values = [], [], []
+    for name, v in series.items():
+        modules += [name] * len(v)
+        passes.append(np.arange(len(v)))
+        values.append(v)
+    p = np.concatenate(passes)
+    return {
+        "pass": p,
+        "epoch": (p // 100).astype(np.int32),
+        "module": modules,
+        "norm": np.concatenate(values).astype(np.float32),
+    }
+
+
+def _noise(n: int, seed: int) -> np.ndarray:
+    values = 10.0 + 0.1 * np.random.default_rng(seed).standard_normal(n)
+    assert np.abs(values - 10.0).max() < 0.55  # no point of the noise alone is a spike
+    return values
+
+
+def test_a_dip_is_reported_at_its_deepest_point(tmp_path: Path) -> None:
+    """Scores -30, -50, -20 SDs: the peak is the largest |score| (pass 1001), not the largest signed
+    score (pass 1002, the shallowest)."""
+    values = _noise(3000, seed=1)
+    values[1000:1003] -= np.array([3.0, 5.0, 2.0])
+    run = write_trace(tmp_path / "r", outputs=_outputs({"m": values}))
+    rows = na.load(run).spikes().rows(named=True)
+    assert [(r["pass"], r["points"]) for r in rows] == [(1001, 3)]
+    assert rows[0]["value"] == pytest.approx(values[1001], rel=1e-6)
+    assert rows[0]["score"] < -30
+
+
+def test_flags_on_either_side_of_a_series_boundary_are_separate_spikes(tmp_path: Path) -> None:
+    """Each series' first and last points are spikes: where one series ends and the next begins in the
+    detector's frame, two flagged rows are adjacent but belong to different series."""
+    series = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        v = _noise(600, seed=10 + i)
+        v[[0, -1]] += 3.0
+        series[name] = v
+    run = write_trace(tmp_path / "r", outputs=_outputs(series))
+    found = na.load(run).spikes().sort("module", "pass")
+    assert found.select("module", "pass", "points").rows() == [
+        (m, p, 1) for m in ["a", "b", "c"] for p in [0, 599]
+    ]
+
+
+def test_split_cuts_only_where_the_series_changes() -> None:
+    sid = np.repeat([0, 1, 2, 3], [30_000, 50_000, 20_000, 40_000])  # 140,000 rows
+    frame = pl.DataFrame({"sid": sid, "x": np.arange(sid.size)})
+    for n in [2, 3, 4, 8]:
+        parts = _split(frame, n)
+        assert pl.concat(parts).equals(frame)
+        starts = np.cumsum([0, *(p.height for p in parts[:-1])])
+        # every part starts a series, and no series is cut in two
+        assert set(starts) <= {0, 30_000, 80_000, 100_000}
+        assert all(p["sid"].n_unique() == p["sid"].max() - p["sid"].min() + 1 for p in parts)
+        assert 1 < len(parts) <= n
+    # about equal rows: each cut at the first series start from k/n of the rows on
+    assert [p.height for p in _split(frame, 2)] == [80_000, 60_000]  # 70,000 -> 80,000
+    assert [p.height for p in _split(frame, 8)] == [30_000, 50_000, 20_000, 40_000]
+    assert len(_split(frame, 1)) == 1
+    small = frame.head(99_999)
+    assert len(_split(small, 4)) == 1  # under 100,000 rows: not worth cutting
+    assert len(_split(frame.head(100_000), 4)) > 1
+
+
+def test_the_parallel_path_finds_what_was_planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three series of 40,000 points (120,000 rows): the frame is cut into parts, whatever the number of
+    cores (parts of at most 50,000 rows), and spikes at each series' edges and middle are all found, once."""
+    monkeypatch.setattr(spikes_module, "PART_ROWS", 50_000)
+    heights: list[int] = []
+    detect_part = spikes_module._detect_part
+
+    def spy(frame: pl.DataFrame, *args: object) -> pl.DataFrame:
+        heights.append(frame.height)
+        return detect_part(frame, *args)
+
+    monkeypatch.setattr(spikes_module, "_detect_part", spy)
+    series, planted = {}, []
+    for i, name in enumerate(["a", "b", "c"]):
+        v = _noise(40_000, seed=20 + i)
+        for p in [0, 20_000, 39_999]:
+            v[p] += 3.0
+            planted.append((name, p))
+        series[name] = v
+    run = write_trace(tmp_path / "r", outputs=_outputs(series))
+    found = na.load(run).spikes()
+    assert sorted(found.select("module", "pass").rows()) == planted
+    assert (found["points"] == 1).all()
+    # a series is never cut, and no part holds more than PART_ROWS rows (3 parts of 40,000 at most)
+    assert sum(heights) == 120_000 and len(heights) > 1 and max(heights) <= 50_000
