@@ -127,9 +127,11 @@ def mutate(session: nox.Session) -> None:
         # timed out: Polars' and torch's thread pools, started by the stats run, do not survive a fork.
         # A fork server keeps the main process free of them.
         'process_isolation = "forkserver"\n'
-        # A mutant is stopped after (its tests' time + 1 s) x multiplier x 2 CPU seconds: at the default 15,
-        # one looping mutant of stats.permutation_p (65 s of covering tests) would run for half an hour.
-        "timeout_multiplier = 2.0\n"
+        # A mutant is stopped after (its tests' time + constant) x multiplier x 2 CPU seconds. At mutmut's
+        # 15 x (t + 1 s), one looping mutant of stats.permutation_p (65 s of covering tests) ran for half an
+        # hour; at 2 x (t + 1 s), mutants that raise at once were stopped as timeouts, since the per-test
+        # times leave out fixtures that every forked worker sets up again (a synthetic run to write).
+        "timeout_multiplier = 1.0\ntimeout_constant = 10.0\n"
     )
     (stage / "pyproject.toml").write_text(Path("pyproject.toml").read_text() + config)
     session.chdir(stage)
