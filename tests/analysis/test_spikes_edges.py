@@ -108,3 +108,22 @@ def test_the_parallel_path_finds_what_was_planted(tmp_path: Path, monkeypatch: p
     assert (found["points"] == 1).all()
     # a series is never cut, and no part holds more than PART_ROWS rows (3 parts of 40,000 at most)
     assert sum(heights) == 120_000 and len(heights) > 1 and max(heights) <= 50_000
+
+
+def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path) -> None:
+    """Window 51: a series of 50 points is short, one of 51 is not; the warning counts the short ones
+    among all and gives the shortest length, in points at level "pass", in epochs at level "epoch"."""
+    series = {"a": _noise(50, seed=30), "b": _noise(51, seed=31), "c": _noise(500, seed=32)}
+    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs(series)))
+    with pytest.warns(na.ShortSeriesWarning) as caught:
+        trace.spikes()
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        "1 of 3 series have fewer points (50 at least) than the spike detector's baseline window of 51"
+    )
+    assert message.endswith("use a smaller baseline_window")
+    with pytest.warns(na.ShortSeriesWarning) as caught:
+        trace.spikes(level="epoch")  # 1, 1 and 5 epochs of 100 passes, window 11: all three short
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("3 of 3 series have fewer epochs (1 at least) than the spike detector's")
+    assert message.endswith("use level='pass' (CLI: --level pass)")
