@@ -122,6 +122,7 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
         "1 of 3 series have fewer points (50 at least) than the spike detector's baseline window of 51"
     )
     assert message.endswith("use a smaller baseline_window")
+    assert caught[0].filename == __file__  # pointed at the caller's line, not inside the package
     with pytest.warns(na.ShortSeriesWarning) as caught:
         trace.spikes(level="epoch")  # 1, 1 and 5 epochs of 100 passes, window 11: all three short
     (message,) = [str(w.message) for w in caught]
