@@ -3,6 +3,7 @@ between two series, and the parallel path (frames cut into parts at series bound
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import normtrace_analysis as na
@@ -46,6 +47,8 @@ def test_a_dip_is_reported_at_its_deepest_point(tmp_path: Path) -> None:
     assert [(r["pass"], r["points"]) for r in rows] == [(1001, 3)]
     assert rows[0]["value"] == pytest.approx(values[1001], rel=1e-6)
     assert rows[0]["score"] < -30
+    # the module-level function's own defaults: outputs, at level "pass"
+    assert spikes_module.spikes(na.load(run)).select("pass", "points").rows() == [(1001, 3)]
 
 
 def test_flags_on_either_side_of_a_series_boundary_are_separate_spikes(tmp_path: Path) -> None:
@@ -78,6 +81,12 @@ def test_split_cuts_only_where_the_series_changes() -> None:
     assert [p.height for p in _split(frame, 2)] == [80_000, 60_000]  # 70,000 -> 80,000
     assert [p.height for p in _split(frame, 8)] == [30_000, 50_000, 20_000, 40_000]
     assert len(_split(frame, 1)) == 1
+    # only a series start is a cut: the middle of 50,000 + 50,002 rows is one past the second's start
+    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_002])})
+    assert [p.height for p in _split(two, 2)] == [100_002]
+    # 100,001 rows / 2 = 50,000.5: the first start from row 50,000 on (integer rows) is 50,000 itself
+    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_001])})
+    assert [p.height for p in _split(two, 2)] == [50_000, 50_001]
     small = frame.head(99_999)
     assert len(_split(small, 4)) == 1  # under 100,000 rows: not worth cutting
     assert len(_split(frame.head(100_000), 4)) > 1
@@ -114,7 +123,8 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
     """Window 51: a series of 50 points is short, one of 51 is not; the warning counts the short ones
     among all and gives the shortest length, in points at level "pass", in epochs at level "epoch"."""
     series = {"a": _noise(50, seed=30), "b": _noise(51, seed=31), "c": _noise(500, seed=32)}
-    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs(series)))
+    trace_dir = write_trace(tmp_path / "r", outputs=_outputs(series))
+    trace = na.load(trace_dir)
     with pytest.warns(na.ShortSeriesWarning) as caught:
         trace.spikes()
     (message,) = [str(w.message) for w in caught]
@@ -123,6 +133,9 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
     )
     assert message.endswith("use a smaller baseline_window")
     assert caught[0].filename == __file__  # pointed at the caller's line, not inside the package
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a window of 11 points: no series is short
+        na.load(trace_dir).spikes(baseline_window=11)  # a fresh Trace: nothing memoised
     with pytest.warns(na.ShortSeriesWarning) as caught:
         trace.spikes(level="epoch")  # 1, 1 and 5 epochs of 100 passes, window 11: all three short
     (message,) = [str(w.message) for w in caught]
