@@ -60,10 +60,14 @@ def test_flags_on_either_side_of_a_series_boundary_are_separate_spikes(tmp_path:
         v[[0, -1]] += 3.0
         series[name] = v
     run = write_trace(tmp_path / "r", outputs=_outputs(series))
-    found = na.load(run).spikes().sort("module", "pass")
+    trace = na.load(run)
+    found = trace.spikes().sort("module", "pass")
     assert found.select("module", "pass", "points").rows() == [
         (m, p, 1) for m in ["a", "b", "c"] for p in [0, 599]
     ]
+    # memoised per module filter: one filter's answer is not another's
+    assert trace.spikes(modules=["b"]).select("module", "pass").rows() == [("b", 0), ("b", 599)]
+    assert trace.spikes(modules="c").select("module", "pass").rows() == [("c", 0), ("c", 599)]
 
 
 def test_split_cuts_only_where_the_series_changes() -> None:
