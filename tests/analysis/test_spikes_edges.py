@@ -145,3 +145,12 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
     (message,) = [str(w.message) for w in caught]
     assert message.startswith("3 of 3 series have fewer epochs (1 at least) than the spike detector's")
     assert message.endswith("use level='pass' (CLI: --level pass)")
+
+
+def test_the_smallest_baseline_window_is_3(tmp_path: Path) -> None:
+    values = np.full(200, 3.0)  # flat: with 3 points the MAD of noise would flag noise
+    values[100] = 3.5
+    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values})))
+    assert trace.spikes(baseline_window=3)["pass"].to_list() == [100]
+    with pytest.raises(ValueError, match=r"^baseline_window must be at least 3 points, got 2$"):
+        trace.spikes(baseline_window=2)
