@@ -154,3 +154,25 @@ def test_the_smallest_baseline_window_is_3(tmp_path: Path) -> None:
     assert trace.spikes(baseline_window=3)["pass"].to_list() == [100]
     with pytest.raises(ValueError, match=r"^baseline_window must be at least 3 points, got 2$"):
         trace.spikes(baseline_window=2)
+
+
+def test_a_flat_series_does_not_flag_rounding_but_flags_a_jump(tmp_path: Path) -> None:
+    """MAD 0 (every block's median deviation is 0): the scale is 1e-4 of the baseline (0.01 at 100), so
+    a deviation of 1e-5 relative (score ~0.1) is not a spike while a jump to 150 is."""
+    values = np.full(1000, 100.0)
+    values[::50] = 100.001  # one point in 50: every block's median deviation stays 0
+    values[500] = 150.0
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found.select("pass", "points").rows() == [(500, 1)]
+    assert found["score"][0] == pytest.approx(50.0 / (1e-4 * 100.0), rel=1e-3)
+
+
+def test_an_all_zero_series_gives_a_finite_score_to_a_jump(tmp_path: Path) -> None:
+    """Baseline 0 and MAD 0: the scale's last floor (1e-300) keeps the score of a finite value finite;
+    ±inf is for NaN and Inf values only."""
+    values = np.zeros(300)
+    values[100] = 1.0
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found["pass"].to_list() == [100]
+    score = found["score"][0]
+    assert np.isfinite(score) and score > 1e200
