@@ -176,3 +176,49 @@ def test_an_all_zero_series_gives_a_finite_score_to_a_jump(tmp_path: Path) -> No
     assert found["pass"].to_list() == [100]
     score = found["score"][0]
     assert np.isfinite(score) and score > 1e200
+
+
+def test_a_score_equal_to_the_threshold_is_not_a_spike(tmp_path: Path) -> None:
+    """Flagged when |score| > threshold, strictly: at a threshold equal to a spike's own |score| (taken
+    from a first search at a lower threshold) that spike is gone and the stronger one stays."""
+    values = _noise(2000, seed=41)
+    values[[500, 1500]] += [1.5, 3.0]
+    run = write_trace(tmp_path / "r", outputs=_outputs({"m": values}))
+    first = na.load(run).spikes().sort("pass")
+    assert first["pass"].to_list() == [500, 1500]
+    weaker = abs(first["score"][0])
+    assert na.load(run).spikes(threshold=weaker)["pass"].to_list() == [1500]
+
+
+def test_a_point_without_a_baseline_is_not_flagged(tmp_path: Path) -> None:
+    """10 finite values, then NaN: no window holds the 26 finite points a baseline needs, so the finite
+    points get no score and are no spike; the NaN run is one spike at its first point."""
+    values = np.full(100, np.nan)
+    values[:10] = 10.0 + np.arange(10)
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found.select("pass", "points").rows() == [(10, 90)]
+
+
+def test_events_are_matched_within_their_own_rank_and_rows_come_in_series_order(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    for rank, (event_pass, spikes_at) in enumerate([(495, [300, 800]), (None, [600])]):
+        series = {}
+        for i, name in enumerate(["b", "a"]):
+            v = _noise(1000, seed=50 + 2 * rank + i)
+            v[spikes_at] += 3.0
+            series[name] = v
+        events = None
+        if event_pass is not None:
+            events = {"epoch": [event_pass // 100], "pass": [event_pass], "name": ["target_update"]}
+        write_trace(run, outputs=_outputs(series), events=events, rank=rank)
+    found = na.load(run).spikes()
+    assert found.select("rank", "module", "pass", "event", "lag_passes").rows() == [
+        (0, "a", 300, None, None),
+        (0, "a", 800, "target_update", 305),
+        (0, "b", 300, None, None),
+        (0, "b", 800, "target_update", 305),
+        (1, "a", 600, None, None),  # rank 1 recorded no event: rank 0's is not its
+        (1, "b", 600, None, None),
+    ]
+    epochs = na.load(run).spikes(level="epoch", baseline_window=3)
+    assert epochs.schema["lag_passes"] == pl.Int64 and epochs["lag_passes"].is_null().all()
