@@ -136,7 +136,9 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
         "1 of 3 series have fewer points (50 at least) than the spike detector's baseline window of 51"
     )
     assert message.endswith("use a smaller baseline_window")
-    assert caught[0].filename == __file__  # pointed at the caller's line, not inside the package
+    # pointed at the caller's line, not inside the package (the caller is this file, or mutmut's
+    # trampoline when mutmut runs this test)
+    assert "normtrace_analysis" not in Path(caught[0].filename).parts, caught[0].filename
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a window of 11 points: no series is short
         na.load(trace_dir).spikes(baseline_window=11)  # a fresh Trace: nothing memoised
