@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from normtrace_analysis.stats import bh_qvalues, binom_sf
+from normtrace_analysis.stats import bh_qvalues, binom_sf, permutation_p
 
 
 def _exact_sf(k: int, n: int, p: Fraction) -> Fraction:
@@ -42,3 +42,11 @@ def test_bh_treats_missing_p_values_as_no_test() -> None:
     """None (a null from a Polars column's to_list) is NaN: m = 2, q = (0.01 x 2 / 1, 0.04 x 2 / 2)."""
     q = bh_qvalues([0.01, None, 0.04])
     assert q[0] == pytest.approx(0.02) and np.isnan(q[1]) and q[2] == pytest.approx(0.04)
+
+
+def test_permutation_p_gives_nan_for_a_missing_observation_and_names_a_bad_alternative() -> None:
+    null = np.array([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    p = permutation_p([2, None], null)  # None: a null from a Polars column's to_list
+    assert p[0] == pytest.approx((1 + 2) / 5) and np.isnan(p[1])
+    with pytest.raises(ValueError, match=r"^alternative must be 'greater' or 'two-sided', not 'less'$"):
+        permutation_p([2.0, 1.0], null, alternative="less")

@@ -32,3 +32,15 @@ def test_the_default_table_is_outputs(tmp_path: Path) -> None:
     assert table["mean"].to_list() == pytest.approx(recorded.mean(axis=1).tolist(), rel=1e-6)
     assert table["std"].to_list() == pytest.approx(recorded.std(axis=1, ddof=1).tolist(), rel=1e-6)
     assert table["p95"].to_list() == pytest.approx(np.percentile(recorded, 95, axis=1).tolist(), rel=1e-6)
+
+
+def test_rows_come_by_module_then_epoch(tmp_path: Path) -> None:
+    n = 40
+    outputs = {
+        "pass": np.tile(np.arange(n // 2), 2),
+        "epoch": np.tile(np.arange(n // 2) // 5, 2).astype(np.int32),
+        "module": ["b"] * (n // 2) + ["a"] * (n // 2),
+        "norm": np.ones(n, dtype=np.float32),
+    }
+    table = epoch_summary(na.load(write_trace(tmp_path / "r", outputs=outputs)))
+    assert table.select("module", "epoch").rows() == [(m, e) for m in ["a", "b"] for e in range(4)]
