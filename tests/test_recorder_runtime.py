@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import polars as pl
@@ -123,10 +122,14 @@ from recorder_models import QNetwork
 model = QNetwork()
 rec = nt.Recorder({run!r}, lenses=[nt.OutputNorm(include=[torch.nn.Identity]), nt.ParameterNorm()], flush_every=1)
 rec.attach(model)
-print("ready", flush=True)
+shards = rec.run_dir / "outputs"
+told = False
 while True:
     model(torch.randn(64, 4))
     rec.collect()
+    if not told and len(list(shards.glob("*.arrow"))) > 10:
+        print("written", flush=True)  # the writer goes on writing one shard per pass: the kill lands mid-way
+        told = True
 """
 
 
@@ -134,8 +137,8 @@ def test_sigkill_at_any_moment_leaves_only_complete_shards(tmp_path):
     run = tmp_path / "run"
     script = KILLED_ANY_TIME.format(tests=str(TESTS), examples=str(EXAMPLES), run=str(run))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.5)  # the writer is busy writing one shard per pass when the kill lands
+    # The child says when more than 10 shards are on disk, and keeps writing: no guess of how long that takes.
+    assert proc.stdout.readline().strip() == "written"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     files = sorted((run / "outputs").glob("*.arrow"))

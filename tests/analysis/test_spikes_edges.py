@@ -1,0 +1,229 @@
+"""The spike detector at its edges, against planted ground truth: a dip's peak, flags at the boundary
+between two series, and the parallel path (frames cut into parts at series boundaries)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import normtrace_analysis as na
+import normtrace_analysis.errors as errors_module
+import normtrace_analysis.spikes as spikes_module
+import numpy as np
+import polars as pl
+import pytest
+from normtrace_analysis.spikes import _split
+from tracegen import write_trace
+
+
+def _outputs(series: dict[str, np.ndarray]) -> dict:
+    """One training-pass series per module, passes 0..n-1 each, epochs of 100 passes."""
+    modules, passes, values = [], [], []
+    for name, v in series.items():
+        modules += [name] * len(v)
+        passes.append(np.arange(len(v)))
+        values.append(v)
+    p = np.concatenate(passes)
+    return {
+        "pass": p,
+        "epoch": (p // 100).astype(np.int32),
+        "module": modules,
+        "norm": np.concatenate(values).astype(np.float32),
+    }
+
+
+def _noise(n: int, seed: int) -> np.ndarray:
+    values = 10.0 + 0.1 * np.random.default_rng(seed).standard_normal(n)
+    assert np.abs(values - 10.0).max() < 0.55  # no point of the noise alone is a spike
+    return values
+
+
+def test_a_dip_is_reported_at_its_deepest_point(tmp_path: Path) -> None:
+    """Scores -30, -50, -20 SDs: the peak is the largest |score| (pass 1001), not the largest signed
+    score (pass 1002, the shallowest)."""
+    values = _noise(3000, seed=1)
+    values[1000:1003] -= np.array([3.0, 5.0, 2.0])
+    run = write_trace(tmp_path / "r", outputs=_outputs({"m": values}))
+    rows = na.load(run).spikes().rows(named=True)
+    assert [(r["pass"], r["points"]) for r in rows] == [(1001, 3)]
+    assert rows[0]["value"] == pytest.approx(values[1001], rel=1e-6)
+    assert rows[0]["score"] < -30
+    # the module-level function's own defaults: outputs, at level "pass"
+    assert spikes_module.spikes(na.load(run)).select("pass", "points").rows() == [(1001, 3)]
+
+
+def test_flags_on_either_side_of_a_series_boundary_are_separate_spikes(tmp_path: Path) -> None:
+    """Each series' first and last points are spikes: where one series ends and the next begins in the
+    detector's frame, two flagged rows are adjacent but belong to different series."""
+    series = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        v = _noise(600, seed=10 + i)
+        v[[0, -1]] += 3.0
+        series[name] = v
+    run = write_trace(tmp_path / "r", outputs=_outputs(series))
+    trace = na.load(run)
+    found = trace.spikes().sort("module", "pass")
+    assert found.select("module", "pass", "points").rows() == [
+        (m, p, 1) for m in ["a", "b", "c"] for p in [0, 599]
+    ]
+    # memoised per module filter: one filter's answer is not another's
+    assert trace.spikes(modules=["b"]).select("module", "pass").rows() == [("b", 0), ("b", 599)]
+    assert trace.spikes(modules="c").select("module", "pass").rows() == [("c", 0), ("c", 599)]
+
+
+def test_split_cuts_only_where_the_series_changes() -> None:
+    sid = np.repeat([0, 1, 2, 3], [30_000, 50_000, 20_000, 40_000])  # 140,000 rows
+    frame = pl.DataFrame({"sid": sid, "x": np.arange(sid.size)})
+    for n in [2, 3, 4, 8]:
+        parts = _split(frame, n)
+        assert pl.concat(parts).equals(frame)
+        starts = np.cumsum([0, *(p.height for p in parts[:-1])])
+        # every part starts a series, and no series is cut in two
+        assert set(starts) <= {0, 30_000, 80_000, 100_000}
+        assert all(p["sid"].n_unique() == p["sid"].max() - p["sid"].min() + 1 for p in parts)
+        assert 1 < len(parts) <= n
+    # about equal rows: each cut at the first series start from k/n of the rows on
+    assert [p.height for p in _split(frame, 2)] == [80_000, 60_000]  # 70,000 -> 80,000
+    assert [p.height for p in _split(frame, 8)] == [30_000, 50_000, 20_000, 40_000]
+    assert len(_split(frame, 1)) == 1
+    # only a series start is a cut: the middle of 50,000 + 50,002 rows is one past the second's start
+    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_002])})
+    assert [p.height for p in _split(two, 2)] == [100_002]
+    # 100,001 rows / 2 = 50,000.5: the first start from row 50,000 on (integer rows) is 50,000 itself
+    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_001])})
+    assert [p.height for p in _split(two, 2)] == [50_000, 50_001]
+    small = frame.head(99_999)
+    assert len(_split(small, 4)) == 1  # under 100,000 rows: not worth cutting
+    assert len(_split(frame.head(100_000), 4)) > 1
+
+
+def test_the_parallel_path_finds_what_was_planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three series of 40,000 points (120,000 rows): the frame is cut into parts, whatever the number of
+    cores (parts of at most 50,000 rows), and spikes at each series' edges and middle are all found, once."""
+    monkeypatch.setattr(spikes_module, "PART_ROWS", 50_000)
+    heights: list[int] = []
+    detect_part = spikes_module._detect_part
+
+    def spy(frame: pl.DataFrame, *args: object) -> pl.DataFrame:
+        heights.append(frame.height)
+        return detect_part(frame, *args)
+
+    monkeypatch.setattr(spikes_module, "_detect_part", spy)
+    series, planted = {}, []
+    for i, name in enumerate(["a", "b", "c"]):
+        v = _noise(40_000, seed=20 + i)
+        for p in [0, 20_000, 39_999]:
+            v[p] += 3.0
+            planted.append((name, p))
+        series[name] = v
+    run = write_trace(tmp_path / "r", outputs=_outputs(series))
+    found = na.load(run).spikes()
+    assert sorted(found.select("module", "pass").rows()) == planted
+    assert (found["points"] == 1).all()
+    # a series is never cut, and no part holds more than PART_ROWS rows (3 parts of 40,000 at most)
+    assert sum(heights) == 120_000 and len(heights) > 1 and max(heights) <= 50_000
+
+
+def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path) -> None:
+    """Window 51: a series of 50 points is short, one of 51 is not; the warning counts the short ones
+    among all and gives the shortest length, in points at level "pass", in epochs at level "epoch"."""
+    series = {"a": _noise(50, seed=30), "b": _noise(51, seed=31), "c": _noise(500, seed=32)}
+    trace_dir = write_trace(tmp_path / "r", outputs=_outputs(series))
+    trace = na.load(trace_dir)
+    with pytest.warns(na.ShortSeriesWarning) as caught:
+        trace.spikes()
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        "1 of 3 series have fewer points (50 at least) than the spike detector's baseline window of 51"
+    )
+    assert message.endswith("use a smaller baseline_window")
+    # pointed at the caller's line, not inside the package (the caller is this file, or mutmut's
+    # trampoline when mutmut runs this test). Unless mutmut is mutating errors.py itself: its trampoline
+    # then sits between caller_stacklevel and the frames it counts, so no stacklevel can be right.
+    if not hasattr(errors_module, "x_caller_stacklevel__mutmut_orig"):
+        assert "normtrace_analysis" not in Path(caught[0].filename).parts, caught[0].filename
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a window of 11 points: no series is short
+        na.load(trace_dir).spikes(baseline_window=11)  # a fresh Trace: nothing memoised
+    with pytest.warns(na.ShortSeriesWarning) as caught:
+        trace.spikes(level="epoch")  # 1, 1 and 5 epochs of 100 passes, window 11: all three short
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("3 of 3 series have fewer epochs (1 at least) than the spike detector's")
+    assert message.endswith("use level='pass' (CLI: --level pass)")
+
+
+def test_the_smallest_baseline_window_is_3(tmp_path: Path) -> None:
+    values = np.full(200, 3.0)  # flat: with 3 points the MAD of noise would flag noise
+    values[100] = 3.5
+    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values})))
+    assert trace.spikes(baseline_window=3)["pass"].to_list() == [100]
+    with pytest.raises(ValueError, match=r"^baseline_window must be at least 3 points, got 2$"):
+        trace.spikes(baseline_window=2)
+
+
+def test_a_flat_series_does_not_flag_rounding_but_flags_a_jump(tmp_path: Path) -> None:
+    """MAD 0 (every block's median deviation is 0): the scale is 1e-4 of the baseline (0.01 at 100), so
+    a deviation of 1e-5 relative (score ~0.1) is not a spike while a jump to 150 is."""
+    values = np.full(1000, 100.0)
+    values[::50] = 100.001  # one point in 50: every block's median deviation stays 0
+    values[500] = 150.0
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found.select("pass", "points").rows() == [(500, 1)]
+    assert found["score"][0] == pytest.approx(50.0 / (1e-4 * 100.0), rel=1e-3)
+
+
+def test_an_all_zero_series_gives_a_finite_score_to_a_jump(tmp_path: Path) -> None:
+    """Baseline 0 and MAD 0: the scale's last floor (1e-300) keeps the score of a finite value finite;
+    ±inf is for NaN and Inf values only."""
+    values = np.zeros(300)
+    values[100] = 1.0
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found["pass"].to_list() == [100]
+    score = found["score"][0]
+    assert np.isfinite(score) and score > 1e200
+
+
+def test_a_score_equal_to_the_threshold_is_not_a_spike(tmp_path: Path) -> None:
+    """Flagged when |score| > threshold, strictly: at a threshold equal to a spike's own |score| (taken
+    from a first search at a lower threshold) that spike is gone and the stronger one stays."""
+    values = _noise(2000, seed=41)
+    values[[500, 1500]] += [1.5, 3.0]
+    run = write_trace(tmp_path / "r", outputs=_outputs({"m": values}))
+    first = na.load(run).spikes().sort("pass")
+    assert first["pass"].to_list() == [500, 1500]
+    weaker = abs(first["score"][0])
+    assert na.load(run).spikes(threshold=weaker)["pass"].to_list() == [1500]
+
+
+def test_a_point_without_a_baseline_is_not_flagged(tmp_path: Path) -> None:
+    """10 finite values, then NaN: no window holds the 26 finite points a baseline needs, so the finite
+    points get no score and are no spike; the NaN run is one spike at its first point."""
+    values = np.full(100, np.nan)
+    values[:10] = 10.0 + np.arange(10)
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    assert found.select("pass", "points").rows() == [(10, 90)]
+
+
+def test_events_are_matched_within_their_own_rank_and_rows_come_in_series_order(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    for rank, (event_pass, spikes_at) in enumerate([(495, [300, 800]), (None, [600])]):
+        series = {}
+        for i, name in enumerate(["b", "a"]):
+            v = _noise(1000, seed=50 + 2 * rank + i)
+            v[spikes_at] += 3.0
+            series[name] = v
+        events = None
+        if event_pass is not None:
+            events = {"epoch": [event_pass // 100], "pass": [event_pass], "name": ["target_update"]}
+        write_trace(run, outputs=_outputs(series), events=events, rank=rank)
+    found = na.load(run).spikes()
+    assert found.select("rank", "module", "pass", "event", "lag_passes").rows() == [
+        (0, "a", 300, None, None),
+        (0, "a", 800, "target_update", 305),
+        (0, "b", 300, None, None),
+        (0, "b", 800, "target_update", 305),
+        (1, "a", 600, None, None),  # rank 1 recorded no event: rank 0's is not its
+        (1, "b", 600, None, None),
+    ]
+    epochs = na.load(run).spikes(level="epoch", baseline_window=3)
+    assert epochs.schema["lag_passes"] == pl.Int64 and epochs["lag_passes"].is_null().all()
