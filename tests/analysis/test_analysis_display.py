@@ -26,10 +26,13 @@ def _runs(root: Path, n: int) -> Path:
 def test_repr_is_a_few_lines_whatever_the_number_of_runs(tmp_path: Path) -> None:
     trace = na.load(_runs(tmp_path, 30) / "*")
     text = repr(trace)
-    assert text.splitlines() == [
-        "<normtrace Trace: 30 runs (run00, run01, run02, run03, run04, … (25 more))",
-        "  outputs 2,400 rows/60 shards · params – · metrics – · events 30 rows/30 shards>",  # no signals recorded
-    ]
+    assert (
+        text.splitlines()
+        == [
+            "<normtrace Trace: 30 runs (run00, run01, run02, run03, run04, … (25 more))",
+            "  outputs 2,400 rows/60 shards · params – · metrics – · events 30 rows/30 shards>",  # no signals recorded
+        ]
+    )
     narrowed = repr(trace.filter(modules="a", epochs=(1, 2)))
     assert "filtered: modules=['a'], epochs=(1, 2) (row counts are before filters)" in narrowed
 

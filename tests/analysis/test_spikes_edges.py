@@ -12,7 +12,6 @@ import normtrace_analysis.spikes as spikes_module
 import numpy as np
 import polars as pl
 import pytest
-from normtrace_analysis.spikes import _split
 from tracegen import write_trace
 
 
@@ -69,59 +68,6 @@ def test_flags_on_either_side_of_a_series_boundary_are_separate_spikes(tmp_path:
     # memoised per module filter: one filter's answer is not another's
     assert trace.spikes(modules=["b"]).select("module", "pass").rows() == [("b", 0), ("b", 599)]
     assert trace.spikes(modules="c").select("module", "pass").rows() == [("c", 0), ("c", 599)]
-
-
-def test_split_cuts_only_where_the_series_changes() -> None:
-    sid = np.repeat([0, 1, 2, 3], [30_000, 50_000, 20_000, 40_000])  # 140,000 rows
-    frame = pl.DataFrame({"sid": sid, "x": np.arange(sid.size)})
-    for n in [2, 3, 4, 8]:
-        parts = _split(frame, n)
-        assert pl.concat(parts).equals(frame)
-        starts = np.cumsum([0, *(p.height for p in parts[:-1])])
-        # every part starts a series, and no series is cut in two
-        assert set(starts) <= {0, 30_000, 80_000, 100_000}
-        assert all(p["sid"].n_unique() == p["sid"].max() - p["sid"].min() + 1 for p in parts)
-        assert 1 < len(parts) <= n
-    # about equal rows: each cut at the first series start from k/n of the rows on
-    assert [p.height for p in _split(frame, 2)] == [80_000, 60_000]  # 70,000 -> 80,000
-    assert [p.height for p in _split(frame, 8)] == [30_000, 50_000, 20_000, 40_000]
-    assert len(_split(frame, 1)) == 1
-    # only a series start is a cut: the middle of 50,000 + 50,002 rows is one past the second's start
-    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_002])})
-    assert [p.height for p in _split(two, 2)] == [100_002]
-    # 100,001 rows / 2 = 50,000.5: the first start from row 50,000 on (integer rows) is 50,000 itself
-    two = pl.DataFrame({"sid": np.repeat([0, 1], [50_000, 50_001])})
-    assert [p.height for p in _split(two, 2)] == [50_000, 50_001]
-    small = frame.head(99_999)
-    assert len(_split(small, 4)) == 1  # under 100,000 rows: not worth cutting
-    assert len(_split(frame.head(100_000), 4)) > 1
-
-
-def test_the_parallel_path_finds_what_was_planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three series of 40,000 points (120,000 rows): the frame is cut into parts, whatever the number of
-    cores (parts of at most 50,000 rows), and spikes at each series' edges and middle are all found, once."""
-    monkeypatch.setattr(spikes_module, "PART_ROWS", 50_000)
-    heights: list[int] = []
-    detect_part = spikes_module._detect_part
-
-    def spy(frame: pl.DataFrame, *args: object) -> pl.DataFrame:
-        heights.append(frame.height)
-        return detect_part(frame, *args)
-
-    monkeypatch.setattr(spikes_module, "_detect_part", spy)
-    series, planted = {}, []
-    for i, name in enumerate(["a", "b", "c"]):
-        v = _noise(40_000, seed=20 + i)
-        for p in [0, 20_000, 39_999]:
-            v[p] += 3.0
-            planted.append((name, p))
-        series[name] = v
-    run = write_trace(tmp_path / "r", outputs=_outputs(series))
-    found = na.load(run).spikes()
-    assert sorted(found.select("module", "pass").rows()) == planted
-    assert (found["points"] == 1).all()
-    # a series is never cut, and no part holds more than PART_ROWS rows (3 parts of 40,000 at most)
-    assert sum(heights) == 120_000 and len(heights) > 1 and max(heights) <= 50_000
 
 
 def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path) -> None:
