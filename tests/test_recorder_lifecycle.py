@@ -219,7 +219,14 @@ def run_until_signal(tmp_path: Path, sig: signal.Signals, setup: str = "") -> su
     script = TERMINATED.format(
         tests=str(TESTS), examples=str(EXAMPLES), run=str(run), expected=str(expected), setup=setup
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # the signal's default action in the child, whatever this process inherited: under `nohup` SIGHUP is
+        # ignored, and the recorder rightly hands the signal on to that "ignore"
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
+    )
     assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
     proc.send_signal(sig)
     proc.wait(timeout=180)  # a loaded machine: the flush and exit, not a hang
