@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from . import format as _format
+
 Table = Literal["outputs", "params", "signals"]
 """The tables whose rows are series of ``value``: module output norms per pass, parameter norms per
 collection, and the signals (gradient norms, update ratios, activation rates …) per measurement."""
@@ -66,16 +68,8 @@ SENSITIVITY_WINDOWS: dict[str, tuple[int, ...]] = {"pass": (5, 20, 50), "epoch":
 PERMUTATIONS = 999
 """Default number of jittered event trains per test: p-values have a floor of 1 / (999 + 1) = 0.001."""
 
-SIGNAL_KINDS: tuple[str, ...] = (
-    "grad_norm",
-    "grad_cosine",
-    "update_ratio",
-    "update_cosine",
-    "output_grad_norm",
-    "active_rate",
-    "dead_fraction",
-)
-"""The kinds of signal normtrace's own lenses record; a user's lens may record kinds of its own."""
+SIGNAL_KINDS: tuple[str, ...] = _format.SIGNAL_KINDS
+"""The kinds of signal normtrace's own lenses record (the format's list); a user's lens may record others."""
 
 LOG_KINDS: frozenset[str] = frozenset({"grad_norm", "update_ratio", "output_grad_norm"})
 """Signal kinds whose spikes are detected on ``log10(value)``: norms and ratios are positive and span
