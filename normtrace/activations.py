@@ -6,7 +6,7 @@ kernels on the output's device with grad mode off; the two values stay on the de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,17 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from normtrace.gradients import signal_module
-from normtrace.lenses import (
-    ACTIVATIONS,
-    Selector,
-    _check_selectors,
-    _matches,
-    _selector_names,
-    graph_task_id,
-    is_data_parallel_replica,
-)
+from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import Recording, Target
+from normtrace.selection import ModuleSelection
 
 KINDS = ("active_rate", "dead_fraction")
 
@@ -49,47 +42,24 @@ def activation_rates(x: Tensor) -> Tensor | None:
 
 
 @dataclass
-class ActivationRate:
+class ActivationRate(ModuleSelection):
     """Per recorded pass and selected module output: ``active_rate`` and ``dead_fraction`` (see
     ``activation_rates``) as ``signals`` rows.
 
-    Selects as ``OutputNorm``: the ``torch.nn`` activation modules, plus ``include``, minus ``exclude``;
+    Selects as ``OutputNorm``: the activation modules, plus ``include``, minus ``exclude``;
     ``skip_no_grad_pass`` skips passes run under ``torch.no_grad``. Outputs that are not a single tensor
     are skipped.
     """
 
-    include: Sequence[Selector] = ()
-    exclude: Sequence[Selector] = ()
     skip_no_grad_pass: bool = True
-
-    def __post_init__(self) -> None:
-        self.include = _check_selectors("include", self.include, type(self).__name__)
-        self.exclude = _check_selectors("exclude", self.exclude, type(self).__name__)
-
-    def selects(self, name: str, module: nn.Module) -> bool:
-        """Whether the module called ``name`` is observed."""
-        chosen = isinstance(module, ACTIVATIONS) or _matches(name, module, self.include)
-        return chosen and not _matches(name, module, self.exclude)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description for the run metadata."""
-        return {
-            "type": type(self).__name__,
-            "include": _selector_names(self.include),
-            "exclude": _selector_names(self.exclude),
-            "skip_no_grad_pass": self.skip_no_grad_pass,
-        }
+        return {**super().config(), "skip_no_grad_pass": self.skip_no_grad_pass}
 
     def attach(self, target: Target, recording: Recording) -> list[Removable]:
         """Observe the output of every selected module."""
-        chosen = [(name, module) for name, module in target.modules if self.selects(name, module)]
-        if not chosen:
-            recording.warn(
-                "no_activation_modules",
-                f"{type(self).__name__} selects no module of {type(target.model).__name__}: it has no "
-                "torch.nn activation module (F.relu cannot be observed) and nothing matches include=...; "
-                "pass include=[...] with module classes or name globs",
-            )
+        chosen = self.chosen(target, recording, "no_activation_modules")
         return [after_forward(module, self._hook(recording, name, module)) for name, module in chosen]
 
     def _hook(
@@ -109,7 +79,7 @@ class ActivationRate:
             try:
                 pass_, _, state = local.state
             except AttributeError:
-                pass_, _, state = outside_pass()
+                pass_, _, state = outside_pass(module)
             if state is None or graph_task_id() != -1:
                 return  # a pass that records nothing, or a recomputation in backward (checkpointing)
             if calls[0] == pass_:

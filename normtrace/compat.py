@@ -17,7 +17,8 @@ from torch import nn
 
 from normtrace.activations import ActivationRate
 from normtrace.gradients import GradientNorm, OutputGradientNorm, UpdateRatio
-from normtrace.lenses import ACTIVATIONS, LossMetrics, OutputNorm, ParameterNorm
+from normtrace.lenses import LossMetrics, OutputNorm, ParameterNorm
+from normtrace.selection import is_activation, matches
 
 PRESENTATION = frozenset(
     {
@@ -102,7 +103,7 @@ class OutputGradientGeometry(OutputGradientNorm):
     def selects(self, name: str, module: nn.Module) -> bool:
         """Leaf modules, but activations when ``skip_activation``."""
         leaf = next(module.children(), None) is None
-        return leaf and not (self.skip_activation and isinstance(module, ACTIVATIONS))
+        return leaf and not (self.skip_activation and is_activation(module))
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description for the run metadata."""
@@ -136,15 +137,13 @@ class OutputActivation(ActivationRate):
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """The seed's selection: activations and dropout as asked, plus ``include``, minus ``exclude``."""
-        from normtrace.lenses import _matches
-
         dropout = isinstance(module, nn.modules.dropout._DropoutNd)
         chosen = (
-            (self.activation and isinstance(module, ACTIVATIONS))
+            (self.activation and is_activation(module))
             or (self.dropout and dropout)
-            or _matches(name, module, self.include)
+            or matches(name, module, self.include)
         )
-        return chosen and not _matches(name, module, self.exclude)
+        return chosen and not matches(name, module, self.exclude)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description for the run metadata."""

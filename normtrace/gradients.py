@@ -17,19 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normtrace.lenses import (
-    _ACCUMULATE,
-    ACTIVATIONS,
-    Selector,
-    _check_selectors,
-    _matches,
-    _selector_names,
-    graph_task_id,
-    is_data_parallel_replica,
-    sample_norms,
-)
+from normtrace.lenses import _ACCUMULATE, graph_task_id, is_data_parallel_replica, sample_norms
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import ROOT_NAME, Recording, Target
+from normtrace.selection import ModuleSelection, Selector, check_selectors, matches, selector_names
 
 ParamKey = tuple[str, str]
 """(module, parameter name) as the ``signals`` table spells it: the root module is ``""``."""
@@ -55,9 +46,9 @@ def select_parameters(
     seen: set[int] = set()
     chosen = []
     for mod_name, module in target.modules:
-        if include and not _matches(mod_name, module, include):
+        if include and not matches(mod_name, module, include):
             continue
-        if _matches(mod_name, module, exclude):
+        if matches(mod_name, module, exclude):
             continue
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad or (names is not None and p_name not in names):
@@ -108,8 +99,8 @@ def _param_config(lens: Any) -> dict[str, Any]:
     return {
         "type": type(lens).__name__,
         "parameters": None if lens.parameters is None else list(lens.parameters),
-        "include": _selector_names(lens.include),
-        "exclude": _selector_names(lens.exclude),
+        "include": selector_names(lens.include),
+        "exclude": selector_names(lens.exclude),
         "cosine": lens.cosine,
     }
 
@@ -118,8 +109,8 @@ def _nothing_selected(lens: Any, target: Target, recording: Recording) -> None:
     recording.warn(
         "no_signal_params",
         f"{type(lens).__name__} selects no trainable parameter of {type(target.model).__name__} (parameters="
-        f"{lens.parameters!r}, include={_selector_names(lens.include)!r}, exclude="
-        f"{_selector_names(lens.exclude)!r}; frozen parameters are never selected): it records nothing",
+        f"{lens.parameters!r}, include={selector_names(lens.include)!r}, exclude="
+        f"{selector_names(lens.exclude)!r}; frozen parameters are never selected): it records nothing",
     )
 
 
@@ -134,8 +125,8 @@ class _ParamLens:
     def _check(self) -> None:
         lens = type(self).__name__
         self.parameters = _check_names(lens, self.parameters)
-        self.include = _check_selectors("include", self.include, lens)
-        self.exclude = _check_selectors("exclude", self.exclude, lens)
+        self.include = check_selectors(lens, "include", self.include)
+        self.exclude = check_selectors(lens, "exclude", self.exclude)
         self.cosine = bool(self.cosine)
 
     def config(self) -> dict[str, Any]:
@@ -383,44 +374,18 @@ class UpdateRatio(_ParamLens):
 
 
 @dataclass
-class OutputGradientNorm:
+class OutputGradientNorm(ModuleSelection):
     """Norm of the gradient arriving at each selected module's output, per backward (kind
     ``output_grad_norm``): the batch mean of per-sample L2 norms, as ``OutputNorm`` takes of the output.
 
-    Selects modules as ``OutputNorm`` does: the ``torch.nn`` activations, plus ``include``, minus
-    ``exclude``. Only outputs of grad-enabled passes that require grad get a (tensor) hook; the row
-    carries the pass of that forward and the optimizer step at the backward.
+    Selects modules as ``OutputNorm`` does: the activation modules, plus ``include``, minus ``exclude``.
+    Only outputs of grad-enabled passes that require grad get a (tensor) hook; the row carries the pass of
+    that forward and the optimizer step at the backward.
     """
-
-    include: Sequence[Selector] = ()
-    exclude: Sequence[Selector] = ()
-
-    def __post_init__(self) -> None:
-        self.include = _check_selectors("include", self.include, type(self).__name__)
-        self.exclude = _check_selectors("exclude", self.exclude, type(self).__name__)
-
-    def selects(self, name: str, module: nn.Module) -> bool:
-        """Whether the module called ``name`` is observed."""
-        chosen = isinstance(module, ACTIVATIONS) or _matches(name, module, self.include)
-        return chosen and not _matches(name, module, self.exclude)
-
-    def config(self) -> dict[str, Any]:
-        """JSON-ready description for the run metadata."""
-        return {
-            "type": type(self).__name__,
-            "include": _selector_names(self.include),
-            "exclude": _selector_names(self.exclude),
-        }
 
     def attach(self, target: Target, recording: Recording) -> list[Removable]:
         """Observe each selected module's forward, to hook the gradient of its output."""
-        chosen = [(name, module) for name, module in target.modules if self.selects(name, module)]
-        if not chosen:
-            recording.warn(
-                "no_output_grad_modules",
-                f"{type(self).__name__} selects no module of {type(target.model).__name__}; pass "
-                "include=[nn.Linear] or name globs such as include=['encoder.*']",
-            )
+        chosen = self.chosen(target, recording, "no_output_grad_modules")
         return [after_forward(module, self._hook(recording, name, module)) for name, module in chosen]
 
     def _hook(
@@ -439,7 +404,7 @@ class OutputGradientNorm:
             try:
                 pass_, _, state = local.state
             except AttributeError:
-                pass_, _, state = outside_pass()
+                pass_, _, state = outside_pass(module)
             if state is None or graph_task_id() != -1:
                 return  # a pass that records nothing, or a recomputation in backward (checkpointing)
             if calls[0] == pass_:

@@ -11,7 +11,7 @@ thread.
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +22,7 @@ from torch import Tensor, nn
 
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import Lens, Recording, Target, in_transform
-
-ACTIVATIONS: tuple[type[nn.Module], ...] = tuple(
-    getattr(nn, name) for name in nn.modules.activation.__all__ if name != "MultiheadAttention"
-)
-"""The ``torch.nn`` activation classes that ``OutputNorm`` hooks by default."""
+from normtrace.selection import ACTIVATIONS, ModuleSelection, Selector
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _FAST_DTYPES = frozenset({torch.float32, torch.float64})
@@ -36,32 +32,6 @@ set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls, wit
 is_exporting = torch.compiler.is_exporting
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 """-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
-Selector = type[nn.Module] | str
-"""A module class (matches instances and subclasses) or a glob over dotted module names."""
-
-
-def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
-    for sel in selectors:
-        if isinstance(sel, str):
-            if fnmatch.fnmatchcase(name, sel):
-                return True
-        elif isinstance(module, sel):
-            return True
-    return False
-
-
-def _check_selectors(
-    arg: str, selectors: Sequence[Selector], lens: str = "OutputNorm"
-) -> tuple[Selector, ...]:
-    out = (selectors,) if isinstance(selectors, str) else tuple(selectors)
-    for sel in out:
-        if not (isinstance(sel, str) or (isinstance(sel, type) and issubclass(sel, nn.Module))):
-            raise TypeError(f"{lens}({arg}=...) takes nn.Module classes or name globs, got {sel!r}")
-    return out
-
-
-def _selector_names(selectors: Sequence[Selector]) -> list[str]:
-    return [s if isinstance(s, str) else f"{s.__module__}.{s.__qualname__}" for s in selectors]
 
 
 def sample_norms(x: Tensor) -> Tensor | None:
@@ -89,63 +59,52 @@ def is_data_parallel_replica(module: nn.Module) -> bool:
 
 
 def _flatten_output(name: str, out: Any) -> Iterator[tuple[str, Any]]:
-    """Yield ``(suffixed name, leaf)`` for the leaves of nested tuple/list/dict outputs (a leaf: itself)."""
-    if isinstance(out, (tuple, list)):
+    """Yield ``(suffixed name, leaf)`` for the leaves of nested outputs: a NamedTuple's and a dataclass's
+    fields by name (``enc.hidden``), a dict's by key (Hugging Face's ``ModelOutput`` is one: its fields that
+    are set), a tuple's or list's items by index (``enc.0``); a leaf is itself."""
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        for key, item in zip(out._fields, out, strict=False):
+            yield from _flatten_output(f"{name}.{key}", item)
+    elif isinstance(out, (tuple, list)):
         for i, item in enumerate(out):
             yield from _flatten_output(f"{name}.{i}", item)
     elif isinstance(out, dict):
         for key, item in out.items():
             yield from _flatten_output(f"{name}.{key}", item)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        for f in dataclasses.fields(out):
+            yield from _flatten_output(f"{name}.{f.name}", getattr(out, f.name))
     else:
         yield name, out
 
 
 @dataclass
-class OutputNorm:
+class OutputNorm(ModuleSelection):
     """Norm of module outputs on every forward pass: batch mean of per-sample L2 norms.
 
-    Hooks the ``torch.nn`` activation modules, plus ``include``, minus ``exclude`` (classes or name globs).
+    Observes the activation modules (``selection.is_activation``: ``torch.nn``'s, transformers' and
+    timm's), plus ``include``, minus ``exclude`` (classes or name globs, see ``selection.Selector``).
     ``skip_no_grad_pass`` skips passes run under ``torch.no_grad`` (e.g. a DQN's acting passes).
     ``normalize_by_size`` is recorded in the run metadata; the raw norm and element count are always stored
     and the analysis divides by sqrt(numel) when asked.
     """
 
-    include: Sequence[Selector] = ()
-    exclude: Sequence[Selector] = ()
     skip_no_grad_pass: bool = True
     normalize_by_size: bool = False
-
-    def __post_init__(self) -> None:
-        self.include = _check_selectors("include", self.include)
-        self.exclude = _check_selectors("exclude", self.exclude)
-
-    def selects(self, name: str, module: nn.Module) -> bool:
-        """Whether the module called ``name`` gets an output hook."""
-        chosen = isinstance(module, ACTIVATIONS) or _matches(name, module, self.include)
-        return chosen and not _matches(name, module, self.exclude)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description for the run metadata."""
         return {
-            "type": "OutputNorm",
-            "include": _selector_names(self.include),
-            "exclude": _selector_names(self.exclude),
+            **super().config(),
             "skip_no_grad_pass": self.skip_no_grad_pass,
             "normalize_by_size": self.normalize_by_size,
         }
 
     def attach(self, target: Target, recording: Recording) -> list[Removable]:
         """Observe the output of every selected module (``observe.after_forward``); returns the handles."""
-        chosen = [(name, module) for name, module in target.modules if self.selects(name, module)]
+        chosen = self.chosen(target, recording, "no_output_modules")
         recording.describe("modules.outputs", [{"name": n, "class": type(m).__name__} for n, m in chosen])
         recording.describe("normalize.outputs", self.normalize_by_size)
-        if not chosen:
-            recording.warn(
-                "no_output_modules",
-                f"OutputNorm selects no module of {type(target.model).__name__}: it has no torch.nn activation "
-                "module (a function call such as F.relu cannot be hooked) and nothing matches include=...; "
-                "pass include=[nn.Linear] or name globs such as include=['encoder.*']",
-            )
         return [after_forward(module, self._hook(recording, name, module)) for name, module in chosen]
 
     def _hook(
@@ -163,8 +122,8 @@ class OutputNorm:
                 return
             try:  # the pass this thread is running (recorder._on_pass), with its call counts
                 pass_, epoch, calls = local.state
-            except AttributeError:  # this thread started no pass: a DataParallel worker, a direct call
-                pass_, epoch, calls = outside_pass()
+            except AttributeError:  # outside the root's forward: a child called alone, a DataParallel worker
+                pass_, epoch, calls = outside_pass(module)
             if calls is None or graph_task_id() != -1:
                 return  # a pass that records nothing (see Recording.local), or a recomputation in backward
             if name in calls:  # called again in the same pass (one activation after every layer)
@@ -331,10 +290,10 @@ class LossMetrics:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not loss_fn or is_exporting():  # a copy (see observe.py), or torch.export's trace
                 return
-            try:
-                pass_, epoch, calls = local.state
-            except AttributeError:  # no pass started in this thread
-                pass_, epoch, calls = outside_pass()
+            # the pass this thread runs, or (the loss comes after the forward) the last it ran: read
+            # without an exception, which would cost ~0.5 us at every call
+            found = local.__dict__
+            pass_, epoch, calls = found.get("state") or found.get("last") or outside_pass()
             if calls is None or in_transform():
                 return  # a pass that records nothing (see Recording.local), or inside torch.func
             if not isinstance(out, Tensor) or out.numel() == 0:
@@ -351,4 +310,12 @@ class LossMetrics:
         return [after_forward(self.loss_fn, hook)]
 
 
-__all__ = ["ACTIVATIONS", "Lens", "LossMetrics", "OutputNorm", "ParameterNorm", "parameter_norms"]
+__all__ = [
+    "ACTIVATIONS",
+    "Lens",
+    "LossMetrics",
+    "OutputNorm",
+    "ParameterNorm",
+    "Selector",
+    "parameter_norms",
+]

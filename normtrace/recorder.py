@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,8 +32,8 @@ from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
-from normtrace.observe import Removable, before_forward
-from normtrace.recording import ROOT_NAME, Lens, Recording, Target, in_transform
+from normtrace.observe import Removable, after_forward, before_forward
+from normtrace.recording import ROOT_NAME, Lens, PassState, Recording, Target, in_transform
 from normtrace.writer import ShardWriter, write_json_atomic
 
 TRANSFORM_NOTE = (
@@ -275,6 +276,8 @@ class Recorder:
         self._root: nn.Module | None = None
         self._model: weakref.ref[nn.Module] | None = None  # the one model this run records
         self._handles: list[Removable] = []
+        self._entries: list[str] | None = None  # the root's children that count passes (_outside_root)
+        self._entry_lock = threading.Lock()
         self._closed = False
         self._inert = False  # a forked child's copy: records nothing, refuses every call
         self.handle_signals = bool(handle_signals)
@@ -288,7 +291,10 @@ class Recorder:
         self._run.compact = self.compact
         # the lenses' handle: it refers to the run, never to this recorder (hooks kept alive by the model
         # must not keep the recorder alive: one dropped by its last reference is finished at once)
-        self._recording = Recording(self._run, self._local, self.rank)
+        outside_root = weakref.WeakMethod(self._outside_root)
+        self._recording = Recording(
+            self._run, self._local, self.rank, lambda m: (f := outside_root()) and f(m)
+        )
         # collected without close(): finish the run (lifecycle); at exit the exit handler closes instead
         self._finalizer = weakref.finalize(self, lifecycle.abandon, self._run)
         self._finalizer.atexit = False
@@ -340,6 +346,7 @@ class Recorder:
         )
         self._root = model
         self._handles.append(before_forward(model, self._on_pass))
+        self._handles.append(after_forward(model, self._after_pass))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._run.count_step))
         self._meta["root"] = type(model).__name__
@@ -376,6 +383,7 @@ class Recorder:
             handle.remove()
         self._handles.clear()
         self._root = None
+        self._entries = None
 
     # ------------------------------------------------------------------ recording
 
@@ -509,26 +517,100 @@ class Recorder:
             return  # torch.export traces forward on fake tensors: not a pass
         if graph_task_id() != -1:
             return  # backward recomputing a checkpointed forward (torch.utils.checkpoint): not a pass
+        self._local.inside = True
+        self._begin_pass()
+
+    def _after_pass(self, module: nn.Module, args: Any, out: Any) -> None:
+        """Runs after each forward of the root: the pass's state becomes the thread's last (``local.last``,
+        for the rows recorded after it: the loss, gradients), so that a module this thread runs next is
+        seen to run outside the root's forward (``Recording.outside_pass``)."""
+        if module is self._root or is_data_parallel_replica(module):
+            local = self._local
+            local.inside = False
+            state = local.__dict__.pop("state", None)
+            if state is not None:
+                local.last = state
+
+    def _begin_pass(self) -> PassState:
+        """Start a pass in this thread (the root's forward, or a child called without it): take its number,
+        compact the buffer and flush when due; returns the thread's new ``PassState``."""
         run = self._run
         p = run.last_pass = run.next_pass()
         if not in_transform():
-            self._local.state = (p, run.epoch, {})
+            state: PassState = (p, run.epoch, {})
         else:  # vmap/grad: a pass (the model ran), but its outputs are batched or wrapped tensors
-            self._local.state = (p, run.epoch, None)
+            state = (p, run.epoch, None)
             self._note(ROOT_NAME, "torch_func_transform", TRANSFORM_NOTE)
+        self._local.state = state
         if len(self._buffer.outputs) >= COMPACT_VALUES:
             with critical():
                 self._buffer.compact()
         if p >= self._flush_at_pass or time.monotonic() > self._flush_deadline:
             self._flush(p)  # hands over every pass before this one that this thread ran
+        return state
+
+    def _outside_root(self, module: nn.Module) -> PassState | None:
+        """A hook's module ran while the root's forward is not running in this thread (a Lightning
+        ``training_step`` calling ``self.net(x)``): from now on a pass is counted at each call of one of the
+        root's children made outside the root's forward (``_on_entry``), and this call starts one (as it
+        does in a thread that started no pass yet). Returns the new ``PassState``, or None when nothing
+        changes (inside the root's forward, already counting at the children, a ``DataParallel`` replica
+        whose wrapper counts)."""
+        root, local = self._root, self._local
+        if (
+            getattr(local, "inside", False)
+            or (self._entries is not None and hasattr(local, "state"))  # a 2nd call in a child's pass
+            or root is None
+            or self._inert
+            or is_data_parallel_replica(module)
+            or isinstance(root, nn.DataParallel)
+            or torch.compiler.is_exporting()
+            or graph_task_id() != -1  # a checkpointed forward recomputed in backward
+        ):
+            return None
+        with self._entry_lock:
+            if self._entries is None:
+                self._entries = self._observe_entries(root, module)
+        return self._begin_pass()
+
+    def _observe_entries(self, root: nn.Module, ran: nn.Module) -> list[str]:
+        """Observe the forward of each child of ``root``, to start a pass when one is called outside the
+        root's forward; warn once, naming ``ran`` (the module that ran outside) and the children."""
+        children = list(root.named_children())
+        for _, child in children:
+            self._handles.append(before_forward(child, self._on_entry(child)))
+        names = [name for name, _ in children]
+        ran_name = next((n for n, m in root.named_modules() if m is ran), type(ran).__name__)
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        root_name = type(root).__name__
+        detail = (
+            f"{ran_name!r} ran outside {root_name}.forward (a Lightning training_step calling self.net(x) "
+            f"instead of self(x)?): from now on each call of a child of {root_name} ({shown}) made outside "
+            f"its forward counts as a pass. To count passes at the module you call, attach that one "
+            "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
+        )
+        warnings.warn(f"normtrace: {detail}", stacklevel=4)
+        self._note(ROOT_NAME, "passes_from_children", detail)
+        return names
+
+    def _on_entry(self, child: nn.Module) -> Callable[[nn.Module, Any], None]:
+        """The observer of one child of the root (see ``_outside_root``)."""
+        local = self._local
+
+        def on_entry(module: nn.Module, args: Any) -> None:
+            if module is not child and not is_data_parallel_replica(module):
+                return  # a copy of the child: not ours
+            if getattr(local, "inside", False) or graph_task_id() != -1 or torch.compiler.is_exporting():
+                return  # called by the root's forward (already a pass), or recomputed in backward
+            self._begin_pass()
+
+        return on_entry
 
     def _current_pass(self) -> int:
         """The pass a row recorded now belongs to: the calling thread's last, else any thread's last."""
-        try:
-            last: int = self._local.state[0]
-            return last
-        except AttributeError:
-            return self._run.last_pass
+        local = self._local
+        state: PassState | None = getattr(local, "state", None) or getattr(local, "last", None)
+        return self._run.last_pass if state is None else state[0]
 
     def _maybe_flush(self) -> None:
         if time.monotonic() > self._flush_deadline:

@@ -80,13 +80,20 @@ class Recording:
     tensors stay on their device until the writer thread moves them (never call ``.item()`` in a hook).
     """
 
-    def __init__(self, run: _Run, local: threading.local, rank: int) -> None:
+    def __init__(
+        self,
+        run: _Run,
+        local: threading.local,
+        rank: int,
+        outside_root: Callable[[nn.Module], PassState | None] = lambda module: None,
+    ) -> None:
         buffer = run.buffer
         self._run = run
+        self._outside_root = outside_root
         self.local = local
-        """``local.state`` is the calling thread's ``PassState`` ``(pass, epoch, calls)``, set by the pass
-        observer at every pass that thread starts; it raises ``AttributeError`` in a thread that started
-        none (call ``outside_pass()`` then). ``calls`` is None in a pass that records nothing (a forked
+        """``local.state`` is the calling thread's ``PassState`` ``(pass, epoch, calls)`` while it runs a
+        pass (set when the pass starts, moved to ``local.last`` when the root's forward returns); it raises
+        ``AttributeError`` outside one (call ``outside_pass(module)`` then). ``calls`` is None in a pass that records nothing (a forked
         child, a ``torch.func`` transform): record nothing then. Hot hooks read this directly."""
         self.rank = rank
         self.extend_outputs = buffer.outputs.extend
@@ -111,10 +118,19 @@ class Recording:
         """``tick_epoch()`` calls so far."""
         return self._run.epoch
 
-    def outside_pass(self) -> PassState:
-        """The ``PassState`` for a hook in a thread that started no pass of its own (a ``DataParallel``
-        worker, a module called without its root): the last pass any thread started, counted for this
-        thread."""
+    def outside_pass(self, module: nn.Module | None = None) -> PassState:
+        """The ``PassState`` for a hook that finds no ``local.state``: its thread is not inside a forward of
+        the root. Given the hook's ``module`` (a module of the model called without the root, as a
+        Lightning ``training_step`` calling ``self.net(x)`` does), that call starts a pass: passes are then
+        counted at the root's children (``Recorder._outside_root``, with one warning). Otherwise (a row
+        recorded after the forward: the loss, a gradient) it is the thread's last pass, or in a thread that
+        ran none (a ``DataParallel`` worker, a thread that only pushes metrics) the last pass any thread
+        started, counted for this thread."""
+        if module is not None and (fresh := self._outside_root(module)) is not None:
+            return fresh
+        last: PassState | None = getattr(self.local, "last", None)
+        if last is not None:
+            return last
         run = self._run
         state: PassState | None = getattr(self.local, "outside", None)
         if state is None or state[0] != run.last_pass:
@@ -124,11 +140,11 @@ class Recording:
         return state
 
     def pass_state(self) -> PassState:
-        """The calling thread's ``(pass, epoch, calls)``: its current pass, else ``outside_pass()``."""
-        try:
-            return self.local.state  # type: ignore[no-any-return]
-        except AttributeError:
-            return self.outside_pass()
+        """The calling thread's ``(pass, epoch, calls)``: its current pass, else the last it ran, else
+        ``outside_pass()``."""
+        found = self.local.__dict__
+        state: PassState | None = found.get("state") or found.get("last")
+        return self.outside_pass() if state is None else state
 
     def current_pass(self) -> int:
         """The pass a row recorded now belongs to (see ``pass_state``)."""

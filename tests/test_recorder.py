@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -193,6 +195,67 @@ def test_structured_and_odd_outputs_never_break_training(tmp_path):
     assert "layers.empty" not in got and "layers.none" not in got
     notes = {(n["module"], n["kind"]) for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
     assert notes == {("layers.tuple.1.b", "non_tensor_output"), ("layers.none", "non_tensor_output")}
+
+
+class Pair(NamedTuple):
+    hidden: torch.Tensor
+    cell: torch.Tensor
+
+
+@dataclasses.dataclass
+class Encoded:
+    last: torch.Tensor
+    states: tuple[torch.Tensor, ...]
+    mask: torch.Tensor | None = None
+
+
+class Structured(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> object:
+        if self.kind == "pair":
+            return Pair(x * 2, x * 3)
+        return Encoded(last=x + 1, states=(x, Pair(x * 4, x * 5)))
+
+
+class BothStructured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.enc = Structured("pair"), Structured("dataclass")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rnn(x)
+        self.enc(x)
+        return x
+
+
+def test_named_tuple_and_dataclass_outputs_are_recorded_per_field(tmp_path):
+    """Issue 15: a NamedTuple was recorded by index (``enc.0``), a dataclass dropped with a note."""
+    x = torch.randn(3, 4)
+    model = BothStructured()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[Structured])]) as rec:
+        rec.attach(model)
+        model(x)
+    got = {r["module"]: r["norm"] for r in read_table(tmp_path, "outputs").to_pylist()}
+
+    def per_sample_mean(t: torch.Tensor) -> float:
+        return torch.linalg.vector_norm(t.double(), dim=1).mean().item()
+
+    expected = {
+        "rnn.hidden": x * 2,
+        "rnn.cell": x * 3,
+        "enc.last": x + 1,
+        "enc.states.0": x,
+        "enc.states.1.hidden": x * 4,
+        "enc.states.1.cell": x * 5,
+    }
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name] == pytest.approx(per_sample_mean(tensor), rel=1e-5), name
+    notes = json.loads((tmp_path / "meta.json").read_text()).get("notes", [])
+    assert [(n["module"], n["kind"]) for n in notes] == [("enc.mask", "non_tensor_output")]
 
 
 def test_a_failing_norm_leaves_grad_mode_on_and_training_unbroken(tmp_path, monkeypatch):

@@ -55,7 +55,8 @@ class NormtraceCallback(Callback):
     module:
         Dotted attribute path of the submodule to attach (``"model"`` for ``self.model``) when
         ``training_step`` calls that rather than ``self(...)``: passes are counted on the attached
-        module's forward. Default: the LightningModule itself.
+        module's forward. Default: the LightningModule itself (a ``training_step`` calling
+        ``self.model(x)`` then still counts one pass per call, with a warning that suggests this).
     lr_events:
         Record the learning rates and mark ``lr_step`` events (see ``LearningRates``).
     recorder_options:

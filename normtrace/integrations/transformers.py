@@ -3,9 +3,10 @@
 Needs ``pip install 'normtrace[transformers]'`` (``transformers`` and ``accelerate``, which its
 ``Trainer`` requires).
 
-What is recorded, per the Recorder's lenses (default: ``OutputNorm()`` and ``ParameterNorm()``; note that
-transformers' own activation classes such as ``GELUActivation`` are not ``torch.nn`` activations, so
-pass ``OutputNorm(include=[...])`` with classes or name globs to choose layers):
+What is recorded, per the Recorder's lenses (default: ``OutputNorm()`` and ``ParameterNorm()``; the
+default ``OutputNorm()`` finds transformers' own activation classes such as ``GELUActivation``, see
+``normtrace.selection.is_activation``; pass ``OutputNorm(include=[...])`` with classes or name globs to
+add layers):
 
 - every log the Trainer makes (``on_log``, every ``logging_steps``): ``loss`` as the training loss
   (split ``train``), ``eval_loss`` as the validation loss (``loss``, split ``val``), every other number

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -26,11 +27,13 @@ EPOCHS = 2
 class Regressor(L.LightningModule):
     """Two linear layers around a ReLU; logs the loss per step and per epoch, and a validation loss."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, *, call_net: bool = False) -> None:
         super().__init__()
+        self.call_net = call_net  # training_step calls self.net(x), as many LightningModules do
         self.save_hyperparameters({"hidden": 8, "lr": 0.1, "loss": nn.MSELoss()})  # a module is not JSON
         self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         self.losses: list[float] = []
+        self.inputs: list[torch.Tensor] = []
         self.epoch_means: list[float] = []
         self.val_losses: list[float] = []
         self.fail_at = fail_at
@@ -42,7 +45,9 @@ class Regressor(L.LightningModule):
         if self.fail_at is not None and len(self.losses) == self.fail_at:
             raise RuntimeError("planted failure")
         x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
+        out = self.net(x) if self.call_net else self(x)
+        self.inputs.append(x)
+        loss = nn.functional.mse_loss(out, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         self.losses.append(loss.item())
         return loss
@@ -154,3 +159,25 @@ def test_module_attaches_a_submodule_and_a_wrong_path_is_named(tmp_path: Path) -
     assert _table(run, "outputs")["module"].unique().to_list() == ["1"]  # names inside self.net
     with pytest.raises(ValueError, match=r"module='nope'.*no submodule"):
         _fit(tmp_path / "second", Regressor(), NormtraceCallback(tmp_path / "other", module="nope"))
+
+
+def test_a_training_step_calling_self_net_counts_its_passes(tmp_path: Path) -> None:
+    """Issue 15: with ``self.net(x)`` in training_step the root's forward never ran in training, and the
+    recorder wrote 40 series ``net.0#1 … net.4#7`` with passes 1, 5, 9. Now each call of ``self.net`` is a
+    pass (with one warning saying so), and validation's ``self(x)`` calls are passes as before."""
+    run = tmp_path / "run"
+    model = Regressor(call_net=True)
+    initial = copy.deepcopy(model.net)  # the weights of the first step
+    with pytest.warns(UserWarning, match=r"'net\.1' ran outside Regressor\.forward"):
+        _fit(tmp_path, model, NormtraceCallback(run, [nt.OutputNorm()], lr_events=False))
+    outputs = _table(run, "outputs").sort("pass")
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["passes"] == VAL_BATCHES + EPOCHS * (BATCHES + VAL_BATCHES)
+    assert outputs["module"].to_list() == ["net.1"] * (EPOCHS * BATCHES)  # one per training step
+    # the training passes are numbered between the validation passes: 2 sanity, 4 train, 2 val, 4 train
+    assert outputs["pass"].to_list() == [2, 3, 4, 5, 8, 9, 10, 11]
+    # the first step's ReLU output, recomputed from its input and the weights before any update
+    first = torch.relu(initial[0](model.inputs[0]))
+    assert outputs["norm"][0] == pytest.approx(first.norm(dim=1).mean().item(), rel=1e-5)
+    loss = _table(run, "metrics").filter(pl.col("name") == "loss")
+    assert loss["pass"].to_list() == outputs["pass"].to_list()  # each step's loss carries its pass

@@ -21,7 +21,6 @@ pl = need("polars")
 
 STEPS_PER_EPOCH = 4  # 16 samples, batch 4
 EPOCHS = 2
-LINEARS = 15  # per layer q, k, v, attention output, intermediate, output (x2); pooler; classifier
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -127,9 +126,14 @@ def test_one_line_records_the_trainers_logs_epochs_params_and_events(tmp_path: P
     bias = params.filter(pl.col("epoch") == 1, pl.col("module") == "classifier", pl.col("param") == "bias")
     assert bias["norm"][0] == pytest.approx(trainer.model.classifier.bias.detach().norm().item(), rel=1e-6)
 
+    # include=[nn.Linear] adds to the activations found by default: the pooler's nn.Tanh and each layer's
+    # transformers GELUActivation (not a torch.nn class: found by its module, transformers.activations)
+    kinds = (nn.Linear, nn.Tanh, transformers.activations.GELUActivation)
+    observed = {name for name, m in trainer.model.named_modules() if isinstance(m, kinds)}
+    assert len(observed) == 12 + 2 + 1 + 2  # 6 Linear per layer, pooler, classifier; tanh; 2 GELU
     outputs = _table(run, "outputs")
-    assert outputs["module"].n_unique() == LINEARS
-    assert outputs.height == LINEARS * EPOCHS * STEPS_PER_EPOCH  # evaluation runs under no_grad: skipped
+    assert set(outputs["module"].unique()) == observed
+    assert outputs.height == len(observed) * EPOCHS * STEPS_PER_EPOCH  # evaluation runs under no_grad
 
 
 def test_close_failed_in_an_except_block_and_a_second_run_needs_a_new_directory(tmp_path: Path) -> None:
@@ -142,3 +146,33 @@ def test_close_failed_in_an_except_block_and_a_second_run_needs_a_new_directory(
     callback.close("failed")  # twice is harmless
     with pytest.raises(nt.RunDirError, match="already holds a trace"):
         callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+
+
+def test_the_default_output_norm_finds_transformers_activation_classes(tmp_path: Path) -> None:
+    """Issue 15: the default OutputNorm() saw one module of a BERT (the pooler's tanh). transformers'
+    activations live in ``transformers.activations``, which the documented rule recognises."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_act="gelu_new",
+    )
+    model = transformers.BertModel(config)
+    gelus = [n for n, m in model.named_modules() if isinstance(m, transformers.activations.NewGELUActivation)]
+    assert len(gelus) == 3  # one per layer
+    seen: list[torch.Tensor] = []  # a plain PyTorch hook: the output the recorder should have measured
+    act = model.encoder.layer[1].intermediate.intermediate_act_fn
+    handle = act.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with nt.Recorder(tmp_path / "run", lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        model(input_ids=torch.randint(0, 100, (2, 5)))
+    handle.remove()
+    outputs = _table(tmp_path / "run", "outputs")
+    assert set(outputs["module"]) == {*gelus, "pooler.activation"}
+    row = outputs.filter(pl.col("module") == gelus[1])
+    assert row["numel"].to_list() == [5 * 32]
+    expected = seen[0].flatten(1).norm(dim=1).mean().item()
+    assert row["norm"][0] == pytest.approx(expected, rel=1e-5)

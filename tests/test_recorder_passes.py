@@ -1,0 +1,153 @@
+"""Passes counted when the attached root's forward does not run (issue 15 item 2): a Lightning
+``training_step`` calling ``self.net(x)``. Each call of a child of the root made outside the root's forward
+is a pass, with one warning; never silent ``name#k`` series."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import pytest
+import torch
+from qnetwork import QNetwork
+from recorder_models import SEED_OUTPUT_MODULES, approx_output_norms, norms_by_module, read_table
+from torch import nn
+
+import normtrace as nt
+
+WARNING = r"'net\.relu1' ran outside QNetwork\.forward .* each call of a child of QNetwork \(net\)"
+
+
+def _notes(run) -> dict[str, str]:
+    meta = json.loads((run / "meta.json").read_text())
+    return {n["kind"]: n["detail"] for n in meta.get("notes", [])}
+
+
+def test_a_child_called_without_the_root_counts_one_pass_per_call(tmp_path):
+    model = QNetwork()
+    xs = [torch.randn(3, 4), torch.randn(2, 4), torch.randn(4, 4)]
+    lenses = [nt.OutputNorm(include=[nn.Identity])]
+    with pytest.warns(UserWarning, match=WARNING) as caught, nt.Recorder(tmp_path, lenses=lenses) as rec:
+        rec.attach(model)
+        for x in xs:
+            model.net(x)  # a LightningModule's training_step calling self.net(x)
+        assert rec.passes == len(xs)
+    assert len([w for w in caught if "ran outside" in str(w.message)]) == 1  # once, not per pass
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert sorted({r["module"] for r in rows}) == sorted(SEED_OUTPUT_MODULES)  # no net.relu1#1
+    for p, x in enumerate(xs):
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
+    assert "passes_from_children" in _notes(tmp_path)
+    assert json.loads((tmp_path / "meta.json").read_text())["passes"] == len(xs)
+
+
+def test_the_root_and_its_children_called_in_turn(tmp_path):
+    """Validation through ``self(x)``, training through ``self.net(x)``: the root's calls are passes as
+    always, the children's too, each once; rows after a child's call (the loss) carry its pass."""
+    model, loss_fn = QNetwork(), nn.MSELoss()
+    xs = [torch.randn(3, 4) for _ in range(5)]
+    lenses = [nt.OutputNorm(include=[nn.Identity]), nt.LossMetrics(loss_fn)]
+    with pytest.warns(UserWarning, match="ran outside"), nt.Recorder(tmp_path, lenses=lenses) as rec:
+        rec.attach(model)
+        for i, x in enumerate(xs):
+            out = model(x) if i % 2 == 0 else model.net(x)
+            loss_fn(out.sum(1), torch.zeros(len(x)))
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [p for p in range(5) for _ in SEED_OUTPUT_MODULES]
+    assert {r["module"] for r in rows} == set(SEED_OUTPUT_MODULES)
+    for p, x in enumerate(xs):
+        assert norms_by_module(rows, p) == approx_output_norms(model, x)
+    assert read_table(tmp_path, "metrics").column("pass").to_pylist() == [0, 1, 2, 3, 4]
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.b(self.act(self.a(x))))
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Body()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("lens", [nt.OutputNorm(), nt.ActivationRate()], ids=lambda lens: type(lens).__name__)
+def test_a_shared_activation_keeps_its_call_numbers_in_passes_counted_at_children(tmp_path, lens):
+    """The module that ran again is a second call within the child's pass (``act#1``), once passes are
+    counted at the children; each lens alone sees it (ActivationRate keeps its own call numbers)."""
+    model = Wrapper()
+    xs = [torch.randn(3, 4) for _ in range(4)]
+    with (
+        pytest.warns(UserWarning, match="ran outside Wrapper.forward"),
+        nt.Recorder(tmp_path, lenses=[lens]) as rec,
+    ):
+        rec.attach(model)
+        for x in xs:
+            model.body(x)
+    table = "outputs" if isinstance(lens, nt.OutputNorm) else "signals"
+    rows = read_table(tmp_path, table).to_pylist()
+    if table == "signals":
+        rows = [r for r in rows if r["kind"] == "active_rate"]
+    got = sorted((r["pass"], r["module"]) for r in rows)
+    # the very first call started counting at its first row: its second activation is already act#1
+    assert got == sorted((p, m) for p in range(4) for m in ("body.act", "body.act#1"))
+    first = model.body.act(model.body.a(xs[2]))
+    expected = (first > 0).float().mean().item() if table == "signals" else first.norm(dim=1).mean().item()
+    value = "value" if table == "signals" else "norm"
+    assert next(r[value] for r in rows if (r["pass"], r["module"]) == (2, "body.act")) == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_inside_the_root_nothing_changes(tmp_path):
+    """A model whose root runs every time: no warning, no note, shared activations as before."""
+    model = Wrapper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+            rec.attach(model)
+            for _ in range(3):
+                model(torch.randn(2, 4))
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert sorted((r["pass"], r["module"]) for r in rows) == sorted(
+        (p, m) for p in range(3) for m in ("body.act", "body.act#1")
+    )
+    assert "passes_from_children" not in _notes(tmp_path)
+
+
+def test_threads_calling_children_each_count_their_own_passes(tmp_path):
+    model = QNetwork()
+    done = threading.Barrier(3)
+
+    def work() -> None:
+        for _ in range(10):
+            model.net(torch.randn(2, 4))
+        done.wait()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec:
+            rec.attach(model)
+            threads = [threading.Thread(target=work) for _ in range(2)]
+            for t in threads:
+                t.start()
+            done.wait()
+            for t in threads:
+                t.join()
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    # 20 calls in all; the first call of each thread may have started counting mid-call, after which every
+    # pass holds each module exactly once
+    by_pass: dict[int, list[str]] = {}
+    for r in rows:
+        by_pass.setdefault(r["pass"], []).append(r["module"])
+    assert all("#" not in r["module"] for r in rows)
+    assert len(rows) == 20 * len(SEED_OUTPUT_MODULES)
+    assert all(sorted(mods) == sorted(SEED_OUTPUT_MODULES) for mods in by_pass.values())

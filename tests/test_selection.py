@@ -1,0 +1,140 @@
+"""Module selection (issue 15 item 3): globs whose ``*`` stays within a dotted segment, ``**`` across; the
+activation rule that finds other libraries' classes; the warning when a large model is barely observed."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normtrace as nt
+from normtrace.selection import glob_regex, is_activation, matches
+
+NAMES = [
+    "encoder",
+    "encoder.layer",
+    "encoder.layer.0",
+    "encoder.layer.0.attn",
+    "encoder.layer.0.attn.q",
+    "encoder.layer.1.attn",
+    "encoder.norm",
+    "attn",
+    "decoder.attn",
+    "head",
+]
+
+
+def _selected(pattern: str) -> list[str]:
+    return [n for n in NAMES if matches(n, nn.Identity(), [pattern])]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("encoder.*", ["encoder.layer", "encoder.norm"]),  # children only: * never crosses a dot
+        ("encoder.**", NAMES[1:7]),  # everything below encoder
+        ("encoder.layer.*.attn", ["encoder.layer.0.attn", "encoder.layer.1.attn"]),
+        ("**.attn", ["encoder.layer.0.attn", "encoder.layer.1.attn", "attn", "decoder.attn"]),
+        ("encoder.**.attn", ["encoder.layer.0.attn", "encoder.layer.1.attn"]),
+        ("*", ["encoder", "attn", "head"]),  # top-level modules
+        ("**", NAMES),
+        ("encoder.layer.?", ["encoder.layer.0"]),
+        ("encoder.layer.[!0]", []),  # layer 1 has no module of its own in NAMES
+        ("encoder.layer.[!0].attn", ["encoder.layer.1.attn"]),
+        ("encoder.layer.[01].attn.q", ["encoder.layer.0.attn.q"]),
+        ("head", ["head"]),
+        ("hea", []),  # a glob matches the whole name
+    ],
+)
+def test_globs_star_within_a_segment_double_star_across(pattern: str, expected: list[str]) -> None:
+    assert _selected(pattern) == expected
+
+
+def test_glob_special_characters_are_literal() -> None:
+    assert glob_regex("a+b.(c)").match("a+b.(c)")
+    assert not glob_regex("a.b").match("aXb")  # a dot is a dot, not "any character"
+    assert glob_regex("x[]]y").match("x]y")  # as fnmatch: a first "]" in a class is literal
+    assert glob_regex("x[^a]y").match("x^y") and not glob_regex("x[^a]y").match("xby")
+
+
+def _class_in(module: str, name: str, base: type[nn.Module] = nn.Module) -> type[nn.Module]:
+    """A module class as if defined in the Python module ``module`` (how the rule tells them apart)."""
+    return type(name, (base,), {"__module__": module, "forward": lambda self, x: x * 2})
+
+
+@pytest.mark.parametrize(
+    ("where", "found"),
+    [
+        ("transformers.activations", True),
+        ("timm.layers.activations", True),
+        ("timm.layers.activations_me", True),
+        ("mylib.activation", True),
+        ("mylib.activation_checkpointing", False),  # a checkpoint wrapper is not an activation
+        ("mylib.layers", False),
+        ("activations.blocks", False),  # the module's own name counts, not a package above it
+    ],
+)
+def test_activation_rule_reads_the_defining_module(where: str, found: bool) -> None:
+    assert is_activation(_class_in(where, "Act")()) is found
+    # a subclass defined elsewhere is still one of them
+    assert is_activation(_class_in("user.model", "MyAct", _class_in(where, "Act"))()) is found
+
+
+def test_torch_activations_and_nothing_else_by_default() -> None:
+    assert is_activation(nn.ReLU()) and is_activation(nn.GELU()) and is_activation(nn.Softmax(dim=1))
+    assert not is_activation(nn.Linear(2, 2)) and not is_activation(nn.MultiheadAttention(4, 2))
+
+
+def test_output_norm_records_a_third_party_activation(tmp_path: Path) -> None:
+    act = _class_in("somelib.activations", "Swish")
+    model = nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with nt.Recorder(tmp_path / "run", lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        model(x)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["modules"]["outputs"] == [{"name": "1", "class": "Swish"}]
+
+
+class Wide(nn.Module):
+    """60 Linear leaves and one ReLU: the default selection sees under 5% of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(60))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.act(x)
+
+
+def test_a_large_model_barely_observed_gets_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(
+        UserWarning, match=re.escape("OutputNorm selects 1 of the 61 leaf modules of Wide (act)")
+    ):
+        rec = nt.Recorder(tmp_path / "a", lenses=[nt.OutputNorm()]).attach(Wide())
+    rec.close()
+    notes = json.loads((tmp_path / "a" / "meta.json").read_text())["notes"]
+    assert any("few_output_modules" in json.dumps(n) for n in notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # selecting the layers is enough: no warning
+        nt.Recorder(tmp_path / "b", lenses=[nt.OutputNorm(include=["layers.*"])]).attach(Wide()).close()
+        small = nn.Sequential(*(nn.Linear(2, 2) for _ in range(10)), nn.ReLU())  # under 50 leaves
+        nt.Recorder(tmp_path / "c", lenses=[nt.OutputNorm()]).attach(small).close()
+
+
+def test_selectors_are_checked_and_named_by_each_lens() -> None:
+    with pytest.raises(
+        TypeError, match=r"ActivationRate\(exclude=...\) takes nn.Module classes or name globs"
+    ):
+        nt.ActivationRate(exclude=[3])  # type: ignore[list-item]
+    # one class or one glob alone is a selection of one
+    assert nt.OutputNorm(include=nn.Linear).include == (nn.Linear,)  # type: ignore[arg-type]
+    assert nt.OutputGradientNorm(include="net.*").include == ("net.*",)
