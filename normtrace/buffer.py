@@ -43,7 +43,14 @@ NORMS = OUTPUT_FIELDS - 1
 """Index of the per-sample norms in an output record; compaction empties that slot."""
 
 COMPACT_EVERY = 64
-"""The recorder compacts the pending norm tensors once this many have accumulated."""
+"""The pending norm tensors are compacted once this many have accumulated: at the next pass's start, or
+by the output hook that adds the one over (a model with more observed modules than this would otherwise
+keep a whole pass's tensors alive, and the garbage collector, which tracks tensors, visits them: measured
+with 800 observed modules, 5x the young collections and two full ones per 160k records, +7-12 µs a
+record, against +0.2-1.9 µs with 50)."""
+
+COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
+"""Length of ``Buffer.outputs`` at which its norms are compacted."""
 
 NormChunk = tuple[Tensor, int, bool]
 """(values, number of records they cover, reduced): batch means when ``reduced``, else the records'
@@ -90,6 +97,7 @@ class Buffer:
         # older records, compacted: only takers touch these two, under the lock, so they stay in step
         self.compacted: list[Any] = []
         self.norm_chunks: list[NormChunk] = []
+        self._fresh = 0  # chunks at the end of norm_chunks not merged yet (_merge_fresh)
         self.params: list[ParamRecord] = []
         self.metrics: list[MetricRecord] = []
         self.events: list[EventRecord] = []
@@ -121,6 +129,23 @@ class Buffer:
             flat[NORMS::OUTPUT_FIELDS] = [None] * len(norms)  # the per-record tensors die here
             self.norm_chunks += compact(norms)
             self.compacted += flat
+            self._fresh += 1
+            if self._fresh >= COMPACT_EVERY:
+                self._merge_fresh()
+
+    def _merge_fresh(self) -> None:
+        """Concatenate the chunks added since the last merge into one: a flush of a large model (800
+        modules x 1000 passes) would otherwise keep 12,500 chunk tensors alive, which the garbage collector
+        promotes and then sweeps in full collections. Chunks that cannot be joined (per-sample norms,
+        several devices) are left as they are."""
+        fresh = self.norm_chunks[-self._fresh :]
+        self._fresh = 0
+        if all(reduced for _, _, reduced in fresh):
+            try:
+                joined = torch.cat([values for values, _, _ in fresh])
+            except Exception:  # several devices or a tensor subclass: the writer joins them
+                return
+            self.norm_chunks[-len(fresh) :] = [(joined, sum(count for _, count, _ in fresh), True)]
 
     def take(self) -> dict[str, list[Any]]:
         """Hand over the non-empty tables' rows (``outputs`` as ``TakenOutputs``), leaving the lists empty
@@ -131,7 +156,7 @@ class Buffer:
             self._compact()
             if self.compacted:
                 taken["outputs"] = (self.compacted, self.norm_chunks)
-                self.compacted, self.norm_chunks = [], []
+                self.compacted, self.norm_chunks, self._fresh = [], [], 0
             for table in ("params", "metrics", "events", "signals"):
                 rows = getattr(self, table)
                 n = len(rows)

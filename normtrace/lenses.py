@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normtrace.buffer import COMPACT_VALUES
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import Lens, Recording, Target, in_transform
 from normtrace.selection import ACTIVATIONS, ModuleSelection, Selector
@@ -112,7 +113,12 @@ class OutputNorm(ModuleSelection):
     ) -> Callable[[nn.Module, Any, Any], None]:
         skip_no_grad = self.skip_no_grad_pass
         extend, local, outside_pass = recording.extend_outputs, recording.local, recording.outside_pass
-        note = recording.note
+        note, pending, compact, compact_at = (
+            recording.note,
+            recording.pending_outputs,
+            recording.compact_outputs,
+            COMPACT_VALUES,
+        )
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
@@ -148,6 +154,8 @@ class OutputNorm(ModuleSelection):
                             norms = vector_norm(out, 2, 1)
                         # one extend: the record and its norm arrive together, whatever other threads do
                         extend((label, pass_, epoch, grad, module.training, shape[1], shape[0], norms))
+                        if len(pending) >= compact_at:  # more modules than COMPACT_EVERY (see buffer.py)
+                            compact()
                         return
                 if is_exporting():  # torch.export runs forward on fake tensors: not a training pass
                     return
@@ -157,6 +165,8 @@ class OutputNorm(ModuleSelection):
                         batch = norms.shape[0]
                         numel = leaf.numel() // batch
                         extend((leaf_name, pass_, epoch, grad, module.training, numel, batch, norms))
+                        if len(pending) >= compact_at:
+                            compact()
                     elif not isinstance(leaf, Tensor):
                         note(leaf_name, "non_tensor_output", type(leaf).__name__)
             except Exception as exc:  # the training loop must never break on a shape we cannot handle

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from normtrace import __version__, lifecycle, rundir, schema
-from normtrace.buffer import COMPACT_EVERY, OUTPUT_FIELDS, Buffer
+from normtrace.buffer import COMPACT_VALUES, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError
 from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
@@ -40,9 +40,6 @@ TRANSFORM_NOTE = (
     "passes run under torch.func transforms (vmap, grad, jacrev) are counted but not recorded: their "
     "outputs are batched or wrapped tensors, whose norms cannot be read once the transform returns"
 )
-
-COMPACT_VALUES = COMPACT_EVERY * OUTPUT_FIELDS
-"""Length of ``Buffer.outputs`` at which a pass starts by compacting it."""
 
 
 def default_run_dir() -> Path:

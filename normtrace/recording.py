@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from normtrace.lifecycle import critical
 from normtrace.observe import Handle, Removable
 
 in_transform = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -98,7 +99,10 @@ class Recording:
         self.rank = rank
         self.extend_outputs = buffer.outputs.extend
         """``extend_outputs((module, pass, epoch, grad_enabled, training, numel, batch, per-sample norms))``:
-        one ``outputs`` row (see ``buffer.OutputRecord``); one call keeps the record and its norm together."""
+        one ``outputs`` row (see ``buffer.OutputRecord``); one call keeps the record and its norm together.
+        Then, when ``len(pending_outputs) >= COMPACT_VALUES``, call ``compact_outputs()``."""
+        self.pending_outputs: list[Any] = buffer.outputs
+        """The list ``extend_outputs`` extends (read its length only)."""
         self.append_param = buffer.params.append
         """``append_param((epoch, pass, time, [(module, param, numel)], [norms tensors]))``: ``params`` rows."""
         self.append_metric = buffer.metrics.append
@@ -107,6 +111,12 @@ class Recording:
         """``append_event((epoch, pass, name, time))``: one ``events`` row."""
         self._append_signal = buffer.signals.append
         self._on_collect: list[Callable[[], None]] = []
+
+    def compact_outputs(self) -> None:
+        """Reduce the pending output norms to batch means on their device now (see ``buffer.COMPACT_EVERY``:
+        the tensors die young instead of waiting for the next pass)."""
+        with critical():
+            self._run.buffer.compact()
 
     @property
     def step(self) -> int:
