@@ -152,14 +152,16 @@ def timed_compact(pattern: str, out: str) -> None:
     load_avg = os.getloadavg()[0]
     from normtrace_analysis.cli import main as cli
 
-    cpu0, _ = _usage()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         code = cli(["compact", pattern])
     wall = time.perf_counter() - t0
-    cpu, rss = _usage()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     assert code == 0, code
-    Path(out).write_text(json.dumps({"wall": wall, "cpu": cpu - cpu0, "rss": rss, "load": load_avg}))
+    record = {"wall": wall, "user": usage.ru_utime - usage0.ru_utime, "sys": usage.ru_stime - usage0.ru_stime}
+    record.update(rss=usage.ru_maxrss / 2**10, load=load_avg)
+    Path(out).write_text(json.dumps(record))
 
 
 def timed_analysis(pattern: str, steps: list[str], out: str) -> None:
@@ -168,19 +170,18 @@ def timed_analysis(pattern: str, steps: list[str], out: str) -> None:
     load_avg = os.getloadavg()[0]
     import normtrace_analysis as na
 
-    cpu0, _ = _usage()
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    t0, c0 = time.perf_counter(), _usage()[0]
     trace = na.load(pattern)
-    times["load"] = time.perf_counter() - t0
+    wall["load"], cpu["load"] = time.perf_counter() - t0, _usage()[0] - c0
     for step in steps:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _usage()[0]
         result = getattr(trace, step)("outputs")
-        times[step] = time.perf_counter() - t
+        wall[step], cpu[step] = time.perf_counter() - t, _usage()[0] - c
         result.write_ipc(f"{out}.{step}.arrow")
-    times["total"] = time.perf_counter() - t0
-    cpu, rss = _usage()
-    record = {"times": times, "cpu": cpu - cpu0, "rss": rss, "load": load_avg}
+    wall["total"], cpu["total"] = sum(wall.values()), sum(cpu.values())  # not the writes of results
+    record = {"wall": wall, "cpu": cpu, "rss": _usage()[1], "load": load_avg}
     Path(out).write_text(json.dumps(record))
 
 
@@ -207,8 +208,8 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def bench_set(ctx, name: str, before: Path, pattern: str, steps: list[str], repeat: int) -> dict:  # noqa: ANN001
-    """Copy ``before``, compact the copy (timed), analyse both alternately, compare, print; the figures."""
+def bench_set(ctx, name: str, before: Path, pattern: str, steps: list[str], repeat: int) -> None:  # noqa: ANN001
+    """Copy ``before``, compact the copy (timed), analyse both alternately, compare the results, print."""
     after = before.parents[1] / "after" / before.name  # the same names: run names come from folders
     t = time.perf_counter()
     shutil.copytree(before, after)
@@ -222,7 +223,7 @@ def bench_set(ctx, name: str, before: Path, pattern: str, steps: list[str], repe
     print(f"[{name}] before: {files_b:,} shard files, {_mib(size_b)} ({_mib(alloc_b)} allocated); "
           f"after: {files_a:,} files, {_mib(size_a)} ({_mib(alloc_a)} allocated)")  # fmt: skip
     print(f"[{name}] normtrace compact (load average {compaction['load']:.2f}): {compaction['wall']:.2f} s wall, "
-          f"CPU {compaction['cpu']:.2f} s, peak RSS {compaction['rss']:.0f} MiB")  # fmt: skip
+          f"CPU {compaction['user']:.2f} s user + {compaction['sys']:.2f} s system, peak RSS {compaction['rss']:.0f} MiB")  # fmt: skip
     records: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeat):
@@ -232,25 +233,27 @@ def bench_set(ctx, name: str, before: Path, pattern: str, steps: list[str], repe
                 _child(ctx, timed_analysis, str(root / pattern) if pattern else str(root), steps, out)
                 record = json.loads(Path(out).read_text())
                 records[state].append(record)
-                times = ", ".join(f"{k} {v:.2f} s" for k, v in record["times"].items())
-                print(f"[{name}] {state:6} {i + 1} (load average {record['load']:.2f}): {times}; "
-                      f"CPU {record['cpu']:.2f} s, peak RSS {record['rss']:.0f} MiB")  # fmt: skip
+                steps_ = ", ".join(
+                    f"{k} {v:.2f} s (CPU {record['cpu'][k]:.2f})" for k, v in record["wall"].items()
+                )
+                print(f"[{name}] {state:6} {i + 1} (load average {record['load']:.2f}): {steps_}; "
+                      f"peak RSS {record['rss']:.0f} MiB")  # fmt: skip
         _compare(tmp, steps, repeat)
     print(f"[{name}] results after compaction equal those before ({', '.join(steps)}, every repeat)")
-    medians = {}
+    medians: dict[str, dict[str, tuple[float, float]]] = {}
     for state, recs in records.items():
-        medians[state] = {k: statistics.median(r["times"][k] for r in recs) for k in recs[0]["times"]}
-        medians[state]["cpu"] = statistics.median(r["cpu"] for r in recs)
-        medians[state]["rss"] = max(r["rss"] for r in recs)
+        medians[state] = {
+            k: (statistics.median(r["wall"][k] for r in recs), statistics.median(r["cpu"][k] for r in recs))
+            for k in recs[0]["wall"]
+        }
+    rss = {state: max(r["rss"] for r in recs) for state, recs in records.items()}
     loads = [r["load"] for recs in records.values() for r in recs]
-    print(f"[{name}] median of {repeat} (load average {min(loads):.2f}-{max(loads):.2f}), after / before:")
-    for key in medians["before"]:
-        b, a = medians["before"][key], medians["after"][key]
-        unit = "MiB" if key == "rss" else "s"
-        label = {"cpu": "CPU", "rss": "peak RSS (largest)"}.get(key, key)
-        print(f"    {label:22} {b:9.2f} {unit} -> {a:9.2f} {unit}   x{a / b:.2f}")
-    return {"files": (files_b, files_a), "bytes": (size_b, size_a), "allocated": (alloc_b, alloc_a),
-            "compaction": compaction, "medians": medians, "loads": loads}  # fmt: skip
+    print(f"[{name}] median of {repeat} (load average {min(loads):.2f}-{max(loads):.2f}): before -> after")
+    for key, (wall_b, cpu_b) in medians["before"].items():
+        wall_a, cpu_a = medians["after"][key]
+        print(f"    {key:14} wall {wall_b:7.2f} s -> {wall_a:7.2f} s (x{wall_a / wall_b:.2f}), "
+              f"CPU {cpu_b:7.2f} s -> {cpu_a:7.2f} s (x{cpu_a / cpu_b:.2f})")  # fmt: skip
+    print(f"    {'peak RSS':14} {rss['before']:.0f} MiB -> {rss['after']:.0f} MiB (largest of the repeats)")
 
 
 def _compare(tmp: str, steps: list[str], repeat: int) -> None:
