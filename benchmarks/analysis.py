@@ -55,16 +55,17 @@ STEPS = {
 }
 
 
-def write_big_trace(run: Path, rows: int, seed: int = 0) -> None:
-    """The benchmark trace, shard by shard, so that writing holds one shard's worth."""
+def write_big_trace(run: Path, rows: int, seed: int = 0, passes_per_shard: int = PASSES_PER_SHARD) -> None:
+    """The benchmark trace, shard by shard, so that writing holds one shard's worth (``passes_per_shard``
+    passes of every module each; ``benchmarks/compaction.py`` writes it in smaller shards)."""
     rng = np.random.default_rng(seed)
     passes_total = rows // MODULES
     names = pa.array([f"net.layers.{i}.act" for i in range(MODULES)])
     numel = (2 ** rng.integers(2, 9, MODULES)).astype(np.int64)
     level = rng.uniform(0.5, 5.0, MODULES)
-    for shard in range(passes_total // PASSES_PER_SHARD):
-        passes = np.repeat(np.arange(shard * PASSES_PER_SHARD, (shard + 1) * PASSES_PER_SHARD), MODULES)
-        mod = np.tile(np.arange(MODULES, dtype=np.int32), PASSES_PER_SHARD)
+    for shard in range(passes_total // passes_per_shard):
+        passes = np.repeat(np.arange(shard * passes_per_shard, (shard + 1) * passes_per_shard), MODULES)
+        mod = np.tile(np.arange(MODULES, dtype=np.int32), passes_per_shard)
         trend = 1.0 + 0.5 * passes / passes_total
         norm = level[mod] * trend * np.exp(0.05 * rng.standard_normal(len(passes)))
         spiky = rng.random(len(passes)) < 2e-5
