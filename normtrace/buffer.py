@@ -16,6 +16,7 @@ could take one prefix twice.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -134,18 +135,25 @@ class Buffer:
                 self._merge_fresh()
 
     def _merge_fresh(self) -> None:
-        """Concatenate the chunks added since the last merge into one: a flush of a large model (800
-        modules x 1000 passes) would otherwise keep 12,500 chunk tensors alive, which the garbage collector
-        promotes and then sweeps in full collections. Chunks that cannot be joined (per-sample norms,
-        several devices) are left as they are."""
+        """Concatenate each run of batch-mean chunks added since the last merge into one: a flush of a
+        large model (800 modules x 1000 passes) would otherwise keep 12,500 chunk tensors alive, which the
+        garbage collector promotes and then sweeps in full collections. Chunks of per-sample norms, and
+        runs that cannot be joined (several devices), are left as they are."""
         fresh = self.norm_chunks[-self._fresh :]
         self._fresh = 0
-        if all(reduced for _, _, reduced in fresh):
-            try:
-                joined = torch.cat([values for values, _, _ in fresh])
-            except Exception:  # several devices or a tensor subclass: the writer joins them
-                return
-            self.norm_chunks[-len(fresh) :] = [(joined, sum(count for _, count, _ in fresh), True)]
+        merged: list[NormChunk] = []
+        run: list[NormChunk] = []
+        for chunk in [*fresh, (torch.empty(0), 0, False)]:  # a per-sample sentinel ends the last run
+            if chunk[2]:
+                run.append(chunk)
+                continue
+            if len(run) > 1:
+                with contextlib.suppress(Exception):  # several devices, a tensor subclass: the writer joins
+                    run = [(torch.cat([values for values, _, _ in run]), sum(n for _, n, _ in run), True)]
+            merged += run
+            merged.append(chunk)
+            run = []
+        self.norm_chunks[-len(fresh) :] = merged[:-1]
 
     def take(self) -> dict[str, list[Any]]:
         """Hand over the non-empty tables' rows (``outputs`` as ``TakenOutputs``), leaving the lists empty
