@@ -138,3 +138,74 @@ def test_selectors_are_checked_and_named_by_each_lens() -> None:
     # one class or one glob alone is a selection of one
     assert nt.OutputNorm(include=nn.Linear).include == (nn.Linear,)  # type: ignore[arg-type]
     assert nt.OutputGradientNorm(include="net.*").include == ("net.*",)
+
+
+HINT = (
+    "pass include=[...] with module classes (include=[nn.Linear]) or name globs "
+    "(include=['encoder.layer.*.output'])"
+)
+
+
+class Leaves(nn.Module):
+    """``linears`` Linear leaves and ``acts`` ReLU leaves named act0, act1, …"""
+
+    def __init__(self, linears: int, acts: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(linears))
+        for i in range(acts):
+            self.add_module(f"act{i}", nn.ReLU())
+
+
+def _few_warning(tmp_path: Path, model: nn.Module) -> str | None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(model).close()
+    found = [str(w.message) for w in caught if "leaf modules" in str(w.message)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize(
+    ("linears", "acts", "expected"),
+    [
+        (49, 1, "OutputNorm selects 1 of the 50 leaf modules of Leaves (act0)"),  # 50 leaves: the threshold
+        (48, 1, None),  # 49 leaves: too small a model to judge
+        (57, 3, None),  # 3 of 60 is exactly 5%: not under it
+        (58, 3, "OutputNorm selects 3 of the 61 leaf modules of Leaves (act0, act1, act2)"),  # no ellipsis
+        (96, 4, "OutputNorm selects 4 of the 100 leaf modules of Leaves (act0, act1, act2, …)"),
+    ],
+)
+def test_the_few_modules_warning_at_its_edges(tmp_path, linears, acts, expected) -> None:
+    message = _few_warning(tmp_path, Leaves(linears, acts))
+    if expected is None:
+        assert message is None
+    else:
+        assert message == (
+            f"{expected}: its activations may be functions or classes the default does not know; {HINT}"
+        )
+
+
+def test_the_no_module_warning_says_how_to_select(tmp_path) -> None:
+    with pytest.warns(UserWarning) as caught:
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(nn.Linear(2, 2)).close()
+    assert [str(w.message) for w in caught] == [
+        "OutputNorm selects no module of Linear: it has no activation module (a function call such as "
+        f"F.relu cannot be observed) and nothing matches include=...; {HINT}"
+    ]
+
+
+def test_config_spells_classes_by_their_dotted_path(tmp_path) -> None:
+    lens = nt.OutputNorm(include=[nn.Linear, "head"], exclude=["x.*", nn.ReLU])
+    assert lens.config() == {
+        "type": "OutputNorm",
+        "include": ["torch.nn.modules.linear.Linear", "head"],
+        "exclude": ["x.*", "torch.nn.modules.activation.ReLU"],
+        "skip_no_grad_pass": True,
+        "normalize_by_size": False,
+    }
+    assert nt.ActivationRate(include=[nn.Tanh]).config() == {
+        "type": "ActivationRate",
+        "include": ["torch.nn.modules.activation.Tanh"],
+        "exclude": [],
+        "skip_no_grad_pass": True,
+    }
