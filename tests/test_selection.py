@@ -81,8 +81,10 @@ def _class_in(module: str, name: str, base: type[nn.Module] = nn.Module) -> type
 )
 def test_activation_rule_reads_the_defining_module(where: str, found: bool) -> None:
     assert is_activation(_class_in(where, "Act")()) is found
-    # a subclass defined elsewhere is still one of them
-    assert is_activation(_class_in("user.model", "MyAct", _class_in(where, "Act"))()) is found
+    # a subclass defined elsewhere is still one of them, however deep
+    child = _class_in("user.model", "MyAct", _class_in(where, "Act"))
+    assert is_activation(child()) is found
+    assert is_activation(_class_in("user.other", "Deeper", child)()) is found
 
 
 def test_torch_activations_and_nothing_else_by_default() -> None:
@@ -135,6 +137,17 @@ def test_selectors_are_checked_and_named_by_each_lens() -> None:
         TypeError, match=r"ActivationRate\(exclude=...\) takes nn.Module classes or name globs"
     ):
         nt.ActivationRate(exclude=[3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"^OutputGradientNorm\(include=...\) takes nn.Module classes"):
+        nt.OutputGradientNorm(include=[None])  # type: ignore[list-item]
+    # a class in exclude removes its instances, even those the default selects
+    lens = nt.OutputNorm(include=[nn.Linear], exclude=[nn.ReLU, "skip"])
+    assert [
+        lens.selects(n, m) for n, m in [("a", nn.Linear(1, 1)), ("b", nn.ReLU()), ("skip", nn.Tanh())]
+    ] == [
+        True,
+        False,
+        False,
+    ]
     # one class or one glob alone is a selection of one
     assert nt.OutputNorm(include=nn.Linear).include == (nn.Linear,)  # type: ignore[arg-type]
     assert nt.OutputGradientNorm(include="net.*").include == ("net.*",)
