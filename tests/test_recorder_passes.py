@@ -151,3 +151,31 @@ def test_threads_calling_children_each_count_their_own_passes(tmp_path):
     assert all("#" not in r["module"] for r in rows)
     assert len(rows) == 20 * len(SEED_OUTPUT_MODULES)
     assert all(sorted(mods) == sorted(SEED_OUTPUT_MODULES) for mods in by_pass.values())
+
+
+class ManyChildren(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for i in range(n):
+            self.add_module(f"c{i}", nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+@pytest.mark.parametrize(("children", "shown"), [(5, "c0, c1, c2, c3, c4"), (6, "c0, c1, c2, c3, c4, …")])
+def test_the_warning_names_the_module_and_up_to_five_children(tmp_path, children, shown):
+    model = ManyChildren(children)
+    with pytest.warns(UserWarning) as caught, nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        model.c1(torch.randn(3, 2))
+    messages = [str(w.message) for w in caught if "ran outside" in str(w.message)]
+    assert messages == [
+        f"normtrace: 'c1.1' ran outside ManyChildren.forward (a Lightning training_step calling self.net(x) "
+        f"instead of self(x)?): from now on each call of a child of ManyChildren ({shown}) made outside its "
+        "forward counts as a pass. To count passes at the module you call, attach that one "
+        "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
+    ]
+    assert _notes(tmp_path)["passes_from_children"] == messages[0].removeprefix("normtrace: ")
