@@ -94,8 +94,9 @@ class Recording:
         self.local = local
         """``local.state`` is the calling thread's ``PassState`` ``(pass, epoch, calls)`` while it runs a
         pass (set when the pass starts, moved to ``local.last`` when the root's forward returns); it raises
-        ``AttributeError`` outside one (call ``outside_pass(module)`` then). ``calls`` is None in a pass that records nothing (a forked
-        child, a ``torch.func`` transform): record nothing then. Hot hooks read this directly."""
+        ``AttributeError`` outside one (call ``outside_pass(module)`` then). ``calls`` is None in a pass
+        that records nothing (a forked child, a ``torch.func`` transform): record nothing then. Hot hooks
+        read this directly."""
         self.rank = rank
         self.extend_outputs = buffer.outputs.extend
         """``extend_outputs((module, pass, epoch, grad_enabled, training, numel, batch, per-sample norms))``:
@@ -198,10 +199,11 @@ class Recording:
         """Say once, in ``meta.json["notes"]``, that something about ``module`` could not be recorded."""
         self._run.note(module, kind, detail)
 
-    def warn(self, kind: str, detail: str) -> None:
-        """A ``UserWarning`` now (meant for ``attach``: it points at the user's ``Recorder.attach`` call)
-        and a note on the root: for a lens that selects nothing, or an input it cannot record."""
-        warnings.warn(detail, stacklevel=4)
+    def warn(self, kind: str, detail: str, *, stacklevel: int = 4) -> None:
+        """A ``UserWarning`` now (meant for ``attach``: it points at the user's ``Recorder.attach`` call;
+        one more ``stacklevel`` per function between ``attach`` and this call) and a note on the root: for a
+        lens that selects nothing, or an input it cannot record."""
+        warnings.warn(detail, stacklevel=stacklevel)
         self._run.note(ROOT_NAME, kind, detail)
 
     def describe(self, path: str, value: Any) -> None:

@@ -152,6 +152,7 @@ class ModuleSelection:
                 kind,
                 f"{lens} selects no module of {model}: it has no activation module (a function call such as "
                 f"F.relu cannot be observed) and nothing matches include=...; {hint}",
+                stacklevel=5,  # the user's attach call, past the lens's attach and this method
             )
             return chosen
         leaves = sum(1 for _, m in target.modules if next(m.children(), None) is None)
@@ -162,5 +163,6 @@ class ModuleSelection:
                 f"few_{kind.removeprefix('no_')}",
                 f"{lens} selects {len(chosen)} of the {leaves} leaf modules of {model} ({names}): its "
                 f"activations may be functions or classes the default does not know; {hint}",
+                stacklevel=5,
             )
         return chosen

@@ -222,3 +222,9 @@ def test_config_spells_classes_by_their_dotted_path(tmp_path) -> None:
         "exclude": [],
         "skip_no_grad_pass": True,
     }
+
+
+def test_the_selection_warnings_point_at_the_users_attach_call(tmp_path) -> None:
+    with pytest.warns(UserWarning) as caught:
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(nn.Linear(2, 2)).close()
+    assert Path(caught[0].filename).name == "test_selection.py"
