@@ -68,7 +68,7 @@ def _layouts(root: Path) -> dict[str, tuple[list[Path], list[dict]]]:
     rng = np.random.default_rng(5)
     rows = _rows(50, 10, ["a", "b", "c"])
     one("dropped", [r for r, keep in zip(rows, rng.random(len(rows)) > 0.15, strict=True) if keep], 5)
-    rows = _rows(40, 10, ["a", "b", "c"])
+    rows = _rows(40, 10, ["a", "b", "c", "d"])
     one("shuffled", [rows[i] for i in rng.permutation(len(rows))], 3)
     rows = _rows(30, 10, ["m"])
     one("shuffled-one-module", [rows[i] for i in rng.permutation(len(rows))], 2)
@@ -455,10 +455,11 @@ def test_an_epoch_met_again_later_in_a_series_is_one_mean(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("chunk_rows", "groups"),
-    [(79, [["a"], ["b"], ["c"]]), (80, [["a", "b"], ["c"]]), (1000, [["a", "b", "c"]])],
+    [(79, [["a"], ["b"], ["c"], ["d"]]), (80, [["a", "b"], ["c", "d"]]), (1000, [["a", "b", "c", "d"]])],
 )
 def test_shuffled_rows_are_read_a_group_of_modules_at_a_time(layouts, chunk_rows: int, groups) -> None:
-    """40 rows a module: modules join a piece while its rows stay within ``chunk_rows`` (80 is two)."""
+    """40 rows a module: modules join a piece while its rows stay within ``chunk_rows`` (80: two, in
+    the first piece and in the second)."""
     paths, _ = layouts["shuffled"]
     rec, _ = _scan(paths, None, chunk_rows)
     got = [sorted({rec.registry.keys[sid][2] for sid in frame}) for frame in rec.frames]
@@ -577,3 +578,21 @@ def test_an_empty_selection_has_empty_epoch_means_with_their_schema(layouts) -> 
     s = series.epoch_series(na.load(layouts["cut-passes"][0]), "outputs", "^nothing$")
     assert s.data.height == 0
     assert s.data.schema == pl.Schema({"sid": pl.UInt32, "epoch": pl.Int32, "value": pl.Float64})
+
+
+def test_rows_of_one_pass_keep_their_order_when_read_as_whole_series(tmp_path: Path) -> None:
+    """A module called twice in a pass records two rows with one pass number: reading whole series
+    sorts by pass stably, so the two keep the order they were written in (here shuffled)."""
+    rows = [{"pass": p, "epoch": p // 10, "module": "m", "grad": True} for p in range(40) for _ in (0, 1)]
+    rows += [{"pass": p, "epoch": p // 10, "module": "n", "grad": True} for p in range(40)]
+    for i, r in enumerate(rows):
+        r["value"] = float(i)
+    rows = [rows[i] for i in np.random.default_rng(4).permutation(len(rows))]
+    _write(tmp_path / "r", rows, shards=2)
+    written = [{**r, "run": "r", "rank": 0} for r in rows]
+    for chunk in (None, 50):
+        rec, _ = _scan([tmp_path / "r"], None, chunk)
+        assert _by_key(rec) == _expected_series(written)  # Python's sort is stable
+    data = pl.concat([s.data for s in series.complete_series(na.load(tmp_path / "r"), "outputs", None)])
+    per = _expected_series(written)
+    assert data.filter(pl.col("sid") == 0).select("pass", "epoch", "value").rows() == per["r", 0, "m", True]
