@@ -596,3 +596,83 @@ def test_rows_of_one_pass_keep_their_order_when_read_as_whole_series(tmp_path: P
     data = pl.concat([s.data for s in series.complete_series(na.load(tmp_path / "r"), "outputs", None)])
     per = _expected_series(written)
     assert data.filter(pl.col("sid") == 0).select("pass", "epoch", "value").rows() == per["r", 0, "m", True]
+
+
+def _frame(segments: list[tuple[int, list[int], int]]) -> series.Frame:
+    """A frame by hand: per segment (start pos, epochs of its rows, settled bound)."""
+    lengths = [len(e) for _, e, _ in segments]
+    rows = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    start = np.array([s for s, _, _ in segments], dtype=np.int64)
+    end = start + np.array(lengths, dtype=np.int64)
+    cols = {
+        "sid": np.repeat(np.arange(len(segments)), lengths).astype(np.uint32),
+        "pos": np.concatenate([np.arange(s, s + n) for s, n in zip(start, lengths, strict=True)]),
+        "pass": np.arange(rows[-1], dtype=np.int64),
+        "epoch": np.concatenate([np.array(e, dtype=np.int32) for _, e, _ in segments]),
+        "value": np.zeros(rows[-1]),
+    }
+    settled = np.array([b for _, _, b in segments], dtype=np.int64)
+    n = len(segments)
+    return series.Frame(cols, np.arange(n), rows, start, start, end, np.zeros(n, bool), settled, None)
+
+
+def _settled_by_hand(
+    segments: list[tuple[int, list[int], int]], done: list[int]
+) -> tuple[list[bool], list[int]]:
+    take, need = [], []
+    for (start, epochs, bound), d in zip(segments, done, strict=True):
+        take += [start + j >= d and e < bound for j, e in enumerate(epochs)]
+        first_open = next((start + j for j, e in enumerate(epochs) if e >= bound), start + len(epochs))
+        need.append(max(first_open, min(max(d, start), start + len(epochs))))
+    return take, need
+
+
+BIG = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("segments", "done"),
+    [
+        (  # settled bounds of every kind side by side: an epoch, none yet, all (another run read)
+            [
+                (10, [3, 3, 4, 4, 5, 5], 5),
+                (0, [-2, -1, 0, 0], NEVER),
+                (5, [7, 7, 8], LOWEST),
+                (2, [1, 1, 1, 2, 2], 2),
+                (0, [0, BIG - 1, BIG], BIG),
+                (4, [0, 1], 1),
+                (0, [-(2**31), -5, 6], -4),
+            ],
+            [12, 0, 5, 9, 0, 1, 0],
+        ),
+        ([(3, [0, 1, 1], NEVER), (0, [4], NEVER), (7, [2, 2, 3, 3], NEVER)], [4, 0, 9]),  # all settled
+    ],
+)
+def test_settled_rows_are_the_complete_epochs_not_yet_consumed(segments, done) -> None:
+    frame = _frame(segments)
+    take, need = series.settled_rows(frame, np.array(done, dtype=np.int64))
+    want_take, want_need = _settled_by_hand(segments, done)
+    assert take.tolist() == want_take
+    assert need.tolist() == want_need
+    assert frame.per_row(np.array([10 * i for i in range(len(segments))])).tolist() == [
+        10 * i for i, (_, e, _) in enumerate(segments) for _ in e
+    ]
+
+
+def test_epoch_series_are_memoised_per_module_selection(layouts) -> None:
+    paths, rows = layouts["cut-passes"]
+    trace = na.load(paths)
+    for modules, want in ((["a"], {"a"}), ("^(b|c)$", {"b", "c"}), (None, {"a", "b", "c"})):
+        s = series.epoch_series(trace, "outputs", modules)
+        assert set(s.keys["module"]) == want
+        assert s.data.height == len({(r["module"], r["epoch"]) for r in rows if r["module"] in want})
+    assert series.epoch_series(trace, "outputs", ("a",)) is series.epoch_series(trace, "outputs", ["a"])
+
+
+@pytest.mark.parametrize("layout", ["cut-passes", "shuffled", "two-ranks"])
+def test_complete_series_of_a_selection_are_numbered_as_its_series_info(layouts, layout: str) -> None:
+    trace = na.load(layouts[layout][0])
+    info = series.series_info(trace, "outputs", ["b"])
+    groups = list(series.complete_series(trace, "outputs", ["b"], chunk_rows=30))
+    assert pl.concat([g.keys for g in groups]).equals(info.keys.drop("length"))
+    assert set(pl.concat([g.data for g in groups])["sid"]) == set(info.keys["sid"])
