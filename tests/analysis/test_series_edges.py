@@ -79,9 +79,10 @@ def _layouts(root: Path) -> dict[str, tuple[list[Path], list[dict]]]:
     for i, r in enumerate(rows):
         r["value"] = 100.0 + i
     one("singletons", rows, 2)
-    # two ranks: unequal shards, rank 1 slower per piece and with a module starting late, first
+    # two ranks: unequal shards, rank 1 slower per piece; each with a module starting late, first in
+    # its pass (rank 0's later: its series numbered after rank 1's, so pieces of both are regrouped)
     ddp = root / "ddp"
-    r0, r1 = _rows(60, 10, ["a", "b"]), _rows(60, 10, ["a", "b"], late={"y": 33})
+    r0, r1 = _rows(60, 10, ["a", "b"], late={"x": 45}), _rows(60, 10, ["a", "b"], late={"y": 33})
     _write(ddp, r0, shards=3, rank=0)
     _write(ddp, r1, shards=11, rank=1)
     out["two-ranks"] = (
