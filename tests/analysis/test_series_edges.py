@@ -82,7 +82,7 @@ def _layouts(root: Path) -> dict[str, tuple[list[Path], list[dict]]]:
     # two ranks: unequal shards, rank 1 slower per piece; each with a module starting late, first in
     # its pass (rank 0's later: its series numbered after rank 1's, so pieces of both are regrouped)
     ddp = root / "ddp"
-    r0, r1 = _rows(60, 10, ["a", "b"], late={"x": 45}), _rows(60, 10, ["a", "b"], late={"y": 33})
+    r0, r1 = _rows(60, 10, ["a", "b"], late={"x": 45}), _rows(60, 10, ["a", "b"], late={"y": 5})
     _write(ddp, r0, shards=3, rank=0)
     _write(ddp, r1, shards=11, rank=1)
     out["two-ranks"] = (
@@ -677,3 +677,13 @@ def test_complete_series_of_a_selection_are_numbered_as_its_series_info(layouts,
     groups = list(series.complete_series(trace, "outputs", ["b"], chunk_rows=30))
     assert pl.concat([g.keys for g in groups]).equals(info.keys.drop("length"))
     assert set(pl.concat([g.data for g in groups])["sid"]) == set(info.keys["sid"])
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 9, 40])
+def test_late_modules_of_two_ranks_selected_alone(layouts, chunk_rows) -> None:
+    """Modules x (rank 0, from pass 45) and y (rank 1, from pass 5) alone: y is numbered first, and
+    pieces holding one rank's rows only (the others filtered out) still give each series whole."""
+    paths, rows = layouts["two-ranks"]
+    rec, _ = _scan(paths, None, chunk_rows, modules=["x", "y"])
+    assert [k[1:3] for k in rec.registry.keys] == [(1, "y"), (0, "x")]
+    assert _by_key(rec) == _expected_series([r for r in rows if r["module"] in ("x", "y")])
