@@ -75,10 +75,29 @@ def _layouts(root: Path) -> dict[str, tuple[list[Path], list[dict]]]:
     # modules b and d recorded once each (series of one row), c twice
     rows = [{"pass": p, "epoch": p // 5, "module": "a", "grad": True} for p in range(10)]
     rows[3:3] = [{"pass": 3, "epoch": 0, "module": m, "grad": True} for m in ("b", "d")]
-    rows[9:9] = [{"pass": p, "epoch": 1, "module": "c", "grad": True} for p in (6, 7)]
+    rows[8:8] = [
+        {"pass": p, "epoch": p // 5, "module": "c", "grad": True} for p in (4, 5)
+    ]  # epoch 1 at pos 1
     for i, r in enumerate(rows):
         r["value"] = 100.0 + i
     one("singletons", rows, 2)
+    # one pass a shard: no key repeats within a piece
+    one("one-pass-shards", _rows(4, 2, ["a", "b", "c"]), 4)
+    # a alone for 10 passes, then b first in each pass: whole passes whose numbers run backwards
+    rows = [r for r in _rows(40, 10, ["b", "a"]) if r["module"] == "a" or r["pass"] >= 10]
+    one("reversed", rows, 4)
+    # one epoch, the later passes' shard written first: passes go back between pieces only
+    swapped = _rows(40, 100, ["a", "b"])
+    _write(root / "swapped", swapped[40:], shards=1)
+    _write(root / "swapped", swapped[:40], shards=1)
+    out["swapped"] = ([root / "swapped"], [{**r, "run": "swapped", "rank": 0} for r in swapped])
+    # one series out of pass order within each epoch, the others in order (epochs never go back)
+    rows = _rows(40, 10, ["a", "b", "c"])
+    at = [i for i, r in enumerate(rows) if r["module"] == "c"]
+    moved = [at[e * 10 + j] for e in range(4) for j in np.random.default_rng(e).permutation(10)]
+    for i, j in zip(at, [rows[k] for k in moved], strict=True):
+        rows[i] = j
+    one("one-unordered", rows, 1)
     # two ranks: unequal shards, rank 1 slower per piece; each with a module starting late, first in
     # its pass (rank 0's later: its series numbered after rank 1's, so pieces of both are regrouped)
     ddp = root / "ddp"
@@ -123,6 +142,10 @@ LAYOUTS = [
     "shuffled",
     "shuffled-one-module",
     "singletons",
+    "one-pass-shards",
+    "reversed",
+    "swapped",
+    "one-unordered",
     "two-ranks",
     "shuffled-two-ranks",
     "two-runs",
@@ -452,6 +475,7 @@ def test_an_epoch_met_again_later_in_a_series_is_one_mean(tmp_path: Path) -> Non
     trace = na.load(write_trace(tmp_path / "r", outputs=outputs))
     assert series.epoch_series(trace, "outputs", None).data.rows() == [(0, 0, 2.5), (0, 1, 2.5)]
     assert trace.epoch_summary().select("epoch", "mean").rows() == [(0, 2.5), (1, 2.5)]
+    assert series.series_info(trace, "outputs", None).keys["epochs"].to_list() == [2]  # distinct epochs
 
 
 @pytest.mark.parametrize(
@@ -512,8 +536,8 @@ def pa_strings(values: list) -> object:
     return pa.array(values, type=pa.string())
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_signals_with_a_null_param_are_series_of_their_own(tmp_path: Path, shuffle: bool) -> None:
+@pytest.mark.parametrize("order", ["written", "dropped", "shuffled"])
+def test_signals_with_a_null_param_are_series_of_their_own(tmp_path: Path, order: str) -> None:
     """Signals' keys hold nulls (a module-level signal has no param): a null matches a null when rows
     are numbered, in whole series and in groups of whole series as in pieces."""
     rows = []
@@ -527,8 +551,12 @@ def test_signals_with_a_null_param_are_series_of_their_own(tmp_path: Path, shuff
             rows.append({"pass": p, "epoch": p // 10, "kind": kind, "module": module, "param": param})
     for i, r in enumerate(rows):
         r["value"] = float(np.float32(0.5 + i / 4))
-    if shuffle:
+    if order == "shuffled":
         rows = [rows[i] for i in np.random.default_rng(2).permutation(len(rows))]
+    elif order == "dropped":  # no fixed layout per pass: numbered by a join on the keys
+        rows = [
+            r for r, keep in zip(rows, np.random.default_rng(3).random(len(rows)) > 0.2, strict=True) if keep
+        ]
     run = write_trace(tmp_path / "r", signals=_signals(rows), shards=3)
     want: dict[tuple, list] = defaultdict(list)
     for r in sorted(rows, key=lambda r: r["pass"]):
@@ -578,6 +606,9 @@ def test_series_info_is_the_one_an_analysis_scan_recorded(layouts, monkeypatch) 
 def test_an_empty_selection_has_empty_epoch_means_with_their_schema(layouts) -> None:
     s = series.epoch_series(na.load(layouts["cut-passes"][0]), "outputs", "^nothing$")
     assert s.data.height == 0
+    assert s.keys.schema == pl.Schema(
+        {"sid": pl.UInt32, "run": pl.String, "rank": pl.Int32, "module": pl.String, "split": pl.String}
+    )
     assert s.data.schema == pl.Schema({"sid": pl.UInt32, "epoch": pl.Int32, "value": pl.Float64})
 
 
