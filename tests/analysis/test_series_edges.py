@@ -42,7 +42,9 @@ def _rows(
     return rows
 
 
-def _write(run: Path, rows: list[dict], *, shards: int, rank: int = 0) -> None:
+def _write(
+    run: Path, rows: list[dict], *, shards: int, rank: int = 0, rank_column: int | None = None
+) -> None:
     outputs = {
         "pass": np.array([r["pass"] for r in rows], dtype=np.int64),
         "epoch": np.array([r["epoch"] for r in rows], dtype=np.int32),
@@ -50,6 +52,8 @@ def _write(run: Path, rows: list[dict], *, shards: int, rank: int = 0) -> None:
         "grad_enabled": np.array([r["grad"] for r in rows], dtype=bool),
         "norm": np.array([r["value"] for r in rows], dtype=np.float32),
     }
+    if rank_column is not None:  # a rank column that differs from the shard names' rank
+        outputs["rank"] = np.full(len(rows), rank_column, dtype=np.int32)
     write_trace(run, outputs=outputs, shards=shards, rank=rank)
 
 
@@ -91,6 +95,12 @@ def _layouts(root: Path) -> dict[str, tuple[list[Path], list[dict]]]:
     _write(root / "swapped", swapped[40:], shards=1)
     _write(root / "swapped", swapped[:40], shards=1)
     out["swapped"] = ([root / "swapped"], [{**r, "run": "swapped", "rank": 0} for r in swapped])
+    # shards named rank 0 holding rows of rank 3: the reader cannot end those series after its shards
+    _write(root / "renamed", _rows(30, 10, ["a", "b"]), shards=3, rank_column=3)
+    out["renamed"] = (
+        [root / "renamed"],
+        [{**r, "run": "renamed", "rank": 3} for r in _rows(30, 10, ["a", "b"])],
+    )
     # one series out of pass order within each epoch, the others in order (epochs never go back)
     rows = _rows(40, 10, ["a", "b", "c"])
     at = [i for i, r in enumerate(rows) if r["module"] == "c"]
@@ -146,6 +156,7 @@ LAYOUTS = [
     "reversed",
     "swapped",
     "one-unordered",
+    "renamed",
     "two-ranks",
     "shuffled-two-ranks",
     "two-runs",
@@ -718,3 +729,32 @@ def test_late_modules_of_two_ranks_selected_alone(layouts, chunk_rows) -> None:
     rec, _ = _scan(paths, None, chunk_rows, modules=["x", "y"])
     assert [k[1:3] for k in rec.registry.keys] == [(1, "y"), (0, "x")]
     assert _by_key(rec) == _expected_series([r for r in rows if r["module"] in ("x", "y")])
+
+
+class _Failing:
+    """A consumer that fails on its second frame."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def feed(self, frame: series.Frame) -> np.ndarray:
+        self.frames += 1
+        if self.frames == 2:
+            raise RuntimeError("consumer failed")
+        return frame.end.copy()
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_failing_consumer_stops_the_scan_and_its_reader(layouts) -> None:
+    """The error reaches the caller; the read-ahead thread, with pieces still to hand over, stops."""
+    import threading
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        _scan_with(layouts["cut-passes"][0], _Failing(), chunk_rows=1)
+    assert not [t for t in threading.enumerate() if t.name == "normtrace-read-ahead"]
+
+
+def _scan_with(paths: list[Path], consumer, chunk_rows: int) -> None:
+    series.scan(na.load(paths), "outputs", None, lambda reg: [consumer], chunk_rows=chunk_rows)
