@@ -777,7 +777,7 @@ def _means(sid: np.ndarray, epoch: np.ndarray, value: np.ndarray) -> pl.DataFram
     rows = pl.DataFrame({"g": key, "value": value})
     rows = (
         rows.with_columns(pl.col("g").set_sorted())
-        if (np.diff(key) >= 0).all()
+        if (key[1:] >= key[:-1]).all()  # not np.diff: on unsigned keys it wraps, never negative
         else rows.sort("g", maintain_order=True)
     )
     means = rows.group_by("g", maintain_order=True).agg(pl.col("value").mean())
