@@ -547,22 +547,19 @@ class Recorder:
         return state
 
     def _outside_root(self, module: nn.Module) -> PassState | None:
-        """A hook's module ran while the root's forward is not running in this thread (a Lightning
-        ``training_step`` calling ``self.net(x)``): from now on a pass is counted at each call of one of the
-        root's children made outside the root's forward (``_on_entry``), and this call starts one (as it
-        does in a thread that started no pass yet). Returns the new ``PassState``, or None when nothing
-        changes (inside the root's forward, already counting at the children, a ``DataParallel`` replica
-        whose wrapper counts)."""
-        root, local = self._root, self._local
+        """A hook's module ran while this thread runs no pass (``Recording.outside_pass``: the root's
+        forward has returned, or the thread never ran it), as a Lightning ``training_step`` calling
+        ``self.net(x)`` does: from now on a pass is counted at each call of one of the root's children made
+        outside the root's forward (``_on_entry``), and this call starts one. Returns the new
+        ``PassState``, or None when this is no pass (a ``DataParallel`` worker's replica, whose wrapper
+        counts; ``torch.export``; a forward recomputed in backward; a forked child; a detached recorder)."""
+        root = self._root
         if (
-            getattr(local, "inside", False)
-            or (self._entries is not None and hasattr(local, "state"))  # a 2nd call in a child's pass
-            or root is None
+            root is None
             or self._inert
             or is_data_parallel_replica(module)
-            or isinstance(root, nn.DataParallel)
             or torch.compiler.is_exporting()
-            or graph_task_id() != -1  # a checkpointed forward recomputed in backward
+            or graph_task_id() != -1
         ):
             return None
         with self._entry_lock:
@@ -586,7 +583,7 @@ class Recorder:
             f"its forward counts as a pass. To count passes at the module you call, attach that one "
             "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
         )
-        warnings.warn(f"normtrace: {detail}", stacklevel=4)
+        warnings.warn(f"normtrace: {detail}", stacklevel=_user_stacklevel())
         self._note(ROOT_NAME, "passes_from_children", detail)
         return names
 
@@ -595,8 +592,8 @@ class Recorder:
         local = self._local
 
         def on_entry(module: nn.Module, args: Any) -> None:
-            if module is not child and not is_data_parallel_replica(module):
-                return  # a copy of the child: not ours
+            if module is not child:
+                return  # a copy, or a DataParallel replica (run by its wrapper's pass): no pass of its own
             if getattr(local, "inside", False) or graph_task_id() != -1 or torch.compiler.is_exporting():
                 return  # called by the root's forward (already a pass), or recomputed in backward
             self._begin_pass()
@@ -764,6 +761,18 @@ def run_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
             ) from None
     parsed: dict[str, Any] = json.loads(json.dumps(dict(config), allow_nan=True))
     return parsed
+
+
+_OWN_FILES = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised here points at the first frame outside normtrace and
+    torch: the user's line that called the module (a hook runs some frames deep in ``Module.__call__``)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -153,8 +153,7 @@ class Recording:
     def pass_state(self) -> PassState:
         """The calling thread's ``(pass, epoch, calls)``: its current pass, else the last it ran, else
         ``outside_pass()``."""
-        found = self.local.__dict__
-        state: PassState | None = found.get("state") or found.get("last")
+        state: PassState | None = self.local.__dict__.get("state")
         return self.outside_pass() if state is None else state
 
     def current_pass(self) -> int:

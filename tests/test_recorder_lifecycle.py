@@ -314,6 +314,7 @@ def forked_child_runs_and_is_refused(tmp_path: Path) -> None:
         code = 1
         try:
             model(x)
+            model.net(x)  # a child called alone: no pass, no note in the parent's meta.json
             try:
                 rec.flush()
                 code = 10
@@ -334,6 +335,7 @@ def forked_child_runs_and_is_refused(tmp_path: Path) -> None:
             pytest.fail("flush() in the forked child hung")
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert "passes_from_children" not in (tmp_path / "meta.json").read_text()
     model(x)
     rec.close()
     rows = read_table(tmp_path, "outputs").to_pylist()

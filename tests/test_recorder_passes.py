@@ -33,12 +33,15 @@ def test_a_child_called_without_the_root_counts_one_pass_per_call(tmp_path):
         for x in xs:
             model.net(x)  # a LightningModule's training_step calling self.net(x)
         assert rec.passes == len(xs)
-    assert len([w for w in caught if "ran outside" in str(w.message)]) == 1  # once, not per pass
+    ours = [w for w in caught if "ran outside" in str(w.message)]
+    assert len(ours) == 1  # once, not per pass
+    assert ours[0].filename == __file__  # it points at the line that called model.net
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert sorted({r["module"] for r in rows}) == sorted(SEED_OUTPUT_MODULES)  # no net.relu1#1
     for p, x in enumerate(xs):
         assert norms_by_module(rows, p) == approx_output_norms(model, x)
-    assert "passes_from_children" in _notes(tmp_path)
+    notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    assert [(n["module"], n["kind"]) for n in notes] == [("(root)", "passes_from_children")]
     assert json.loads((tmp_path / "meta.json").read_text())["passes"] == len(xs)
 
 
@@ -179,3 +182,49 @@ def test_the_warning_names_the_module_and_up_to_five_children(tmp_path, children
         "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
     ]
     assert _notes(tmp_path)["passes_from_children"] == messages[0].removeprefix("normtrace: ")
+
+
+def test_no_pass_for_a_recomputed_or_exported_child_once_children_count(tmp_path):
+    """After passes are counted at the children: a child's forward recomputed in backward (checkpoint) and
+    torch.export tracing a child are not passes."""
+    model = QNetwork()
+    xs = [torch.randn(3, 4, requires_grad=True) for _ in range(3)]
+    lenses = [nt.OutputNorm(include=[nn.Identity])]
+    with pytest.warns(UserWarning, match="ran outside"), nt.Recorder(tmp_path, lenses=lenses) as rec:
+        rec.attach(model)
+        model.net(xs[0])  # passes now counted at the children
+        for x in xs[1:]:
+            torch.utils.checkpoint.checkpoint(model.net, x, use_reentrant=False).sum().backward()
+        torch.export.export(model.net, (xs[0].detach(),))
+        assert rec.passes == 3
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [p for p in range(3) for _ in SEED_OUTPUT_MODULES]
+    for p, x in enumerate(xs):
+        assert norms_by_module(rows, p) == approx_output_norms(model, x.detach())
+
+
+def test_data_parallel_replicas_of_a_child_in_worker_threads_are_no_passes(tmp_path):
+    """nn.DataParallel's workers run replicas in threads that start no pass: their rows belong to the
+    wrapper's pass, even when passes are counted at the children (replicated by hand, on the CPU)."""
+    model = QNetwork()
+    x = torch.randn(3, 4)
+
+    def replicate(module: nn.Module) -> nn.Module:
+        replica = module._replicate_for_data_parallel()
+        replica._parameters = dict(module._parameters)
+        replica._modules = {k: replicate(child) for k, child in module._modules.items()}
+        return replica
+
+    with (
+        pytest.warns(UserWarning, match="ran outside"),
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]) as rec,
+    ):
+        rec.attach(model)
+        model.net(x)  # pass 0, and the children now count
+        worker = threading.Thread(target=lambda: replicate(model.net)(x))
+        worker.start()
+        worker.join()
+        assert rec.passes == 1
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [r["pass"] for r in rows] == [0] * 5 + [0] * 5  # the replica's rows join the last pass
+    assert {r["module"] for r in rows[5:]} == set(SEED_OUTPUT_MODULES)
