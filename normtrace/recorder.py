@@ -763,14 +763,16 @@ def run_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return parsed
 
 
-_OWN_FILES = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+_NOT_USER = ("normtrace.", "torch.", "mutmut.")
+"""Modules whose frames a warning from a hook skips: ours, torch's ``Module.__call__``, and the trampolines
+of the mutation tool (``nox -s mutate``), which wrap every function of a mutated module."""
 
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` at which a warning raised here points at the first frame outside normtrace and
     torch: the user's line that called the module (a hook runs some frames deep in ``Module.__call__``)."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_NOT_USER):
         frame, level = frame.f_back, level + 1
     return level
 
