@@ -583,7 +583,7 @@ class Recorder:
             f"its forward counts as a pass. To count passes at the module you call, attach that one "
             "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
         )
-        warnings.warn(f"normtrace: {detail}", stacklevel=_user_stacklevel())
+        _warn_user(f"normtrace: {detail}")
         self._note(ROOT_NAME, "passes_from_children", detail)
         return names
 
@@ -768,13 +768,14 @@ _NOT_USER = ("normtrace.", "torch.", "mutmut.")
 of the mutation tool (``nox -s mutate``), which wrap every function of a mutated module."""
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` at which a warning raised here points at the first frame outside normtrace and
-    torch: the user's line that called the module (a hook runs some frames deep in ``Module.__call__``)."""
-    frame, level = sys._getframe(1), 1
+def _warn_user(message: str) -> None:
+    """``warnings.warn(message)`` pointing at the first frame outside normtrace and torch: the user's line
+    that called the module (a hook runs some frames deep in ``Module.__call__``). The frames are counted
+    from this function's own, the one that calls ``warnings.warn``."""
+    frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_NOT_USER):
         frame, level = frame.f_back, level + 1
-    return level
+    warnings.warn(message, stacklevel=level)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
