@@ -71,7 +71,9 @@ def cartpole(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Hook overhead of normtrace vs an untraced model, a bare hook and monitorch (benchmarks/overhead.py).
+    """Hook overhead of normtrace vs an untraced model, a bare hook and monitorch (benchmarks/overhead.py),
+    then the seed's training step with and without normtrace alternating every 5 steps
+    (benchmarks/paired_steps.py: C/A with a 95% interval, the figure to quote for W2).
 
     monitorch==0.1.0.7 (the seed's library, the comparison D) is installed here only, never a dependency.
     Arguments after `--` go to the script: `nox -s bench -- --quick`, `-- --json bench.json`.
@@ -79,6 +81,10 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".", "-e", "./analysis")
     session.install("monitorch==0.1.0.7")
     session.run("python", "benchmarks/overhead.py", *session.posargs)
+    # W2 again, A and C alternating every 5 steps: the C/A figure with a confidence interval
+    session.run(
+        "python", "benchmarks/paired_steps.py", *(["--epochs", "4"] if "--quick" in session.posargs else [])
+    )
 
 
 MUTATED = [
