@@ -12,6 +12,8 @@ import normtrace_analysis.spikes as spikes_module
 import numpy as np
 import polars as pl
 import pytest
+from normtrace_analysis.summary import summary_key
+from polars.testing import assert_frame_equal
 from tracegen import write_trace
 
 
@@ -173,3 +175,38 @@ def test_events_are_matched_within_their_own_rank_and_rows_come_in_series_order(
     ]
     epochs = na.load(run).spikes(level="epoch", baseline_window=3)
     assert epochs.schema["lag_passes"] == pl.Int64 and epochs["lag_passes"].is_null().all()
+
+
+def _two_modules(tmp_path: Path) -> Path:
+    """Modules ``a`` and ``b``, noise around 10 with one spike each, over 3 epochs."""
+    a, b = _noise(300, 1), _noise(300, 2)
+    a[150], b[220] = 30.0, 25.0
+    return write_trace(tmp_path / "r", outputs=_outputs({"a": a, "b": b}))
+
+
+def test_spikes_of_every_module_leave_the_whole_epoch_summary_memoised(tmp_path: Path) -> None:
+    run = _two_modules(tmp_path)
+    trace = na.load(run)
+    trace.spikes()
+    assert trace.is_cached(summary_key("outputs"))  # computed on the side: the report reads the table once
+    assert_frame_equal(trace.epoch_summary(), na.load(run).epoch_summary())
+
+
+def test_spikes_of_some_modules_do_not_memoise_a_summary_of_those_modules_only(tmp_path: Path) -> None:
+    run = _two_modules(tmp_path)
+    trace = na.load(run)
+    found = trace.spikes(modules=["a"])
+    assert found["module"].to_list() == ["a"] and found["pass"].to_list() == [150]
+    assert trace.epoch_summary()["module"].unique().sort().to_list() == ["a", "b"]
+    assert_frame_equal(trace.epoch_summary(), na.load(run).epoch_summary())
+
+
+def test_an_output_module_named_like_a_log_scaled_signal_kind_is_scored_on_its_values(tmp_path: Path) -> None:
+    values = _noise(300, 3)
+    values[150] = 30.0
+    run = write_trace(tmp_path / "r", outputs=_outputs({"grad_norm": values, "plain": values.copy()}))
+    found = na.load(run).spikes().sort("module")
+    assert found["module"].to_list() == ["grad_norm", "plain"]
+    named, plain = found.row(0, named=True), found.row(1, named=True)
+    # the same values give the same score: only signals of LOG_KINDS are scored on log10
+    assert named["score"] == plain["score"] and named["baseline"] == plain["baseline"]
