@@ -210,3 +210,31 @@ def test_an_output_module_named_like_a_log_scaled_signal_kind_is_scored_on_its_v
     named, plain = found.row(0, named=True), found.row(1, named=True)
     # the same values give the same score: only signals of LOG_KINDS are scored on log10
     assert named["score"] == plain["score"] and named["baseline"] == plain["baseline"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_frames_scored_in_parallel_parts_give_the_planted_spikes_and_the_same_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    planted = {f"m{i}": 40 + 37 * i for i in range(7)}  # one spike per module, at its own pass
+    series = {}
+    for i, (name, at) in enumerate(planted.items()):
+        values = _noise(400 + 50 * i, 10 + i)  # series of different lengths: parts cut unevenly
+        values[at] = 40.0
+        series[name] = values
+    run = write_trace(tmp_path / "r", outputs=_outputs(series), shards=1)  # one piece, one frame
+    whole = na.load(run).spikes().sort("module")
+    calls: list[int] = []
+    score = spikes_module._Detector._score
+
+    def counted(self: object, cols: dict, rows: np.ndarray, *rest: object) -> object:
+        calls.append(len(rows) - 1)  # series in this part
+        return score(self, cols, rows, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spikes_module, "PART_ROWS", 500)  # the frame (3,850 rows) is cut into parts
+    monkeypatch.setattr(spikes_module.pl, "thread_pool_size", lambda: threads)
+    monkeypatch.setattr(spikes_module._Detector, "_score", counted)
+    parts = na.load(run).spikes().sort("module")
+    assert len(calls) == threads and sum(calls) == len(planted)  # one part per thread, every series once
+    assert dict(zip(parts["module"], parts["pass"], strict=True)) == planted
+    assert_frame_equal(parts, whole)
