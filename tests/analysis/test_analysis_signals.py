@@ -232,3 +232,39 @@ def test_findings_of_several_runs_name_their_run(planted, clean) -> None:
     found = na.load([planted[0], clean]).signal_findings()
     assert set(found["run"]) == {"planted"}  # the clean run has none
     assert found["sentence"].str.starts_with("planted: ").all()
+
+
+def test_epoch_level_spikes_of_a_norm_are_scored_on_log10_and_reported_in_its_units(tmp_path: Path) -> None:
+    # 60 epochs of 5 passes; a gradient norm and a user kind holding log10 of the same values: scored on
+    # log10, the norm must give the user kind's epoch, score and (in its own units) value and baseline.
+    epochs, per = 60, 5
+    rng = np.random.default_rng(7)
+    logs = -1.0 + 0.05 * rng.standard_normal(epochs * per)
+    logs[32 * per : 33 * per] += 1.0  # epoch 32: ten times larger
+    n = epochs * per
+    run = write_trace(
+        tmp_path / "r",
+        signals={
+            "pass": np.repeat(np.arange(n), 2),
+            "epoch": np.repeat(np.arange(n) // per, 2).astype(np.int32),
+            "kind": np.tile(np.array(["grad_norm", "my_kind"], dtype=object), n),
+            "module": np.full(2 * n, "layer", dtype=object),
+            "value": np.stack([10.0**logs, logs], axis=1).ravel().astype(np.float64),
+        },
+    )
+    found = na.load(run).spikes("signals", level="epoch")
+    by_kind = {row["kind"]: row for row in found.iter_rows(named=True)}
+    assert set(by_kind) == {"grad_norm", "my_kind"}
+    norm, mine = by_kind["grad_norm"], by_kind["my_kind"]
+    assert norm["epoch"] == mine["epoch"] == 32
+    # an epoch's value is the mean of its rows: the norm's mean is not 10**(mean of logs), so compare
+    # with the independent log10 of the norm's own epoch means
+    stored = {
+        k: v.astype(np.float32).astype(np.float64) for k, v in {"norm": 10.0**logs, "log": logs}.items()
+    }
+    assert norm["value"] == pytest.approx(stored["norm"].reshape(epochs, per).mean(axis=1)[32], rel=1e-6)
+    assert mine["value"] == pytest.approx(stored["log"].reshape(epochs, per).mean(axis=1)[32], rel=1e-6)
+    assert norm["baseline"] == pytest.approx(0.1, rel=0.1)  # in the norm's units, not log10's
+    # on log10 the jump is one unit against the same noise for both: the same size of score (scored on
+    # its values, the norm's score would be several times the user kind's)
+    assert mine["score"] > 10 and norm["score"] == pytest.approx(mine["score"], rel=0.25)
