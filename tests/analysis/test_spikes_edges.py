@@ -238,3 +238,32 @@ def test_frames_scored_in_parallel_parts_give_the_planted_spikes_and_the_same_sc
     assert len(calls) == threads and sum(calls) == len(planted)  # one part per thread, every series once
     assert dict(zip(parts["module"], parts["pass"], strict=True)) == planted
     assert_frame_equal(parts, whole)
+
+
+@pytest.mark.parametrize("piece_rows", [97, 150, 400])
+def test_runs_of_missing_values_across_pieces_carry_the_same_medians(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece_rows: int
+) -> None:
+    from normtrace_analysis import series as series_module
+
+    a, b = _noise(1200, 21), _noise(900, 22)
+    a[300:390] = np.nan  # longer than a window: the median before it is carried over the gap
+    a[391] = 30.0  # a spike right after the gap: scored against the carried baseline and scale
+    a[700:703] = np.inf
+    a[705] = 25.0
+    b[100:400] = np.nan  # a gap spanning several pieces
+    b[250] = b[330] = 10.0  # ordinary values alone in the gap: not spikes, they cut its run in three
+    b[450] = 28.0
+    b[899] = 40.0  # the last point of a series
+    run = write_trace(tmp_path / "r", outputs=_outputs({"a": a, "b": b}), shards=42)  # 50 rows a shard
+    whole = na.load(run).spikes()
+    monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+    pieces = na.load(run).spikes()
+    assert_frame_equal(pieces, whole)
+    spikes_of = {m: whole.filter(pl.col("module") == m)["pass"].to_list() for m in ("a", "b")}
+    assert 391 in spikes_of["a"] and 705 in spikes_of["a"] and 700 in spikes_of["a"]
+    assert spikes_of["b"] == [100, 251, 331, 450, 899]
+    # a run of missing values is reported with the median carried from before the gap (noise around 10),
+    # also where the run starts in a piece that holds no value before it
+    gaps = whole.filter((pl.col("module") == "b") & pl.col("pass").is_in([100, 251, 331]))
+    assert gaps["baseline"].to_list() == pytest.approx([10.0] * 3, abs=0.1)
