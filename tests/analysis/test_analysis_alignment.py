@@ -288,6 +288,15 @@ def test_placebo_separates_the_event_from_the_epoch_boundaries(tmp_path: Path) -
     assert others_row["events_followed"] == 0 and others_row["p_value"] > 0.5
     assert others_row["placebo_followed"] == len(others[::3]) and others_row["placebo_p"] < 0.01
     assert f"Placebo, the other epoch boundaries: 0 of {len(others)} followed" in syncs_row["finding"]
+    # enrichment: the fraction of (placebo) events followed over the chance of one being followed
+    # (null where that chance is 0: no jittered placebo was followed)
+    for row in (syncs_row, others_row):
+        if row["placebo_chance"] > 0:
+            placebo = row["placebo_followed"] / row["placebo_events"] / row["placebo_chance"]
+            assert row["placebo_enrichment"] == pytest.approx(placebo, rel=1e-12)
+        else:
+            assert row["placebo_enrichment"] is None
+    assert 0 < others_row["placebo_chance"] < 0.1 and others_row["placebo_enrichment"] > 3
 
 
 def test_alignment_handles_no_spikes_and_no_events(tmp_path: Path) -> None:
