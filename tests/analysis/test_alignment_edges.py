@@ -39,3 +39,25 @@ def test_steps_of_a_noiseless_series_are_measured_in_a_millionth_of_its_level(tm
     assert row["step"] == pytest.approx(1.0 / (1e-6 * np.median(level)), rel=1e-9)
     ratios = sorted([11 / 10, 12 / 11, 13 / 12, 14 / 13, 1.0, 1.0])
     assert row["step_change"] == pytest.approx((ratios[2] + ratios[3]) / 2 - 1, rel=1e-9)
+
+
+def test_a_series_with_a_single_spike_cluster_is_tested(tmp_path: Path) -> None:
+    # One spike, three passes after the third of ten syncs: one cluster, one event followed. A single
+    # cluster is evidence (weak: p is large) and must get a p-value, not be left untested.
+    values = 10.0 + 0.1 * np.random.default_rng(4).standard_normal(2000)
+    syncs = list(range(150, 2000, 200))
+    values[syncs[2] + 3] = 30.0
+    events = {"epoch": [(p + 1) // 10 for p in syncs], "pass": syncs, "name": ["target_update"] * len(syncs)}
+    outputs = {
+        "pass": np.arange(2000),
+        "epoch": (np.arange(2000) // 10).astype(np.int32),
+        "module": ["m"] * 2000,
+        "norm": values.astype(np.float32),
+    }
+    row = (
+        na.load(write_trace(tmp_path / "r", outputs=outputs, events=events))
+        .event_alignment(window=10)
+        .row(0, named=True)
+    )
+    assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(syncs)
+    assert row["p_value"] is not None and 0 < row["p_value"] <= 1
