@@ -84,16 +84,16 @@ def measure(key: str, epochs: int, epoch_len: int, run: int, warmup: int, seed: 
         for epoch in range(epochs):
             for start in range(0, epoch_len, run):
                 steps = range(start, min(start + run, epoch_len))
-                for key in ("A", "C") if rng.random() < 0.5 else ("C", "A"):
+                for copy in ("A", "C") if rng.random() < 0.5 else ("C", "A"):
                     w, c = time.perf_counter(), time.thread_time()
                     for i in steps:
-                        work[key].step(epoch * epoch_len + i)
+                        work[copy].step(epoch * epoch_len + i)
                     if steps[-1] == epoch_len - 1:  # the end of an episode: C ticks, both may sync
-                        if key == "C":
+                        if copy == "C":
                             tracer.epoch(float(epoch), 0.8 * epoch)
-                        work[key].end_epoch(epoch + 1)
-                    totals["wall"][key][epoch] += time.perf_counter() - w
-                    totals["cpu"][key][epoch] += time.thread_time() - c
+                        work[copy].end_epoch(epoch + 1)
+                    totals["wall"][copy][epoch] += time.perf_counter() - w
+                    totals["cpu"][copy][epoch] += time.thread_time() - c
         w, c = time.perf_counter(), time.thread_time()
         tracer.finish()  # close(): the writer drains what is left
         close_wall, close_cpu = time.perf_counter() - w, time.thread_time() - c
