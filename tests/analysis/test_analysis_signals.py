@@ -268,3 +268,41 @@ def test_epoch_level_spikes_of_a_norm_are_scored_on_log10_and_reported_in_its_un
     # on log10 the jump is one unit against the same noise for both: the same size of score (scored on
     # its values, the norm's score would be several times the user kind's)
     assert mine["score"] > 10 and norm["score"] == pytest.approx(mine["score"], rel=0.25)
+
+
+@pytest.mark.parametrize("piece_rows", [150, 400])
+def test_log_scaling_follows_series_first_met_in_later_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece_rows: int
+) -> None:
+    # A user kind from pass 0, a gradient norm from pass 500: read in pieces, the scan meets the norm's
+    # series pieces after the other, and its log10 scoring must still follow it (as read whole).
+    from normtrace_analysis import series as series_module
+
+    rng = np.random.default_rng(11)
+    mine = 0.5 + 0.01 * rng.standard_normal(1000)
+    grad = 0.1 * np.exp(0.05 * rng.standard_normal(500))
+    mine[300] = 0.8
+    grad[200] = 2.0  # pass 700
+    passes = np.concatenate([np.arange(500), np.repeat(np.arange(500, 1000), 2)])
+    kinds = ["my_kind"] * 500 + ["my_kind", "grad_norm"] * 500
+    values = np.concatenate([mine[:500], np.stack([mine[500:], grad], axis=1).ravel()])
+    run = write_trace(
+        tmp_path / "r",
+        signals={
+            "pass": passes,
+            "epoch": (passes // 100).astype(np.int32),
+            "kind": np.array(kinds, dtype=object),
+            "module": np.full(len(passes), "layer", dtype=object),
+            "value": values.astype(np.float32),
+        },
+        shards=30,
+    )
+    whole = na.load(run).spikes("signals")
+    monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+    pieces = na.load(run).spikes("signals")
+    assert pieces.equals(whole)
+    norm = whole.filter(pl.col("kind") == "grad_norm").row(0, named=True)
+    assert norm["pass"] == 700 and norm["baseline"] == pytest.approx(0.1, rel=0.1)
+    # on log10: the jump is log10(20) over a noise of ~0.05 / ln 10, a score near 60, not the hundreds
+    # that the same jump gets on the values
+    assert 20 < norm["score"] < 120
