@@ -52,9 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lenses  # noqa: E402  (the signals lenses' variants)
 import overhead  # noqa: E402  (the seed's step and the normtrace variant)
 from families import ALLOCATOR_ENV  # noqa: E402
-
-CLOCKS = ("wall", "cpu")
-
+from overhead import CLOCKS  # noqa: E402  (wall: perf_counter; cpu: here the main thread's, see above)
 
 VARIANTS = ("C", "D", *lenses.NEW_LENSES, "ALL", "mG", "mU", "mO", "mR")
 """``overhead.py``'s C (the seed's lenses) and D (monitorch), and ``lenses.py``'s variants."""

@@ -471,3 +471,46 @@ def test_event_profile_is_the_average_of_values_over_their_pre_event_median(tmp_
     assert peak["mean"] > 1.05
     placebo = profile.filter(pl.col("kind") == "placebo")
     assert placebo["events"].max() == 29 - 4  # 29 epoch boundaries, 4 of them the events
+
+
+def test_cluster_gap_and_jitter_exclusion_follow_their_documented_formulas() -> None:
+    # merge_gap: max(event window, half the baseline window, rounded down); exclusion: window + that half
+    assert (
+        alignment.merge_gap(5, 21) == 10
+        and alignment.merge_gap(12, 21) == 12
+        and alignment.merge_gap(3, 7) == 3
+    )
+    assert (
+        alignment.exclusion(5, 21) == 15
+        and alignment.exclusion(5, 20) == 15
+        and alignment.exclusion(1, 3) == 2
+    )
+
+
+def test_steps_of_a_noiseless_series_are_measured_in_a_millionth_of_its_level(tmp_path: Path) -> None:
+    # Levels 10, 11, 12, 13, 14 then flat: the first four of six events raise the level by 1 (three
+    # passes after the event, inside its window), the last two change nothing. Without noise the robust
+    # SD is 1e-6 x the median |value|, so the median step over events (1) is 1 / (1e-6 x that median).
+    events = [100, 200, 300, 400, 500, 600]
+    level = np.full(700, 10.0)
+    for k, at in enumerate(events[:4]):
+        level[at + 3 :] = 11.0 + k
+    run = write_trace(tmp_path / "r", **_series(level, _syncs(events, per_epoch=100), per_epoch=100))
+    row = na.load(run).event_steps("target_update", window=20).row(0, named=True)
+    assert row["events"] == 6
+    assert row["steps_up"] == 4  # the two flat events are not steps up
+    assert row["step"] == pytest.approx(1.0 / (1e-6 * np.median(level)), rel=1e-9)
+    ratios = sorted([11 / 10, 12 / 11, 13 / 12, 14 / 13, 1.0, 1.0])
+    assert row["step_change"] == pytest.approx((ratios[2] + ratios[3]) / 2 - 1, rel=1e-9)
+
+
+def test_a_series_with_a_single_spike_cluster_is_tested(tmp_path: Path) -> None:
+    # One spike, three passes after the third of ten syncs: one cluster, one event followed. A single
+    # cluster is evidence (weak: p is large) and must get a p-value, not be left untested.
+    values = _noise(2000, seed=4)
+    syncs = list(range(150, 2000, 200))
+    values[syncs[2] + 3] = 30.0
+    run = write_trace(tmp_path / "r", **_series(values, _syncs(syncs)))
+    row = na.load(run).event_alignment(window=10).row(0, named=True)
+    assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(syncs)
+    assert row["p_value"] is not None and 0 < row["p_value"] <= 1
