@@ -20,7 +20,7 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, cast, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -324,37 +324,79 @@ def events_table(records: list[EventRecord], rank: int) -> pa.Table:
 
 
 def signals_table(records: list[SignalRecord], rank: int) -> pa.Table:
-    """One ``signals`` row per (kind, key, value) of every record; device values in one transfer each."""
-    counts = [len(r[4]) for r in records]
-    values: list[np.ndarray | None] = [None] * len(records)
-    on_device = [i for i, r in enumerate(records) if isinstance(r[5], Tensor)]
-    if on_device:
-        tensors = [records[i][5] for i in on_device]
-        host = host_concat([t.reshape(-1) for t in tensors])  # type: ignore[union-attr]
-        sizes = np.cumsum([t.numel() for t in tensors])[:-1]  # type: ignore[union-attr]
-        for i, part in zip(on_device, np.split(host, sizes), strict=True):
-            values[i] = part
-    for i, r in enumerate(records):
-        if values[i] is None:
-            values[i] = np.asarray(r[5], dtype=np.float64)
-        if len(values[i]) != counts[i]:  # type: ignore[arg-type]
-            raise ValueError(
-                f"a signals record of kinds {sorted(set(r[3]))} has {counts[i]} keys and "
-                f"{len(values[i])} values"  # type: ignore[arg-type]
+    """One ``signals`` row per (kind, key, value) of every record; device values in one transfer each.
+
+    Lenses reuse their kinds and keys objects from step to step, so the strings of each distinct pair
+    are coded once per flush and the string columns are built by ``take`` from the few distinct
+    strings (measured: 1.3 µs a row as Python lists, mostly in pyarrow's string conversion)."""
+    counts = np.fromiter((len(r[4]) for r in records), np.int64, len(records))
+    codes: dict[str | None, int] = {}  # every distinct string (or None) of the three columns
+    coded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by id(kinds), id(keys)
+    parts = []
+    for r in records:
+        pair = (id(r[3]), id(r[4]))  # (the records hold both objects: no id is reused meanwhile)
+        columns = coded.get(pair)
+        if columns is None:
+            if len(r[3]) != len(r[4]):
+                raise ValueError(f"a signals record has {len(r[3])} kinds and {len(r[4])} keys")
+            columns = coded[pair] = (
+                np.fromiter((codes.setdefault(k, len(codes)) for k in r[3]), np.int32, len(r[3])),
+                np.fromiter((codes.setdefault(m, len(codes)) for m, _ in r[4]), np.int32, len(r[4])),
+                np.fromiter((codes.setdefault(p, len(codes)) for _, p in r[4]), np.int32, len(r[4])),
             )
-    columns = {
-        "step": np.repeat([r[0] for r in records], counts).astype(np.int64),
-        "pass": np.repeat([r[1] for r in records], counts).astype(np.int64),
-        "epoch": np.repeat([r[2] for r in records], counts).astype(np.int32),
-        "kind": [k for r in records for k in r[3]],
-        "module": [m for r in records for m, _ in r[4]],
-        "param": [p for r in records for _, p in r[4]],
-        "value": np.concatenate(cast(list[np.ndarray], values)).astype(np.float32)
-        if records
-        else np.empty(0, np.float32),
-        "rank": np.full(sum(counts), rank, dtype=np.int32),
-    }
-    return pa.table(columns, schema=schema.SIGNALS)
+        parts.append(columns)
+    strings = pa.array(list(codes), pa.string())
+    total = int(counts.sum())
+    text = [
+        strings.take(pa.array(np.concatenate([p[c] for p in parts]) if parts else np.empty(0, np.int32)))
+        for c in range(3)
+    ]
+    return pa.table(
+        {
+            "step": np.repeat(np.fromiter((r[0] for r in records), np.int64, len(records)), counts),
+            "pass": np.repeat(np.fromiter((r[1] for r in records), np.int64, len(records)), counts),
+            "epoch": np.repeat(np.fromiter((r[2] for r in records), np.int32, len(records)), counts),
+            "kind": text[0],
+            "module": text[1],
+            "param": text[2],
+            "value": _signal_values(records, counts).astype(np.float32),
+            "rank": np.full(total, rank, dtype=np.int32),
+        },
+        schema=schema.SIGNALS,
+    )
+
+
+def _signal_values(records: list[SignalRecord], counts: np.ndarray) -> np.ndarray:
+    """Every record's values end to end (float64): device tensors moved in one transfer per device."""
+    values = np.empty(int(counts.sum()), np.float64)
+    ends = np.cumsum(counts)
+    tensors = [i for i, r in enumerate(records) if isinstance(r[5], Tensor)]
+    if tensors:
+        got = [records[i][5] for i in tensors]
+        sizes = np.fromiter((t.numel() for t in got), np.int64, len(got))  # type: ignore[union-attr]
+        wrong = np.flatnonzero(sizes != counts[tensors])
+        if len(wrong):
+            _wrong_count(records[tensors[wrong[0]]], int(sizes[wrong[0]]))
+        host = host_concat([t if t.ndim == 1 else t.reshape(-1) for t in got])  # type: ignore[union-attr]
+        if len(tensors) == len(records):
+            return host
+        mask = np.zeros(len(values), bool)
+        for i in tensors:
+            mask[ends[i] - counts[i] : ends[i]] = True
+        values[mask] = host
+    for i, r in enumerate(records):
+        if not isinstance(r[5], Tensor):
+            plain = np.asarray(r[5], dtype=np.float64).reshape(-1)
+            if len(plain) != counts[i]:
+                _wrong_count(r, len(plain))
+            values[ends[i] - counts[i] : ends[i]] = plain
+    return values
+
+
+def _wrong_count(record: SignalRecord, values: int) -> None:
+    raise ValueError(
+        f"a signals record of kinds {sorted(set(record[3]))} has {len(record[4])} keys and {values} values"
+    )
 
 
 CONVERTERS: dict[str, Callable[[Any, int], pa.Table]] = {

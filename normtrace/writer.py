@@ -164,6 +164,10 @@ class ShardWriter:
                 )
 
     def _run(self) -> None:
+        # pyarrow imports numpy.ma at its first conversion of a numpy array (~11 ms, once per process):
+        # here, while training starts, rather than inside the first flush
+        import numpy.ma  # noqa: F401
+
         while True:
             kind, payload = self._jobs.get()
             try:

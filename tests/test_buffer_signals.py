@@ -1,0 +1,84 @@
+"""``signals`` records to Arrow: every row's strings and value where its record put them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from normtrace import schema
+from normtrace.buffer import signals_table
+
+KINDS = ("grad_norm", "grad_norm", "grad_norm")
+KEYS = (("a", "weight"), ("a", "bias"), ("", None))
+
+
+def rows(records, rank=0):
+    table = signals_table(records, rank)
+    assert table.schema == schema.SIGNALS
+    return table.to_pylist()
+
+
+def test_records_sharing_kinds_and_keys_objects_give_every_row_in_order():
+    records = [
+        (3, 10, 1, KINDS, KEYS, torch.tensor([1.0, 2.0, 3.0])),
+        (4, 12, 1, ("x",), (("m", None),), [7.5]),  # plain floats between two tensor records
+        (5, 14, 2, KINDS, KEYS, torch.tensor([4.0, 5.0, 6.0])),
+    ]
+    got = rows(records, rank=2)
+    want = [
+        (3, 10, 1, "grad_norm", "a", "weight", 1.0),
+        (3, 10, 1, "grad_norm", "a", "bias", 2.0),
+        (3, 10, 1, "grad_norm", "", None, 3.0),
+        (4, 12, 1, "x", "m", None, 7.5),
+        (5, 14, 2, "grad_norm", "a", "weight", 4.0),
+        (5, 14, 2, "grad_norm", "a", "bias", 5.0),
+        (5, 14, 2, "grad_norm", "", None, 6.0),
+    ]
+    assert [
+        (r["step"], r["pass"], r["epoch"], r["kind"], r["module"], r["param"], r["value"]) for r in got
+    ] == want
+    assert {r["rank"] for r in got} == {2}
+
+
+def test_equal_strings_in_distinct_objects_and_a_string_in_several_columns():
+    records = [
+        (0, 0, 0, ["w", "w"], [("w", "w"), ("v", None)], [1.0, 2.0]),
+        (0, 1, 0, ["w", "v"], [("v", "w"), ("w", "v")], np.array([3.0, 4.0])),
+        (0, 2, 0, ("k",), (("", ""),), torch.tensor(5.0)),  # a 0-d tensor for one row
+    ]
+    got = [(r["kind"], r["module"], r["param"], r["value"]) for r in rows(records)]
+    assert got == [
+        ("w", "w", "w", 1.0),
+        ("w", "v", None, 2.0),
+        ("w", "v", "w", 3.0),
+        ("v", "w", "v", 4.0),
+        ("k", "", "", 5.0),
+    ]
+
+
+def test_only_plain_values_and_no_records():
+    assert [r["value"] for r in rows([(1, 1, 0, ("k", "k"), (("m", "p"), ("m", "q")), (0.25, -1.5))])] == [
+        0.25,
+        -1.5,
+    ]
+    assert rows([]) == []
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (torch.tensor([1.0, 2.0]), "has 3 keys and 2 values"),
+        ([1.0, 2.0, 3.0, 4.0], "has 3 keys and 4 values"),
+    ],
+)
+def test_a_record_whose_values_do_not_match_its_keys_is_refused_naming_its_kinds(values, message):
+    good = (0, 0, 0, KINDS, KEYS, torch.tensor([1.0, 2.0, 3.0]))
+    bad = (1, 1, 0, KINDS, KEYS, values)
+    with pytest.raises(ValueError, match=rf"kinds \['grad_norm'\] {message}"):
+        signals_table([good, bad, good], 0)
+
+
+def test_a_record_with_more_kinds_than_keys_is_refused():
+    with pytest.raises(ValueError, match="has 2 kinds and 1 keys"):
+        signals_table([(0, 0, 0, ("a", "b"), (("m", None),), [1.0])], 0)
