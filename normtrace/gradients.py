@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normtrace.flat import Flat, Layout
 from normtrace.lenses import _ACCUMULATE, graph_task_id, is_data_parallel_replica, sample_norms
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import ROOT_NAME, Recording, Target
@@ -66,12 +67,12 @@ def _check_names(lens: str, names: Sequence[str] | None) -> tuple[str, ...] | No
     return tuple(names)
 
 
-def _groups(params: Sequence[nn.Parameter]) -> list[list[int]]:
-    """Indices of ``params`` grouped by (device, dtype), for one ``torch._foreach_*`` call per group."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    return list(groups.values())
+def _groups(chosen: Sequence[tuple[ParamKey, nn.Parameter]]) -> list[_Group]:
+    """``chosen`` grouped by (device, dtype), each group ordered by size (one kernel per size, see ``flat``)."""
+    by: dict[tuple[torch.device, torch.dtype], list[tuple[ParamKey, nn.Parameter]]] = {}
+    for key, p in chosen:
+        by.setdefault((p.device, p.dtype), []).append((key, p))
+    return [_Group(sorted(members, key=lambda m: m[1].numel())) for members in by.values()]
 
 
 def _norms(tensors: list[Tensor]) -> Tensor:
@@ -83,8 +84,8 @@ def _norms(tensors: list[Tensor]) -> Tensor:
 
 def _cosines(a: list[Tensor], b: list[Tensor], a_norms: Tensor, b_norms: Tensor) -> Tensor:
     """Cosine similarity of each pair ``a[i]``, ``b[i]`` (one device and dtype) from their dot products and
-    the norms already taken; 0 when either is zero. (One dot per pair measured cheaper on CPU than a
-    grouped difference and its norms: 71 against 119 µs for the seed's ten parameters.)"""
+    the norms already taken; 0 when either is zero. (For a step where only some parameters of a group
+    have a gradient; the full steps take one dot per run of equal sizes, see ``flat``.)"""
     acc = _ACCUMULATE.get(a[0].dtype)
     if acc is None:
         dots = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)])
@@ -93,6 +94,84 @@ def _cosines(a: list[Tensor], b: list[Tensor], a_norms: Tensor, b_norms: Tensor)
             [torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)) for x, y in zip(a, b, strict=True)]
         )
     return (dots.to(torch.float32) / (a_norms * b_norms)).nan_to_num_(0.0, 0.0, 0.0).clamp_(-1.0, 1.0)
+
+
+class _Group:
+    """The parameters of one (device, dtype) a parameter lens records, and what it keeps of the values
+    it recorded last (for cosines): one flat copy (``kept``, valid where ``have``) and their norms."""
+
+    def __init__(self, members: Sequence[tuple[ParamKey, nn.Parameter]]) -> None:
+        self.keys = tuple(key for key, _ in members)
+        self.params = [p for _, p in members]
+        self.layout = Layout(self.params)
+        self.kept: Flat | None = None
+        self.have = [False] * len(self.params)
+        self.kept_norms: Tensor | None = None  # 1-d float32, valid where ``have``
+        self._every: dict[str, tuple[str, ...]] = {}
+
+    def every(self, kind: str) -> tuple[str, ...]:
+        """``kind`` once per parameter: the kinds of a row for each (built once)."""
+        kinds = self._every.get(kind)
+        if kinds is None:
+            kinds = self._every[kind] = (kind,) * len(self.keys)
+        return kinds
+
+    def refresh(self) -> None:
+        """Lay the group out again, forgetting what was kept, if a parameter changed shape or dtype since
+        (``p.data = ...``). (A gradient always has its parameter's shape and dtype: torch enforces it.)"""
+        if not self.layout.fits(self.params):
+            self.layout = Layout(self.params)
+            self.kept, self.kept_norms, self.have = None, None, [False] * len(self.params)
+
+    def cosines(
+        self,
+        recording: Recording,
+        kind: str,
+        idx: Sequence[int],
+        now: Flat | list[Tensor],
+        norms: Tensor,
+        step: int | None,
+    ) -> None:
+        """Record the cosine of each value ``now`` holds (of parameter ``idx[j]``, norm ``norms[j]``) with
+        that parameter's kept value, where there is one: from one dot product per run of equal sizes when
+        ``now`` holds every parameter and all are kept, else one per tensor."""
+        kept = self.kept
+        if kept is None:
+            return
+        if isinstance(now, Flat) and all(self.have):
+            cos = (now.dots(kept) / (norms * self.kept_norms)).nan_to_num_(0.0, 0.0, 0.0).clamp_(-1.0, 1.0)
+            recording.add_signals(self.every(kind), self.keys, cos, step=step)
+            return
+        tensors = now.views if isinstance(now, Flat) else now
+        have = [j for j, i in enumerate(idx) if self.have[i]]
+        if have:
+            new, old = norms.unbind(), self.kept_norms.unbind()  # type: ignore[union-attr]
+            cos = _cosines(
+                [tensors[j] for j in have],
+                [kept.views[idx[j]] for j in have],
+                torch.stack([new[j] for j in have]),
+                torch.stack([old[idx[j]] for j in have]),
+            )
+            recording.add_signals((kind,) * len(have), [self.keys[idx[j]] for j in have], cos, step=step)
+
+    def keep(self, idx: Sequence[int], now: list[Tensor], norms: Tensor) -> None:
+        """Keep ``now[j]`` (norm ``norms[j]``) as parameter ``idx[j]``'s last value: a copy per tensor, for
+        steps where only some parameters have one."""
+        if self.kept is None:
+            self.kept = self.layout.new()
+        views = self.kept.views
+        torch._foreach_copy_([views[i] for i in idx], now)
+        new = norms.unbind()
+        kept = list(self.kept_norms.unbind()) if self.kept_norms is not None else [new[0]] * len(self.have)
+        for j, i in enumerate(idx):  # (the filler where nothing is kept is never read: ``have`` guards it)
+            kept[i] = new[j]
+            self.have[i] = True
+        self.kept_norms = torch.stack(kept)
+
+    def keep_all(self, now: Flat, norms: Tensor) -> None:
+        """Keep ``now`` (every parameter's value, ``norms`` their norms) as the last values: no copy."""
+        self.kept, self.kept_norms = now, norms
+        self.have = [True] * len(self.have)
 
 
 def _param_config(lens: Any) -> dict[str, Any]:
@@ -168,114 +247,74 @@ class GradientNorm(_ParamLens):
             return []
         if target.optimizer is None:
             return [
-                p.register_post_accumulate_grad_hook(self._on_grad(recording, key))  # type: ignore[no-untyped-call]
+                p.register_post_accumulate_grad_hook(self._on_grad(recording, _Group([(key, p)])))  # type: ignore[no-untyped-call]
                 for key, p in chosen
             ]
-        return [target.optimizer.register_step_pre_hook(self._on_step(recording, chosen))]
+        return [target.optimizer.register_step_pre_hook(self._on_step(recording, _groups(chosen)))]
 
-    def _on_step(
-        self, recording: Recording, chosen: list[tuple[ParamKey, nn.Parameter]]
-    ) -> Callable[[Any, Any, Any], None]:
-        keys = [key for key, _ in chosen]
-        params = [p for _, p in chosen]
-        groups = _groups(params)
-        cosine = self.cosine
-        prev: list[Tensor | None] = [None] * len(params)  # the last gradient recorded, for the cosine
-        prev_norm: list[Tensor | None] = [None] * len(params)
-        kinds = {n: ("grad_norm",) * n for n in range(len(params) + 1)}
+    def _on_step(self, recording: Recording, groups: list[_Group]) -> Callable[[Any, Any, Any], None]:
         sparse_noted: set[ParamKey] = set()
 
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             try:
                 step = recording.step
                 for group in groups:
-                    idx = []
-                    for i in group:  # no row for a parameter without a gradient this step
-                        g = params[i].grad
-                        if g is not None:
-                            if g.is_sparse:
-                                if keys[i] not in sparse_noted:
-                                    sparse_noted.add(keys[i])
-                                    recording.note(keys[i][0], "sparse_grad", f"{keys[i][1]}: {SPARSE_NOTE}")
-                                continue
-                            idx.append(i)
-                    if not idx:
-                        continue
-                    with torch.no_grad():  # (a .grad needs no detach: it has no history)
-                        grads = [g for i in idx if (g := params[i].grad) is not None]  # idx: grads not None
-                        norms = _norms(grads)
-                    recording.add_signals(kinds[len(idx)], [keys[i] for i in idx], norms, step=step)
-                    if cosine:
-                        _record_cosines(
-                            recording, "grad_cosine", idx, grads, norms, prev, prev_norm, keys, step
-                        )
+                    self._measure(recording, group, step, sparse_noted)
             except Exception as exc:  # the training loop must never break
                 recording.note(ROOT_NAME, "hook_error", f"GradientNorm: {type(exc).__name__}: {exc}")
 
         return hook
 
-    def _on_grad(self, recording: Recording, key: ParamKey) -> Callable[[Tensor], None]:
-        cosine = self.cosine
-        prev: list[Tensor | None] = [None]
-        prev_norm: list[Tensor | None] = [None]
-        kind = ("grad_norm",)
+    def _on_grad(self, recording: Recording, group: _Group) -> Callable[[Tensor], None]:
+        sparse_noted: set[ParamKey] = set()
 
         def hook(p: Tensor) -> None:
             try:
-                g = p.grad
-                if g is None:
-                    return
-                if g.is_sparse:
-                    recording.note(key[0], "sparse_grad", f"{key[1]}: {SPARSE_NOTE}")
-                    return
-                grads = [g.detach()]
-                norms = _norms(grads)
-                recording.add_signals(kind, (key,), norms)
-                if cosine:
-                    _record_cosines(recording, "grad_cosine", [0], grads, norms, prev, prev_norm, [key], None)
+                self._measure(recording, group, None, sparse_noted)
             except Exception as exc:
-                recording.note(key[0], "hook_error", f"GradientNorm: {type(exc).__name__}: {exc}")
+                recording.note(group.keys[0][0], "hook_error", f"GradientNorm: {type(exc).__name__}: {exc}")
 
         return hook
 
+    def _measure(
+        self, recording: Recording, group: _Group, step: int | None, sparse_noted: set[ParamKey]
+    ) -> None:
+        """Record the norms (and cosines) of ``group``'s gradients now: no row for a parameter without one."""
+        group.refresh()
+        grads = [p.grad for p in group.params]
+        with torch.no_grad():  # (a .grad needs no detach: it has no history)
+            if all(g is not None and not g.is_sparse for g in grads):
+                if not self.cosine:
+                    recording.add_signals(group.every("grad_norm"), group.keys, _norms(grads), step=step)  # type: ignore[arg-type]
+                    return
+                now = group.layout.flatten(grads)  # (kept after this step: the last copy is freed)
+                norms = now.norms()
+                recording.add_signals(group.every("grad_norm"), group.keys, norms, step=step)
+                group.cosines(recording, "grad_cosine", range(len(grads)), now, norms, step)
+                group.keep_all(now, norms)
+                return
+            idx = []
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    key = group.keys[i]
+                    if key not in sparse_noted:
+                        sparse_noted.add(key)
+                        recording.note(key[0], "sparse_grad", f"{key[1]}: {SPARSE_NOTE}")
+                    continue
+                idx.append(i)
+            if not idx:
+                return
+            some: list[Tensor] = [grads[i] for i in idx]  # type: ignore[misc]
+            norms = _norms(some)
+            recording.add_signals(("grad_norm",) * len(idx), [group.keys[i] for i in idx], norms, step=step)
+            if self.cosine:
+                group.cosines(recording, "grad_cosine", idx, some, norms, step)
+                group.keep(idx, some, norms)
+
 
 SPARSE_NOTE = "its gradient is sparse (nn.Embedding(sparse=True)): not recorded"
-
-
-def _record_cosines(
-    recording: Recording,
-    kind: str,
-    idx: list[int],
-    now: list[Tensor],
-    norms: Tensor,
-    prev: list[Tensor | None],
-    prev_norm: list[Tensor | None],
-    keys: Sequence[ParamKey],
-    step: int | None,
-) -> None:
-    """Record the cosine of ``now[j]`` with ``prev[idx[j]]`` where there is one, then keep ``now`` as the
-    previous values (copied into the kept buffers: one copy of the selected tensors, no more)."""
-    have = [j for j, i in enumerate(idx) if prev[i] is not None and prev[i].shape == now[j].shape]  # type: ignore[union-attr]
-    if have:
-        cos = _cosines(
-            [now[j] for j in have],
-            [prev[idx[j]] for j in have],  # type: ignore[misc]
-            norms[have] if len(have) < len(idx) else norms,
-            torch.stack([prev_norm[idx[j]] for j in have]),  # type: ignore[misc]
-        )
-        recording.add_signals((kind,) * len(have), [keys[idx[j]] for j in have], cos, step=step)
-    with torch.no_grad():
-        if all(prev[i] is not None and prev[i].shape == now[j].shape for j, i in enumerate(idx)):  # type: ignore[union-attr]
-            torch._foreach_copy_([prev[i] for i in idx], now)  # type: ignore[misc]
-        else:
-            for j, i in enumerate(idx):
-                kept = prev[i]
-                if kept is None or kept.shape != now[j].shape:
-                    prev[i] = now[j].detach().clone()
-                else:
-                    kept.copy_(now[j])
-        for j, i in enumerate(idx):
-            prev_norm[i] = norms[j]
 
 
 @dataclass
@@ -320,55 +359,67 @@ class UpdateRatio(_ParamLens):
         if not chosen:
             _nothing_selected(self, target, recording)
             return []
-        pre, post = self._hooks(recording, chosen)
+        pre, post = self._hooks(recording, _groups(chosen))
         return [target.optimizer.register_step_pre_hook(pre), target.optimizer.register_step_post_hook(post)]
 
     def _hooks(
-        self, recording: Recording, chosen: list[tuple[ParamKey, nn.Parameter]]
+        self, recording: Recording, groups: list[_Group]
     ) -> tuple[Callable[[Any, Any, Any], None], Callable[[Any, Any, Any], None]]:
-        keys = [key for key, _ in chosen]
-        params = [p for _, p in chosen]
-        groups = _groups(params)
         cosine = self.cosine
-        prev: list[Tensor | None] = [None] * len(params)  # the last update (negated), for the cosine
-        prev_norm: list[Tensor | None] = [None] * len(params)
-        pending: list[tuple[int, list[list[int]], list[list[Tensor]]]] = []  # (step, idx, copies) per group
+        # per group with a gradient this step: (group, the indices copied, their copies; a Flat when all were)
+        pending: list[tuple[_Group, Sequence[int], list[Tensor], Flat | None]] = []
+        steps: list[int] = []
 
         def before(optimizer: Any, args: Any, kwargs: Any) -> None:
             pending.clear()
+            steps[:] = [recording.step]
             try:
                 with torch.no_grad():
-                    taken_idx: list[list[int]] = []
-                    taken: list[list[Tensor]] = []
                     for group in groups:
-                        idx = [i for i in group if params[i].grad is not None]
-                        if idx:
-                            taken_idx.append(idx)
-                            taken.append(list(torch._foreach_mul([params[i] for i in idx], 1.0)))
-                    pending.append((recording.step, taken_idx, taken))
+                        group.refresh()
+                        params = group.params
+                        if all(p.grad is not None for p in params):
+                            copy = group.layout.flatten(params)
+                            pending.append((group, range(len(params)), copy.views, copy))
+                        elif idx := [i for i, p in enumerate(params) if p.grad is not None]:
+                            pending.append(
+                                (group, idx, list(torch._foreach_mul([params[i] for i in idx], 1.0)), None)
+                            )
             except Exception as exc:
                 recording.note(ROOT_NAME, "hook_error", f"UpdateRatio: {type(exc).__name__}: {exc}")
 
         def after(optimizer: Any, args: Any, kwargs: Any) -> None:
-            if not pending:
+            if not steps:
                 return
-            step, taken_idx, taken = pending.pop()
+            step = steps.pop()
             try:
                 with torch.no_grad():
-                    for idx, copies in zip(taken_idx, taken, strict=True):
-                        before_norms = _norms(copies)
-                        torch._foreach_sub_(copies, [params[i] for i in idx])  # now −Δθ
-                        deltas = _norms(copies)
-                        ratio = deltas / before_norms
-                        recording.add_signals(
-                            ("update_ratio",) * len(idx), [keys[i] for i in idx], ratio, step=step
-                        )
+                    for group, idx, copies, flat in pending:
+                        params = group.params if flat is not None else [group.params[i] for i in idx]
+                        before_norms = flat.norms() if flat is not None else _norms(copies)
+                        torch._foreach_sub_(copies, params)  # now −Δθ
+                        deltas = flat.norms() if flat is not None else _norms(copies)
+                        full = len(idx) == len(group.params)
+                        keys = group.keys if full else [group.keys[i] for i in idx]
+                        kinds = group.every("update_ratio") if full else ("update_ratio",) * len(idx)
+                        recording.add_signals(kinds, keys, deltas / before_norms, step=step)
                         if cosine:
-                            _record_cosines(
-                                recording, "update_cosine", idx, copies, deltas, prev, prev_norm, keys, step
+                            group.cosines(
+                                recording,
+                                "update_cosine",
+                                idx,
+                                flat if flat is not None else copies,
+                                deltas,
+                                step,
                             )
+                            if flat is not None:
+                                group.keep_all(flat, deltas)  # −Δθ, as every kept update: no copy
+                            else:
+                                group.keep(idx, copies, deltas)
             except Exception as exc:
                 recording.note(ROOT_NAME, "hook_error", f"UpdateRatio: {type(exc).__name__}: {exc}")
+            finally:
+                pending.clear()
 
         return before, after
 

@@ -1,0 +1,249 @@
+"""Gradient and update cosines through the flat layout's paths: full steps, steps where only some
+parameters have a gradient, a parameter that changes shape, half precision and several dtypes; every
+value against one computed in float64 from the tensors themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from recorder_models import read_table
+from torch import nn
+
+import normtrace as nt
+from normtrace.flat import Layout
+
+
+def by_step(run_dir: Any, kind: str) -> dict[int, dict[tuple[str, str | None], float]]:
+    out: dict[int, dict[tuple[str, str | None], float]] = {}
+    for r in read_table(run_dir, "signals").to_pylist():
+        if r["kind"] == kind:
+            out.setdefault(r["step"], {})[(r["module"], r["param"])] = r["value"]
+    return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def norm(t: torch.Tensor) -> float:
+    return t.double().norm().item()
+
+
+class Three(nn.Module):
+    """Parameters of three sizes, two of one size (a run of two in the layout)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, dtype=dtype)
+        self.b = nn.Linear(4, 4, dtype=dtype)
+        self.c = nn.Linear(4, 2, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, only_c: bool = False) -> torch.Tensor:
+        return self.c(x) if only_c else self.c(self.b(self.a(x)).relu())
+
+
+def keyed(model: nn.Module, fn: Any) -> dict[tuple[str, str], Any]:
+    return {tuple(n.split(".")): fn(p) for n, p in model.named_parameters()}
+
+
+def test_cosines_follow_each_parameters_last_recorded_gradient_across_partial_steps(tmp_path):
+    torch.manual_seed(0)
+    model = Three()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads: list[dict[tuple[str, str], torch.Tensor]] = []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for only_c in (True, False, True, True, False, False):
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(8, 4)
+            model(x, only_c=only_c).pow(2).sum().backward()
+            grads.append(keyed(model, lambda p: None if p.grad is None else p.grad.clone()))
+            opt.step()
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    last: dict[tuple[str, str], torch.Tensor] = {}
+    for step, step_grads in enumerate(grads):
+        want_cos = {}
+        for key, g in step_grads.items():
+            if g is None:
+                continue
+            if key in last:
+                want_cos[key] = cosine(g, last[key])
+            last[key] = g
+        present = {k: g for k, g in step_grads.items() if g is not None}
+        assert norms[step] == pytest.approx({k: norm(g) for k, g in present.items()}, rel=1e-5)
+        assert cosines.get(step, {}) == pytest.approx(want_cos, abs=1e-5)
+    assert 0 not in cosines
+    assert sorted(cosines[1]) == [("c", "bias"), ("c", "weight")]  # a and b had none recorded before
+    assert sorted(cosines[2]) == [("c", "bias"), ("c", "weight")]  # a and b have no gradient
+    assert len(cosines[4]) == 6  # a and b against step 1's gradients, c against step 3's
+
+
+def test_update_cosines_across_partial_steps(tmp_path):
+    torch.manual_seed(1)
+    model = Three()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    deltas: list[dict[tuple[str, str], torch.Tensor | None]] = []
+    with nt.Recorder(tmp_path, lenses=[nt.UpdateRatio(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for only_c in (False, True, False, False):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(8, 4), only_c=only_c).pow(2).sum().backward()
+            before = keyed(model, lambda p: p.detach().clone())
+            had = keyed(model, lambda p: p.grad is not None)
+            opt.step()
+            deltas.append(
+                {
+                    k: (p.detach() - before[k]) if had[k] else None
+                    for k, p in keyed(model, lambda p: p).items()
+                }
+            )
+            deltas[-1]["_before"] = before  # type: ignore[assignment]
+    ratios, cosines = by_step(tmp_path, "update_ratio"), by_step(tmp_path, "update_cosine")
+    last: dict[tuple[str, str], torch.Tensor] = {}
+    for step, step_deltas in enumerate(deltas):
+        before = step_deltas.pop("_before")  # type: ignore[call-overload]
+        want_ratio, want_cos = {}, {}
+        for key, d in step_deltas.items():
+            if d is None:
+                continue
+            want_ratio[key] = norm(d) / norm(before[key])
+            if key in last:
+                want_cos[key] = cosine(d, last[key])
+            last[key] = d
+        assert ratios[step] == pytest.approx(want_ratio, rel=1e-4)
+        assert cosines.get(step, {}) == pytest.approx(want_cos, abs=1e-4)
+    assert len(cosines[2]) == 6 and len(cosines[1]) == 2
+
+
+def test_a_parameter_that_changes_shape_restarts_its_groups_cosines(tmp_path):
+    torch.manual_seed(2)
+    model = Three()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        grads = []
+        for step in range(4):
+            if step == 2:  # c grows an output: the layout no longer fits
+                model.c.weight.data = torch.randn(3, 4)
+                model.c.bias.data = torch.randn(3)
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(8, 4)).pow(2).sum().backward()
+            grads.append(keyed(model, lambda p: p.grad.clone()))
+            opt.step()
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    assert norms[2] == pytest.approx({k: norm(g) for k, g in grads[2].items()}, rel=1e-5)
+    assert 2 not in cosines  # the group was laid out again: nothing kept to compare with
+    assert cosines[3] == pytest.approx({k: cosine(g, grads[2][k]) for k, g in grads[3].items()}, abs=1e-5)
+    assert sorted(cosines) == [1, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_norms_and_cosines_are_accumulated_in_float32(tmp_path, dtype):
+    torch.manual_seed(3)
+    model = Three(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grads, deltas = [], []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(64, 4, dtype=dtype)).float().pow(2).sum().backward()
+            before = keyed(model, lambda p: p.detach().clone())
+            grads.append(keyed(model, lambda p: p.grad.clone()))
+            opt.step()
+            deltas.append(
+                {k: p.detach().double() - before[k].double() for k, p in keyed(model, lambda p: p).items()}
+            )
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    update_cos = by_step(tmp_path, "update_cosine")
+    for step in range(3):
+        # the float64 values of the half-precision elements: a float16 sum would be off by ~1e-3
+        assert norms[step] == pytest.approx({k: norm(g) for k, g in grads[step].items()}, rel=1e-5)
+        if step:
+            want = {k: cosine(g, grads[step - 1][k]) for k, g in grads[step].items()}
+            assert cosines[step] == pytest.approx(want, abs=1e-5)
+            # Δθ is taken in the parameters' dtype (θ_after − θ_before rounds there), not in float64
+            got = update_cos[step]
+            assert set(got) == set(want) and all(-1.0 <= v <= 1.0 for v in got.values())
+
+
+def test_parameters_of_two_dtypes_are_two_groups_each_recorded(tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(2):
+            opt.zero_grad()
+            model[1](model[0](torch.randn(5, 3)).double()).sum().backward()
+            grads.append(keyed(model, lambda p: p.grad.clone()))
+            opt.step()
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    assert norms[1] == pytest.approx({k: norm(g) for k, g in grads[1].items()}, rel=1e-6)
+    assert cosines[1] == pytest.approx({k: cosine(g, grads[0][k]) for k, g in grads[1].items()}, abs=1e-6)
+
+
+def test_layout_runs_views_norms_and_dots_against_the_tensors():
+    tensors = [torch.randn(3), torch.randn(2, 2), torch.randn(4), torch.randn(()), torch.randn(0, 5)]
+    order = sorted(range(len(tensors)), key=lambda i: tensors[i].numel())
+    ordered = [tensors[i] for i in order]
+    layout = Layout(ordered)
+    assert [count for (count, _), _, _ in layout.runs] == [1, 1, 1, 2]  # sizes 0, 1, 3, then 4 and 4
+    flat = layout.flatten(ordered)
+    assert [v.shape for v in flat.views] == [t.shape for t in ordered]
+    assert all(torch.equal(v, t) for v, t in zip(flat.views, ordered))
+    assert flat.norms().tolist() == pytest.approx([norm(t) for t in ordered], rel=1e-6)
+    other = layout.flatten([t * 2 + 1 for t in ordered])
+    want = [(t.double() * (t.double() * 2 + 1)).sum().item() for t in ordered]
+    assert flat.dots(other).tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert layout.fits(ordered) and not layout.fits([t.double() for t in ordered])
+    assert not layout.fits([*ordered[:-1], torch.randn(2, 2, 1)])
+    fresh = layout.new()
+    torch._foreach_copy_(fresh.views, ordered)
+    assert torch.equal(fresh.data, flat.data)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_group_of_one_parameter_keeps_copies_not_views(tmp_path, set_to_none):
+    """One weight alone (no bias): its gradient zeroed in place and its value changed by the step must
+    not reach what the lenses kept."""
+    torch.manual_seed(5)
+    model = nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads, deltas = [], []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=set_to_none)
+            model(torch.randn(4, 3)).pow(2).sum().backward()
+            grads.append(model.weight.grad.clone())
+            before = model.weight.detach().clone()
+            opt.step()
+            deltas.append(model.weight.detach() - before)
+    key = ("", "weight")
+    ratios, grad_cos = by_step(tmp_path, "update_ratio"), by_step(tmp_path, "grad_cosine")
+    update_cos = by_step(tmp_path, "update_cosine")
+    for step in range(3):
+        assert ratios[step][key] > 0  # a view of the parameter would give Δθ = 0
+    for step in (1, 2):
+        assert grad_cos[step][key] == pytest.approx(cosine(grads[step], grads[step - 1]), abs=1e-5)
+        assert update_cos[step][key] == pytest.approx(cosine(deltas[step], deltas[step - 1]), abs=1e-4)
+
+
+def test_without_an_optimizer_cosines_are_per_backward(tmp_path):
+    torch.manual_seed(6)
+    model = nn.Linear(3, 2)
+    seen = []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model)
+        for _ in range(3):
+            model.zero_grad(set_to_none=False)
+            model(torch.randn(4, 3)).pow(2).sum().backward()
+            seen.append(model.weight.grad.clone())
+    rows = [r for r in read_table(tmp_path, "signals").to_pylist() if r["param"] == "weight"]
+    cos = [r["value"] for r in rows if r["kind"] == "grad_cosine"]
+    assert cos == pytest.approx([cosine(seen[1], seen[0]), cosine(seen[2], seen[1])], abs=1e-5)
