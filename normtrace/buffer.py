@@ -20,7 +20,7 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -348,7 +348,7 @@ def signals_table(records: list[SignalRecord], rank: int) -> pa.Table:
     strings = pa.array(list(codes), pa.string())
     total = int(counts.sum())
     text = [
-        strings.take(pa.array(np.concatenate([p[c] for p in parts]) if parts else np.empty(0, np.int32)))
+        strings.take(pa.array(np.concatenate([p[c] for p in parts]) if parts else [], pa.int32()))
         for c in range(3)
     ]
     return pa.table(
@@ -372,12 +372,12 @@ def _signal_values(records: list[SignalRecord], counts: np.ndarray) -> np.ndarra
     ends = np.cumsum(counts)
     tensors = [i for i, r in enumerate(records) if isinstance(r[5], Tensor)]
     if tensors:
-        got = [records[i][5] for i in tensors]
-        sizes = np.fromiter((t.numel() for t in got), np.int64, len(got))  # type: ignore[union-attr]
+        got = cast(list[Tensor], [records[i][5] for i in tensors])
+        sizes = np.fromiter((t.numel() for t in got), np.int64, len(got))
         wrong = np.flatnonzero(sizes != counts[tensors])
         if len(wrong):
             _wrong_count(records[tensors[wrong[0]]], int(sizes[wrong[0]]))
-        host = host_concat([t if t.ndim == 1 else t.reshape(-1) for t in got])  # type: ignore[union-attr]
+        host = host_concat([t if t.ndim == 1 else t.reshape(-1) for t in got])
         if len(tensors) == len(records):
             return host
         mask = np.zeros(len(values), bool)

@@ -135,17 +135,17 @@ class _Group:
         """Record the cosine of each value ``now`` holds (of parameter ``idx[j]``, norm ``norms[j]``) with
         that parameter's kept value, where there is one: from one dot product per run of equal sizes when
         ``now`` holds every parameter and all are kept, else one per tensor."""
-        kept = self.kept
-        if kept is None:
+        kept, kept_norms = self.kept, self.kept_norms
+        if kept is None or kept_norms is None:
             return
         if isinstance(now, Flat) and all(self.have):
-            cos = (now.dots(kept) / (norms * self.kept_norms)).nan_to_num_(0.0, 0.0, 0.0).clamp_(-1.0, 1.0)
+            cos = (now.dots(kept) / (norms * kept_norms)).nan_to_num_(0.0, 0.0, 0.0).clamp_(-1.0, 1.0)
             recording.add_signals(self.every(kind), self.keys, cos, step=step)
             return
         tensors = now.views if isinstance(now, Flat) else now
         have = [j for j, i in enumerate(idx) if self.have[i]]
         if have:
-            new, old = norms.unbind(), self.kept_norms.unbind()  # type: ignore[union-attr]
+            new, old = norms.unbind(), kept_norms.unbind()
             cos = _cosines(
                 [tensors[j] for j in have],
                 [kept.views[idx[j]] for j in have],
@@ -287,7 +287,7 @@ class GradientNorm(_ParamLens):
                 if not self.cosine:
                     recording.add_signals(group.every("grad_norm"), group.keys, _norms(grads), step=step)  # type: ignore[arg-type]
                     return
-                now = group.layout.flatten(grads)  # (kept after this step: the last copy is freed)
+                now = group.layout.flatten(grads)  # type: ignore[arg-type]  # (kept after this step: the last copy is freed)
                 norms = now.norms()
                 recording.add_signals(group.every("grad_norm"), group.keys, norms, step=step)
                 group.cosines(recording, "grad_cosine", range(len(grads)), now, norms, step)
@@ -395,7 +395,9 @@ class UpdateRatio(_ParamLens):
             try:
                 with torch.no_grad():
                     for group, idx, copies, flat in pending:
-                        params = group.params if flat is not None else [group.params[i] for i in idx]
+                        params: list[Tensor] = (
+                            list(group.params) if flat is not None else [group.params[i] for i in idx]
+                        )
                         before_norms = flat.norms() if flat is not None else _norms(copies)
                         torch._foreach_sub_(copies, params)  # now −Δθ
                         deltas = flat.norms() if flat is not None else _norms(copies)
