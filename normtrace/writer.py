@@ -172,12 +172,7 @@ class ShardWriter:
             kind, payload = self._jobs.get()
             try:
                 if kind == _STOP:
-                    then, compact = payload
-                    self._retry_pending()
-                    if compact and not self._pending and self._error is None:
-                        self._compact()
-                    if then is not None:
-                        then()
+                    self._stop(*payload)
                     return
                 if kind == _SYNC:
                     payload.set()
@@ -200,6 +195,23 @@ class ShardWriter:
             except Exception as exc:  # a bug must not kill the thread silently
                 self._fail(self.run_dir, exc)
 
+    def _stop(self, then: Callable[[], None] | None, compact: bool) -> None:
+        """The last job: write what is left, merge, call ``then``. Whatever fails is kept as the error to
+        raise; the thread stops regardless (``close`` waits for it: it used to wait forever when a shard
+        failed with anything but an ``OSError`` here)."""
+        try:
+            self._retry_pending()
+            if compact and not self._pending and self._error is None:
+                self._compact()
+        except Exception as exc:
+            self._fail(self.run_dir, exc)
+        finally:
+            if then is not None:
+                try:
+                    then()
+                except Exception as exc:
+                    self._fail(self.run_dir, exc)
+
     def _written(self, rows: int, failing: bool = False) -> None:
         with self._room:
             self.queued_rows -= rows
@@ -214,6 +226,8 @@ class ShardWriter:
             except OSError:
                 self._written(0, failing=True)
                 return  # kept for the next flush; _write_shard recorded the error
+            except Exception:  # not the disk (pyarrow refused the data): a retry would fail alike and hold
+                pass  # back every later shard, so it is dropped; _write_shard kept the error to raise
             self._pending.pop(0)
             self._written(rows)
 
@@ -229,7 +243,7 @@ class ShardWriter:
             ):
                 w.write_table(data)
             os.replace(tmp, final)
-        except OSError as exc:
+        except Exception as exc:
             self._fail(final, exc)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -1,0 +1,85 @@
+"""A shard that pyarrow refuses to write (not a disk error: retrying cannot help) costs that shard only,
+and ``close()`` returns: it used to wait forever, logging "still writing", with the lock held."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+import torch
+from recorder_models import QNetwork, approx_output_norms, norms_by_module, read_table
+from torch import nn
+
+import normtrace as nt
+from normtrace import schema
+
+
+@pytest.fixture
+def refuse_events(monkeypatch):
+    """pyarrow refuses every ``events`` shard; the other tables are written as usual."""
+    real = pa.ipc.new_file
+    refused = []
+
+    def new_file(sink, file_schema, **kwargs):
+        if file_schema.equals(schema.EVENTS):
+            refused.append(file_schema)
+            raise pa.ArrowInvalid("refused by the test")
+        return real(sink, file_schema, **kwargs)
+
+    monkeypatch.setattr(pa.ipc, "new_file", new_file)
+    return refused
+
+
+def close_within(rec: nt.Recorder, seconds: float = 60.0) -> BaseException | None:
+    """``rec.close()`` in a thread: the error it raised, or a failure if it has not returned in time."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rec.close()
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "close() did not return"
+    return raised[0] if raised else None
+
+
+def test_a_refused_shard_at_close_is_reported_and_the_rest_is_written(tmp_path, refuse_events):
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], epoch_flush_secs=3600)
+    rec.attach(model)
+    x = torch.randn(2, 4)
+    model(x)
+    rec.event("sync")
+    rec.push_metric("reward", 2.0)
+    error = close_within(rec)
+    assert isinstance(error, nt.WriterError) and "refused by the test" in str(error)
+    assert error.path.parent == tmp_path / "events"
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [2.0]
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert not (tmp_path / schema.lock_name(0)).exists()  # released: the run can be opened again
+    assert refuse_events  # (the refusal did happen)
+
+
+def test_a_refused_shard_mid_run_does_not_hold_back_later_shards(tmp_path, refuse_events):
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], epoch_flush_secs=0)
+    rec.attach(model)
+    rec.event("sync")
+    rec.push_metric("reward", 1.0)
+    rec.tick_epoch()  # a flush: the events shard is refused, the metrics shard written
+    rec._writer.wait()
+    with pytest.raises(nt.WriterError, match="refused by the test"):
+        rec.push_metric("reward", 3.0)  # the next call reports it, and records its value
+    x = torch.randn(2, 4)
+    model(x)
+    rec.tick_epoch()
+    assert close_within(rec) is None  # raised once, already
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.0, 3.0]
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+    assert len(refuse_events) == 1  # dropped after the refusal, not retried at every flush
