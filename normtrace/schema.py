@@ -237,48 +237,50 @@ def compact(
     folder = Path(folder)
     live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
     spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
-    groups: list[list[tuple[str, int]]] = [[]]
-    for name in spans:
-        rows = _row_count(folder / name)
-        if groups[-1] and sum(r for _, r in groups[-1]) + rows > max_rows:
-            groups.append([])
-        groups[-1].append((name, rows))
-    written = []
     options = ipc.IpcWriteOptions(compression=compression)
-    for group in groups:
-        if len(group) < 2:
-            continue
-        names = [n for n, _ in group]
-        first, last = spans[names[0]][1], spans[names[-1]][2]
-        final = folder / merged_name(rank, first, last)
-        tmp = folder / f".{final.name}.tmp"
-        tables = [ipc.open_file(pa.memory_map(str(folder / n))).read_all() for n in names]
-        try:
-            data = pa.concat_tables(tables).unify_dictionaries()
-        except pa.ArrowInvalid:
-            continue  # shards of different schemas (extra columns written by hand): left as they are
-        try:
-            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, data.schema, options=options) as w:
-                w.write_table(data)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        for n in names:
-            (folder / n).unlink()
+    written: list[Path] = []
+    group: list[tuple[str, pa.Table]] = []  # consecutive shards read, not merged yet
+    rows = 0
+    for name in spans:
+        table = ipc.open_file(pa.memory_map(str(folder / name))).read_all()
+        if group and rows + table.num_rows > max_rows:
+            if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
+                written.append(final)
+            group, rows = [], 0
+        group.append((name, table))
+        rows += table.num_rows
+    if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
         written.append(final)
     return written
 
 
-def _row_count(path: Path) -> int:
-    """Rows of an Arrow IPC file, from its footer and batch headers (no data decompressed)."""
+def _merge(
+    folder: Path,
+    rank: int,
+    group: list[tuple[str, pa.Table]],
+    spans: dict[str, tuple[int, int, int]],
+    options: Any,
+) -> Path | None:
+    """Write ``group``'s shards (read: each file is opened once) as one merged file, then delete them;
+    None when their schemas differ (they stay as they are)."""
     import pyarrow.ipc as ipc
 
-    with pa.memory_map(str(path)) as source:
-        reader = ipc.open_file(source)
-        count = getattr(reader, "count_rows", None)  # pyarrow >= 15
-        if count is not None:
-            return int(count())
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    names = [n for n, _ in group]
+    try:
+        data = pa.concat_tables([t for _, t in group]).unify_dictionaries()
+    except pa.ArrowInvalid:
+        return None  # shards of different schemas (extra columns written by hand): left as they are
+    final = folder / merged_name(rank, spans[names[0]][1], spans[names[-1]][2])
+    tmp = folder / f".{final.name}.tmp"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, data.schema, options=options) as w:
+            w.write_table(data)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for n in names:
+        (folder / n).unlink()
+    return final
 
 
 def shard_dir(run_dir: str | Path, table: str) -> Path:

@@ -156,3 +156,31 @@ def test_normtrace_compact_merges_a_killed_run_and_refuses_a_live_one(
     assert cli(["compact", str(killed)]) == 0
     assert f"killed: {before} shard files -> 4 " in capsys.readouterr().out
     assert [len(files(killed, t)) for t in ("outputs", "params", "metrics", "events")] == [1, 1, 1, 1]
+
+
+def test_groups_fill_up_to_max_rows_and_odd_shards_stay_as_they_are(tmp_path: Path) -> None:
+    """Shards of 2, 2, 5, 1, 1 (another schema), 1, 1, 3, 1 rows with ``max_rows=4``: files are filled up
+    to exactly 4 rows in order, the 5-row shard (larger than a file) stays alone, and a group holding
+    another schema stays as it was, whole."""
+    folder = tmp_path / "events"
+    folder.mkdir()
+    sizes = [2, 2, 5, 1, None, 1, 1, 3, 1]
+    tables = {}
+    for seq, size in enumerate(sizes, start=1):
+        if size is None:
+            table = pa.table({"other": [1.5]})
+        else:
+            table = pa.table({"x": pa.array(range(100 * seq, 100 * seq + size), pa.int64())})
+        tables[schema.shard_name(0, seq)] = table
+        with pa.OSFile(str(folder / schema.shard_name(0, seq)), "wb") as sink:
+            with ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+    written = schema.compact(folder, 0, max_rows=4)
+    assert [p.name for p in written] == [schema.merged_name(0, 1, 2), schema.merged_name(0, 8, 9)]
+    kept = [schema.shard_name(0, seq) for seq in range(3, 8)]
+    assert files(tmp_path, "events") == sorted([p.name for p in written] + kept)
+    read = {n: ipc.open_file(pa.memory_map(str(folder / n))).read_all() for n in files(tmp_path, "events")}
+    shards = list(tables.values())
+    assert read[schema.merged_name(0, 1, 2)].equals(pa.concat_tables(shards[:2]))
+    assert read[schema.merged_name(0, 8, 9)].equals(pa.concat_tables(shards[7:]))
+    assert all(read[n].equals(tables[n]) for n in kept)
