@@ -172,9 +172,11 @@ def test_groups_fill_up_to_max_rows_and_odd_shards_stay_as_they_are(tmp_path: Pa
         else:
             table = pa.table({"x": pa.array(range(100 * seq, 100 * seq + size), pa.int64())})
         tables[schema.shard_name(0, seq)] = table
-        with pa.OSFile(str(folder / schema.shard_name(0, seq)), "wb") as sink:
-            with ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
+        with (
+            pa.OSFile(str(folder / schema.shard_name(0, seq)), "wb") as sink,
+            ipc.new_file(sink, table.schema) as w,
+        ):
+            w.write_table(table)
     written = schema.compact(folder, 0, max_rows=4)
     assert [p.name for p in written] == [schema.merged_name(0, 1, 2), schema.merged_name(0, 8, 9)]
     kept = [schema.shard_name(0, seq) for seq in range(3, 8)]

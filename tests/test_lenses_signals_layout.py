@@ -195,7 +195,7 @@ def test_layout_runs_views_norms_and_dots_against_the_tensors():
     assert [count for (count, _), _, _ in layout.runs] == [1, 1, 1, 2]  # sizes 0, 1, 3, then 4 and 4
     flat = layout.flatten(ordered)
     assert [v.shape for v in flat.views] == [t.shape for t in ordered]
-    assert all(torch.equal(v, t) for v, t in zip(flat.views, ordered))
+    assert all(torch.equal(v, t) for v, t in zip(flat.views, ordered, strict=True))
     assert flat.norms().tolist() == pytest.approx([norm(t) for t in ordered], rel=1e-6)
     other = layout.flatten([t * 2 + 1 for t in ordered])
     want = [(t.double() * (t.double() * 2 + 1)).sum().item() for t in ordered]
@@ -247,3 +247,29 @@ def test_without_an_optimizer_cosines_are_per_backward(tmp_path):
     rows = [r for r in read_table(tmp_path, "signals").to_pylist() if r["param"] == "weight"]
     cos = [r["value"] for r in rows if r["kind"] == "grad_cosine"]
     assert cos == pytest.approx([cosine(seen[1], seen[0]), cosine(seen[2], seen[1])], abs=1e-5)
+
+
+@pytest.mark.parametrize("with_cosine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_per_tensor_paths_accumulate_in_float32(tmp_path, dtype, with_cosine):
+    """Norms without cosines, and norms and cosines of steps where only some parameters have a gradient,
+    are taken per tensor (``_norms``, ``_cosines``), not from the flat buffer: in float32 there too."""
+    torch.manual_seed(7)
+    model = Three(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=with_cosine)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for only_c in (False, True, True):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(64, 4, dtype=dtype), only_c=only_c).float().pow(2).sum().backward()
+            seen.append(keyed(model, lambda p: None if p.grad is None else p.grad.clone()))
+            opt.step()
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    for step in range(3):
+        present = {k: g for k, g in seen[step].items() if g is not None}
+        assert norms[step] == pytest.approx({k: norm(g) for k, g in present.items()}, rel=1e-5)
+        if with_cosine and step:
+            want = {k: cosine(g, seen[step - 1][k]) for k, g in present.items()}
+            assert cosines[step] == pytest.approx(want, abs=1e-5)
+    assert bool(cosines) == with_cosine
