@@ -273,3 +273,31 @@ def test_half_precision_per_tensor_paths_accumulate_in_float32(tmp_path, dtype, 
             want = {k: cosine(g, seen[step - 1][k]) for k, g in present.items()}
             assert cosines[step] == pytest.approx(want, abs=1e-5)
     assert bool(cosines) == with_cosine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_without_tokens_take_turns_each_against_its_own_last_gradient(tmp_path, dtype):
+    """Two bias-free experts of which one or both get a gradient (a mixture of experts whose router sent
+    no token to the other): steps where a single parameter has a gradient, others where both do."""
+    torch.manual_seed(8)
+    experts = nn.ModuleDict(
+        {"e1": nn.Linear(4, 3, bias=False, dtype=dtype), "e2": nn.Linear(4, 3, bias=False, dtype=dtype)}
+    )
+    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
+    seen = []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(experts, optimizer=opt)
+        for used in (["e1"], ["e1"], ["e1", "e2"], ["e2"], ["e2"], ["e1", "e2"]):
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(16, 4, dtype=dtype)
+            sum(experts[name](x).float().pow(2).sum() for name in used).backward()
+            seen.append({(name, "weight"): experts[name].weight.grad.clone() for name in used})
+            opt.step()
+    norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
+    last: dict[tuple[str, str], torch.Tensor] = {}
+    for step, grads in enumerate(seen):
+        want = {k: cosine(g, last[k]) for k, g in grads.items() if k in last}
+        assert norms[step] == pytest.approx({k: norm(g) for k, g in grads.items()}, rel=1e-5)
+        assert cosines.get(step, {}) == pytest.approx(want, abs=1e-5)
+        last.update(grads)
+    assert sorted(cosines) == [1, 2, 3, 4, 5] and list(cosines[2]) == [("e1", "weight")]
