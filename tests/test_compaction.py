@@ -186,3 +186,17 @@ def test_groups_fill_up_to_max_rows_and_odd_shards_stay_as_they_are(tmp_path: Pa
     assert read[schema.merged_name(0, 1, 2)].equals(pa.concat_tables(shards[:2]))
     assert read[schema.merged_name(0, 8, 9)].equals(pa.concat_tables(shards[7:]))
     assert all(read[n].equals(tables[n]) for n in kept)
+
+
+def test_merged_files_merged_again_are_named_for_the_whole_span(tmp_path: Path) -> None:
+    """``normtrace compact`` over a run merged with a smaller ``max_rows``: merged files are merged
+    again, and the new file's name spans from the first shard of the first to the last of the last."""
+    run = tmp_path / "run"
+    record(run, compact=False)
+    before = rows(run, "outputs")
+    per_shard = before.num_rows // (PASSES // FLUSH)
+    schema.compact(run / "outputs", 0, max_rows=3 * per_shard)  # 1-3, 4-6, ..., 13-15
+    written = schema.compact(run / "outputs", 0, max_rows=6 * per_shard)  # 1-6, 7-12; 13-15 alone
+    assert [p.name for p in written] == [schema.merged_name(0, 1, 6), schema.merged_name(0, 7, 12)]
+    assert files(run, "outputs") == [p.name for p in written] + [schema.merged_name(0, 13, 15)]
+    assert rows(run, "outputs").equals(before)
