@@ -301,3 +301,23 @@ def test_experts_without_tokens_take_turns_each_against_its_own_last_gradient(tm
         assert cosines.get(step, {}) == pytest.approx(want, abs=1e-5)
         last.update(grads)
     assert sorted(cosines) == [1, 2, 3, 4, 5] and list(cosines[2]) == [("e1", "weight")]
+
+
+def test_a_zero_gradient_has_cosine_zero_on_full_and_partial_steps(tmp_path):
+    """A weight whose input is all zeros gets a zero gradient: its cosine is 0 (the norm is 0), not NaN
+    nor 1, whether the step takes every parameter at once or only some."""
+    model = nn.ModuleDict({"a": nn.Linear(3, 1), "b": nn.Linear(3, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for step, used in enumerate((["a", "b"], ["a", "b"], ["a"], ["a"])):
+            opt.zero_grad(set_to_none=True)
+            x = torch.zeros(4, 3) if step % 2 else torch.ones(4, 3)  # zeros: the weights' gradients are 0
+            sum(model[name](x).sum() for name in used).backward()
+            opt.step()
+    cosines = by_step(tmp_path, "grad_cosine")
+    norms = by_step(tmp_path, "grad_norm")
+    assert norms[1][("a", "weight")] == 0.0 and norms[3][("a", "weight")] == 0.0
+    assert cosines[1][("a", "weight")] == 0.0 and cosines[1][("b", "weight")] == 0.0  # full step
+    assert cosines[3][("a", "weight")] == 0.0 and cosines[2][("a", "weight")] == 0.0  # partial steps
+    assert cosines[1][("a", "bias")] == pytest.approx(1.0)  # the biases' gradients stay 1 each
