@@ -328,7 +328,8 @@ def signals_table(records: list[SignalRecord], rank: int) -> pa.Table:
 
     Lenses reuse their kinds and keys objects from step to step, so the strings of each distinct pair
     are coded once per flush and the string columns are built by ``take`` from the few distinct
-    strings (measured: 1.3 µs a row as Python lists, mostly in pyarrow's string conversion)."""
+    strings (measured: 0.13 µs a row, against 0.15 as Python lists of strings; a profiler had made
+    the lists look ten times slower)."""
     counts = np.fromiter((len(r[4]) for r in records), np.int64, len(records))
     codes: dict[str | None, int] = {}  # every distinct string (or None) of the three columns
     coded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by id(kinds), id(keys)
