@@ -46,7 +46,7 @@ class Layout:
     def fits(self, tensors: Sequence[Tensor]) -> bool:
         """Whether ``tensors`` (one per slot, in order) have the slots' shapes and dtype."""
         dtype = self.dtype
-        return all(t.shape == s and t.dtype == dtype for t, s in zip(tensors, self.shapes, strict=True))
+        return [t.shape for t in tensors] == self.shapes and all(t.dtype == dtype for t in tensors)
 
     def new(self) -> Flat:
         """An uninitialised buffer in this layout, on the group's device."""

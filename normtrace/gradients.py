@@ -280,7 +280,8 @@ class GradientNorm(_ParamLens):
         self, recording: Recording, group: _Group, step: int | None, sparse_noted: set[ParamKey]
     ) -> None:
         """Record the norms (and cosines) of ``group``'s gradients now: no row for a parameter without one."""
-        group.refresh()
+        if self.cosine:  # (without cosines nothing is laid out: the norms are taken from the gradients)
+            group.refresh()
         grads = [p.grad for p in group.params]
         with torch.no_grad():  # (a .grad needs no detach: it has no history)
             if all(g is not None and not g.is_sparse for g in grads):
