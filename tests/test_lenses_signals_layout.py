@@ -205,6 +205,11 @@ def test_layout_runs_views_norms_and_dots_against_the_tensors():
     fresh = layout.new()
     torch._foreach_copy_(fresh.views, ordered)
     assert torch.equal(fresh.data, flat.data)
+    # sizes 1, 3, 6, 6 at offsets 0, 1, 4, 10: the two 6s form one run (whose offset is not its size)
+    sixes = [torch.randn(1), torch.randn(3), torch.randn(2, 3), torch.randn(6)]
+    runs = Layout(sixes).runs
+    assert [shape for shape, _, _ in runs] == [(1, 1), (1, 3), (2, 6)]
+    assert [offset for _, _, offset in runs] == [0, 1, 4]
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
