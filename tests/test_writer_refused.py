@@ -83,3 +83,38 @@ def test_a_refused_shard_mid_run_does_not_hold_back_later_shards(tmp_path, refus
     assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.0, 3.0]
     assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
     assert len(refuse_events) == 1  # dropped after the refusal, not retried at every flush
+
+
+def test_a_merge_that_fails_unexpectedly_at_close_is_reported_and_the_shards_kept(tmp_path, monkeypatch):
+    """``close()``'s merge raising something other than an ``OSError`` (a bug, a corrupt shard) used to
+    leave the writer waiting for a job that never came: close() must return, raise, and release the run."""
+
+    def broken(folder, rank, **kwargs):
+        raise RuntimeError("merge bug")
+
+    monkeypatch.setattr(schema, "compact", broken)
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])])
+    rec.attach(model)
+    x = torch.randn(2, 4)
+    model(x)
+    error = close_within(rec)
+    assert isinstance(error, nt.WriterError) and "merge bug" in str(error)
+    assert error.path == tmp_path
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+    assert not (tmp_path / schema.lock_name(0)).exists()
+
+
+def test_shards_are_written_compressed(tmp_path):
+    """The writer's shards use LZ4 (``Recorder(compression=...)``'s default): a run of repeated rows is
+    several times smaller than the same table written uncompressed."""
+    rec = nt.Recorder(tmp_path, compact=False)
+    for _ in range(2000):
+        rec.push_metric("constant", 1.0)
+    rec.close()
+    (shard,) = (tmp_path / "metrics").glob("*.arrow")
+    table = pa.ipc.open_file(pa.memory_map(str(shard))).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    assert shard.stat().st_size * 3 < sink.getvalue().size
