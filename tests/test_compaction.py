@@ -200,3 +200,41 @@ def test_merged_files_merged_again_are_named_for_the_whole_span(tmp_path: Path) 
     assert [p.name for p in written] == [schema.merged_name(0, 1, 6), schema.merged_name(0, 7, 12)]
     assert files(run, "outputs") == [p.name for p in written] + [schema.merged_name(0, 13, 15)]
     assert rows(run, "outputs").equals(before)
+
+
+def test_merged_files_are_compressed_with_zstd(tmp_path: Path) -> None:
+    """``compact`` writes zstd (``COMPACT_COMPRESSION``): the merged file of repeated rows is several
+    times smaller than the same rows written uncompressed."""
+    run = tmp_path / "run"
+    rec = nt.Recorder(run, compact=False, flush_every=1)
+    for i in range(2000):
+        rec.push_metric("constant", 1.0)
+        if i % 500 == 499:
+            rec.flush()
+    rec.close()
+    merged = schema.compact(run / "metrics", 0, max_rows=1000)  # one file closed in the loop, one at the end
+    assert len(merged) == 2
+    for path in merged:
+        table = ipc.open_file(pa.memory_map(str(path))).read_all()
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        assert table.num_rows == 1000 and path.stat().st_size * 3 < sink.getvalue().size
+
+
+def test_compact_merges_only_the_given_ranks_shards(tmp_path: Path) -> None:
+    folder = tmp_path / "events"
+    folder.mkdir()
+    for rank in (0, 1):
+        for seq in (1, 2):
+            table = pa.table({"x": pa.array([rank * 10 + seq], pa.int64())})
+            with (
+                pa.OSFile(str(folder / schema.shard_name(rank, seq)), "wb") as sink,
+                ipc.new_file(sink, table.schema) as w,
+            ):
+                w.write_table(table)
+    written = schema.compact(folder, 0)
+    assert [p.name for p in written] == [schema.merged_name(0, 1, 2)]
+    assert files(tmp_path, "events") == sorted(
+        [schema.merged_name(0, 1, 2), schema.shard_name(1, 1), schema.shard_name(1, 2)]
+    )

@@ -326,3 +326,76 @@ def test_a_zero_gradient_has_cosine_zero_on_full_and_partial_steps(tmp_path):
     assert cosines[1][("a", "weight")] == 0.0 and cosines[1][("b", "weight")] == 0.0  # full step
     assert cosines[3][("a", "weight")] == 0.0 and cosines[2][("a", "weight")] == 0.0  # partial steps
     assert cosines[1][("a", "bias")] == pytest.approx(1.0)  # the biases' gradients stay 1 each
+
+
+def test_convolution_weights_of_three_and_four_dimensions(tmp_path):
+    """Views of the flat buffer are made with explicit strides: a 4-d convolution weight and a 3-d one
+    must come out as the tensors they copy (and their norms, cosines and ratios with them)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(2, 3), nn.Conv1d(3, 2, 2), nn.Flatten(), nn.Linear(4, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads, deltas = [], []
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 2, 5, 3)).pow(2).sum().backward()
+            grads.append(keyed(model, lambda p: p.grad.clone()))
+            before = keyed(model, lambda p: p.detach().clone())
+            opt.step()
+            deltas.append({k: p.detach() - before[k] for k, p in keyed(model, lambda p: p).items()})
+    assert any(g.ndim == 4 for g in grads[0].values()) and any(g.ndim == 3 for g in grads[0].values())
+    grad_cos, update_cos = by_step(tmp_path, "grad_cosine"), by_step(tmp_path, "update_cosine")
+    for step in (1, 2):
+        assert grad_cos[step] == pytest.approx(
+            {k: cosine(g, grads[step - 1][k]) for k, g in grads[step].items()}, abs=1e-5
+        )
+        assert update_cos[step] == pytest.approx(
+            {k: cosine(d, deltas[step - 1][k]) for k, d in deltas[step].items()}, abs=1e-4
+        )
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 0, 3), (3, 1, 2, 2), (), (5,)])
+def test_view_strides_are_those_of_a_contiguous_tensor(shape):
+    t = torch.randn(shape)
+    (view,) = Layout([t]).flatten([t]).views
+    assert view.shape == t.shape and view.stride() == t.stride() and torch.equal(view, t)
+
+
+def test_a_shape_change_then_a_partial_step_keeps_nothing_for_the_parameters_without_a_gradient(tmp_path):
+    """After the group is laid out again, a step where only c has a gradient keeps only c's: the next
+    full step compares c alone (a and b have nothing kept, not stale or uninitialised values)."""
+    torch.manual_seed(10)
+    model = Three()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        seen = []
+        for step, only_c in enumerate((False, True, False)):
+            if step == 1:
+                model.c.weight.data = torch.randn(3, 4)
+                model.c.bias.data = torch.randn(3)
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(8, 4), only_c=only_c).pow(2).sum().backward()
+            seen.append(keyed(model, lambda p: None if p.grad is None else p.grad.clone()))
+            opt.step()
+    cosines = by_step(tmp_path, "grad_cosine")
+    assert 1 not in cosines
+    assert cosines[2] == pytest.approx(
+        {k: cosine(seen[2][k], seen[1][k]) for k in (("c", "weight"), ("c", "bias"))}, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize("lens", [nt.GradientNorm, nt.UpdateRatio])
+def test_parameters_selects_by_name_within_the_module(tmp_path, lens):
+    model = Three()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nt.Recorder(tmp_path, lenses=[lens(parameters=["bias"])]) as rec:
+        rec.attach(model, optimizer=opt)
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    keys = {(r["module"], r["param"]) for r in read_table(tmp_path, "signals").to_pylist()}
+    assert keys == {("a", "bias"), ("b", "bias"), ("c", "bias")}
