@@ -142,6 +142,7 @@ def test_normtrace_compact_merges_a_killed_run_and_refuses_a_live_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     live = record(tmp_path / "live", close=False)  # an open recorder holds the run's writer lock
+    live._writer.wait()  # its flushes written (on a loaded machine the writer lagged: flaky)
     try:
         assert cli(["compact", str(tmp_path / "live")]) == 2
         assert "being written by a live recorder" in capsys.readouterr().err
