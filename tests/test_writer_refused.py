@@ -3,6 +3,7 @@ and ``close()`` returns: it used to wait forever, logging "still writing", with 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pyarrow as pa
@@ -118,3 +119,28 @@ def test_shards_are_written_compressed(tmp_path):
     with pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     assert shard.stat().st_size * 3 < sink.getvalue().size
+
+
+def test_a_failing_disk_never_makes_training_wait_for_room(tmp_path):
+    """A full disk (here: a file where the outputs folder goes) keeps every row queued; the back-pressure
+    that makes training wait for the writer must not apply then, or it would wait forever."""
+    (tmp_path / "outputs").write_text("not a folder")
+    model = QNetwork()
+    rec = nt.Recorder(
+        tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])], flush_every=1, max_queued_rows=3
+    )
+    rec.attach(model)
+    done = threading.Event()
+
+    def train() -> None:
+        for _ in range(30):
+            with contextlib.suppress(nt.WriterError):  # (reported by a call after a failed write)
+                model(torch.randn(2, 4))
+        done.set()
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    assert done.wait(60), "training waited for room the failing writer could never make"
+    (tmp_path / "outputs").unlink()  # the disk is fixed: the kept rows are written at close
+    close_within(rec)
+    assert len({r["pass"] for r in read_table(tmp_path, "outputs").to_pylist()}) == 30
