@@ -396,9 +396,7 @@ class UpdateRatio(_ParamLens):
             try:
                 with torch.no_grad():
                     for group, idx, copies, flat in pending:
-                        params: list[Tensor] = (
-                            list(group.params) if flat is not None else [group.params[i] for i in idx]
-                        )
+                        params: list[Tensor] = [group.params[i] for i in idx]
                         before_norms = flat.norms() if flat is not None else _norms(copies)
                         torch._foreach_sub_(copies, params)  # now −Δθ
                         deltas = flat.norms() if flat is not None else _norms(copies)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -238,20 +238,29 @@ def compact(
     live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
     spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
     options = ipc.IpcWriteOptions(compression=compression)
-    written: list[Path] = []
-    group: list[tuple[str, pa.Table]] = []  # consecutive shards read, not merged yet
+    written = []
+    for group in _consecutive(folder, spans, max_rows):
+        if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
+            written.append(final)
+    return written
+
+
+def _consecutive(folder: Path, names: Iterable[str], max_rows: int) -> Iterator[list[tuple[str, pa.Table]]]:
+    """The shards ``names`` read in order (each file opened once), in runs of at most ``max_rows`` rows
+    (a shard larger than that alone)."""
+    import pyarrow.ipc as ipc
+
+    group: list[tuple[str, pa.Table]] = []
     rows = 0
-    for name in spans:
+    for name in names:
         table = ipc.open_file(pa.memory_map(str(folder / name))).read_all()
         if group and rows + table.num_rows > max_rows:
-            if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
-                written.append(final)
+            yield group
             group, rows = [], 0
         group.append((name, table))
         rows += table.num_rows
-    if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
-        written.append(final)
-    return written
+    if group:
+        yield group
 
 
 def _merge(
