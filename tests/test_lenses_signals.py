@@ -212,16 +212,28 @@ def test_grad_scaler_records_unscaled_gradients_and_skipped_steps_record_nothing
     assert json.loads((tmp_path / "meta.json").read_text())["steps"] == 2
 
 
-def test_sparse_gradients_are_noted_and_the_rest_recorded(tmp_path):
-    model = nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Linear(3, 1))
+@pytest.mark.parametrize(
+    "embedding, out",
+    [
+        ((10, 3), 1),  # the embedding (30 values) is ordered after the linear layer's in its group
+        ((2, 1), 4),  # the embedding (2 values) comes first: the rows after it must all still be there
+    ],
+)
+def test_sparse_gradients_are_noted_and_the_rest_recorded(tmp_path, embedding, out):
+    model = nn.Sequential(nn.Embedding(*embedding, sparse=True), nn.Linear(embedding[1], out))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
         rec.attach(model, optimizer=opt)
         for _ in range(2):
             opt.zero_grad()
-            model(torch.tensor([1, 2, 3])).sum().backward()
+            model(torch.tensor([0, 1])).sum().backward()
             opt.step()
-    assert {(r["module"], r["param"]) for r in signals(tmp_path)} == {("1", "weight"), ("1", "bias")}
+    rows = signals(tmp_path)
+    assert {(r["module"], r["param"]) for r in rows} == {("1", "weight"), ("1", "bias")}
+    assert sorted((r["kind"], r["step"], r["param"]) for r in rows) == sorted(
+        [("grad_norm", s, p) for s in (0, 1) for p in ("weight", "bias")]
+        + [("grad_cosine", 1, p) for p in ("weight", "bias")]
+    )
     notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
     assert [(n["module"], n["kind"]) for n in notes] == [("0", "sparse_grad")]
     assert "weight" in notes[0]["detail"]

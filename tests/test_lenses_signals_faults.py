@@ -111,22 +111,3 @@ def test_update_ratio_without_an_optimizer_says_how_to_give_one(tmp_path):
         ),
     ):
         rec.attach(nn.Linear(2, 2))
-
-
-def test_a_sparse_gradient_ordered_first_in_its_group_skips_only_itself(tmp_path):
-    """Parameters are grouped and ordered by size: here the sparse embedding (2 values) comes before the
-    linear layer's (4 each), whose rows must all still be there."""
-    model = nn.Sequential(nn.Embedding(2, 1, sparse=True), nn.Linear(1, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
-        rec.attach(model, optimizer=opt)
-        for _ in range(2):
-            opt.zero_grad()
-            model(torch.tensor([0, 1])).sum().backward()
-            opt.step()
-    rows = read_table(tmp_path, "signals").to_pylist()
-    assert sorted((r["kind"], r["step"], r["param"]) for r in rows if r["module"] == "1") == sorted(
-        [("grad_norm", s, p) for s in (0, 1) for p in ("weight", "bias")]
-        + [("grad_cosine", 1, p) for p in ("weight", "bias")]
-    )
-    assert [(m, k) for m, k, _ in notes(tmp_path)] == [("0", "sparse_grad")]
