@@ -42,11 +42,9 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if (
-            action.option_strings
-            and default not in (None, False, [], argparse.SUPPRESS)
-            and "%(default)" not in text
-        ):
+        # identity, not ==: a default of 0 (``--seed``) is stated, though ``0 == False``
+        shown = all(default is not absent for absent in (None, False, argparse.SUPPRESS)) and default != []
+        if action.option_strings and shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 

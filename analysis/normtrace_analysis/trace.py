@@ -296,9 +296,7 @@ class Trace:
                 continue
             by_rank: dict[int, list[tuple[RunPath, int]]] = {}
             for path, _ in run.shards[name]:
-                named = SHARD_NAME.match(path.name)
-                assert named is not None  # only shard names are kept at load
-                rank = int(named.group(1))
+                rank = _rank_of(path)
                 if ranks is None or rank in ranks:
                     by_rank.setdefault(rank, []).append((path, path.stat().st_size))
             out[run.name] = by_rank
@@ -390,7 +388,9 @@ class Trace:
             self._check_kinds(wanted)
             f = replace(f, kinds=_intersect(f.kinds, wanted))
         narrower = replace(self, _filters=f)
-        narrower._check_selects_rows(modules=modules, epochs=epochs, passes=passes, split=split, kinds=kinds)
+        narrower._check_selects_rows(
+            modules=modules, epochs=epochs, passes=passes, split=split, kinds=kinds, ranks=ranks
+        )
         return narrower
 
     def signal_kinds(self) -> list[str]:
@@ -426,7 +426,7 @@ class Trace:
         """Raise :class:`EmptySelectionError` when the filters ``asked`` for leave no row in the tables they
         apply to, naming them and what the trace holds instead (a typo must not read as "no spikes")."""
         if all(value is None for value in asked.values()):
-            return  # runs and ranks only: each named run exists (checked), so rows are not in question
+            return  # runs only: each named run exists (checked), so rows are not in question
         tables = [t for t in TABLES if self.shards(t)]
         if asked.get("modules") is not None:
             tables = [t for t in tables if t in MODULE_TABLES]
@@ -448,13 +448,21 @@ class Trace:
                 .collect()["module"]
             )
             found.append(f"modules: {_listing(names.to_list())}")
+        if asked.get("split") is not None:
+            splits = whole.outputs.select(pl.col("split").unique().sort()).collect()["split"]
+            found.append(f"splits: {_listing(splits.to_list())}")
+        if asked.get("ranks") is not None:
+            ranks = sorted(
+                {_rank_of(p) for r in whole._selected_runs() for t in tables for p, _ in r.shards[t]}
+            )
+            found.append(f"ranks: {_listing([str(r) for r in ranks])}")
         for column, plural in (("epoch", "epochs"), ("pass", "passes")):
             if asked.get(plural) is not None:
                 bounds = pl.concat([whole.table(t).select(column) for t in tables], how="vertical_relaxed")
                 lo_hi = bounds.select(lo=pl.col(column).min(), hi=pl.col(column).max()).collect()
                 found.append(f"{plural} {lo_hi['lo'].item()}..{lo_hi['hi'].item()}")
         holds = f"; the trace holds {' and '.join(found)}" if found else ""
-        raise EmptySelectionError(f"no row matches {given or 'these filters'}{holds}", self._runs[0].path)
+        raise EmptySelectionError(f"no row matches {given}{holds}", self._runs[0].path)
 
     # Analyses: one calling style. The first argument is what is analysed (a table or an event name),
     # every option is keyword-only, and each method delegates to its module's function of the same name.
@@ -858,6 +866,13 @@ def _validate_shard(path: RunPath, table: str, *, body: bool = False) -> pl.Sche
                 f"shard {path}: column {col!r} is {schema[col]}, the trace format says {dtype}", path
             )
     return schema
+
+
+def _rank_of(path: RunPath) -> int:
+    """The rank a shard's name gives (only shard names are kept at load)."""
+    named = SHARD_NAME.match(path.name)
+    assert named is not None
+    return int(named.group(1))
 
 
 def _meta_normalize(meta: dict[str, Any], table: str) -> bool:

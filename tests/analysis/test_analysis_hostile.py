@@ -119,6 +119,15 @@ def test_a_damaged_shard_body_is_named_when_first_read(damaged_run: tuple[Path, 
         assert err.value.path == shard
 
 
+def test_a_damaged_shard_is_named_with_the_readers_own_reason(damaged_run: tuple[Path, Path]) -> None:
+    run, shard = damaged_run
+    with pytest.raises((OSError, pa.ArrowException)) as direct:  # what pyarrow itself says of the shard
+        pa.ipc.open_file(pa.py_buffer(shard.read_bytes())).read_all()
+    with pytest.raises(na.CorruptShardError) as err:
+        na.load(run).epoch_summary("outputs")
+    assert str(err.value).startswith(f"corrupt shard {shard}: ") and str(direct.value) in str(err.value)
+
+
 def test_a_damaged_shard_body_is_skipped_when_asked(damaged_run: tuple[Path, Path]) -> None:
     run, shard = damaged_run
     with pytest.warns(na.SkippedShardsWarning, match=shard.name):

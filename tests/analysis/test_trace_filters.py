@@ -1,0 +1,153 @@
+"""Trace filters chained, selections that keep nothing, and the messages that name what the trace holds.
+
+Every expected row set is computed from the columns the test writes, with numpy, not with Polars filters.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import normtrace_analysis as na
+import numpy as np
+import pytest
+from tracegen import write_trace
+
+N_PASS, EPOCH_LEN = 24, 4  # epochs 0..5
+
+
+def _outputs(modules: tuple[str, ...] = ("a", "b"), rank: int = 0) -> dict[str, np.ndarray]:
+    passes = np.repeat(np.arange(N_PASS), len(modules))
+    index = np.tile(np.arange(len(modules)), N_PASS)
+    return {
+        "pass": passes,
+        "epoch": (passes // EPOCH_LEN).astype(np.int32),
+        "module": np.array(modules)[index],
+        "norm": (100.0 * rank + 10.0 * passes + index).astype(np.float32),
+        "numel": np.full(passes.size, 4),
+        "grad_enabled": np.ones(passes.size, dtype=bool),  # no no_grad pass anywhere
+    }
+
+
+@pytest.fixture
+def two_ranks(tmp_path: Path) -> Path:
+    run = tmp_path / "ddp"
+    write_trace(run, outputs=_outputs(rank=0), rank=0, shards=2)
+    write_trace(run, outputs=_outputs(rank=1), rank=1, shards=2, meta={"world_size": 2})
+    return run
+
+
+def _passes(trace: na.Trace) -> list[int]:
+    return sorted(trace.outputs.select("pass").unique().collect()["pass"].to_list())
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "lo", "hi"),
+    [
+        ((2, 20), (5, None), 5, 20),  # the later lower bound wins, the earlier upper bound stays
+        ((5, None), (2, 20), 5, 20),  # the same, given the other way round
+        ((None, 9), (3, 15), 3, 9),
+        ((3, 15), (None, 9), 3, 9),
+        ((4, 10), 7, 7, 7),
+        ((None, None), (None, 6), 0, 6),
+        ((None, 6), (None, None), 0, 6),
+    ],
+)
+def test_pass_ranges_narrow_each_other(two_ranks: Path, first, second, lo: int, hi: int) -> None:
+    trace = na.load(two_ranks)
+    assert _passes(trace.filter(passes=first).filter(passes=second)) == list(range(lo, hi + 1))
+
+
+def test_epoch_ranges_narrow_on_every_table(two_ranks: Path) -> None:
+    narrowed = na.load(two_ranks).filter(epochs=(1, 4)).filter(epochs=(2, None)).filter(epochs=(None, 3))
+    epochs = _outputs()["epoch"]
+    kept = int(((epochs >= 2) & (epochs <= 3)).sum()) * 2  # both ranks
+    frame = narrowed.outputs.collect()
+    assert frame.height == kept
+    assert sorted(frame["epoch"].unique().to_list()) == [2, 3]
+
+
+def test_rank_split_and_run_filters_intersect(tmp_path: Path, two_ranks: Path) -> None:
+    trace = na.load(two_ranks)
+    assert trace.filter(ranks=[0, 1]).filter(ranks=[1]).outputs.collect()["rank"].unique().to_list() == [1]
+    assert trace.filter(ranks=1).filter(ranks=[0, 1]).outputs.collect()["rank"].unique().to_list() == [1]
+    with pytest.raises(na.EmptySelectionError, match=r"ranks=\[0\]; the trace holds ranks: 0, 1$"):
+        trace.filter(ranks=1).filter(ranks=[0])
+    other = write_trace(tmp_path / "other", outputs=_outputs(modules=("c",)))
+    both = na.load([two_ranks, other])
+    only = both.filter(runs=["ddp", "other"]).filter(runs="other")
+    assert only.runs == ["other"] and list(only.metas) == ["other"] and list(only.rank_metas) == ["other"]
+    assert only.outputs.collect()["module"].unique().to_list() == ["c"]
+    with pytest.raises(ValueError, match="unknown run 'ddp'"):  # a run filtered out earlier is not loaded
+        both.filter(runs="other").filter(runs="ddp")
+
+
+def test_a_rank_no_shard_holds_is_an_empty_selection(two_ranks: Path) -> None:
+    with pytest.raises(na.EmptySelectionError) as err:
+        na.load(two_ranks).filter(ranks=3)
+    assert str(err.value) == "no row matches ranks=3; the trace holds ranks: 0, 1"
+    assert err.value.path == two_ranks  # names the run
+
+
+def test_a_split_without_rows_names_the_splits_held(two_ranks: Path) -> None:
+    with pytest.raises(na.EmptySelectionError) as err:
+        na.load(two_ranks).filter(split="no_grad")
+    assert str(err.value) == "no row matches split='no_grad'; the trace holds splits: train"
+
+
+def test_what_the_trace_holds_is_listed_for_every_filter_asked(two_ranks: Path) -> None:
+    trace = na.load(two_ranks)
+    with pytest.raises(na.EmptySelectionError) as err:
+        trace.filter(modules=["nope"], epochs=(40, 50))
+    assert str(err.value) == (
+        "no row matches modules=['nope'], epochs=(40, 50); the trace holds modules: a, b and epochs 0..5"
+    )
+
+
+def test_the_modules_held_are_those_of_the_runs_selected(tmp_path: Path, two_ranks: Path) -> None:
+    other = write_trace(tmp_path / "other", outputs=_outputs(modules=("zeta", "c")))
+    trace = na.load([two_ranks, other])
+    with pytest.raises(na.EmptySelectionError, match=r"modules: c, zeta$"):
+        trace.filter(runs="other").filter(modules=["a"])  # "a" is in the other run only
+
+
+@pytest.mark.parametrize(("count", "listed"), [(12, 12), (13, 12), (15, 12)])
+def test_long_listings_show_twelve_names_and_how_many_more(tmp_path: Path, count: int, listed: int) -> None:
+    names = tuple(f"m{i:02d}" for i in range(count))
+    run = write_trace(tmp_path / "wide", outputs=_outputs(modules=names))
+    with pytest.raises(na.EmptySelectionError) as err:
+        na.load(run).filter(modules=["nope"])
+    more = f" … ({count - listed} more)" if count > listed else ""
+    assert str(err.value).endswith("modules: " + ", ".join(names[:listed]) + more)
+
+
+def test_is_cached_says_whether_a_result_is_held(two_ranks: Path) -> None:
+    trace = na.load(two_ranks)
+    assert not trace.is_cached(("mine", 1))
+    assert trace.cached(("mine", 1), lambda: 41 + 1) == 42
+    assert trace.is_cached(("mine", 1)) and not trace.is_cached(("mine", 2))
+
+
+def test_a_pattern_error_without_an_error_line_is_named_by_its_first_line(two_ranks: Path) -> None:
+    """Polars names the fault on a line starting with "error: "; the message keeps that line's rest."""
+    with pytest.raises(ValueError) as err:
+        na.load(two_ranks).filter(modules="a{2,1}")
+    message = str(err.value)
+    assert message.startswith("modules='a{2,1}' is not a valid regular expression: ")
+    why = message.split("regular expression: ", 1)[1]
+    assert why and not why.startswith("error:") and "\n" not in why
+
+
+def test_an_empty_run_beside_a_skipped_shard_elsewhere_is_not_called_unreadable(tmp_path: Path) -> None:
+    good = write_trace(tmp_path / "good", outputs=_outputs(), shards=2)
+    sorted((good / "outputs").glob("*.arrow"))[0].write_bytes(b"not arrow")
+    empty = tmp_path / "empty"
+    write_trace(empty, outputs=_outputs())
+    for shard in (empty / "outputs").glob("*.arrow"):
+        shard.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", na.SkippedShardsWarning)
+        with pytest.raises(na.EmptyRunError) as err:
+            na.load([good, empty], on_error="skip")
+    assert "unreadable" not in str(err.value) and re.search(r"run \S*empty has no shards", str(err.value))
