@@ -252,14 +252,9 @@ class Trace:
         """Any table by name (:data:`.schema.TABLES`), with this Trace's filters applied."""
         check_table(name)
         lf = self._base[name]
-        f = self._filters
-        conds: list[pl.Expr] = []
-        if f.runs is not None and name in self._by_run:
-            parts = [self._by_run[name][r] for r in self.runs if r in f.runs]
-            lf = pl.concat(parts, how="diagonal") if parts else lf.clear()
-        elif f.runs is not None:
-            conds.append(pl.col("run").is_in(list(f.runs)))
-        conds.extend(self._row_conditions(name))
+        if self._filters.runs is not None:  # never empty: filter() refuses a run not selected
+            lf = pl.concat([self._by_run[name][r] for r in self.runs], how="diagonal")
+        conds = self._row_conditions(name)
         return lf.filter(*conds) if conds else lf
 
     def _row_conditions(self, name: str) -> list[pl.Expr]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import normtrace_analysis as na
 import numpy as np
+import polars as pl
 import pytest
 from tracegen import write_trace
 
@@ -151,3 +153,59 @@ def test_an_empty_run_beside_a_skipped_shard_elsewhere_is_not_called_unreadable(
         with pytest.raises(na.EmptyRunError) as err:
             na.load([good, empty], on_error="skip")
     assert "unreadable" not in str(err.value) and re.search(r"run \S*empty has no shards", str(err.value))
+
+
+def test_shards_by_rank_lists_the_selected_runs_and_ranks_in_sequence_order(
+    tmp_path: Path, two_ranks: Path
+) -> None:
+    other = write_trace(tmp_path / "other", outputs=_outputs(), shards=3)
+    trace = na.load([two_ranks, other])
+
+    def on_disk(run: Path, rank: int) -> list[tuple[Path, int]]:
+        files = sorted((run / "outputs").glob(f"rank{rank}-*.arrow"))
+        return [(f, f.stat().st_size) for f in files]
+
+    assert trace.shards_by_rank("outputs") == {
+        "ddp": {0: on_disk(two_ranks, 0), 1: on_disk(two_ranks, 1)},
+        "other": {0: on_disk(other, 0)},
+    }
+    assert len(on_disk(other, 0)) == 3
+    assert trace.filter(ranks=1).shards_by_rank("outputs") == {"ddp": {1: on_disk(two_ranks, 1)}, "other": {}}
+    assert trace.filter(runs="other").shards_by_rank("outputs") == {"other": {0: on_disk(other, 0)}}
+
+
+def test_runs_with_different_columns_are_read_together_when_some_are_selected(tmp_path: Path) -> None:
+    plain = write_trace(tmp_path / "plain", outputs=_outputs())
+    extra = _outputs()
+    extra["note"] = np.arange(extra["pass"].size)  # a column only this run's shards have
+    wide = write_trace(tmp_path / "wide", outputs=extra)
+    third = write_trace(tmp_path / "third", outputs=_outputs())
+    trace = na.load([plain, wide, third]).filter(runs=["plain", "wide"])
+    frame = trace.outputs.collect()
+    assert frame.height == 2 * extra["pass"].size
+    assert frame.filter(pl.col("run") == "plain")["note"].null_count() == extra["pass"].size
+    assert frame.filter(pl.col("run") == "wide")["note"].to_list() == extra["note"].tolist()
+
+
+def test_a_slot_holds_one_result_and_a_new_key_replaces_it(two_ranks: Path) -> None:
+    trace = na.load(two_ranks)
+    calls: list[str] = []
+
+    def compute(tag: str) -> Callable[[], str]:
+        return lambda: calls.append(tag) or f"result {tag}"
+
+    assert trace.cached("k1", compute("1"), slot="big") == "result 1"
+    assert trace.cached("k1", compute("again"), slot="big") == "result 1"  # held: not computed again
+    assert trace.cached("k2", compute("2"), slot="big") == "result 2"  # a new key replaces the old
+    assert trace.cached("k1", compute("3"), slot="big") == "result 3"  # so the old one is computed anew
+    assert calls == ["1", "2", "3"]
+    assert trace.cached("k1", compute("plain")) == "result plain"  # a slot and a plain key don't mix
+    assert trace.is_cached("k1") and not trace.is_cached("k2")
+
+
+def test_a_missing_table_names_every_folder_searched(tmp_path: Path, two_ranks: Path) -> None:
+    other = write_trace(tmp_path / "other", outputs=_outputs())
+    with pytest.raises(na.MissingTableError) as err:
+        na.load([two_ranks, other]).require("signals")
+    assert str(err.value).startswith(f"no signals shards in {two_ranks / 'signals'}, {other / 'signals'}: ")
+    assert err.value.path == two_ranks / "signals"
