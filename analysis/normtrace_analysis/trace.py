@@ -422,22 +422,29 @@ class Trace:
         apply to, naming them and what the trace holds instead (a typo must not read as "no spikes")."""
         if all(value is None for value in asked.values()):
             return  # runs only: each named run exists (checked), so rows are not in question
-        tables = [t for t in TABLES if self.shards(t)]
+        applies: tuple[str, ...] = TABLES
         if asked.get("modules") is not None:
-            tables = [t for t in tables if t in MODULE_TABLES]
+            applies = tuple(t for t in applies if t in MODULE_TABLES)
         if asked.get("kinds") is not None:
-            tables = [t for t in tables if t == "signals"]
+            applies = tuple(t for t in applies if t == "signals")
         if asked.get("split") is not None:
-            tables = [t for t in tables if t == "outputs"]
+            applies = tuple(t for t in applies if t == "outputs")
+        tables = [t for t in applies if self.shards(t)]
         probes = [self.table(t).head(1).select(pl.len()) for t in tables]
         if any(frame.item() for frame in pl.collect_all(probes)):
             return
         given = ", ".join(f"{k}={v!r}" for k, v in asked.items() if v is not None)
+        if not tables:  # e.g. modules= on a run that recorded only losses
+            raise EmptySelectionError(
+                f"no row matches {given}: the trace has no {' or '.join(applies)} rows, the tables it "
+                "applies to",
+                self._runs[0].path,
+            )
         whole = replace(self, _filters=_Filters(runs=self._filters.runs))
         found = []
         if asked.get("modules") is not None:
             names = (
-                pl.concat([whole.table(t).select("module").unique() for t in MODULE_TABLES if self.shards(t)])
+                pl.concat([whole.table(t).select("module").unique() for t in tables])
                 .unique()
                 .sort("module")
                 .collect()["module"]

@@ -209,3 +209,21 @@ def test_a_missing_table_names_every_folder_searched(tmp_path: Path, two_ranks: 
         na.load([two_ranks, other]).require("signals")
     assert str(err.value).startswith(f"no signals shards in {two_ranks / 'signals'}, {other / 'signals'}: ")
     assert err.value.path == two_ranks / "signals"
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({"modules": "x"}, "no row matches modules='x': the trace has no outputs or params or signals rows"),
+        ({"split": "train"}, "no row matches split='train': the trace has no outputs rows"),
+        ({"epochs": 3}, "no row matches epochs=3; the trace holds epochs 0..1"),
+    ],
+)
+def test_filters_on_tables_a_run_never_recorded_say_so(tmp_path: Path, filters: dict, message: str) -> None:
+    """A run of losses only: a module or split filter has no table to apply to (this once failed inside
+    Polars, concatenating no frames)."""
+    run = write_trace(tmp_path / "losses", metrics={"epoch": [0, 1], "pass": [0, 1], "name": ["loss"] * 2,
+                                                    "value": [1.0, 2.0]})  # fmt: skip
+    with pytest.raises(na.EmptySelectionError) as err:
+        na.load(run).filter(**filters)
+    assert str(err.value).startswith(message)
