@@ -131,14 +131,18 @@ def test_is_cached_says_whether_a_result_is_held(two_ranks: Path) -> None:
     assert trace.is_cached(("mine", 1)) and not trace.is_cached(("mine", 2))
 
 
-def test_a_pattern_error_without_an_error_line_is_named_by_its_first_line(two_ranks: Path) -> None:
-    """Polars names the fault on a line starting with "error: "; the message keeps that line's rest."""
+def test_a_pattern_error_is_named_by_polars_own_reason(two_ranks: Path) -> None:
+    """Polars names a parse error on a line starting with "error: " (the message keeps its rest); an
+    error without such a line (a pattern too large to compile) is named by its first line."""
+    trace = na.load(two_ranks)
     with pytest.raises(ValueError) as err:
-        na.load(two_ranks).filter(modules="a{2,1}")
-    message = str(err.value)
-    assert message.startswith("modules='a{2,1}' is not a valid regular expression: ")
-    why = message.split("regular expression: ", 1)[1]
-    assert why and not why.startswith("error:") and "\n" not in why
+        trace.filter(modules="(")
+    assert str(err.value) == "modules='(' is not a valid regular expression: unclosed group"
+    with pytest.raises(ValueError) as err:
+        trace.filter(modules="a{1000}{1000}")
+    assert str(err.value).startswith(
+        "modules='a{1000}{1000}' is not a valid regular expression: regex error: Compiled regex exceeds size limit"
+    )
 
 
 def test_an_empty_run_beside_a_skipped_shard_elsewhere_is_not_called_unreadable(tmp_path: Path) -> None:
@@ -227,3 +231,78 @@ def test_filters_on_tables_a_run_never_recorded_say_so(tmp_path: Path, filters: 
     with pytest.raises(na.EmptySelectionError) as err:
         na.load(run).filter(**filters)
     assert str(err.value).startswith(message)
+
+
+def _with_signals(path: Path, kinds: dict[str, str], passes: range = range(10)) -> Path:
+    """A run whose signals hold each kind (key) for one module (value) at ``passes``, beside outputs."""
+    rows = [(k, m, p) for k, m in kinds.items() for p in passes]
+    signals = {
+        "pass": np.array([p for _, _, p in rows]),
+        "epoch": np.array([p // EPOCH_LEN for _, _, p in rows], dtype=np.int32),
+        "kind": np.array([k for k, _, _ in rows]),
+        "module": np.array([m for _, m, _ in rows]),
+        "value": np.arange(len(rows), dtype=np.float32) + 1,
+    }
+    return write_trace(path, outputs=_outputs(), signals=signals)
+
+
+def test_of_kind_is_the_trace_of_that_kind_alone(tmp_path: Path) -> None:
+    trace = na.load(_with_signals(tmp_path / "s", {"grad_norm": "a", "update_ratio": "b"}))
+    one = trace.of_kind("update_ratio")
+    assert one.signals.collect()["kind"].unique().to_list() == ["update_ratio"]
+    assert one.signals.collect().height == 10 and one is trace.of_kind("update_ratio")  # kept on the trace
+    assert trace.signal_kinds() == ["grad_norm", "update_ratio"]
+
+
+def test_a_kind_is_checked_against_the_runs_selected_not_the_other_filters(tmp_path: Path) -> None:
+    grads = _with_signals(tmp_path / "grads", {"grad_norm": "a"})
+    ratios = _with_signals(tmp_path / "ratios", {"update_ratio": "b"})
+    trace = na.load([grads, ratios])
+    with pytest.raises(na.EmptySelectionError) as err:
+        trace.filter(runs="ratios").filter(kinds="grad_norm")
+    assert str(err.value) == "no signals of kind 'grad_norm'; the trace records kinds: update_ratio"
+    assert err.value.path == grads  # the first run loaded
+    # recorded, but not for this module: the selection is empty, not the kind unknown
+    with pytest.raises(na.EmptySelectionError) as err:
+        trace.filter(modules=["b"]).filter(kinds="grad_norm")
+    assert str(err.value).startswith("no row matches kinds='grad_norm'")
+
+
+def test_a_kind_filter_is_checked_on_the_signals_alone(tmp_path: Path) -> None:
+    """Outputs exist at passes 20..23, signals do not: signals of that kind at those passes are none."""
+    trace = na.load(_with_signals(tmp_path / "s", {"grad_norm": "a"}))
+    assert trace.filter(passes=(20, 23)).outputs.collect().height == 8
+    with pytest.raises(na.EmptySelectionError) as err:
+        trace.filter(passes=(20, 23), kinds="grad_norm")
+    assert str(err.value) == "no row matches passes=(20, 23), kinds='grad_norm'; the trace holds passes 0..9"
+
+
+def test_every_filter_at_once_is_still_checked(tmp_path: Path) -> None:
+    trace = na.load(_with_signals(tmp_path / "s", {"grad_norm": "a"}))
+    with pytest.raises(na.EmptySelectionError) as err:
+        trace.filter(modules=["a"], split="train", epochs=(0, 5), passes=(0, 9), ranks=0, kinds="grad_norm")
+    assert str(err.value).startswith(
+        "no row matches modules=['a'], epochs=(0, 5), passes=(0, 9), split='train'"
+    )
+
+
+def test_event_alignment_on_the_trace_takes_every_option(tmp_path: Path) -> None:
+    n = 400
+    values = 10.0 + 0.1 * np.random.default_rng(3).standard_normal(2 * n)
+    run = write_trace(
+        tmp_path / "r",
+        outputs={
+            "pass": np.repeat(np.arange(n), 2),
+            "epoch": (np.repeat(np.arange(n), 2) // 100).astype(np.int32),
+            "module": np.tile(["a", "b"], n),
+            "norm": values.astype(np.float32),
+        },
+        events={"epoch": [0, 1, 2], "pass": [50, 150, 250], "name": ["sync"] * 3},
+    )
+    trace = na.load(run)
+    only_a = trace.event_alignment("sync", modules=["a"], placebo=False, permutations=9)
+    assert only_a["module"].unique().to_list() == ["a"]
+    assert only_a["placebo_events"].null_count() == only_a.height  # no placebo asked for
+    assert trace.event_alignment("sync", permutations=9)["placebo_events"].null_count() == 0
+    with pytest.raises(ValueError, match="baseline_window"):
+        trace.event_alignment("sync", baseline_window=2, permutations=9)
