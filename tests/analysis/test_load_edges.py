@@ -143,3 +143,55 @@ def test_a_shard_with_a_missing_or_mistyped_column_names_the_column(tmp_path: Pa
         with pytest.raises(na.CorruptShardError) as err:
             na.load(run)
         assert err.value.path == shard and str(err.value) == why
+
+
+def test_run_paths_that_do_not_exist_are_named_as_given(tmp_path: Path) -> None:
+    with pytest.raises(na.RunNotFoundError) as err:
+        na.load([])
+    assert str(err.value) == "no run directory given" and err.value.path is None
+    missing = str(tmp_path / "nope")
+    with pytest.raises(na.RunNotFoundError) as err:
+        na.load(missing)
+    assert str(err.value) == f"run directory not found: {missing}" and str(err.value.path) == missing
+    pattern = str(tmp_path / "runs-*")
+    with pytest.raises(na.RunNotFoundError) as err:
+        na.load(pattern)
+    assert str(err.value) == f"no run directory matches {pattern!r}" and str(err.value.path) == pattern
+
+
+def test_load_warnings_point_at_the_callers_line_and_list_every_file(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=3)
+    bad = sorted((run / "outputs").glob("*.arrow"))[:2]
+    for shard in bad:
+        shard.write_bytes(b"not arrow")
+    (run / "outputs" / "copy.arrow").write_bytes(b"")
+    with pytest.warns(Warning) as caught:
+        na.load(run, on_error="skip")
+    by_kind = {type(w.message): w for w in caught}
+    skipped = by_kind[na.SkippedShardsWarning]
+    assert str(skipped.message) == f"skipped 2 unreadable shard(s):\n  {bad[0]}\n  {bad[1]}"
+    stray = by_kind[na.StrayFilesWarning]
+    assert str(stray.message).endswith(f":\n  {run / 'outputs' / 'copy.arrow'}")
+    assert skipped.filename == stray.filename == __file__  # this test's line, not the library's
+
+
+def test_a_run_whose_every_shard_is_unreadable_says_so(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=2)
+    for shard in (run / "outputs").glob("*.arrow"):
+        shard.write_bytes(b"not arrow")
+    with pytest.raises(na.EmptyRunError) as err:  # raised before any warning is issued
+        na.load(run, on_error="skip")
+    assert str(err.value) == (
+        f"run {run} has no shards in any of outputs/, params/, metrics/, events/, signals/"
+        " (every shard was unreadable and skipped)"
+    )
+
+
+def test_runs_with_different_columns_load_together(tmp_path: Path) -> None:
+    wide = _outputs()
+    wide["note"] = np.arange(40)
+    trace = na.load(
+        [write_trace(tmp_path / "plain", outputs=_outputs()), write_trace(tmp_path / "wide", outputs=wide)]
+    )
+    frame = trace.outputs.collect()
+    assert frame.height == 80 and frame["note"].null_count() == 40

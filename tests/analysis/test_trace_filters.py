@@ -218,8 +218,14 @@ def test_a_missing_table_names_every_folder_searched(tmp_path: Path, two_ranks: 
 @pytest.mark.parametrize(
     ("filters", "message"),
     [
-        ({"modules": "x"}, "no row matches modules='x': the trace has no outputs or params or signals rows"),
-        ({"split": "train"}, "no row matches split='train': the trace has no outputs rows"),
+        (
+            {"modules": "x"},
+            "no row matches modules='x': the trace has no outputs or params or signals rows, the tables it applies to",
+        ),
+        (
+            {"split": "train"},
+            "no row matches split='train': the trace has no outputs rows, the tables it applies to",
+        ),
         ({"epochs": 3}, "no row matches epochs=3; the trace holds epochs 0..1"),
     ],
 )
@@ -230,7 +236,7 @@ def test_filters_on_tables_a_run_never_recorded_say_so(tmp_path: Path, filters: 
                                                     "value": [1.0, 2.0]})  # fmt: skip
     with pytest.raises(na.EmptySelectionError) as err:
         na.load(run).filter(**filters)
-    assert str(err.value).startswith(message)
+    assert str(err.value) == message and err.value.path == run
 
 
 def _with_signals(path: Path, kinds: dict[str, str], passes: range = range(10)) -> Path:
@@ -252,6 +258,7 @@ def test_of_kind_is_the_trace_of_that_kind_alone(tmp_path: Path) -> None:
     assert one.signals.collect()["kind"].unique().to_list() == ["update_ratio"]
     assert one.signals.collect().height == 10 and one is trace.of_kind("update_ratio")  # kept on the trace
     assert trace.signal_kinds() == ["grad_norm", "update_ratio"]
+    assert trace.of_kind("grad_norm").signals.collect()["kind"].unique().to_list() == ["grad_norm"]  # its own
 
 
 def test_a_kind_is_checked_against_the_runs_selected_not_the_other_filters(tmp_path: Path) -> None:
@@ -265,7 +272,7 @@ def test_a_kind_is_checked_against_the_runs_selected_not_the_other_filters(tmp_p
     # recorded, but not for this module: the selection is empty, not the kind unknown
     with pytest.raises(na.EmptySelectionError) as err:
         trace.filter(modules=["b"]).filter(kinds="grad_norm")
-    assert str(err.value).startswith("no row matches kinds='grad_norm'")
+    assert str(err.value) == "no row matches kinds='grad_norm'"  # nothing to list: the kind exists
 
 
 def test_a_kind_filter_is_checked_on_the_signals_alone(tmp_path: Path) -> None:
@@ -306,3 +313,20 @@ def test_event_alignment_on_the_trace_takes_every_option(tmp_path: Path) -> None
     assert trace.event_alignment("sync", permutations=9)["placebo_events"].null_count() == 0
     with pytest.raises(ValueError, match="baseline_window"):
         trace.event_alignment("sync", baseline_window=2, permutations=9)
+
+
+def test_split_and_kind_filters_given_as_lists_intersect_with_earlier_ones(tmp_path: Path) -> None:
+    outputs = _outputs()
+    outputs["grad_enabled"] = outputs["pass"] % 2 == 0
+    signals = {"pass": np.arange(4), "epoch": np.zeros(4, dtype=np.int32), "kind": ["grad_norm", "update_ratio"] * 2,
+               "module": ["a"] * 4, "value": np.ones(4, dtype=np.float32)}  # fmt: skip
+    trace = na.load(write_trace(tmp_path / "r", outputs=outputs, signals=signals))
+    both = trace.filter(split=["train", "no_grad"])
+    assert both.outputs.collect().height == outputs["pass"].size
+    train = trace.filter(split="train").filter(split=["train", "no_grad"])
+    assert train.outputs.collect()["split"].unique().to_list() == ["train"]
+    grads = trace.filter(kinds="grad_norm").filter(kinds=["grad_norm", "update_ratio"])
+    assert grads.signals.collect()["kind"].to_list() == ["grad_norm", "grad_norm"]
+    with pytest.raises(ValueError) as err:
+        trace.filter(split="val")
+    assert str(err.value) == "unknown split 'val'; outputs splits are ['train', 'no_grad']"
