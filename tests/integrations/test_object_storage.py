@@ -187,3 +187,14 @@ def test_charts_of_a_remote_run_need_a_local_folder(uploaded, server, capsys) ->
     options = [f"--storage-option={k}={v}" for k, v in server.items()]
     assert main(["report", "s3://bucket/runs/a", "--format", "svg", *options]) == 2
     assert "on object storage: name a local folder for the charts with -o DIR" in capsys.readouterr().err
+
+
+def test_a_filesystem_given_lists_the_runs_in_place_of_the_storage_options(uploaded, server) -> None:
+    """``filesystem=`` replaces the client built from the options: one rooted elsewhere finds no run
+    where the options' own client finds both."""
+    _, s3 = uploaded
+    assert na.load("s3://bucket/runs/*", storage_options=server).runs == NAMES
+    elsewhere = pafs.SubTreeFileSystem("bucket/empty", s3)
+    with pytest.raises(na.RunNotFoundError, match="s3://bucket/runs/"):
+        na.load("s3://bucket/runs/*", storage_options=server, filesystem=elsewhere)
+    assert na.load("s3://bucket/runs/a", storage_options=server, filesystem=s3).runs == ["a"]
