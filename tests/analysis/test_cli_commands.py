@@ -1,0 +1,62 @@
+"""What the ``normtrace`` commands print besides their results: the count line of ``compact``, the paths
+``export`` writes, warnings cut to one line, and the command list of ``--help``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from normtrace_analysis.cli import build_parser, main
+from optional import need
+from tracegen import write_trace
+
+
+def _outputs(n: int = 60) -> dict[str, np.ndarray]:
+    passes = np.arange(n)
+    return {"pass": passes, "epoch": (passes // 20).astype(np.int32), "module": np.array(["m"] * n),
+            "norm": (passes + 1.0).astype(np.float32)}  # fmt: skip
+
+
+def _events() -> dict[str, list]:
+    return {"epoch": [0, 1, 2], "pass": [5, 25, 45], "name": ["sync"] * 3}
+
+
+def test_compact_counts_the_files_before_and_after_and_those_written(tmp_path: Path, capsys) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), events=_events(), shards=3)
+    assert main(["compact", str(run)]) == 0
+    after = sorted(p.name for table in ("outputs", "events") for p in (run / table).glob("*.arrow"))
+    assert after == ["rank0-000001-000003.arrow"] * 2  # each table's three shards, merged into one
+    assert capsys.readouterr().out == "r: 6 shard files -> 2 (2 merged file(s) written)\n"
+
+
+def test_export_prints_what_it_wrote(tmp_path: Path, capsys) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs())
+    folder = tmp_path / "dataset"
+    assert main(["export", str(run), "--format", "parquet", "-o", str(folder)]) == 0
+    assert capsys.readouterr().out == f"{folder}\n" and (folder / "run=r" / "part-0.parquet").is_file()
+    need("tensorboard")
+    board = tmp_path / "board"
+    assert main(["export", str(run), "--tensorboard", str(board)]) == 0
+    assert capsys.readouterr().out == f"{board / 'r'}\n"
+
+
+def test_a_long_warning_is_cut_to_its_first_four_lines(tmp_path: Path, capsys) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=6)
+    shards = sorted((run / "outputs").glob("*.arrow"))
+    for shard in shards[:5]:
+        shard.write_bytes(b"not arrow")
+    assert main(["summary", str(run), "--skip-corrupt", "--csv"]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "warning" in line)
+    listed = "; ".join(str(p) for p in shards[:3])
+    assert warning == f"normtrace: warning: skipped 5 unreadable shard(s): {listed} …"
+
+
+def test_help_lists_every_command_with_its_summary(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    commands = build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    for choice in commands._choices_actions:
+        assert f"{choice.dest} {choice.help}" in " ".join(text.split()), choice.dest
+    assert "COMMAND\n" in text  # the positional itself carries no text of its own
