@@ -389,8 +389,9 @@ def _spikes(args: argparse.Namespace) -> int:
             aligned = several = steps = None
         else:
             aligned = trace.event_alignment(event, window=args.window, **options)
-            windows = [w for w in (args.windows or []) if w != aligned["window"][0]] if aligned.height else []
-            several = trace.event_alignment(event, window=args.windows, **options) if windows else None
+            # --windows are tested as well as the main window, not instead of it
+            windows = sorted({int(aligned["window"][0]), *(args.windows or [])}) if aligned.height else []
+            several = trace.event_alignment(event, window=windows, **options) if len(windows) > 1 else None
             steps = trace.event_steps(
                 event,
                 window=args.window,
