@@ -26,6 +26,7 @@ from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
 from .schema import COMPACT_ROWS, SHARD_NAME, SHARD_SUFFIX, TABLES, compact, lock_name
+from .storage import is_url
 from .trace import Trace, load
 
 EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
@@ -288,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compact(args: argparse.Namespace) -> int:
+    remote = next((r for r in args.runs if is_url(r)), None)
+    if remote is not None:  # refused before anything is listed: merging rewrites files in place
+        raise ValueError(f"normtrace compact works on local run directories, not {remote}")
     trace = load(args.runs)
     for run, path in trace.paths.items():
-        if not isinstance(path, Path):
-            raise ValueError(f"normtrace compact works on local run directories, not {path}")
+        assert isinstance(path, Path)  # no URL was given
         files = before = after = 0
         for table in TABLES:
             folder = path / table

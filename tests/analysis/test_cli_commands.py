@@ -60,3 +60,12 @@ def test_help_lists_every_command_with_its_summary(capsys) -> None:
     for choice in commands._choices_actions:
         assert f"{choice.dest} {choice.help}" in " ".join(text.split()), choice.dest
     assert "COMMAND\n" in text  # the positional itself carries no text of its own
+
+
+def test_compact_refuses_runs_on_object_storage_before_listing_them(tmp_path: Path, capsys) -> None:
+    local = write_trace(tmp_path / "r", outputs=_outputs())
+    assert main(["compact", str(local), "s3://bucket/runs/a"]) == 2
+    assert capsys.readouterr().err == (
+        "normtrace: error: normtrace compact works on local run directories, not s3://bucket/runs/a\n"
+    )
+    assert len(list((local / "outputs").glob("*.arrow"))) == 3  # nothing merged either
