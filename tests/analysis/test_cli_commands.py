@@ -69,3 +69,12 @@ def test_compact_refuses_runs_on_object_storage_before_listing_them(tmp_path: Pa
         "normtrace: error: normtrace compact works on local run directories, not s3://bucket/runs/a\n"
     )
     assert len(list((local / "outputs").glob("*.arrow"))) == 3  # nothing merged either
+
+
+def test_export_to_a_file_of_unknown_format_names_the_formats(tmp_path: Path, capsys) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs())
+    assert main(["export", str(run), "-o", str(tmp_path / "out.xyz")]) == 2
+    assert capsys.readouterr().err == (
+        f"normtrace: error: cannot tell the format of {tmp_path / 'out.xyz'}: use one of "
+        ".parquet, .csv, .arrow, .ipc, .feather\n"
+    )

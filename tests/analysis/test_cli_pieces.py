@@ -99,3 +99,12 @@ def test_text_tables_align_text_left_and_numbers_right() -> None:
         "longer  12345       –",
         "b           –     2.5",
     ]
+
+
+def test_text_tables_leave_no_space_at_the_end_of_a_line() -> None:
+    assert _text_table(["n", "name"], [(1, "a"), (12345, "longer")]).splitlines() == [
+        "    n  name",
+        "-----  ------",
+        "    1  a",
+        "12345  longer",
+    ]

@@ -168,3 +168,14 @@ def test_signals_are_tagged_by_kind_module_and_param(tmp_path: Path) -> None:
     assert [(step, v) for step, v, _ in tags["signals/grad_norm/net.0.weight"]] == rows  # float32: exact
     walls = [w for _, _, w in tags["signals/dead_fraction/net.0"]]  # no time column: interpolated by pass
     assert walls == sorted(walls) and walls[0] >= 1.7e9
+
+
+def test_the_command_line_bins_to_max_points_and_says_when_nothing_is_written(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["export", str(run), "--tensorboard", str(tmp_path / "tb"), "--max-points", "5"]) == 0
+    capsys.readouterr()
+    tags = _read(tmp_path / "tb" / "dqn")
+    assert max(len(points) for points in tags.values()) == 5  # the longest series, binned to 5 means
+    assert main(["export", str(run), "--tensorboard", str(tmp_path / "none"), "--table", "signals"]) == 2
+    assert capsys.readouterr().err == "normtrace: error: nothing written: the trace has no rows to export\n"
