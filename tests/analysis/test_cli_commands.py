@@ -78,3 +78,12 @@ def test_export_to_a_file_of_unknown_format_names_the_formats(tmp_path: Path, ca
         f"normtrace: error: cannot tell the format of {tmp_path / 'out.xyz'}: use one of "
         ".parquet, .csv, .arrow, .ipc, .feather\n"
     )
+
+
+def test_a_missing_command_is_a_one_line_error(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == (
+        "normtrace: error: the following arguments are required: COMMAND (see normtrace --help)\n"
+    )
