@@ -49,6 +49,26 @@ def keyed(model: nn.Module, fn: Any) -> dict[tuple[str, str], Any]:
     return {tuple(n.split(".")): fn(p) for n, p in model.named_parameters()}
 
 
+def three_steps_of_both_lenses(
+    run_dir: Any, model: nn.Module, inputs: Any, lr: float
+) -> tuple[list[dict[tuple[str, str], torch.Tensor]], list[dict[tuple[str, str], torch.Tensor]]]:
+    """Three SGD steps of ``model`` on ``inputs()`` (loss: the sum of squared outputs) recorded by
+    ``GradientNorm`` and ``UpdateRatio`` with cosines: each step's gradients and updates (θ after −
+    θ before, in the parameters' dtype), by (module, param)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads, deltas = [], []
+    with nt.Recorder(run_dir, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            model(inputs()).float().pow(2).sum().backward()
+            grads.append(keyed(model, lambda p: p.grad.clone()))
+            before = keyed(model, lambda p: p.detach().clone())
+            opt.step()
+            deltas.append({k: p.detach() - before[k] for k, p in keyed(model, lambda p: p).items()})
+    return grads, deltas
+
+
 def test_cosines_follow_each_parameters_last_recorded_gradient_across_partial_steps(tmp_path):
     torch.manual_seed(0)
     model = Three()
@@ -143,20 +163,9 @@ def test_a_parameter_that_changes_shape_restarts_its_groups_cosines(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_norms_and_cosines_are_accumulated_in_float32(tmp_path, dtype):
     torch.manual_seed(3)
-    model = Three(dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    grads, deltas = [], []
-    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
-        rec.attach(model, optimizer=opt)
-        for _ in range(3):
-            opt.zero_grad()
-            model(torch.randn(64, 4, dtype=dtype)).float().pow(2).sum().backward()
-            before = keyed(model, lambda p: p.detach().clone())
-            grads.append(keyed(model, lambda p: p.grad.clone()))
-            opt.step()
-            deltas.append(
-                {k: p.detach().double() - before[k].double() for k, p in keyed(model, lambda p: p).items()}
-            )
+    grads, _ = three_steps_of_both_lenses(
+        tmp_path, Three(dtype), lambda: torch.randn(64, 4, dtype=dtype), 0.01
+    )
     norms, cosines = by_step(tmp_path, "grad_norm"), by_step(tmp_path, "grad_cosine")
     update_cos = by_step(tmp_path, "update_cosine")
     for step in range(3):
@@ -335,17 +344,7 @@ def test_convolution_weights_of_three_and_four_dimensions(tmp_path):
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(2, 3), nn.Conv1d(3, 2, 2), nn.Flatten(), nn.Linear(4, 1)
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    grads, deltas = [], []
-    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True), nt.UpdateRatio(cosine=True)]) as rec:
-        rec.attach(model, optimizer=opt)
-        for _ in range(3):
-            opt.zero_grad()
-            model(torch.randn(4, 2, 5, 3)).pow(2).sum().backward()
-            grads.append(keyed(model, lambda p: p.grad.clone()))
-            before = keyed(model, lambda p: p.detach().clone())
-            opt.step()
-            deltas.append({k: p.detach() - before[k] for k, p in keyed(model, lambda p: p).items()})
+    grads, deltas = three_steps_of_both_lenses(tmp_path, model, lambda: torch.randn(4, 2, 5, 3), 0.1)
     assert any(g.ndim == 4 for g in grads[0].values()) and any(g.ndim == 3 for g in grads[0].values())
     grad_cos, update_cos = by_step(tmp_path, "grad_cosine"), by_step(tmp_path, "update_cosine")
     for step in (1, 2):
