@@ -3,65 +3,44 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pytest
 from normtrace_analysis.cli import _one_line, _option, _positive, _range, _spread, _text_table, _windows
 
+ACCEPTED = [
+    (_range, "3", (3, 3)), (_range, "10:", (10, None)), (_range, ":50", (None, 50)), (_range, "2:5", (2, 5)),
+    (_range, ":", (None, None)), (_range, "-2:-1", (-2, -1)),
+    (_windows, "5,20,50", [5, 20, 50]), (_windows, "5, 20", [5, 20]), (_windows, "5,,20,", [5, 20]),
+    (_windows, "1", [1]),
+    (_option, "a=b", ("a", "b")), (_option, "a=", ("a", "")), (_option, "k=v=w", ("k", "v=w")),
+    (_positive, "1", 1), (_positive, "2", 2), (_positive, "999", 999),
+]  # fmt: skip
+"""Each argument type, a text it accepts and the value it gives."""
+
+REFUSED = {
+    _range: ("expected LO:HI with integers", ["a:b", "1:x", "x", "1.5", ""]),
+    _windows: ("expected positive integers separated by commas", ["0,5", "5,-1", "x", "", ",", "5,x"]),
+    _option: ("expected KEY=VALUE", ["=b", "ab", ""]),
+    _positive: ("expected a positive integer", ["0", "-3", "x", "1.5", ""]),
+}
+"""Each argument type, what its error says, and texts it refuses."""
+
+
+@pytest.mark.parametrize(("parse", "text", "expected"), ACCEPTED)
+def test_argument_types_read_what_they_accept(
+    parse: Callable[[str], object], text: str, expected: object
+) -> None:
+    assert parse(text) == expected
+
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [("3", (3, 3)), ("10:", (10, None)), (":50", (None, 50)), ("2:5", (2, 5)), (":", (None, None)),
-     ("-2:-1", (-2, -1))],
-)  # fmt: skip
-def test_epoch_ranges(text: str, expected: tuple[int | None, int | None]) -> None:
-    assert _range(text) == expected
-
-
-@pytest.mark.parametrize("text", ["a:b", "1:x", "x", "1.5", ""])
-def test_epoch_ranges_that_are_not_integers_are_refused_by_name(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError) as err:
-        _range(text)
-    assert str(err.value) == f"expected LO:HI with integers, got {text!r}"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"), [("5,20,50", [5, 20, 50]), ("5, 20", [5, 20]), ("5,,20,", [5, 20]), ("1", [1])]
+    ("parse", "text"), [(parse, text) for parse, (_, texts) in REFUSED.items() for text in texts]
 )
-def test_windows(text: str, expected: list[int]) -> None:
-    assert _windows(text) == expected
-
-
-@pytest.mark.parametrize("text", ["0,5", "5,-1", "x", "", ",", "5,x"])
-def test_windows_that_are_not_positive_integers_are_refused_by_name(text: str) -> None:
+def test_argument_types_refuse_bad_text_naming_it(parse: Callable[[str], object], text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError) as err:
-        _windows(text)
-    assert str(err.value) == f"expected positive integers separated by commas, got {text!r}"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"), [("a=b", ("a", "b")), ("a=", ("a", "")), ("k=v=w", ("k", "v=w"))]
-)
-def test_storage_options(text: str, expected: tuple[str, str]) -> None:
-    assert _option(text) == expected
-
-
-@pytest.mark.parametrize("text", ["=b", "ab", ""])
-def test_storage_options_without_a_key_are_refused_by_name(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError) as err:
-        _option(text)
-    assert str(err.value) == f"expected KEY=VALUE, got {text!r}"
-
-
-@pytest.mark.parametrize(("text", "expected"), [("1", 1), ("2", 2), ("999", 999)])
-def test_positive_integers(text: str, expected: int) -> None:
-    assert _positive(text) == expected
-
-
-@pytest.mark.parametrize("text", ["0", "-3", "x", "1.5", ""])
-def test_counts_below_one_or_not_integers_are_refused_by_name(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError) as err:
-        _positive(text)
-    assert str(err.value) == f"expected a positive integer, got {text!r}"
+        parse(text)
+    assert str(err.value) == f"{REFUSED[parse][0]}, got {text!r}"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 40, 101])
