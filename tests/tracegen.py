@@ -184,6 +184,23 @@ class Synthetic:
     clean: np.ndarray = field(repr=False)
 
 
+def every_pass(
+    n_pass: int = 12, modules: Sequence[str] = ("a", "b.0"), epoch_len: int = 4, grad_every: int = 1
+) -> dict[str, np.ndarray]:
+    """Outputs of every module on every pass, each row identifiable: norm = 10 * pass + module index + 1,
+    numel 4 for the first module and 16 for the others, grad enabled on every ``grad_every``-th pass."""
+    passes = np.repeat(np.arange(n_pass), len(modules))
+    mod_idx = np.tile(np.arange(len(modules)), n_pass)
+    return {
+        "pass": passes,
+        "epoch": (passes // epoch_len).astype(np.int32),
+        "module": np.array(modules)[mod_idx],
+        "norm": (10.0 * passes + mod_idx + 1).astype(np.float32),
+        "numel": np.where(mod_idx == 0, 4, 16),
+        "grad_enabled": passes % grad_every == 0,
+    }
+
+
 def synthetic_dqn(
     *,
     modules: Sequence[str] = ("net.0", "net.2", "net.4"),

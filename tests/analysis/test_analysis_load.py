@@ -13,21 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from normtrace_analysis.schema import REQUIRED_COLUMNS
-from tracegen import SCHEMA_VERSION, SCHEMAS, synthetic_dqn, write_trace
-
-
-def _outputs(n_pass: int = 12, modules=("a", "b.0"), epoch_len: int = 4, grad_every: int = 1) -> dict:
-    """Every module on every pass; values chosen so each row is identifiable (norm = 10*pass + module index)."""
-    passes = np.repeat(np.arange(n_pass), len(modules))
-    mod_idx = np.tile(np.arange(len(modules)), n_pass)
-    return {
-        "pass": passes,
-        "epoch": (passes // epoch_len).astype(np.int32),
-        "module": np.array(modules)[mod_idx],
-        "norm": (10.0 * passes + mod_idx + 1).astype(np.float32),
-        "numel": np.where(mod_idx == 0, 4, 16),
-        "grad_enabled": passes % grad_every == 0,
-    }
+from tracegen import SCHEMA_VERSION, SCHEMAS, every_pass, synthetic_dqn, write_trace
 
 
 @pytest.fixture
@@ -35,7 +21,7 @@ def run(tmp_path: Path) -> Path:
     """A small one-rank run with all four tables, outputs in three shards."""
     return write_trace(
         tmp_path / "cartpole",
-        outputs=_outputs(grad_every=2),
+        outputs=every_pass(grad_every=2),
         params={
             "epoch": [0, 0, 1, 1],
             "pass": [3, 3, 7, 7],
@@ -67,7 +53,7 @@ def test_tables_are_lazy_with_documented_and_derived_columns(run: Path) -> None:
 
 
 def test_rows_round_trip_and_split_follows_grad_enabled(run: Path) -> None:
-    src = _outputs(grad_every=2)
+    src = every_pass(grad_every=2)
     df = na.load(run).outputs.sort("pass", "module").collect()
     np.testing.assert_array_equal(df["norm"].to_numpy(), src["norm"])
     np.testing.assert_array_equal(df["pass"].to_numpy(), src["pass"])
@@ -81,7 +67,7 @@ def test_rows_round_trip_and_split_follows_grad_enabled(run: Path) -> None:
     [(None, True, True), (None, False, False), (False, True, False), (True, False, True)],
 )
 def test_value_is_raw_or_rms_view(tmp_path: Path, normalize, meta_norm: bool, rms: bool) -> None:
-    src = _outputs()
+    src = every_pass()
     run = write_trace(tmp_path / "r", outputs=src, normalize=meta_norm)
     df = na.load(run, normalize=normalize).outputs.sort("pass", "module").collect()
     expected = src["norm"].astype(np.float64) / (np.sqrt(src["numel"]) if rms else 1.0)
@@ -97,8 +83,8 @@ def test_params_value_normalized_by_param_numel(run: Path) -> None:
 
 def test_multi_run_list_glob_and_name_collisions(tmp_path: Path) -> None:
     for parent, n in (("x", 4), ("y", 6)):
-        write_trace(tmp_path / parent / "seed", outputs=_outputs(n_pass=n))
-    write_trace(tmp_path / "x" / "other", outputs=_outputs(n_pass=2))
+        write_trace(tmp_path / parent / "seed", outputs=every_pass(n_pass=n))
+    write_trace(tmp_path / "x" / "other", outputs=every_pass(n_pass=2))
     trace = na.load([tmp_path / "x" / "seed", tmp_path / "y" / "seed"])
     assert trace.runs == ["seed", "seed#2"]
     counts = dict(trace.outputs.group_by("run").len().collect().iter_rows())
@@ -112,8 +98,8 @@ def test_multi_run_list_glob_and_name_collisions(tmp_path: Path) -> None:
 
 def test_ranks_and_rank_metadata(tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    write_trace(run, outputs=_outputs(), rank=0)
-    write_trace(run, outputs=_outputs(), rank=1, meta={"world_size": 2})
+    write_trace(run, outputs=every_pass(), rank=0)
+    write_trace(run, outputs=every_pass(), rank=1, meta={"world_size": 2})
     trace = na.load(run)
     assert sorted(trace.rank_metas["ddp"]) == [0, 1]
     assert trace.meta["rank"] == 0
@@ -124,7 +110,7 @@ def test_ranks_and_rank_metadata(tmp_path: Path) -> None:
 
 def test_filters(run: Path) -> None:
     trace = na.load(run)
-    src = _outputs(grad_every=2)
+    src = every_pass(grad_every=2)
 
     def count(t: na.Trace) -> int:
         return t.outputs.collect().height
@@ -152,7 +138,7 @@ def test_filters(run: Path) -> None:
 
 
 def test_tmp_files_and_extra_columns_are_tolerated(tmp_path: Path) -> None:
-    src = _outputs()
+    src = every_pass()
     run = write_trace(
         tmp_path / "r", outputs={**src, "device": np.array(["cpu"] * len(src["pass"]))}, shards=2
     )
@@ -164,7 +150,7 @@ def test_tmp_files_and_extra_columns_are_tolerated(tmp_path: Path) -> None:
 
 
 def test_table_without_shards_is_empty_with_schema(run: Path, tmp_path: Path) -> None:
-    only_outputs = write_trace(tmp_path / "o", outputs=_outputs())
+    only_outputs = write_trace(tmp_path / "o", outputs=every_pass())
     trace = na.load(only_outputs)
     params = trace.params.collect()
     assert params.height == 0
@@ -184,10 +170,10 @@ def test_missing_directory_and_unmatched_glob(tmp_path: Path) -> None:
 
 
 def test_missing_meta_points_at_nested_runs(tmp_path: Path) -> None:
-    write_trace(tmp_path / "runs" / "a", outputs=_outputs())
+    write_trace(tmp_path / "runs" / "a", outputs=every_pass())
     with pytest.raises(na.MetaError, match=r"meta\.json.*runs/\*"):
         na.load(tmp_path / "runs")
-    bad = write_trace(tmp_path / "bad", outputs=_outputs())
+    bad = write_trace(tmp_path / "bad", outputs=every_pass())
     (bad / "meta.json").write_text("{not json")
     with pytest.raises(na.MetaError, match=str(bad / "meta.json")):
         na.load(bad)
@@ -201,18 +187,20 @@ def test_empty_run(tmp_path: Path) -> None:
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    run = write_trace(tmp_path / "future", outputs=_outputs(), meta={"schema_version": na.SCHEMA_VERSION + 1})
+    run = write_trace(
+        tmp_path / "future", outputs=every_pass(), meta={"schema_version": na.SCHEMA_VERSION + 1}
+    )
     with pytest.raises(na.SchemaVersionError, match=rf"meta\.json.*version {na.SCHEMA_VERSION + 1}"):
         na.load(run)
-    ok = write_trace(tmp_path / "rank1future", outputs=_outputs())
-    write_trace(ok, outputs=_outputs(), rank=1, meta={"schema_version": 99})
+    ok = write_trace(tmp_path / "rank1future", outputs=every_pass())
+    write_trace(ok, outputs=every_pass(), rank=1, meta={"schema_version": 99})
     with pytest.raises(na.SchemaVersionError, match=r"meta\.rank1\.json"):
         na.load(ok)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_shard_raises_or_is_skipped(tmp_path: Path, damage: str) -> None:
-    src = _outputs(n_pass=30)
+    src = every_pass(n_pass=30)
     run = write_trace(tmp_path / "r", outputs=src, shards=3)
     shard = sorted((run / "outputs").glob("*.arrow"))[1]
     data = shard.read_bytes()
@@ -229,7 +217,7 @@ def test_corrupt_shard_raises_or_is_skipped(tmp_path: Path, damage: str) -> None
 
 
 def test_shard_with_wrong_columns_is_corrupt(tmp_path: Path) -> None:
-    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=1)
+    run = write_trace(tmp_path / "r", outputs=every_pass(), shards=1)
     table = pa.table(
         {"pass": pa.array([0], pa.int64()), "module": ["a"], "norm": pa.array([1.0], pa.float64())}
     )
@@ -240,7 +228,7 @@ def test_shard_with_wrong_columns_is_corrupt(tmp_path: Path) -> None:
 
 
 def test_all_shards_skipped_is_an_empty_run(tmp_path: Path) -> None:
-    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=1)
+    run = write_trace(tmp_path / "r", outputs=every_pass(), shards=1)
     next((run / "outputs").glob("*.arrow")).write_bytes(b"")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", na.SkippedShardsWarning)

@@ -14,29 +14,20 @@ import normtrace_analysis as na
 import numpy as np
 import polars as pl
 import pytest
-from tracegen import write_trace
+from tracegen import every_pass, write_trace
 
 N_PASS, EPOCH_LEN = 24, 4  # epochs 0..5
 
 
-def _outputs(modules: tuple[str, ...] = ("a", "b"), rank: int = 0) -> dict[str, np.ndarray]:
-    passes = np.repeat(np.arange(N_PASS), len(modules))
-    index = np.tile(np.arange(len(modules)), N_PASS)
-    return {
-        "pass": passes,
-        "epoch": (passes // EPOCH_LEN).astype(np.int32),
-        "module": np.array(modules)[index],
-        "norm": (100.0 * rank + 10.0 * passes + index).astype(np.float32),
-        "numel": np.full(passes.size, 4),
-        "grad_enabled": np.ones(passes.size, dtype=bool),  # no no_grad pass anywhere
-    }
+def _outputs(modules: tuple[str, ...] = ("a", "b")) -> dict[str, np.ndarray]:
+    return every_pass(N_PASS, modules, EPOCH_LEN)  # grad enabled on every pass: no no_grad row anywhere
 
 
 @pytest.fixture
 def two_ranks(tmp_path: Path) -> Path:
     run = tmp_path / "ddp"
-    write_trace(run, outputs=_outputs(rank=0), rank=0, shards=2)
-    write_trace(run, outputs=_outputs(rank=1), rank=1, shards=2, meta={"world_size": 2})
+    write_trace(run, outputs=_outputs(), rank=0, shards=2)
+    write_trace(run, outputs=_outputs(), rank=1, shards=2, meta={"world_size": 2})
     return run
 
 
