@@ -25,7 +25,7 @@ from .errors import TraceError
 from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
-from .schema import COMPACT_ROWS, SHARD_NAME, SHARD_SUFFIX, TABLES, compact, lock_name
+from .schema import COMPACT_ROWS, SHARD_SUFFIX, TABLES, compact, lock_name, shard_span
 from .storage import is_url
 from .trace import Trace, load
 
@@ -300,7 +300,7 @@ def _compact(args: argparse.Namespace) -> int:
             folder = path / table
             shards = [p for p in folder.glob(f"rank*{SHARD_SUFFIX}")] if folder.is_dir() else []
             before += len(shards)
-            for rank in sorted({int(m.group(1)) for p in shards if (m := SHARD_NAME.match(p.name))}):
+            for rank in sorted({span[0] for p in shards if (span := shard_span(p.name))}):
                 with _writer_lock(path, rank):
                     files += len(compact(folder, rank, max_rows=args.max_rows))
             after += len(list(folder.glob(f"rank*{SHARD_SUFFIX}"))) if folder.is_dir() else 0

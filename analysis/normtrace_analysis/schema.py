@@ -27,6 +27,9 @@ SHARD_NAME = _format.SHARD_NAME
 """A shard's file name, ``rank{r}-{seq}.arrow`` or, merged, ``rank{r}-{first}-{last}.arrow``. Any other
 ``.arrow`` file in a table folder (a copy, an export) is not part of the run and is left out with a warning."""
 
+shard_span = _format.shard_span
+"""(rank, first, last) sequence numbers a shard's file name covers; None for any other name."""
+
 live_shards = _format.live_shards
 """The shard names a reader reads (a merged shard replaces those of its span) and the conflicting ones."""
 

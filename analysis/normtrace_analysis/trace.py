@@ -44,6 +44,7 @@ from .schema import (
     TABLES,
     check_table,
     live_shards,
+    shard_span,
 )
 from .storage import ObjectPath, StorageOptions, is_url, parallel_map
 from .storage import expand as expand_url
@@ -872,9 +873,9 @@ def _validate_shard(path: RunPath, table: str, *, body: bool = False) -> pl.Sche
 
 def _rank_of(path: RunPath) -> int:
     """The rank a shard's name gives (only shard names are kept at load)."""
-    named = SHARD_NAME.match(path.name)
-    assert named is not None
-    return int(named.group(1))
+    span = shard_span(path.name)
+    assert span is not None
+    return span[0]
 
 
 def _meta_normalize(meta: dict[str, Any], table: str) -> bool:
