@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
 SCHEMA_VERSION = 2
 """Integer version of the trace format; readers refuse a version newer than they know. Version 2 added
@@ -232,8 +233,6 @@ def compact(
     (``live_shards``). Rows, their order and the schema are unchanged; shards whose schemas differ are
     left as they are.
     """
-    import pyarrow.ipc as ipc
-
     folder = Path(folder)
     live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
     spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
@@ -248,8 +247,6 @@ def compact(
 def _consecutive(folder: Path, names: Iterable[str], max_rows: int) -> Iterator[list[tuple[str, pa.Table]]]:
     """The shards ``names`` read in order (each file opened once), in runs of at most ``max_rows`` rows
     (a shard larger than that alone)."""
-    import pyarrow.ipc as ipc
-
     group: list[tuple[str, pa.Table]] = []
     rows = 0
     for name in names:
@@ -272,8 +269,6 @@ def _merge(
 ) -> Path | None:
     """Write ``group``'s shards (read: each file is opened once) as one merged file, then delete them;
     None when their schemas differ (they stay as they are)."""
-    import pyarrow.ipc as ipc
-
     names = [n for n, _ in group]
     try:
         data = pa.concat_tables([t for _, t in group]).unify_dictionaries()
