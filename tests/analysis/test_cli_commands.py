@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from normtrace_analysis.cli import build_parser, main
 from optional import need
-from tracegen import write_trace
+from tracegen import every_pass, write_trace
 
 
-def _outputs(n: int = 60) -> dict[str, np.ndarray]:
-    passes = np.arange(n)
-    return {"pass": passes, "epoch": (passes // 20).astype(np.int32), "module": np.array(["m"] * n),
-            "norm": (passes + 1.0).astype(np.float32)}  # fmt: skip
+def _outputs() -> dict[str, np.ndarray]:
+    return every_pass(60, ("m",), epoch_len=20)
 
 
 def _events() -> dict[str, list]:

@@ -11,18 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from normtrace_analysis import trace as trace_module
-from tracegen import write_trace
+from tracegen import every_pass, write_trace
 
 
-def _outputs(n: int = 40) -> dict[str, np.ndarray]:
-    passes = np.arange(n)
-    return {
-        "pass": passes,
-        "epoch": (passes // 10).astype(np.int32),
-        "module": np.array(["m"] * n),
-        "norm": (passes + 1.0).astype(np.float32),
-        "numel": np.full(n, 4),
-    }
+def _outputs() -> dict[str, np.ndarray]:
+    return every_pass(40, ("m",), epoch_len=10)  # norm = 10 * pass + 1, numel 4
 
 
 def test_a_folder_named_like_a_hive_partition_adds_no_column(tmp_path: Path) -> None:
@@ -53,7 +46,7 @@ def test_normalisation_not_stated_for_a_table_is_the_raw_norm(
     trace = na.load(run)
     assert trace.normalize["r"] == {"outputs": outputs_rms, "params": params_rms}
     out = trace.outputs.collect()["value"].to_list()
-    assert out == [(p + 1.0) / (2.0 if outputs_rms else 1.0) for p in range(40)]  # sqrt(numel 4) = 2
+    assert out == [(10.0 * p + 1.0) / (2.0 if outputs_rms else 1.0) for p in range(40)]  # sqrt(numel 4) = 2
     assert trace.params.collect()["value"].item() == (2.0 if params_rms else 6.0)  # sqrt(numel 9) = 3
 
 
