@@ -65,7 +65,7 @@ class _Lines:
         self.desc = desc
         self.start = time.monotonic()
         self.step = ""
-        self.shown = ""  # the last step printed
+        self.shown: str | None = None  # the last step printed (None: no line yet, not even the bare one)
         self.lock = threading.Lock()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
