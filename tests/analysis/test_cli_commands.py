@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from normtrace_analysis.cli import build_parser, main
 from optional import need
@@ -85,3 +87,17 @@ def test_a_missing_command_is_a_one_line_error(capsys) -> None:
     assert capsys.readouterr().err == (
         "normtrace: error: the following arguments are required: COMMAND (see normtrace --help)\n"
     )
+
+
+@pytest.mark.parametrize(("flags", "meta_rms", "rms"), [([], False, False), ([], True, True), (["--rms"], False, True),
+                                                       (["--raw"], True, False)])  # fmt: skip
+def test_rms_and_raw_choose_the_view_whatever_the_run_asked_for(
+    tmp_path: Path, capsys, flags: list[str], meta_rms: bool, rms: bool
+) -> None:
+    outputs = _outputs()
+    outputs["numel"] = np.full(len(outputs["pass"]), 16)
+    run = write_trace(tmp_path / "r", outputs=outputs, normalize=meta_rms)
+    assert main(["summary", str(run), "--csv", "--stat", "mean", *flags]) == 0
+    means = pl.read_csv(io.StringIO(capsys.readouterr().out)).sort("epoch")["mean"].to_numpy()
+    norms = np.asarray(outputs["norm"], dtype=np.float64).reshape(3, 20).mean(axis=1)  # three epochs of 20
+    np.testing.assert_allclose(means, norms / (4.0 if rms else 1.0), rtol=1e-6)  # sqrt(16)

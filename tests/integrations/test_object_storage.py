@@ -4,6 +4,7 @@ recorded locally, uploaded with pyarrow, loaded with ``na.load("s3://…")`` and
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -198,3 +199,16 @@ def test_a_filesystem_given_lists_the_runs_in_place_of_the_storage_options(uploa
     with pytest.raises(na.RunNotFoundError, match="s3://bucket/runs/"):
         na.load("s3://bucket/runs/*", storage_options=server, filesystem=elsewhere)
     assert na.load("s3://bucket/runs/a", storage_options=server, filesystem=s3).runs == ["a"]
+
+
+def test_an_export_into_a_local_runs_table_folder_is_refused_beside_a_remote_run(
+    uploaded, server, tmp_path: Path, capsys
+) -> None:
+    """The remote run, listed first, has no local folder to protect; the local run after it still has."""
+    local_dir, _ = uploaded
+    local = Path(shutil.copytree(local_dir / "a", tmp_path / "mine"))
+    options = [f"--storage-option={k}={v}" for k, v in server.items()]
+    inside = local / "outputs" / "all.csv"
+    code = main(["export", "s3://bucket/runs/a", str(local), "-o", str(inside), *options])
+    assert code == 2 and f"{inside} is inside the outputs/ folder of run 'mine'" in capsys.readouterr().err
+    assert not inside.exists()
