@@ -79,6 +79,10 @@ def test_a_level_step_after_every_event_is_reported_and_noise_is_not(steps_run: 
     assert "higher than in the 20 before (median over 4 events; 4 up)" in steps[0]
     assert not any(line.startswith("flat: the median level") for line in lines)
     assert not any(line.startswith("no step") for line in lines)
+    # the alignment's own finding per series comes first: neither has spikes to align
+    assert [line for line in lines if "nothing to align with sync" in line] == [
+        f"{m}: no spikes detected, so nothing to align with sync" for m in ("flat", "up")
+    ]
 
 
 def test_a_step_at_exactly_q_0_05_is_not_reported(steps_run: Path, capsys) -> None:
@@ -171,6 +175,16 @@ def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_shared_excursions_are_one_line_per_group_rank_and_run(shared_runs: list[Path], capsys) -> None:
     code, out, _ = _cli(capsys, "spikes", *shared_runs, "--permutations", "9")
     shared = [line for line in out.splitlines() if line.startswith("the same excursions")]
+    doc = _spikes_json(capsys, *shared_runs, "--permutations", "9")
+    groups: dict[tuple, list[str]] = {}
+    for g in sorted(doc["groups"], key=lambda g: (g["run"], g["rank"], g["group"])):
+        groups.setdefault((g["run"], g["rank"], g["group"]), []).append(g["module"])
+    # one line per group of two or more, in the groups' numbering (run, rank, then largest first)
+    assert shared == [
+        f"the same excursions (one finding, not {len(m)}): {', '.join(m)}"
+        for m in groups.values()
+        if len(m) > 1
+    ]
     # three ranks in all (r: 0 and 1; s: 0), two groups of two each; e's spikes are its own
     assert code == 0 and len(shared) == 6
     assert sorted(shared) == sorted(
@@ -191,8 +205,10 @@ def test_the_event_window_reaches_the_spike_groups(quiet_run: Path, tmp_path: Pa
 
 
 def test_shared_excursions_of_parameters_are_named_module_dot_param(tmp_path: Path, capsys) -> None:
+    """Parameters at the epoch level: the jumps at epochs 60 and 63 (30 passes apart) are one cluster
+    there (merge gap 5 epochs), two at the pass level (merge gap 25 passes)."""
     epochs = np.arange(300)
-    jumps = [60, 140, 220]
+    jumps = [60, 63, 140, 220]
     norms = {}
     for i, param in enumerate(("bias", "weight")):
         norms[param] = _noise(40 + i, len(epochs))
@@ -211,6 +227,10 @@ def test_shared_excursions_of_parameters_are_named_module_dot_param(tmp_path: Pa
     code, out, _ = _cli(capsys, "spikes", run, "--table", "params", "--level", "epoch")
     assert code == 0
     assert "the same excursions (one finding, not 2): net.0.bias, net.0.weight" in out.splitlines()
+    doc = _spikes_json(capsys, run, "--table", "params", "--level", "epoch")
+    assert sorted(s["epoch"] for s in doc["spikes"]) == sorted(jumps * 2)
+    assert all("pass" not in s for s in doc["spikes"])  # epoch-level spikes have no pass
+    assert [(g["param"], g["clusters"]) for g in doc["groups"]] == [("bias", 3), ("weight", 3)]
 
 
 # ----------------------------------------------------------------------------------------------------------

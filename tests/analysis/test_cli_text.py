@@ -46,10 +46,13 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return capsys.readouterr().out
 
 
-def _table(text: str, first_header: str) -> list[list[str]]:
-    """The rows of the text table whose header line starts with ``first_header``."""
+def _table(text: str, first_header: str, holding: str = "followed") -> list[list[str]]:
+    """The rows of the text table whose header line starts with ``first_header`` and names ``holding``
+    (default: the alignment table's ``followed``, not the spike table above it, which starts alike)."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    start = next(
+        i for i, line in enumerate(lines) if line.split()[:1] == [first_header] and holding in line.split()
+    )
     rows = []
     for line in lines[start:]:
         if not line.strip() or line.startswith("p: "):  # a blank line or the table's footnote ends it
@@ -79,6 +82,8 @@ def test_the_alignment_table_shows_every_window_with_counts_chance_and_placebo(r
     assert followed == {
         key: ("3/3" if key[2] == 20 or key[:2] == ("a", "train") else "0/3") for key in followed
     }
+    # --windows' table is computed with the other options too: the floor of 9 permutations
+    assert {r["p_floor"] for r in doc["alignment"]} == {1 / 10}
     for row, record in zip(rows, doc["alignment"], strict=True):
         assert (row[0], row[1], int(row[2])) == (record["module"], record["split"], record["window"])
         assert row[4] == f"{round(record['chance'] * 100, 2):.4g}"  # a share shown as a percentage
