@@ -14,9 +14,7 @@ from pathlib import Path
 from normtrace_analysis.cli import build_parser
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
-HEADER = """# The `normtrace` command line
-
-Installed with `normtrace-analysis` (`pip install ./analysis`). Every command takes run directories or
+HEADER = """Installed with `normtrace-analysis` (`pip install ./analysis`). Every command takes run directories or
 globs (`'runs/*'`) and prints a one-line error naming the file, run or option at fault (exit code 2);
 `NORMTRACE_DEBUG=1` shows the full traceback instead. This page is generated from the parser
 (`python tests/analysis/test_cli_reference.py`) and tested against it.
@@ -58,7 +56,7 @@ def _meaning(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 def render() -> str:
     """The whole reference page."""
     parser = build_parser()
-    parts = [HEADER]
+    parts = [f"# The `normtrace` command line\n\n{parser.description}\n\n", HEADER]  # --help's first words
     for name, (summary, sub) in _commands(parser).items():
         parts.append(f"\n## `normtrace {name}`\n\n{summary}.\n")
         if sub.description:
