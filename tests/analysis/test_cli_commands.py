@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc
 import pytest
 from normtrace_analysis.cli import build_parser, main
 from optional import need
@@ -101,3 +103,35 @@ def test_rms_and_raw_choose_the_view_whatever_the_run_asked_for(
     means = pl.read_csv(io.StringIO(capsys.readouterr().out)).sort("epoch")["mean"].to_numpy()
     norms = np.asarray(outputs["norm"], dtype=np.float64).reshape(3, 20).mean(axis=1)  # three epochs of 20
     np.testing.assert_allclose(means, norms / (4.0 if rms else 1.0), rtol=1e-6)  # sqrt(16)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{run}", "--tensorboard", "{tmp}/tb", "--max-points", "0"],
+        ["compact", "{run}", "--max-rows", "0"],
+        ["report", "{run}", "-o", "{tmp}/r.html", "--max-rows", "0"],
+    ],
+)
+def test_counts_below_one_are_refused_by_the_option_before_any_work(
+    tmp_path: Path, capsys, argv: list[str]
+) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=3)
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(run=run, tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    assert f"argument {argv[-2]}: " in capsys.readouterr().err
+    assert len(list((run / "outputs").glob("*.arrow"))) == 3 and not (tmp_path / "tb").exists()
+
+
+def arrow_rows(path: Path) -> int:
+    """Rows of an Arrow IPC file, read with pyarrow alone."""
+    with pa.ipc.open_file(path) as reader:
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def test_compact_fills_merged_files_up_to_max_rows(tmp_path: Path, capsys) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs(), shards=3)  # three shards of 20 rows
+    assert main(["compact", str(run), "--max-rows", "40"]) == 0
+    sizes = sorted(arrow_rows(p) for p in (run / "outputs").glob("*.arrow"))
+    assert sizes == [20, 40]  # the first two shards merged, the third alone

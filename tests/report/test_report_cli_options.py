@@ -61,7 +61,9 @@ def test_report_options_reach_the_page(
     two_event_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     page = tmp_path / "page.html"
-    code, out, err = cli(capsys, "report", two_event_run, "-o", page, "--event", "lr_drop", "--log")
+    code, out, err = cli(
+        capsys, "report", two_event_run, "-o", page, "--event", "lr_drop", "--log", "--max-rows", "200"
+    )
     assert (code, out) == (0, f"{page}\n")
     text = page.read_text()
     # --event: the findings are about lr_drop alone (by default the most frequent, target_update, first)
