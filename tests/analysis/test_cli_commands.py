@@ -111,9 +111,11 @@ def test_rms_and_raw_choose_the_view_whatever_the_run_asked_for(
         ["export", "{run}", "--tensorboard", "{tmp}/tb", "--max-points", "0"],
         ["compact", "{run}", "--max-rows", "0"],
         ["report", "{run}", "-o", "{tmp}/r.html", "--max-rows", "0"],
+        ["spikes", "{run}", "--threshold", "high"],
+        ["spikes", "{run}", "--seed", "1.5"],
     ],
 )
-def test_counts_below_one_are_refused_by_the_option_before_any_work(
+def test_bad_values_are_refused_by_their_option_before_any_work(
     tmp_path: Path, capsys, argv: list[str]
 ) -> None:
     run = write_trace(tmp_path / "r", outputs=_outputs(), shards=3)
