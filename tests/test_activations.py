@@ -183,3 +183,14 @@ def test_a_model_without_activations_is_warned_about_by_name(tmp_path) -> None:
         nt.Recorder(tmp_path, lenses=[nt.ActivationRate()]).attach(nn.Linear(2, 2)).close()
     assert len(caught) == 1
     assert [n[1] for n in _notes(tmp_path)] == ["no_activation_modules"]
+
+
+def test_a_pass_under_a_torch_func_transform_records_nothing(tmp_path) -> None:
+    """Under ``torch.func.vmap`` the outputs are batched tensors: the pass is counted, nothing recorded."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with nt.Recorder(tmp_path, lenses=[nt.ActivationRate()]) as rec:
+        rec.attach(model)
+        torch.func.vmap(model)(torch.randn(5, 2, 3))  # pass 0
+        model(torch.randn(2, 3))  # pass 1
+    assert {p for p, *_ in _signals(tmp_path)} == {1}
+    assert [n[1] for n in _notes(tmp_path)] == ["torch_func_transform"]

@@ -28,6 +28,17 @@ def test_the_observed_class_wears_its_originals_names(observed) -> None:
     assert repr(cls) == repr(nn.ReLU) and repr(model) == repr(nn.Sequential(nn.Linear(3, 2), nn.ReLU()))
 
 
+def test_a_nested_class_keeps_its_qualified_name() -> None:
+    class Outer:
+        class Act(nn.ReLU):
+            pass
+
+    module = Outer.Act()
+    after_forward(module, lambda m, a, out: None)
+    assert type(module) is not Outer.Act and type(module).__qualname__ == Outer.Act.__qualname__
+    assert type(module).__qualname__.endswith("<locals>.Outer.Act")
+
+
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_every_pickle_protocol_gives_back_the_original_class(observed, protocol: int) -> None:
     model, calls = observed

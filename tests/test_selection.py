@@ -224,7 +224,9 @@ def test_config_spells_classes_by_their_dotted_path(tmp_path) -> None:
     }
 
 
-def test_the_selection_warnings_point_at_the_users_attach_call(tmp_path) -> None:
-    with pytest.warns(UserWarning) as caught:
-        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(nn.Linear(2, 2)).close()
-    assert Path(caught[0].filename).name == "test_selection.py"
+@pytest.mark.parametrize("few", [False, True], ids=["none selected", "few selected"])
+def test_the_selection_warnings_point_at_the_users_attach_call(tmp_path, few: bool) -> None:
+    model = Leaves(60, 1) if few else nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="leaf modules" if few else "selects no module") as caught:
+        nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(model).close()
+    assert [Path(w.filename).name for w in caught] == ["test_selection.py"]
