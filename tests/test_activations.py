@@ -43,7 +43,7 @@ def test_rates_of_every_shape_match_counts(shape: tuple[int, ...]) -> None:
     assert got.tolist() == pytest.approx(_expected(x.numpy()), rel=1e-6)
 
 
-def test_a_batch_of_one_sample_counts_channels_not_elements() -> None:
+def test_a_channel_is_dead_only_when_zero_in_every_sample() -> None:
     """(batch, features): a feature is dead when it is zero in every sample — not per element."""
     x = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])  # feature 2 dead; 0 and 1 each alive once
     assert activation_rates(x).tolist() == pytest.approx([2 / 6, 1 / 3])
@@ -102,11 +102,6 @@ def test_each_call_of_a_module_in_a_pass_gets_its_own_label(tmp_path) -> None:
     assert sorted((p, m) for p, m, _ in rows) == [(p, m) for p in (0, 1) for m in ("act", "act#1", "act#2")]
     first = (xs[1] > 0).float().mean().item()  # the first call of pass 1 sees the input itself
     assert next(v for p, m, v in rows if (p, m) == (1, "act")) == pytest.approx(first)
-
-
-class Pair(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.relu(x), torch.relu(-x)
 
 
 class Act(nn.ReLU):

@@ -192,7 +192,7 @@ def test_shared_excursions_are_one_line_per_group_rank_and_run(shared_runs: list
     )
 
 
-def test_the_event_window_reaches_the_spike_groups(quiet_run: Path, tmp_path: Path, capsys) -> None:
+def test_the_event_window_reaches_the_spike_groups(tmp_path: Path, capsys) -> None:
     """Spikes 30 passes apart are two clusters at the default window (merge gap 25) and one at 40."""
     a = _noise(5)
     a[[500, 530, 1200, 1230]] += 5.0
