@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,9 @@ def read_table(run_dir: Path, table: str) -> pa.Table:
     if not files:
         return pa.table({})
     return pa.concat_tables(pa.ipc.open_file(f).read_all() for f in files)
+
+
+def notes(run_dir: Path) -> list[tuple[str, str, str]]:
+    """The run's notes (rank 0's ``meta.json``) as (module, kind, detail), in the order recorded."""
+    meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    return [(n["module"], n["kind"], n["detail"]) for n in meta["notes"]]

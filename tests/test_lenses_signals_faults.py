@@ -4,22 +4,14 @@ sparse gradients without an optimizer; selections the optimizer does not hold; t
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 import torch
-from recorder_models import read_table
+from recorder_models import notes, read_table
 from torch import nn
 
 import normtrace as nt
 import normtrace.flat
-
-
-def notes(run_dir: Any) -> list[tuple[str, str, str]]:
-    return [
-        (n["module"], n["kind"], n["detail"])
-        for n in json.loads((run_dir / "meta.json").read_text())["notes"]
-    ]
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer | None, steps: int) -> list[float]:

@@ -14,22 +14,17 @@ import normtrace_analysis.progress as progress_module
 import numpy as np
 import pytest
 from normtrace_analysis.cli import main
-from tracegen import write_trace
+from tracegen import every_pass, write_trace
 
 N = 2000
 SYNCS = [300, 700, 1100, 1500]
 
 
-def _outputs(modules: dict[str, np.ndarray]) -> dict[str, object]:
-    """Every module on every pass, ``modules[name]`` its norms (length N)."""
-    names = list(modules)
-    passes = np.repeat(np.arange(N), len(names))
-    return {
-        "pass": passes,
-        "epoch": (passes // 100).astype(np.int32),
-        "module": np.tile(names, N),
-        "norm": np.stack([modules[m] for m in names], axis=1).ravel().astype(np.float32),
-    }
+def _outputs(modules: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every module on every pass, epochs of 100 passes, ``modules[name]`` its norms (length N)."""
+    outputs = every_pass(N, tuple(modules), epoch_len=100)
+    outputs["norm"] = np.stack(list(modules.values()), axis=1).ravel().astype(np.float32)
+    return outputs
 
 
 def _noise(seed: int, n: int = N) -> np.ndarray:
