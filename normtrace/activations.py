@@ -34,11 +34,13 @@ def activation_rates(x: Tensor) -> Tensor | None:
         x = x.reshape(1, -1)
     if x.numel() == 0:
         return None
-    counts = torch.count_nonzero(x, dim=0)  # non-zero entries per (channel, position) over the batch
+    # non-zero entries per (channel, position) over the batch, counted as float32 ones: on CPU a third
+    # faster than count_nonzero(x, dim=0)'s integer reduction (benchmarks/activation_kernel.py); exact up
+    # to 2**24 per channel, and a sum of non-negative ones is 0 exactly when the channel is dead
+    counts = torch.ne(x, 0, out=torch.empty(x.shape, dtype=torch.float32, device=x.device)).sum(0)
     if counts.ndim > 1:
         counts = counts.flatten(1).sum(1)
-    # five kernels; a bool mask with any() and two sums took ~40% longer (measured in a loop)
-    return torch.stack((counts.sum() / x.numel(), (counts == 0).sum() / counts.numel()))
+    return torch.stack((counts.sum() / x.numel(), 1 - torch.count_nonzero(counts) / counts.numel()))
 
 
 @dataclass
@@ -69,6 +71,9 @@ class ActivationRate(ModuleSelection):
         local, outside_pass = recording.local, recording.outside_pass
         module_name = signal_module(name)
         calls: list[Any] = [None, 0]  # (pass, calls in it) of the last call seen, for name#k labels
+        # the same keys object every pass: the writer codes a record's strings once per distinct object
+        first = ((module_name, None), (module_name, None))
+        repeats: dict[int, tuple[tuple[str, None], ...]] = {}  # the k-th call's keys, name#k
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
@@ -84,15 +89,18 @@ class ActivationRate(ModuleSelection):
                 return  # a pass that records nothing, or a recomputation in backward (checkpointing)
             if calls[0] == pass_:
                 calls[1] += 1
-                label = f"{module_name}#{calls[1]}"
+                keys = repeats.get(calls[1])
+                if keys is None:
+                    label = f"{module_name}#{calls[1]}"
+                    keys = repeats[calls[1]] = ((label, None), (label, None))
             else:
                 calls[0], calls[1] = pass_, 0
-                label = module_name
+                keys = first
             try:
                 with torch.no_grad():
                     values = activation_rates(out)
                 if values is not None:
-                    recording.add_signals(KINDS, ((label, None), (label, None)), values, pass_=pass_)
+                    recording.add_signals(KINDS, keys, values, pass_=pass_)
             except Exception as exc:  # the training loop must never break
                 recording.note(name, "hook_error", f"ActivationRate: {type(exc).__name__}: {exc}")
 

@@ -56,6 +56,26 @@ def test_empty_outputs_have_no_rates_and_a_single_value_has_them() -> None:
     assert activation_rates(torch.tensor([5.0])).tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_nan_and_negative_entries_count_as_active_in_every_dtype(dtype: torch.dtype) -> None:
+    """Non-zero means ``!= 0``: a negative or NaN entry is active, so a channel holding one is alive
+    (a kernel counting ``x > 0``, or ones that NaN turns into NaN, would say otherwise)."""
+    x = torch.tensor([[0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    if dtype.is_floating_point:
+        x[2, 2] = float("nan")
+    x = x.to(dtype)
+    expected = (3 / 12, 1 / 4) if dtype.is_floating_point else (2 / 12, 2 / 4)
+    assert activation_rates(x).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_counts_past_what_half_precision_holds_stay_exact() -> None:
+    """3,001 of 4,096 entries of one channel non-zero in float16: counted in float32, not in the
+    input's precision (float16 holds integers exactly only up to 2,048)."""
+    x = torch.zeros(4096, 2, dtype=torch.float16)
+    x[:3001, 0] = 1.0
+    assert activation_rates(x).tolist() == pytest.approx([3001 / 8192, 1 / 2], rel=1e-7)
+
+
 def _signals(run) -> list[tuple[int, str, str, float]]:
     return sorted(
         (r["pass"], r["module"], r["kind"], r["value"]) for r in read_table(run, "signals").to_pylist()
