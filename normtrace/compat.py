@@ -9,6 +9,7 @@ aggregates. Where the definitions differ, docs/recorder.md ("The seed library's 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -42,6 +43,17 @@ def _presentation_only(lens: str, options: dict[str, Any]) -> None:
         raise TypeError(f"{lens}() got unexpected keyword argument(s) {unknown}")
 
 
+def _raw_norms_only(lens: str, normalize_by_size: bool, recorded: str) -> None:
+    """The seed's ``normalize_by_size=True`` divides by sqrt(numel); normtrace records raw values: say so
+    rather than record something else than asked without a word."""
+    if normalize_by_size:
+        warnings.warn(
+            f"{lens}(normalize_by_size=True) is ignored: normtrace records {recorded}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _names(parameters: str | Iterable[str]) -> tuple[str, ...]:
     return (parameters,) if isinstance(parameters, str) else tuple(parameters)
 
@@ -59,6 +71,9 @@ class ParameterGradientGeometry(GradientNorm):
         **presentation: Any,
     ) -> None:
         _presentation_only(type(self).__name__, presentation)
+        _raw_norms_only(
+            type(self).__name__, normalize_by_size, "the raw L2 norm (its RMS is norm / sqrt(numel))"
+        )
         super().__init__(parameters=_names(parameters), cosine=compute_correlation)
 
 
@@ -76,6 +91,7 @@ class ParameterUpdateGeometry(UpdateRatio):
         **presentation: Any,
     ) -> None:
         _presentation_only(type(self).__name__, presentation)
+        _raw_norms_only(type(self).__name__, normalize_by_size, "the update ratio |Δθ|/|θ|, free of size")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ParameterUpdateGeometry(optimizer=...): expected a torch.optim.Optimizer, got "
@@ -97,6 +113,7 @@ class OutputGradientGeometry(OutputGradientNorm):
         **presentation: Any,
     ) -> None:
         _presentation_only(type(self).__name__, presentation)
+        _raw_norms_only(type(self).__name__, normalize_by_size, "the batch mean of per-sample L2 norms")
         super().__init__()
         self.skip_activation = skip_activation
 
