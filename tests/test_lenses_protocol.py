@@ -98,3 +98,57 @@ def test_builtin_lenses_follow_the_same_protocol():
     ):
         assert isinstance(lens, nt.Lens)
         assert lens.config()["type"] == type(lens).__name__
+
+
+class Scales:
+    """Records the output's largest entry as a device tensor and the pass's scale as a float, and pushes
+    the weight's norm (a one-element tensor of shape (1, 1)) as a metric at every collect()."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Scales"}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+        layer = target.model
+
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            recording.signal("max", "", out.detach().amax())
+            recording.signal("scale", "", self.scale, param="weight")
+
+        def collect() -> None:
+            recording.push_metric("weight_norm", layer.weight.detach().norm().reshape(1, 1), split="val")
+
+        return [layer.register_forward_hook(hook), recording.on_collect(collect)]
+
+
+def test_signal_and_push_metric_take_device_tensors_without_a_sync_and_plain_floats(tmp_path, monkeypatch):
+    """``Recording.signal`` keeps a tensor on its device (no ``item()``/``float()`` in the training
+    thread) and takes a Python float as it is; ``push_metric`` takes any one-element tensor."""
+    model = nn.Linear(3, 2)
+    xs = [torch.randn(4, 3) for _ in range(3)]
+    with nt.Recorder(tmp_path, lenses=[Scales(0.25)]) as rec:
+        rec.attach(model)
+        with monkeypatch.context() as patch:
+            for name in ("item", "__float__", "tolist"):
+
+                def refuse(self: torch.Tensor, *args: Any, name: str = name) -> Any:
+                    raise AssertionError(f"Tensor.{name} called in training")
+
+                patch.setattr(torch.Tensor, name, refuse)
+            for x in xs:
+                model(x)
+                rec.collect()
+    rows = read_table(tmp_path, "signals").to_pylist()
+    got = {(r["pass"], r["kind"], r["param"]): r["value"] for r in rows}
+    with torch.no_grad():
+        want = {(p, "max", None): model(x).amax().item() for p, x in enumerate(xs)}
+    want |= {(p, "scale", "weight"): 0.25 for p in range(3)}
+    assert got == pytest.approx(want, rel=1e-6)
+    metrics = read_table(tmp_path, "metrics").to_pylist()
+    norm = model.weight.detach().norm().item()
+    assert [(m["name"], m["pass"], m["split"]) for m in metrics] == [
+        ("weight_norm", p, "val") for p in range(3)
+    ]
+    assert [m["value"] for m in metrics] == pytest.approx([norm] * 3, rel=1e-6)

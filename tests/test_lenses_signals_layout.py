@@ -398,3 +398,45 @@ def test_parameters_selects_by_name_within_the_module(tmp_path, lens):
         opt.step()
     keys = {(r["module"], r["param"]) for r in read_table(tmp_path, "signals").to_pylist()}
     assert keys == {("a", "bias"), ("b", "bias"), ("c", "bias")}
+
+
+class Fixed(nn.Module):
+    """Two weights of three entries whose gradients are ``sign * C`` (``w``) and ``C`` (``v``, used on
+    the steps asked): ``C`` is a vector whose float32 dot product with itself exceeds the product of its
+    float32 norms by one rounding step, so an unclamped cosine of ``C`` with ``±C`` is ``±1.0000001``."""
+
+    C = torch.tensor([1.5409960746765137, -0.293428897857666, -2.1787893772125244])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3))
+        self.v = nn.Parameter(torch.zeros(3))
+
+    def forward(self, sign: float, use_v: bool) -> torch.Tensor:
+        loss = sign * (self.w * self.C).sum()
+        return loss + (self.v * self.C).sum() if use_v else loss
+
+
+def test_cosines_of_equal_and_opposite_gradients_are_exactly_one_and_minus_one(tmp_path):
+    """Rounding must not put a cosine outside [-1, 1], on full steps (one dot per run of sizes) and on
+    steps where only some parameters have a gradient (one dot per tensor)."""
+    assert torch.dot(Fixed.C, Fixed.C) / (Fixed.C.norm() * Fixed.C.norm()) > 1  # the premise holds here
+    model = Fixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    plan = [
+        (1.0, True),
+        (1.0, True),
+        (-1.0, True),
+        (1.0, False),
+        (-1.0, False),
+        (-1.0, False),
+    ]  # (w's sign, v used)
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(cosine=True)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for sign, use_v in plan:
+            opt.zero_grad(set_to_none=True)
+            model(sign, use_v).backward()
+            opt.step()
+    cosines = by_step(tmp_path, "grad_cosine")
+    assert {s: c[("", "w")] for s, c in cosines.items()} == {1: 1.0, 2: -1.0, 3: -1.0, 4: -1.0, 5: 1.0}
+    assert {s: c[("", "v")] for s, c in cosines.items() if ("", "v") in c} == {1: 1.0, 2: 1.0}

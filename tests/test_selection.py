@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recorder_models import read_table
 from torch import nn
 
 import normtrace as nt
@@ -230,3 +231,52 @@ def test_the_selection_warnings_point_at_the_users_attach_call(tmp_path, few: bo
     with pytest.warns(UserWarning, match="leaf modules" if few else "selects no module") as caught:
         nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]).attach(model).close()
     assert [Path(w.filename).name for w in caught] == ["test_selection.py"]
+
+
+class Tied(nn.Module):
+    """An encoder and a decoder sharing one weight, a LayerNorm, and a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.dec = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 1)
+        self.head.bias.requires_grad_(False)
+        self.dec.weight = self.enc.weight  # tied: (3, 4), used transposed in forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.enc(x))
+        return self.head(h @ self.dec.weight + self.dec.bias)
+
+
+@pytest.mark.parametrize(
+    ("options", "want"),
+    [
+        ({}, {"enc.weight", "enc.bias", "norm.weight", "norm.bias", "dec.bias", "head.weight"}),
+        ({"include": [nn.LayerNorm]}, {"norm.weight", "norm.bias"}),
+        ({"include": ["*e*"]}, {"enc.weight", "enc.bias", "dec.bias", "head.weight"}),
+        ({"exclude": [nn.Linear]}, {"norm.weight", "norm.bias"}),
+        ({"exclude": ["enc"]}, {"norm.weight", "norm.bias", "dec.weight", "dec.bias", "head.weight"}),
+        ({"parameters": ["bias"], "exclude": ["norm"]}, {"enc.bias", "dec.bias"}),
+    ],
+    ids=["all", "include class", "include glob", "exclude class", "exclude first module", "names"],
+)
+def test_parameter_lenses_select_by_class_glob_and_name_and_record_a_tied_weight_once(
+    tmp_path, options, want
+):
+    """Every trainable parameter once, under the first name it is met by (the tied ``dec.weight`` is
+    ``enc.weight``; excluding ``enc`` leaves it to ``dec``); a frozen one never; include/exclude by class
+    or by glob of the module's name, and modules after an excluded one still selected."""
+    model = Tied()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with nt.Recorder(tmp_path, lenses=[nt.GradientNorm(**options)]) as rec:
+        rec.attach(model, optimizer=opt)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).sum().backward()
+            opt.step()
+    rows = read_table(tmp_path, "signals").to_pylist()
+    names = [f"{r['module']}.{r['param']}" for r in rows if r["step"] == 0]
+    assert sorted(names) == sorted(want)  # each once
+    assert len(rows) == 2 * len(want)
