@@ -190,6 +190,7 @@ def _nothing_selected(lens: Any, target: Target, recording: Recording) -> None:
         f"{type(lens).__name__} selects no trainable parameter of {type(target.model).__name__} (parameters="
         f"{lens.parameters!r}, include={selector_names(lens.include)!r}, exclude="
         f"{selector_names(lens.exclude)!r}; frozen parameters are never selected): it records nothing",
+        stacklevel=5,  # the user's attach call, past the lens's attach and this function
     )
 
 

@@ -280,3 +280,16 @@ def test_parameter_lenses_select_by_class_glob_and_name_and_record_a_tied_weight
     names = [f"{r['module']}.{r['param']}" for r in rows if r["step"] == 0]
     assert sorted(names) == sorted(want)  # each once
     assert len(rows) == 2 * len(want)
+
+
+@pytest.mark.parametrize("lens", ["GradientNorm", "UpdateRatio", "ParameterNorm"])
+def test_a_parameter_lens_selecting_nothing_warns_at_the_users_attach_call(tmp_path, lens: str) -> None:
+    """The warning names the user's line, not normtrace's (GradientNorm's and UpdateRatio's pointed at
+    recorder.py: one helper more between them and the warning than the stack level allowed for)."""
+    model = nn.Linear(2, 2)
+    chosen = getattr(nt, lens)(parameters=["scale"])
+    with pytest.warns(UserWarning, match=f"^{lens} (selects|finds) no") as caught:
+        nt.Recorder(tmp_path, lenses=[chosen]).attach(
+            model, optimizer=torch.optim.SGD(model.parameters())
+        ).close()
+    assert [Path(w.filename).name for w in caught] == ["test_selection.py"]
