@@ -938,7 +938,9 @@ def test_values_the_host_cannot_read_become_nan_and_spare_the_rest():
     with FakeTensorMode():
         fake = torch.empty(3)
     real = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
-    with pytest.warns(RuntimeWarning, match="3 recorded value.*FakeTensor.*NaN"):
+    # the message names the error (torch raises a RuntimeError for .numpy() of a tensor subclass)
+    want = r"^normtrace: 3 recorded value\(s\) held in a FakeTensor cannot be read on the host \(RuntimeError: .+\); they are stored as NaN$"
+    with pytest.warns(RuntimeWarning, match=want):
         got = host_concat([real[0], fake, real[1]])
     assert np.array_equal(got, [1.0, 2.0, np.nan, np.nan, np.nan, 3.0], equal_nan=True)
     chunks = compact([torch.ones(3), fake])  # compaction, in the training loop, must not raise either
@@ -1099,3 +1101,21 @@ def test_a_reentrant_checkpoint_segment_is_recorded_once_when_no_grad_passes_are
     want = {"body." + k: v for k, v in approx_output_norms(model.body, x.detach()).items()}
     assert norms_by_module(rows) == want and len(rows) == 5
     assert {r["grad_enabled"] for r in rows} == {False}
+
+
+class ToComplex(nn.Module):
+    """Pairs of features as complex numbers: a (batch, 2) complex output from (batch, 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_complex(x.reshape(x.shape[0], 2, 2).contiguous())
+
+
+def test_a_complex_outputs_norm_is_that_of_its_moduli(tmp_path):
+    """Casting a complex output to a real dtype would drop its imaginary parts (3i and 4 have modulus
+    norm 5; their real parts alone, 4)."""
+    model = nn.Sequential(nn.Identity(), ToComplex())
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity, ToComplex])]) as rec:
+        rec.attach(model)
+        model(torch.tensor([[0.0, 3.0, 4.0, 0.0]]))
+    got = {r["module"]: r["norm"] for r in read_table(tmp_path, "outputs").to_pylist()}
+    assert got == {"0": pytest.approx(5.0), "1": pytest.approx(5.0)}

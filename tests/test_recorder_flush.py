@@ -173,3 +173,25 @@ def test_a_shard_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
     leftovers = [p.name for p in (tmp_path / "outputs").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
     assert os.listdir(blocker) == ["keep"]
+
+
+def test_flush_returns_only_once_the_rows_are_on_disk(tmp_path, monkeypatch):
+    """``Recorder.flush()`` waits for the writer thread: with every shard write slowed by 0.3 s, the rows
+    recorded before the call are all readable the moment it returns (a flush that only handed the rows
+    over would return before any file exists)."""
+    from normtrace.writer import ShardWriter
+
+    slow = ShardWriter._write_shard
+
+    def write_slowly(self, table, data):
+        time.sleep(0.3)
+        return slow(self, table, data)
+
+    monkeypatch.setattr(ShardWriter, "_write_shard", write_slowly)
+    model = _model()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        for _ in range(3):
+            model(torch.randn(2, 3))
+        rec.flush()
+        assert sorted(read_table(tmp_path, "outputs").column("pass").to_pylist()) == [0, 1, 2]
