@@ -131,9 +131,10 @@ def test_output_activation_follows_the_seeds_selection_flags(tmp_path, options, 
     assert config["dropout"] is options.get("dropout", True)
 
 
-@pytest.mark.parametrize("record_eval", [False, True])
+@pytest.mark.parametrize("record_eval", [None, False, True], ids=["default", "False", "True"])
 def test_output_activation_records_no_grad_passes_only_with_record_eval(tmp_path, record_eval) -> None:
-    rows, config = _record(tmp_path, OutputActivation(record_eval=record_eval), no_grad_pass=True)
+    lens = OutputActivation() if record_eval is None else OutputActivation(record_eval=record_eval)
+    rows, config = _record(tmp_path, lens, no_grad_pass=True)
     passes = {r["pass"] for r in rows}
     assert passes == ({0, 1, 2} if record_eval else {1, 2})
     assert config["skip_no_grad_pass"] is (not record_eval)
