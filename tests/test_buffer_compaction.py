@@ -50,6 +50,9 @@ def test_chunks_merged_within_a_flush_keep_every_value_in_order(tmp_path):
         rec.attach(model)
         for x in xs:
             model(x)
+            # after every pass, merged chunks have replaced the ones they join: one value per record
+            held = sum(count for _, count, _ in rec._buffer.norm_chunks)
+            assert held == len(rec._buffer.compacted) // OUTPUT_FIELDS
         chunks = rec._buffer.norm_chunks
         assert any(count > COMPACT_EVERY for _, count, _ in chunks)  # some were merged
         assert len(chunks) < 120 * WIDTH // COMPACT_EVERY  # fewer than one per compaction

@@ -82,3 +82,11 @@ def test_a_record_whose_values_do_not_match_its_keys_is_refused_naming_its_kinds
 def test_a_record_with_more_kinds_than_keys_is_refused():
     with pytest.raises(ValueError, match="has 2 kinds and 1 keys"):
         signals_table([(0, 0, 0, ("a", "b"), (("m", None),), [1.0])], 0)
+
+
+def test_one_values_object_under_two_keys_objects_keeps_each_records_keys():
+    """Strings are coded per (kinds, keys) object pair: a lens passing the same tensor for two modules
+    (with the same kinds object) must still get each record's own module."""
+    kinds, value = ("max",), torch.tensor([2.0])
+    records = [(0, 0, 0, kinds, (("a", None),), value), (0, 0, 0, kinds, (("b", None),), value)]
+    assert [(r["module"], r["value"]) for r in rows(records)] == [("a", 2.0), ("b", 2.0)]
