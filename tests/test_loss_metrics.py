@@ -25,6 +25,50 @@ def test_the_declared_metrics_are_listed_in_meta_json(tmp_path) -> None:
         rec.attach(nn.Linear(2, 2))
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["metrics"] == ["reward", "length"]
+    assert meta["lenses"] == [{"type": "LossMetrics", "loss_fn": None, "metrics": ["reward", "length"]}]
+    assert nt.LossMetrics(loss_fn=nn.SmoothL1Loss()).config()["loss_fn"] == "SmoothL1Loss"
+
+
+def test_a_loss_function_that_is_not_a_module_is_refused_naming_its_type() -> None:
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).pow(2).mean()
+
+    with pytest.raises(TypeError) as info:
+        nt.LossMetrics(loss_fn=mse)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "LossMetrics(loss_fn=...) needs an nn.Module to hook (e.g. nn.MSELoss()), got function; for a "
+        "plain function call Recorder.push_loss(value)"
+    )
+
+
+class Shaped(nn.Module):
+    """A loss returned as a tensor of the given shape: every element the same squared error."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        base = (out - target).pow(2).mean().to(torch.float64) + 1e-10  # not a float32 value
+        return base.expand(self.shape) * torch.arange(
+            1, 1 + base.expand(self.shape).numel(), dtype=torch.float64
+        ).reshape(self.shape)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (2,), (3, 2)])
+def test_a_loss_of_any_shape_is_one_value_per_call(tmp_path, shape: tuple[int, ...]) -> None:
+    """A 0-d or one-element loss is its value (a float64 loss keeps its precision); a loss of several
+    elements (``reduction="none"``) is their mean, not their sum nor the first."""
+    model, loss_fn = nn.Linear(3, 1), Shaped(shape)
+    with nt.Recorder(tmp_path, lenses=[nt.LossMetrics(loss_fn=loss_fn)]) as rec:
+        rec.attach(model)
+        out = model(torch.randn(4, 3))
+        value = loss_fn(out, torch.zeros_like(out))
+    n = value.numel()
+    base = value.reshape(-1)[0].item()
+    # one element: exactly its float64 value; several: their mean (base * 1..n), taken in float32
+    want = base if n == 1 else pytest.approx(base * (n + 1) / 2, rel=1e-6)
+    assert _losses(tmp_path) == [(0, "train", want)]
 
 
 def test_a_loss_computed_in_a_thread_that_ran_no_pass_takes_the_last_pass_started(tmp_path) -> None:

@@ -144,3 +144,42 @@ def test_a_failing_disk_never_makes_training_wait_for_room(tmp_path):
     (tmp_path / "outputs").unlink()  # the disk is fixed: the kept rows are written at close
     close_within(rec)
     assert len({r["pass"] for r in read_table(tmp_path, "outputs").to_pylist()}) == 30
+
+
+def test_exactly_max_queued_rows_queued_is_room_enough(tmp_path):
+    """Training waits only while *more* than ``max_queued_rows`` rows are queued: at exactly that many
+    it goes on, without a stall or a warning (the writer is held still by its lock meanwhile)."""
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], max_queued_rows=5)
+    writer = rec._writer
+    with writer._room:
+        writer.queued_rows += 5
+    try:
+        writer.wait_for_room()  # would wait for a writer that has nothing to write
+        assert writer.stalls == 0
+    finally:
+        with writer._room:
+            writer.queued_rows -= 5
+        rec.close()
+
+
+@pytest.mark.parametrize("state", ["failing", "stopped"])
+def test_a_failing_or_stopped_writer_never_makes_training_wait(tmp_path, state: str):
+    """More rows queued than allowed, but the writer is failing (it keeps them for a retry) or stopped:
+    waiting could never end, so training goes on at once, without counting a stall."""
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], max_queued_rows=5)
+    writer = rec._writer
+    if state == "stopped":
+        rec.close()
+    with writer._room:
+        writer.queued_rows += 6
+        writer._failing = state == "failing"
+    waited = threading.Thread(target=writer.wait_for_room, daemon=True)
+    waited.start()
+    waited.join(5)
+    try:
+        assert not waited.is_alive() and writer.stalls == 0
+    finally:
+        with writer._room:
+            writer.queued_rows -= 6
+            writer._failing = False
+        rec.close()
