@@ -152,3 +152,25 @@ def test_signal_and_push_metric_take_device_tensors_without_a_sync_and_plain_flo
         ("weight_norm", p, "val") for p in range(3)
     ]
     assert [m["value"] for m in metrics] == pytest.approx([norm] * 3, rel=1e-6)
+
+
+def test_removing_an_on_collect_handle_stops_the_calls_and_twice_is_harmless(tmp_path):
+    calls: list[str] = []
+
+    class Two:
+        def config(self) -> dict[str, Any]:
+            return {"type": "Two"}
+
+        def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+            self.first = recording.on_collect(lambda: calls.append("first"))
+            self.second = recording.on_collect(lambda: calls.append("second"))
+            return []
+
+    lens = Two()
+    with nt.Recorder(tmp_path, lenses=[lens]) as rec:
+        rec.attach(nn.Linear(2, 2))
+        rec.collect()
+        lens.first.remove()
+        lens.first.remove()
+        rec.collect()
+    assert calls == ["first", "second", "second"]

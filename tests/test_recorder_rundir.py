@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,42 @@ def test_the_lock_file_is_held_while_open_and_ignored_by_the_reader(tmp_path):
     assert na.load(tmp_path).metrics.collect().height == 1
     rec.close()
     assert not (tmp_path / schema.lock_name(0)).exists()
+
+
+def test_only_a_process_of_this_host_that_no_longer_runs_is_gone():
+    """A lock's owner is known dead only on its own host and with a numeric pid; a live one, another
+    host's or an unreadable one is never taken for gone."""
+    from normtrace.rundir import _gone
+
+    here = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert _gone({"pid": dead.pid, "hostname": here})
+    assert not _gone({"pid": os.getpid(), "hostname": here})
+    assert not _gone({"pid": dead.pid, "hostname": "elsewhere.example"})
+    assert not _gone({"pid": str(dead.pid), "hostname": here})
+    assert not _gone({"hostname": here})
+
+
+def test_a_held_lock_naming_a_dead_process_is_read_again_before_it_is_reported(tmp_path):
+    """The holder signs the file just after taking the lock (over a dead owner's name when it takes a
+    stale lock over): a file still naming a dead process is read again until the patience runs out."""
+    from normtrace.rundir import _live_owner
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "lock"
+    stale = {"pid": dead.pid, "hostname": socket.gethostname()}
+    path.write_text(json.dumps(stale))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.monotonic()
+        assert _live_owner(fd, patience=0.3) == stale
+        assert time.monotonic() - start >= 0.3  # it waited for a signature that never came
+        live = {"pid": os.getpid(), "hostname": socket.gethostname()}
+        path.write_text(json.dumps(live))
+        start = time.monotonic()
+        assert _live_owner(fd, patience=5.0) == live
+        assert time.monotonic() - start < 2.5  # a live owner is reported at once
+    finally:
+        os.close(fd)
