@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from normtrace import __version__, lifecycle, rundir, schema
 from normtrace.buffer import COMPACT_VALUES, Buffer
-from normtrace.errors import NormtraceError, RunDirError, WriterError
+from normtrace.errors import NormtraceError, RunDirError, WriterError, warn_user
 from normtrace.lenses import graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, after_forward, before_forward
@@ -583,7 +582,7 @@ class Recorder:
             f"its forward counts as a pass. To count passes at the module you call, attach that one "
             "(Recorder.attach(model.net), or NormtraceCallback(module='net'))"
         )
-        _warn_user(f"normtrace: {detail}")
+        warn_user(f"normtrace: {detail}")
         self._note(ROOT_NAME, "passes_from_children", detail)
         return names
 
@@ -761,21 +760,6 @@ def run_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
             ) from None
     parsed: dict[str, Any] = json.loads(json.dumps(dict(config), allow_nan=True))
     return parsed
-
-
-_NOT_USER = ("normtrace.", "torch.", "mutmut.")
-"""Modules whose frames a warning from a hook skips: ours, torch's ``Module.__call__``, and the trampolines
-of the mutation tool (``nox -s mutate``), which wrap every function of a mutated module."""
-
-
-def _warn_user(message: str) -> None:
-    """``warnings.warn(message)`` pointing at the first frame outside normtrace and torch: the user's line
-    that called the module (a hook runs some frames deep in ``Module.__call__``). The frames are counted
-    from this function's own, the one that calls ``warnings.warn``."""
-    frame, level = sys._getframe(), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_NOT_USER):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

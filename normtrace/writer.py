@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from normtrace import schema
 from normtrace.buffer import CONVERTERS, row_count
-from normtrace.errors import WriterError
+from normtrace.errors import WriterError, warn_user
 
 log = logging.getLogger("normtrace")
 
@@ -104,13 +104,12 @@ class ShardWriter:
             self.stalls += 1
             if not self._warned:
                 self._warned = True
-                warnings.warn(
+                warn_user(  # at the training loop's line, whichever recorder call flushed
                     f"normtrace: the writer of {self.run_dir} is {self.queued_rows} rows behind "
                     f"(max_queued_rows={self.max_queued_rows}); training waits for it to catch up. The disk "
                     "is slower than what is recorded: record fewer modules (OutputNorm(exclude=...)), or "
                     "raise max_queued_rows to buy memory for speed",
                     RuntimeWarning,
-                    stacklevel=5,
                 )
             while self.queued_rows > self.max_queued_rows and not self._failing and self.alive:
                 self._room.wait(timeout=1.0)
