@@ -184,3 +184,64 @@ def test_call_labels_count_calls_within_each_threads_own_pass(tmp_path, fast_swi
         assert [n for _, n in got] == pytest.approx([n for _, n in want[i]], rel=1e-5)
         matched.append(i)
     assert sorted(matched) == list(range(2 * passes))
+
+
+class KeepRecording:
+    """A lens that only keeps its ``Recording`` handle, for a test to record through."""
+
+    def config(self) -> dict[str, str]:
+        return {"type": "KeepRecording"}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list[object]:
+        self.recording = recording
+        return []
+
+
+def test_a_metric_pushed_outside_a_pass_carries_the_threads_own_last_pass(tmp_path):
+    """A thread that ran a pass pushes under its own last pass, even after another thread started a
+    later one; a thread that ran none pushes under the last pass any thread started, at each push. The
+    same through ``Recorder.push_metric`` and through a lens's ``Recording.push_metric``."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    steps = [threading.Event() for _ in range(5)]
+
+    def actor() -> None:  # runs pass 0, then pushes after the main thread's pass 1
+        model(torch.randn(1, 2))
+        steps[0].set()
+        steps[1].wait(10)
+        rec.push_metric("actor", 1.0)
+        keeper.recording.push_metric("actor", 1.0, split="lens")
+        steps[2].set()
+
+    def watcher() -> None:  # runs no pass: pushes after pass 1, and again after pass 3
+        rec.push_metric("watcher", 1.0)
+        keeper.recording.push_metric("watcher", 1.0, split="lens")
+        steps[4].set()
+        steps[3].wait(10)
+        rec.push_metric("watcher", 2.0)
+        keeper.recording.push_metric("watcher", 2.0, split="lens")
+
+    keeper = KeepRecording()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), keeper]) as rec:
+        rec.attach(model)
+        acting = threading.Thread(target=actor)
+        acting.start()
+        steps[0].wait(10)
+        model(torch.randn(1, 2))  # pass 1
+        steps[1].set()
+        steps[2].wait(10)
+        watching = threading.Thread(target=watcher)
+        watching.start()
+        steps[4].wait(10)
+        model(torch.randn(1, 2))  # pass 2
+        model(torch.randn(1, 2))  # pass 3
+        steps[3].set()
+        acting.join(10)
+        watching.join(10)
+        assert not acting.is_alive() and not watching.is_alive()
+    rows = read_table(tmp_path, "metrics").to_pylist()
+    for split in (None, "lens"):
+        assert sorted((r["name"], r["value"], r["pass"]) for r in rows if r["split"] == split) == [
+            ("actor", 1.0, 0),
+            ("watcher", 1.0, 1),
+            ("watcher", 2.0, 3),
+        ]
