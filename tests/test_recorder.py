@@ -1119,3 +1119,22 @@ def test_a_complex_outputs_norm_is_that_of_its_moduli(tmp_path):
         model(torch.tensor([[0.0, 3.0, 4.0, 0.0]]))
     got = {r["module"]: r["norm"] for r in read_table(tmp_path, "outputs").to_pylist()}
     assert got == {"0": pytest.approx(5.0), "1": pytest.approx(5.0)}
+
+
+def test_infinite_norms_across_flushes_are_noted_once_and_at_once(tmp_path):
+    """Each flush holding an inf norm of an already noted module adds no second warning or note; the note
+    is in meta.json as soon as its flush is written, not only at close (a killed run keeps it)."""
+    from normtrace.writer import INF_NORM
+
+    model = nn.Sequential(nn.ReLU())
+    with pytest.warns(RuntimeWarning) as caught:
+        rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=1).attach(model)
+        model(torch.full((2, 4), 1e20))
+        rec.flush()
+        notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
+        assert notes == [{"module": "0", "kind": "inf_norm", "detail": INF_NORM}]
+        model(torch.full((2, 4), 1e20))
+        rec.flush()
+        rec.close()
+    assert [str(w.message) for w in caught] == [f"normtrace: module '0' in {tmp_path}: {INF_NORM}"]
+    assert json.loads((tmp_path / "meta.json").read_text())["notes"] == notes

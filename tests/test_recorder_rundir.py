@@ -177,3 +177,19 @@ def test_a_held_lock_naming_a_dead_process_is_read_again_before_it_is_reported(t
         assert time.monotonic() - start < 2.5  # a live owner is reported at once
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("owner", "said"),
+    [
+        ({}, "another process (its lock file is empty)"),
+        ({"pid": 7, "hostname": "gpu3", "start_time": "2026-12-01T10:00:00"}, "process 7 on gpu3 since 2026-12-01T10:00:00"),
+        ({"pid": 7, "hostname": "gpu3", "start_time": ""}, "process 7 on gpu3"),
+        ({"start_time": "2026-12-01T10:00:00"}, "process ? on ? since 2026-12-01T10:00:00"),
+    ],
+    ids=["empty", "complete", "no start time", "no pid or host"],
+)  # fmt: skip
+def test_a_lock_owner_is_described_with_what_its_file_says(owner, said):
+    from normtrace.rundir import _describe
+
+    assert _describe(owner) == said
