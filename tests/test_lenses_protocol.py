@@ -174,3 +174,21 @@ def test_removing_an_on_collect_handle_stops_the_calls_and_twice_is_harmless(tmp
         lens.first.remove()
         rec.collect()
     assert calls == ["first", "second", "second"]
+
+
+def test_describe_sets_a_key_of_meta_json_at_any_depth(tmp_path):
+    """A lens's own settings under a section of its own, which the recorder does not create."""
+
+    class Described:
+        def config(self) -> dict[str, Any]:
+            return {"type": "Described"}
+
+        def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+            recording.describe("described.window.size", 8)
+            recording.describe("described.kind", "max")
+            return []
+
+    with nt.Recorder(tmp_path, lenses=[Described()]) as rec:
+        rec.attach(nn.Linear(2, 2))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["described"] == {"window": {"size": 8}, "kind": "max"}

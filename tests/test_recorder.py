@@ -193,8 +193,12 @@ def test_structured_and_odd_outputs_never_break_training(tmp_path):
         per_sample_mean((x * 1000).to(torch.bfloat16)), rel=1e-3
     )
     assert "layers.empty" not in got and "layers.none" not in got
-    notes = {(n["module"], n["kind"]) for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
-    assert notes == {("layers.tuple.1.b", "non_tensor_output"), ("layers.none", "non_tensor_output")}
+    notes = {tuple(n.values()) for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
+    # the detail names what the output was instead of a tensor
+    assert notes == {
+        ("layers.tuple.1.b", "non_tensor_output", "str"),
+        ("layers.none", "non_tensor_output", "NoneType"),
+    }
 
 
 class Pair(NamedTuple):
@@ -1138,3 +1142,22 @@ def test_infinite_norms_across_flushes_are_noted_once_and_at_once(tmp_path):
         rec.close()
     assert [str(w.message) for w in caught] == [f"normtrace: module '0' in {tmp_path}: {INF_NORM}"]
     assert json.loads((tmp_path / "meta.json").read_text())["notes"] == notes
+
+
+def test_a_failing_norm_is_a_note_naming_the_module_and_training_goes_on(tmp_path, monkeypatch):
+    """An output the norm kernel fails on (here: every 3-d output) costs that module's rows only."""
+
+    import normtrace.lenses
+
+    def fail(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no norm for this")
+
+    monkeypatch.setattr(normtrace.lenses, "sample_norms", fail)
+    model = nn.Sequential(nn.Unflatten(1, (2, 2)), nn.ReLU(), nn.Flatten(), nn.Tanh())
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()]) as rec:
+        rec.attach(model)
+        out = [model(torch.randn(3, 4)) for _ in range(2)]
+    assert len(out) == 2
+    assert {r["module"] for r in read_table(tmp_path, "outputs").to_pylist()} == {"3"}  # the 2-d one
+    notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    assert [tuple(n.values()) for n in notes] == [("1", "hook_error", "RuntimeError: no norm for this")]
