@@ -1161,3 +1161,12 @@ def test_a_failing_norm_is_a_note_naming_the_module_and_training_goes_on(tmp_pat
     assert {r["module"] for r in read_table(tmp_path, "outputs").to_pylist()} == {"3"}  # the 2-d one
     notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
     assert [tuple(n.values()) for n in notes] == [("1", "hook_error", "RuntimeError: no norm for this")]
+
+
+def test_host_concat_joins_zero_and_one_dimensional_values_in_order():
+    """0-d and 1-d tensors together (a signal's 0-d value beside a lens's vector) cannot be stacked nor
+    concatenated as they are: they are joined per device, in the order given."""
+    from normtrace.buffer import host_concat
+
+    got = host_concat([torch.tensor(1.0), torch.tensor([2.0, 3.0]), torch.tensor(4.0, dtype=torch.float16)])
+    assert got.dtype == np.float64 and got.tolist() == [1.0, 2.0, 3.0, 4.0]
