@@ -293,3 +293,25 @@ def test_a_parameter_lens_selecting_nothing_warns_at_the_users_attach_call(tmp_p
             model, optimizer=torch.optim.SGD(model.parameters())
         ).close()
     assert [Path(w.filename).name for w in caught] == ["test_selection.py"]
+
+
+def test_parameter_lenses_describe_their_selection_in_meta_json(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lenses = [
+        nt.GradientNorm(parameters=["weight"], include=[nn.Linear], exclude=["1"], cosine=True),
+        nt.UpdateRatio(),
+    ]
+    with nt.Recorder(tmp_path, lenses=lenses) as rec:
+        rec.attach(model, optimizer=opt)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["lenses"] == [
+        {
+            "type": "GradientNorm",
+            "parameters": ["weight"],
+            "include": ["torch.nn.modules.linear.Linear"],
+            "exclude": ["1"],
+            "cosine": True,
+        },
+        {"type": "UpdateRatio", "parameters": None, "include": [], "exclude": [], "cosine": False},
+    ]
