@@ -315,3 +315,10 @@ def test_parameter_lenses_describe_their_selection_in_meta_json(tmp_path) -> Non
         },
         {"type": "UpdateRatio", "parameters": None, "include": [], "exclude": [], "cosine": False},
     ]
+
+
+@pytest.mark.parametrize("lens", ["GradientNorm", "UpdateRatio"])
+@pytest.mark.parametrize("arg", ["include", "exclude"])
+def test_a_parameter_lens_refuses_a_bad_selector_naming_itself_and_the_argument(lens: str, arg: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{lens}\({arg}=\.\.\.\) takes nn\.Module classes"):
+        getattr(nt, lens)(**{arg: [None]})
