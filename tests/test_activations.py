@@ -202,3 +202,18 @@ def test_a_pass_under_a_torch_func_transform_records_nothing(tmp_path) -> None:
         model(torch.randn(2, 3))  # pass 1
     assert {p for p, *_ in _signals(tmp_path)} == {1}
     assert [n[1] for n in notes(tmp_path)] == ["torch_func_transform"]
+
+
+def test_a_child_called_outside_the_roots_forward_is_recorded_under_a_pass_of_its_own(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    x = torch.tensor([[1.0, -1.0, 0.0]])
+    with nt.Recorder(tmp_path, lenses=[nt.ActivationRate()]) as rec:
+        rec.attach(model)
+        model(torch.randn(2, 3))  # pass 0
+        with pytest.warns(UserWarning, match="ran outside Sequential.forward"):
+            model[1](x)  # pass 1, counted at the child
+    rows = [(p, m, k, v) for p, m, k, v in _signals(tmp_path) if p == 1]
+    assert rows == [
+        (1, "1", "active_rate", pytest.approx(1 / 3)),
+        (1, "1", "dead_fraction", pytest.approx(2 / 3)),
+    ]

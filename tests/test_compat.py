@@ -163,8 +163,8 @@ def test_presentation_options_are_accepted_and_others_refused_naming_the_lens(le
 @pytest.mark.parametrize(
     ("lens", "recorded"),
     [
-        (ParameterGradientGeometry, "the raw L2 norm"),
-        (ParameterUpdateGeometry, "the update ratio"),
+        (ParameterGradientGeometry, "the raw L2 norm (its RMS is norm / sqrt(numel))"),
+        (ParameterUpdateGeometry, "the update ratio |Δθ|/|θ|, free of size"),
         (OutputGradientGeometry, "the batch mean of per-sample L2 norms"),
     ],
 )
@@ -175,5 +175,8 @@ def test_normalize_by_size_is_warned_about_not_silently_ignored(lens, recorded: 
         lens(normalize_by_size=False)
     with pytest.warns(UserWarning, match=rf"^{lens.__name__}\(normalize_by_size=True\) is ignored") as got:
         lens(normalize_by_size=True)
-    assert recorded in str(got[0].message)
+    assert (
+        str(got[0].message)
+        == f"{lens.__name__}(normalize_by_size=True) is ignored: normtrace records {recorded}"
+    )
     assert got[0].filename == __file__  # it points at the user's line
