@@ -176,15 +176,16 @@ def test_a_shard_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
 
 
 def test_flush_returns_only_once_the_rows_are_on_disk(tmp_path, monkeypatch):
-    """``Recorder.flush()`` waits for the writer thread: with every shard write slowed by 0.3 s, the rows
-    recorded before the call are all readable the moment it returns (a flush that only handed the rows
-    over would return before any file exists)."""
+    """``Recorder.flush()`` waits for the writer thread: with every shard write slowed by 1 s (longer than
+    the 0.5 s at which the wait checks that the thread still runs), the rows recorded before the call are
+    all readable the moment it returns (a flush that only handed the rows over would return before any
+    file exists)."""
     from normtrace.writer import ShardWriter
 
     slow = ShardWriter._write_shard
 
     def write_slowly(self, table, data):
-        time.sleep(0.3)
+        time.sleep(1.0)
         return slow(self, table, data)
 
     monkeypatch.setattr(ShardWriter, "_write_shard", write_slowly)
