@@ -10,6 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 from qnetwork import QNetwork  # examples/qnetwork.py, on pytest's pythonpath
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SEED_OUTPUT_MODULES = ["net.relu1", "net.relu2", "net.relu3", "net.relu4", "net.output"]
 
@@ -48,3 +50,16 @@ def notes(run_dir: Path) -> list[tuple[str, str, str]]:
     """The run's notes (rank 0's ``meta.json``) as (module, kind, detail), in the order recorded."""
     meta = json.loads((Path(run_dir) / "meta.json").read_text())
     return [(n["module"], n["kind"], n["detail"]) for n in meta["notes"]]
+
+
+class Checkpointed(nn.Module):
+    """``model = Sequential(Linear, Sequential(Linear, ReLU))`` whose inner block runs under
+    ``torch.utils.checkpoint``: recomputed during backward (``model.1.1`` is the ReLU)."""
+
+    def __init__(self, reentrant: bool = False) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.model[1], self.model[0](x), use_reentrant=self.reentrant)

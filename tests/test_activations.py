@@ -9,9 +9,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from recorder_models import notes, read_table
+from recorder_models import Checkpointed, notes, read_table
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import normtrace as nt
 import normtrace.activations
@@ -135,17 +134,6 @@ def test_outputs_that_are_not_one_tensor_are_skipped_without_a_note(tmp_path) ->
 
 def test_a_recomputation_in_backward_records_nothing(tmp_path) -> None:
     """Checkpointing runs the module's forward again during backward: that is not a pass."""
-    block = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
-    model = nn.Sequential(nn.Linear(3, 3), block)
-
-    class Checkpointed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return checkpoint(self.model[1], self.model[0](x), use_reentrant=False)
-
     root = Checkpointed()
     with nt.Recorder(tmp_path, lenses=[nt.ActivationRate()]) as rec:
         rec.attach(root)

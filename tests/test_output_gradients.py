@@ -10,9 +10,8 @@ import warnings
 
 import pytest
 import torch
-from recorder_models import notes, read_table
+from recorder_models import Checkpointed, notes, read_table
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import normtrace as nt
 import normtrace.gradients
@@ -137,22 +136,12 @@ def test_a_recomputation_in_backward_records_nothing_more(tmp_path, reentrant: b
     ``use_reentrant=True`` the block's forward runs under no_grad (its output has no gradient) and only
     the recomputation, inside backward, has one: nothing is recorded (docs/recorder.md, "Activation
     checkpointing")."""
-    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
-
-    class Checkpointed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return checkpoint(self.model[1], self.model[0](x), use_reentrant=reentrant)
-
-    root = Checkpointed()
+    root = Checkpointed(reentrant)
     with nt.Recorder(tmp_path, lenses=[nt.OutputGradientNorm()]) as rec:
         rec.attach(root)
         for _ in range(2):
             root(torch.randn(4, 3)).pow(2).sum().backward()
-        assert model[0].weight.grad is not None
+        assert root.model[0].weight.grad is not None
     want = [] if reentrant else [(0, "model.1.1"), (1, "model.1.1")]
     assert [(p, m) for p, m, _ in _rows(tmp_path)] == want
 
