@@ -1,0 +1,139 @@
+"""The streaming spike detector against the per-series pandas detector, over many baseline windows and
+piece sizes: every spike, baseline and score equal, whatever the window and wherever the pieces cut.
+
+The detector scores each series in stretches whose bounds (look-back, the blocks of the scale, the
+medians carried over gaps) derive from the window; the default windows and piece sizes of
+``test_analysis_pieces.py`` leave most of those bounds untested. Here the series are built to put flags,
+gaps and changes of scale near every kind of boundary: runs of missing values shorter and longer than a
+window (one at a series' start, one at its end), infinities, flat stretches, a tenfold change of noise,
+runs of consecutive spikes, series shorter than a window. The reference is
+``examples/distributed_spikes.py``, which shares no code with the package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import normtrace_analysis as na
+import numpy as np
+import polars as pl
+import pytest
+from normtrace_analysis import series as series_module
+from normtrace_analysis import spikes as spikes_module
+from optional import need
+from tracegen import write_trace
+
+FLOATS = ["value", "baseline", "score"]
+EPOCH_PASSES = 7  # short epochs: level "epoch" gets long series too
+
+
+def _series(rng: np.random.Generator, n: int, level: float) -> np.ndarray:
+    """Noise on a drifting level whose spread grows tenfold midway, with planted spikes (alone and in
+    runs), missing values, infinities and a flat stretch."""
+    drift = level + np.cumsum(rng.standard_normal(n)) * 0.02 * level / np.sqrt(n)
+    spread = np.where(np.arange(n) < n // 2, 0.01, 0.1) * level
+    v = drift + spread * rng.standard_normal(n)
+    for at in rng.choice(n, max(1, n // 60), replace=False):
+        width = int(rng.integers(1, 4))
+        v[at : at + width] += rng.choice([-1, 1]) * rng.uniform(0.3, 3.0) * level
+    for _ in range(max(1, n // 300)):  # gaps of every length
+        at, length = int(rng.integers(0, n)), int(rng.choice([1, 2, 5, 17, 60, 140]))
+        v[at : at + length] = np.nan
+    v[rng.choice(n, max(1, n // 400), replace=False)] = rng.choice([np.inf, -np.inf])
+    flat = int(rng.integers(0, n))
+    v[flat : flat + 30] = level
+    return v
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(7)
+    lengths = [1500, 900, 640, 333, 120, 45, 9, 1200]
+    series = {f"m{i}": _series(rng, n, 10.0 * (i + 1)) for i, n in enumerate(lengths)}
+    series["m0"][:90] = np.nan  # a series that starts with a long run of missing values
+    series["m1"][-70:] = np.nan  # and one that ends with one
+    series["m7"][500:1100] = np.nan  # a gap spanning many pieces
+    modules, passes, values = [], [], []
+    for name, v in series.items():
+        modules += [name] * len(v)
+        passes.append(np.arange(len(v)))
+        values.append(v)
+    p = np.concatenate(passes)
+    outputs = {
+        "pass": p,
+        "epoch": (p // EPOCH_PASSES).astype(np.int32),
+        "module": modules,
+        "norm": np.concatenate(values).astype(np.float32),
+    }
+    return write_trace(tmp_path_factory.mktemp("streaming") / "r", outputs=outputs, shards=40)
+
+
+@pytest.fixture(scope="module")
+def rows(run: Path) -> pl.DataFrame:
+    return na.load(run).outputs.collect().select("run", "rank", "module", "split", "pass", "epoch", "value")
+
+
+def _reference(rows: pl.DataFrame, level: str, window: int, threshold: float) -> pl.DataFrame:
+    need("pandas")
+    from distributed_spikes import detect_frame
+
+    found = detect_frame(rows.to_pandas(), level=level, window=window, threshold=threshold)
+    return pl.from_pandas(found, nan_to_null=False)
+
+
+def _assert_same(got: pl.DataFrame, want: pl.DataFrame, what: str) -> None:
+    keys = ["module", "pass", "epoch"] if "pass" in want.columns else ["module", "epoch"]
+    want = want.cast({c: got.schema[c] for c in want.columns}).sort(keys)
+    got = got.select(want.columns).sort(keys)
+    assert got.drop(FLOATS).equals(want.drop(FLOATS)), what  # the same spikes, at the same points
+    for column in FLOATS:
+        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-12, err_msg=what)
+
+
+def _spikes(run: Path, **options: object) -> pl.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", na.ShortSeriesWarning)  # m6 is shorter than most windows
+        return na.load(run).spikes(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window", [3, 4, 5, 8, 13, 20, 51])
+@pytest.mark.parametrize("threshold", [6.0, 2.5])
+def test_every_window_and_piece_size_gives_the_reference_spikes(
+    run: Path, rows: pl.DataFrame, monkeypatch: pytest.MonkeyPatch, window: int, threshold: float
+) -> None:
+    want = _reference(rows, "pass", window, threshold)
+    assert want.height >= 20 and (want["points"] > 1).any()  # runs of flags, not only single points
+    for piece_rows in (10**6, 331, 61, 23):
+        monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+        got = _spikes(run, baseline_window=window, threshold=threshold)
+        _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
+
+
+@pytest.mark.parametrize("window", [3, 6, 11])
+def test_epoch_level_gives_the_reference_spikes(run: Path, rows: pl.DataFrame, window: int) -> None:
+    want = _reference(rows, "epoch", window, 3.0)
+    assert want.height >= 10
+    _assert_same(_spikes(run, level="epoch", baseline_window=window, threshold=3.0), want, f"window {window}")
+
+
+@pytest.mark.parametrize("window", [4, 13, 51])
+def test_parallel_parts_give_the_reference_spikes(
+    run: Path, rows: pl.DataFrame, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    calls: list[int] = []
+    score = spikes_module._Detector._score
+
+    def counted(self: object, cols: dict, part_rows: np.ndarray, *rest: object) -> object:
+        calls.append(len(part_rows) - 1)
+        return score(self, cols, part_rows, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spikes_module, "PART_ROWS", 300)
+    monkeypatch.setattr(spikes_module.pl, "thread_pool_size", lambda: 3)
+    monkeypatch.setattr(spikes_module._Detector, "_score", counted)
+    for piece_rows in (10**6, 997):
+        monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+        calls.clear()
+        got = _spikes(run, baseline_window=window, threshold=4.0)
+        assert max(calls) < 8 and len(calls) > 1  # frames cut into parts between series
+        _assert_same(got, _reference(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}")
