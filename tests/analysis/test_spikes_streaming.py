@@ -6,7 +6,9 @@ medians carried over gaps) derive from the window; the default windows and piece
 ``test_analysis_pieces.py`` leave most of those bounds untested. Here the series are built to put flags,
 gaps and changes of scale near every kind of boundary: runs of missing values shorter and longer than a
 window (one at a series' start, one at its end), infinities, flat stretches, a tenfold change of noise,
-runs of consecutive spikes, series shorter than a window. The reference is
+runs of consecutive spikes, series shorter than a window. Only flagged points show their score, so a
+second trace flags a quarter of all points (isolated outliers): a baseline or scale off anywhere, even by
+one block of the rolling MAD, changes a score the test compares. The reference is
 ``examples/distributed_spikes.py``, which shares no code with the package.
 """
 
@@ -46,14 +48,19 @@ def _series(rng: np.random.Generator, n: int, level: float) -> np.ndarray:
     return v
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(7)
-    lengths = [1500, 900, 640, 333, 120, 45, 9, 1200]
-    series = {f"m{i}": _series(rng, n, 10.0 * (i + 1)) for i, n in enumerate(lengths)}
-    series["m0"][:90] = np.nan  # a series that starts with a long run of missing values
-    series["m1"][-70:] = np.nan  # and one that ends with one
-    series["m7"][500:1100] = np.nan  # a gap spanning many pieces
+def _dense(rng: np.random.Generator, n: int, level: float) -> np.ndarray:
+    """Noise whose spread changes along the series, with an outlier at about every fourth point (never
+    two side by side: each is a spike of its own, reported with its own score)."""
+    spread = level * 0.01 * np.exp(np.cumsum(rng.standard_normal(n)) * 0.1)
+    v = level + spread * rng.standard_normal(n)
+    at = np.flatnonzero(rng.random(n) < 0.25)
+    at = at[np.concatenate([[True], np.diff(at) > 1])]
+    v[at] += rng.choice([-1, 1], len(at)) * rng.uniform(10, 40, len(at)) * spread[at]
+    v[n // 3 : n // 3 + 40] = np.nan
+    return v
+
+
+def _write(path: Path, series: dict[str, np.ndarray]) -> Path:
     modules, passes, values = [], [], []
     for name, v in series.items():
         modules += [name] * len(v)
@@ -66,12 +73,34 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "module": modules,
         "norm": np.concatenate(values).astype(np.float32),
     }
-    return write_trace(tmp_path_factory.mktemp("streaming") / "r", outputs=outputs, shards=40)
+    return write_trace(path, outputs=outputs, shards=40)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(7)
+    lengths = [1500, 900, 640, 333, 120, 45, 9, 1200]
+    series = {f"m{i}": _series(rng, n, 10.0 * (i + 1)) for i, n in enumerate(lengths)}
+    series["m0"][:90] = np.nan  # a series that starts with a long run of missing values
+    series["m1"][-70:] = np.nan  # and one that ends with one
+    series["m7"][500:1100] = np.nan  # a gap spanning many pieces
+    return _write(tmp_path_factory.mktemp("streaming") / "r", series)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(8)
+    series = {f"d{i}": _dense(rng, n, 5.0 * (i + 1)) for i, n in enumerate([1100, 700, 260])}
+    return _write(tmp_path_factory.mktemp("streaming") / "d", series)
+
+
+def _rows(run: Path) -> pl.DataFrame:
+    return na.load(run).outputs.collect().select("run", "rank", "module", "split", "pass", "epoch", "value")
 
 
 @pytest.fixture(scope="module")
 def rows(run: Path) -> pl.DataFrame:
-    return na.load(run).outputs.collect().select("run", "rank", "module", "split", "pass", "epoch", "value")
+    return _rows(run)
 
 
 def _reference(rows: pl.DataFrame, level: str, window: int, threshold: float) -> pl.DataFrame:
@@ -108,6 +137,17 @@ def test_every_window_and_piece_size_gives_the_reference_spikes(
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
         got = _spikes(run, baseline_window=window, threshold=threshold)
         _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
+
+
+@pytest.mark.parametrize("window", [3, 4, 7, 12, 25, 51])
+def test_every_score_of_a_quarter_of_the_points_equals_the_reference(
+    dense: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    want = _reference(_rows(dense), "pass", window, 6.0)
+    assert (want["points"] == 1).sum() > 250  # the outliers, each alone
+    for piece_rows in (10**6, 157, 29):
+        monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+        _assert_same(_spikes(dense, baseline_window=window), want, f"window {window}, pieces of {piece_rows}")
 
 
 @pytest.mark.parametrize("window", [3, 6, 11])
