@@ -145,11 +145,14 @@ def test_training_waits_for_a_writer_slower_than_it_with_one_warning(tmp_path, m
         disk.release()
         trainer.join(timeout=60)
         wait_until(lambda: rec._writer.queued_rows == 0, "the writer catches up")
-        disk.block()  # a second stall: counted, not warned about again
+        # On a busy machine the released writer can still lag behind passes 7-12 and stall them again:
+        # count from here.
+        before = rec._writer.stalls
+        disk.block()  # another stall: counted, not warned about again
         trainer = threading.Thread(target=train)
         trainer.start()
-        wait_until(lambda: rec._writer.stalls > 1 or len(passes_done) == 2 * len(xs), "training stalls")
-        assert rec._writer.stalls == 2
+        wait_until(lambda: rec._writer.stalls > before or len(passes_done) == 2 * len(xs), "training stalls")
+        assert rec._writer.stalls == before + 1  # the trainer waits in that one until the release
         disk.release()
         trainer.join(timeout=60)
     rec.close()
