@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import numpy as np
 import polars as pl
 
+from .errors import EmptySelectionError
 from .names import SERIES_COLUMNS, SERIES_KEYS
 from .progress import detail
-from .trace import module_filter
+from .trace import listing, module_filter
 
 if TYPE_CHECKING:
     from .trace import RunPath, Trace
@@ -291,8 +292,21 @@ def scan(
     for c in consumers:
         c.finish()
     result = info.result()
+    if modules is not None and not result.keys.height:
+        _refuse_modules(trace, table, modules)
     trace.cached(("series-info", table, _modules_key(modules)), lambda: result)  # kept if none yet
     return consumers, result
+
+
+def _refuse_modules(trace: Trace, table: str, modules: Sequence[str] | str) -> None:
+    """Raise :class:`.EmptySelectionError` when ``modules`` selects no series of a table that has some,
+    naming the modules it holds: a typo such as ``modules="encodr"`` must not read as "no spikes"."""
+    names = trace.table(table).select(pl.col("module").unique().sort()).collect()["module"].to_list()
+    if names:
+        raise EmptySelectionError(
+            f"modules={modules!r} matches no module of the {table} table; it holds: {listing(names)}",
+            next(iter(trace.paths.values())),
+        )
 
 
 def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consumer]) -> None:

@@ -414,7 +414,7 @@ class Trace:
         unknown = [k for k in kinds if k not in recorded]
         if unknown:
             raise EmptySelectionError(
-                f"no signals of kind {unknown[0]!r}; the trace records kinds: {_listing(recorded)}",
+                f"no signals of kind {unknown[0]!r}; the trace records kinds: {listing(recorded)}",
                 self._runs[0].path,
             )
 
@@ -450,15 +450,15 @@ class Trace:
                 .sort("module")
                 .collect()["module"]
             )
-            found.append(f"modules: {_listing(names.to_list())}")
+            found.append(f"modules: {listing(names.to_list())}")
         if asked.get("split") is not None:
             splits = whole.outputs.select(pl.col("split").unique().sort()).collect()["split"]
-            found.append(f"splits: {_listing(splits.to_list())}")
+            found.append(f"splits: {listing(splits.to_list())}")
         if asked.get("ranks") is not None:
             ranks = sorted(
                 {_rank_of(p) for r in whole._selected_runs() for t in tables for p, _ in r.shards[t]}
             )
-            found.append(f"ranks: {_listing([str(r) for r in ranks])}")
+            found.append(f"ranks: {listing([str(r) for r in ranks])}")
         for column, plural in (("epoch", "epochs"), ("pass", "passes")):
             if asked.get(plural) is not None:
                 bounds = pl.concat([whole.table(t).select(column) for t in tables], how="vertical_relaxed")
@@ -921,7 +921,7 @@ def _check_regex(pattern: str) -> None:
         raise ValueError(f"modules={pattern!r} is not a valid regular expression: {why}") from None
 
 
-def _listing(names: list[str], at_most: int = 12) -> str:
+def listing(names: list[str], at_most: int = 12) -> str:
     """Names for a message: all of them, or the first ``at_most`` and how many more."""
     shown = ", ".join(names[:at_most])
     return shown + (f" … ({len(names) - at_most} more)" if len(names) > at_most else "")

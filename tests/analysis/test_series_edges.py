@@ -614,8 +614,14 @@ def test_series_info_is_the_one_an_analysis_scan_recorded(layouts, monkeypatch) 
     assert info.keys["length"].to_list() == [60, 60, 60]
 
 
-def test_an_empty_selection_has_empty_epoch_means_with_their_schema(layouts) -> None:
-    s = series.epoch_series(na.load(layouts["cut-passes"][0]), "outputs", "^nothing$")
+def test_an_empty_selection_is_refused_and_no_series_give_empty_epoch_means_with_their_schema(
+    layouts,
+) -> None:
+    with pytest.raises(
+        na.EmptySelectionError, match="^modules='\\^nothing\\$' matches no module of the outputs"
+    ):
+        series.epoch_series(na.load(layouts["cut-passes"][0]), "outputs", "^nothing$")
+    s = series._EpochMeans(series.Registry("outputs")).result()  # a consumer fed no frame
     assert s.data.height == 0
     assert s.keys.schema == pl.Schema(
         {"sid": pl.UInt32, "run": pl.String, "rank": pl.Int32, "module": pl.String, "split": pl.String}

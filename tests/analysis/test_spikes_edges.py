@@ -267,3 +267,35 @@ def test_runs_of_missing_values_across_pieces_carry_the_same_medians(
     # also where the run starts in a piece that holds no value before it
     gaps = whole.filter((pl.col("module") == "b") & pl.col("pass").is_in([100, 251, 331]))
     assert gaps["baseline"].to_list() == pytest.approx([10.0] * 3, abs=0.1)
+
+
+@pytest.mark.parametrize("level", ["pass", "epoch"])
+def test_a_modules_argument_matching_no_module_is_refused_naming_those_recorded(
+    tmp_path: Path, level: str
+) -> None:
+    """A typo in ``modules=`` must not read as "no spikes": the analyses that take it refuse it."""
+    values = _noise(300, 3)
+    values[150] = 40.0
+    events = {"epoch": [1, 2], "pass": [100, 200], "name": ["sync", "sync"]}
+    run = write_trace(
+        tmp_path / "r", outputs=_outputs({"net.0": values, "net.2": _noise(300, 4)}), events=events
+    )
+    trace = na.load(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", na.ShortSeriesWarning)  # 3 epochs
+        whole = trace.spikes(level=level)
+        assert trace.spikes(level=level, modules="net.0").equals(whole.filter(pl.col("module") == "net.0"))
+        for modules in ("encoder", ["net.1"]):
+            with pytest.raises(
+                na.EmptySelectionError, match=r"no module of the outputs table; it holds: net\.0, net\.2$"
+            ) as e:
+                trace.spikes(level=level, modules=modules)
+            assert str(e.value).startswith(f"modules={modules!r} matches") and e.value.path == run
+            for method, args in (
+                (trace.event_alignment, ("sync",)),
+                (trace.event_steps, ("sync",)),
+                (trace.event_profile, ("sync",)),
+                (trace.spike_clusters, ()),
+            ):
+                with pytest.raises(na.EmptySelectionError, match="matches no module"):
+                    method(*args, level=level, modules=modules)
