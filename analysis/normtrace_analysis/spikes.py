@@ -221,7 +221,6 @@ class _Detector:
     """
 
     def __init__(self, level: str, threshold: float, window: int, log: _LogScale | None = None) -> None:
-        self.level = level
         self.log = log  # which series are scored on log10 (None: none)
         self.threshold = threshold
         self.window = window
