@@ -62,7 +62,7 @@ def _dense(rng: np.random.Generator, n: int, level: float) -> np.ndarray:
     return v
 
 
-def _write(path: Path, series: dict[str, np.ndarray]) -> Path:
+def _write(path: Path, series: dict[str, np.ndarray], epoch_passes: int = EPOCH_PASSES) -> Path:
     """The series as the recorder lays them out: pass by pass, every module of a pass together (so the
     reader streams them in pieces; series written one after the other would be read whole)."""
     modules, passes, values = [], [], []
@@ -74,16 +74,15 @@ def _write(path: Path, series: dict[str, np.ndarray]) -> Path:
     order = np.lexsort((module, p))
     outputs = {
         "pass": p[order],
-        "epoch": (p[order] // EPOCH_PASSES).astype(np.int32),
+        "epoch": (p[order] // epoch_passes).astype(np.int32),
         "module": module[order].tolist(),
         "norm": np.concatenate(values)[order].astype(np.float32),
     }
     return write_trace(path, outputs=outputs, shards=40)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(7)
+def _planted(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
     lengths = [1500, 900, 640, 333, 120, 45, 9, 1200]
     series = {f"m{i}": _series(rng, n, 10.0 * (i + 1)) for i, n in enumerate(lengths)}
     series["m0"][:90] = np.nan  # a series that starts with a long run of missing values
@@ -91,7 +90,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     series["m7"][500:1100] = np.nan  # a gap spanning many pieces,
     series["m7"][[800, 950]] = 80.0  # with values alone in it: the runs after them start in stretches
     # that hold no median of their own, so their baseline is the one carried in from the stretch before
-    return _write(tmp_path_factory.mktemp("streaming") / "r", series)
+    return series
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("streaming") / "r", _planted(7))
+
+
+@pytest.fixture(scope="module")
+def long_epochs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Epochs of 150 passes: the epoch summary read on the side keeps an unfinished epoch, more of each
+    series than a short window's look-back, so the detector is fed frames that start before its stretch."""
+    return _write(tmp_path_factory.mktemp("streaming") / "long", _planted(9), epoch_passes=150)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +154,28 @@ def test_every_window_and_piece_size_gives_the_reference_spikes(
     for piece_rows in (10**6, 331, 61, 23):
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
         got = _spikes(run, baseline_window=window, threshold=threshold)
+        _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
+
+
+@pytest.mark.parametrize("window", [3, 8, 20])
+def test_frames_holding_more_than_the_detector_keeps_give_the_reference_spikes(
+    long_epochs: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    want = _reference(_rows(long_epochs), "pass", window, 2.5)
+    starts: list[bool] = []
+    feed = spikes_module._Detector.feed
+
+    def noted(self: spikes_module._Detector, frame: series_module.Frame) -> np.ndarray:
+        known = frame.sids < len(self.s)  # series met before this frame
+        starts.append(bool((frame.start[known] < self.s[frame.sids[known]]).any()))
+        return feed(self, frame)
+
+    monkeypatch.setattr(spikes_module._Detector, "feed", noted)
+    for piece_rows in (331, 61):
+        monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+        starts.clear()
+        got = _spikes(long_epochs, baseline_window=window, threshold=2.5)  # the summary read on the side
+        assert sum(starts) > 3  # frames that start before the detector's stretch
         _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
 
 
