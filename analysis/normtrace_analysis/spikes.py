@@ -370,7 +370,7 @@ class _Detector:
         pos = cols["pos"]
         finite = np.isfinite(value)
         x = value if finite.all() else np.where(finite, value, np.nan)
-        baseline = _centred_median(x, pos, rows, s, s, e, seed[:, 0], self.window)
+        baseline = _centred_median(x, rows, s, s, e, seed[:, 0], self.window)
         with np.errstate(invalid="ignore"):
             absdev = np.subtract(x, baseline)
         np.abs(absdev, out=absdev)
@@ -386,7 +386,7 @@ class _Detector:
         # Blocks before a stretch's first complete one are never used: give them a number, not NaN
         # (Polars' rolling median takes a much slower path as soon as a column has a null).
         block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
-        mad = _centred_median(block_mad, block_pos, block_rows, s // block, bs, bve, seed[:, 1], span)
+        mad = _centred_median(block_mad, block_rows, s // block, bs, bve, seed[:, 1], span)
         scale = mad[blk]
         np.multiply(scale, MAD_TO_SIGMA, out=scale)
         floor = np.abs(baseline)
@@ -462,7 +462,6 @@ def _block_medians(x: np.ndarray, sizes: np.ndarray, block: int) -> np.ndarray:
 
 def _centred_median(
     x: np.ndarray,
-    pos: np.ndarray,
     rows: np.ndarray,
     p0: np.ndarray,
     xs: np.ndarray,
@@ -472,8 +471,8 @@ def _centred_median(
 ) -> np.ndarray:
     """Centred rolling median of ``x`` within each stretch of a series, carried forward over gaps.
 
-    ``x`` (NaN: no value) holds stretches of series, stretch i in ``rows[i]:rows[i+1]`` at positions
-    ``pos`` (its index in the series) from ``p0[i]`` on; its values are known for positions
+    ``x`` (NaN: no value) holds stretches of series, stretch i in ``rows[i]:rows[i+1]`` at consecutive
+    positions (indices in the series) from ``p0[i]`` on; its values are known for positions
     [xs[i], xe[i]) (``xs`` 0 when the stretch starts the series); ``seed[i]`` is the result just
     before the first position the stretch can give (NaN: none). The result at p is the median of the
     values at p - (window - 1 - half) … p + half (a window centred on p; at the start of a series,

@@ -167,14 +167,13 @@ def test_centred_median_matches_the_per_series_definition() -> None:
     sid = np.concatenate([np.full(n, i, dtype=np.uint32) for i, n in enumerate(lengths)])
     values = rng.standard_normal(len(sid))
     values[rng.random(len(values)) < 0.2] = np.nan
-    # Whole series: each stretch starts its series at pos 0 and runs to its end; nothing carried in.
+    # Whole series: each stretch starts its series at position 0 and runs to its end; nothing carried in.
     rows = np.concatenate([[0], np.cumsum(lengths)])
-    pos = np.arange(len(sid)) - np.repeat(rows[:-1], lengths)
     zero, none = np.zeros(len(lengths), dtype=np.int64), np.full(len(lengths), np.nan)
     frame = pl.DataFrame({"sid": sid, "value": values}).with_columns(pl.col("value").fill_nan(None))
     for window in (3, 4, 11, 51):
         half = window // 2
-        got = _centred_median(values, pos, rows, zero, zero, lengths, none, window)
+        got = _centred_median(values, rows, zero, zero, lengths, none, window)
         want = frame.select(
             pl.col("value")
             .rolling_median(window, min_samples=half + 1)
@@ -185,7 +184,7 @@ def test_centred_median_matches_the_per_series_definition() -> None:
         assert np.array_equal(got, want.to_series().fill_null(np.nan).to_numpy(), equal_nan=True), window
     # And the definition itself, by brute force for one long series.
     series = values[sid == 7]
-    got = _centred_median(values, pos, rows, zero, zero, lengths, none, 11)[sid == 7]
+    got = _centred_median(values, rows, zero, zero, lengths, none, 11)[sid == 7]
     for i in range(5, len(series) - 5):
         window = series[i - 5 : i + 6]
         window = window[~np.isnan(window)]
@@ -203,9 +202,8 @@ def test_centred_median_on_short_series_with_gaps_matches_the_definition() -> No
         if trial % 2:
             values[rng.random(len(values)) < 0.3] = np.nan
         rows = np.concatenate([[0], np.cumsum(lengths)])
-        pos = np.arange(len(values)) - np.repeat(rows[:-1], lengths)
         zero, none = np.zeros(len(lengths), dtype=np.int64), np.full(len(lengths), np.nan)
-        got = _centred_median(values, pos, rows, zero, zero, lengths, none, window)
+        got = _centred_median(values, rows, zero, zero, lengths, none, window)
         half = window // 2
         frame = pl.DataFrame({"sid": np.repeat(np.arange(len(lengths)), lengths), "value": values})
         want = frame.with_columns(pl.col("value").fill_nan(None)).select(
