@@ -299,3 +299,11 @@ def test_a_modules_argument_matching_no_module_is_refused_naming_those_recorded(
             ):
                 with pytest.raises(na.EmptySelectionError, match="matches no module"):
                     method(*args, level=level, modules=modules)
+
+
+def test_a_table_without_series_is_refused_naming_those_with_series(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", outputs=_outputs({"a": _noise(100, 5)}))
+    with pytest.raises(
+        ValueError, match="^spike detection works on 'outputs' or 'params' or 'signals', not 'metrics'$"
+    ):
+        na.load(run).spikes("metrics")  # type: ignore[arg-type]
