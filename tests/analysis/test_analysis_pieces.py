@@ -15,11 +15,10 @@ import numpy as np
 import polars as pl
 import pytest
 from normtrace_analysis import series
-from optional import need
+from spikeref import assert_same_spikes, reference_spikes
 from tracegen import synthetic_dqn, write_trace
 
 STATS = ("count", "mean", "std", "min", "max", "p05", "p50", "p95")
-FLOATS = ["value", "baseline", "score"]
 
 
 def _dqn(seed: int, **options) -> dict:
@@ -111,18 +110,11 @@ def test_summary_equals_numpy_on_the_rows_as_written(runs, layout: str) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("level", ["pass", "epoch"])
 def test_spikes_equal_the_per_series_pandas_detector(runs, layout: str, level: str) -> None:
-    need("pandas")
-    from distributed_spikes import detect_frame
-
-    want = na.load(runs[layout]).spikes(level=level)
-    rows = _rows(runs[layout]).select("run", "rank", "module", "split", "pass", "epoch", "value")
-    got = pl.from_pandas(detect_frame(rows.to_pandas(), level=level), nan_to_null=False)
-    got = got.cast({c: want.schema[c] for c in got.columns}).sort(got.columns[: 5 if level == "pass" else 4])
-    want = want.select(got.columns)
+    want = reference_spikes(
+        _rows(runs[layout]).select("run", "rank", "module", "split", "pass", "epoch", "value"), level
+    )
     assert want.height >= 8
-    assert got.drop(FLOATS).equals(want.drop(FLOATS))  # the same spikes, at the same points
-    for column in FLOATS:
-        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-12)
+    assert_same_spikes(na.load(runs[layout]).spikes(level=level), want)
 
 
 def _everything(paths: list[Path]) -> list[pl.DataFrame]:

@@ -3,6 +3,7 @@ between two series, and the parallel path (frames cut into parts at series bound
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import normtrace_analysis.spikes as spikes_module
 import numpy as np
 import polars as pl
 import pytest
+from normtrace_analysis import charts
 from normtrace_analysis.summary import summary_key
 from polars.testing import assert_frame_equal
 from tracegen import write_trace
@@ -296,6 +298,8 @@ def test_a_modules_argument_matching_no_module_is_refused_naming_those_recorded(
                 (trace.event_steps, ("sync",)),
                 (trace.event_profile, ("sync",)),
                 (trace.spike_clusters, ()),
+                (trace.spike_groups, ()),
+                (functools.partial(charts.event_profile, trace), ("sync",)),
             ):
                 with pytest.raises(na.EmptySelectionError, match="matches no module"):
                     method(*args, level=level, modules=modules)

@@ -24,10 +24,9 @@ import polars as pl
 import pytest
 from normtrace_analysis import series as series_module
 from normtrace_analysis import spikes as spikes_module
-from optional import need
+from spikeref import assert_same_spikes, reference_spikes
 from tracegen import write_trace
 
-FLOATS = ["value", "baseline", "score"]
 EPOCH_PASSES = 7  # short epochs: level "epoch" gets long series too
 
 
@@ -121,23 +120,6 @@ def rows(run: Path) -> pl.DataFrame:
     return _rows(run)
 
 
-def _reference(rows: pl.DataFrame, level: str, window: int, threshold: float) -> pl.DataFrame:
-    need("pandas")
-    from distributed_spikes import detect_frame
-
-    found = detect_frame(rows.to_pandas(), level=level, window=window, threshold=threshold)
-    return pl.from_pandas(found, nan_to_null=False)
-
-
-def _assert_same(got: pl.DataFrame, want: pl.DataFrame, what: str) -> None:
-    keys = ["module", "pass", "epoch"] if "pass" in want.columns else ["module", "epoch"]
-    want = want.cast({c: got.schema[c] for c in want.columns}).sort(keys)
-    got = got.select(want.columns).sort(keys)
-    assert got.drop(FLOATS).equals(want.drop(FLOATS)), what  # the same spikes, at the same points
-    for column in FLOATS:
-        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-12, err_msg=what)
-
-
 def _spikes(run: Path, **options: object) -> pl.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", na.ShortSeriesWarning)  # m6 is shorter than most windows
@@ -149,19 +131,19 @@ def _spikes(run: Path, **options: object) -> pl.DataFrame:
 def test_every_window_and_piece_size_gives_the_reference_spikes(
     run: Path, rows: pl.DataFrame, monkeypatch: pytest.MonkeyPatch, window: int, threshold: float
 ) -> None:
-    want = _reference(rows, "pass", window, threshold)
+    want = reference_spikes(rows, "pass", window, threshold)
     assert want.height >= 20 and (want["points"] > 1).any()  # runs of flags, not only single points
     for piece_rows in (10**6, 331, 61, 23):
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
         got = _spikes(run, baseline_window=window, threshold=threshold)
-        _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
+        assert_same_spikes(got, want, f"window {window}, pieces of {piece_rows} rows")
 
 
 @pytest.mark.parametrize("window", [3, 8, 20])
 def test_frames_holding_more_than_the_detector_keeps_give_the_reference_spikes(
     long_epochs: Path, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
-    want = _reference(_rows(long_epochs), "pass", window, 2.5)
+    want = reference_spikes(_rows(long_epochs), "pass", window, 2.5)
     starts: list[bool] = []
     feed = spikes_module._Detector.feed
 
@@ -176,25 +158,29 @@ def test_frames_holding_more_than_the_detector_keeps_give_the_reference_spikes(
         starts.clear()
         got = _spikes(long_epochs, baseline_window=window, threshold=2.5)  # the summary read on the side
         assert sum(starts) > 3  # frames that start before the detector's stretch
-        _assert_same(got, want, f"window {window}, pieces of {piece_rows} rows")
+        assert_same_spikes(got, want, f"window {window}, pieces of {piece_rows} rows")
 
 
 @pytest.mark.parametrize("window", [3, 4, 7, 12, 25, 51])
 def test_every_score_of_a_quarter_of_the_points_equals_the_reference(
     dense: Path, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
-    want = _reference(_rows(dense), "pass", window, 6.0)
+    want = reference_spikes(_rows(dense), "pass", window, 6.0)
     assert (want["points"] == 1).sum() > 250  # the outliers, each alone
     for piece_rows in (10**6, 157, 29):
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
-        _assert_same(_spikes(dense, baseline_window=window), want, f"window {window}, pieces of {piece_rows}")
+        assert_same_spikes(
+            _spikes(dense, baseline_window=window), want, f"window {window}, pieces of {piece_rows}"
+        )
 
 
 @pytest.mark.parametrize("window", [3, 6, 11])
 def test_epoch_level_gives_the_reference_spikes(run: Path, rows: pl.DataFrame, window: int) -> None:
-    want = _reference(rows, "epoch", window, 3.0)
+    want = reference_spikes(rows, "epoch", window, 3.0)
     assert want.height >= 10
-    _assert_same(_spikes(run, level="epoch", baseline_window=window, threshold=3.0), want, f"window {window}")
+    assert_same_spikes(
+        _spikes(run, level="epoch", baseline_window=window, threshold=3.0), want, f"window {window}"
+    )
 
 
 @pytest.mark.parametrize("window", [4, 13, 51])
@@ -216,4 +202,6 @@ def test_parallel_parts_give_the_reference_spikes(
         pools.clear()
         got = _spikes(run, baseline_window=window, threshold=4.0)
         assert pools and max(pools) == 3  # frames cut into parts between series, one per thread
-        _assert_same(got, _reference(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}")
+        assert_same_spikes(
+            got, reference_spikes(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}"
+        )
