@@ -306,3 +306,29 @@ def test_log_scaling_follows_series_first_met_in_later_pieces(
     # on log10: the jump is log10(20) over a noise of ~0.05 / ln 10, a score near 60, not the hundreds
     # that the same jump gets on the values
     assert 20 < norm["score"] < 120
+
+
+def test_a_flat_log_scaled_signal_near_one_flags_a_relative_jump_and_not_rounding(tmp_path: Path) -> None:
+    """A gradient norm flat at 1 is 0 on log10, where the linear floor (1e-4 of the baseline) would be 0
+    and float32 rounding would flag: the log scale has its own floor, the same relative size (1e-4 / ln 10
+    of log10). So a step to 1.001 scores ln(1.001) / 1e-4 ≈ 10 floors, one float32 ulp above 1 (one point
+    in 50, so every block's deviation stays 0) about 0.001."""
+    n = 1000
+    values = np.ones(n, dtype=np.float32)
+    values[::50] = np.nextafter(np.float32(1), np.float32(2))
+    values[500] = 1.001
+    run = write_trace(
+        tmp_path / "flat",
+        signals={
+            "pass": np.arange(n),
+            "epoch": np.zeros(n, dtype=np.int32),
+            "kind": np.full(n, "grad_norm", dtype=object),
+            "module": np.full(n, "layer", dtype=object),
+            "value": values,
+        },
+    )
+    found = na.load(run).spikes("signals")
+    assert found["pass"].to_list() == [500]
+    expected = math.log(float(np.float32(1.001))) / 1e-4
+    assert found["score"][0] == pytest.approx(expected, rel=1e-6)
+    assert found["baseline"][0] == pytest.approx(1.0, rel=1e-12)  # reported in the signal's units
