@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 
 import normtrace as nt
 import normtrace.writer
-from normtrace import schema
+from normtrace import lifecycle, schema
 
 TESTS = Path(__file__).parent
 EXAMPLES = TESTS.parent / "examples"
@@ -308,6 +309,107 @@ def test_signal_handlers_are_installed_while_open_and_put_back_after(tmp_path):
             signal.signal(signal.SIGHUP, previous)
 
 
+def test_a_signal_ignored_on_purpose_leaves_the_other_signals_handled(tmp_path):
+    """SIGTERM ignored (the first signal the recorder looks at) is left alone, and SIGHUP still gets the
+    recorder's handler: skipping one signal must not skip the rest."""
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("needs SIGHUP")
+    term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with nt.Recorder(tmp_path / "r"):
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGHUP, hup)
+
+
+def test_a_signal_arriving_inside_the_recorder_reaches_the_users_handler_when_it_leaves(tmp_path):
+    """A signal raised while the main thread is inside a critical stretch of the recorder (taking rows
+    out of the buffer) is held until the stretch ends, then handed to the user's handler with the frame
+    it interrupted, as if normtrace were not there; the run says it was terminated and keeps its rows."""
+    got: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append((signum, frame)))
+    try:
+        with nt.Recorder(tmp_path / "r") as rec:
+            rec.push_metric("before", 1.0)
+            with lifecycle.critical():
+                signal.raise_signal(signal.SIGTERM)
+                assert got == []  # held: the recorder is mid-stretch
+            assert [signum for signum, _ in got] == [signal.SIGTERM]
+            assert isinstance(got[0][1], types.FrameType)
+            signal.raise_signal(signal.SIGTERM)  # outside a stretch: handed on at once, frame and all
+            assert len(got) == 2 and isinstance(got[1][1], types.FrameType)
+            assert meta_of(tmp_path / "r")["status"] == "terminated"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert read_table(tmp_path / "r", "metrics").column("name").to_pylist() == ["before"]
+
+
+CLOSE_FAILS_AT_EXIT = """
+import sys
+sys.path[:0] = [{tests!r}]
+import normtrace as nt
+rec = nt.Recorder({run!r})
+rec.push_metric("m", 1.0)
+close = rec.close
+def failing_close(**options):
+    close(**options)
+    raise RuntimeError("the disk went away")
+rec.close = failing_close
+print(rec.run_dir, flush=True)
+"""
+
+
+def test_a_close_failing_at_exit_is_said_on_stderr_naming_the_run(tmp_path):
+    """At interpreter exit raising helps nobody: what failed is said on stderr, naming the run directory
+    and the error, and the process exits as it would have."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CLOSE_FAILS_AT_EXIT.format(tests=str(TESTS), run=str(tmp_path / "r"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    run_dir = proc.stdout.strip()
+    assert proc.returncode == 0, proc.stderr
+    assert f"normtrace: closing the recorder of {run_dir}: the disk went away\n" in proc.stderr
+    assert meta_of(tmp_path / "r")["status"] == "exited"
+
+
+ABANDONED_THEN_EXIT = """
+import gc, sys, time
+sys.path[:0] = [{tests!r}]
+import normtrace as nt
+import normtrace.writer
+write = normtrace.writer.ShardWriter._write_shard
+def slow_write(self, table, data):
+    time.sleep(0.5)
+    write(self, table, data)
+normtrace.writer.ShardWriter._write_shard = slow_write
+rec = nt.Recorder({run!r})
+rec.push_metric("m", 1.0)
+del rec
+gc.collect()
+"""
+
+
+def test_a_recorder_dropped_just_before_exit_is_written_before_the_process_ends(tmp_path):
+    """A recorder collected without close() finishes without waiting (its finalizer may run on any
+    thread); if the interpreter exits right after, the exit handler waits for its writer (a daemon
+    thread that would otherwise die mid-write): here each shard takes half a second to write."""
+    proc = subprocess.run(
+        [sys.executable, "-c", ABANDONED_THEN_EXIT.format(tests=str(TESTS), run=str(tmp_path / "r"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert read_table(tmp_path / "r", "metrics").column("name").to_pylist() == ["m"]
+    assert meta_of(tmp_path / "r")["status"] == "abandoned"
+
+
 # ---------------------------------------------------------------------------------- fork
 
 
@@ -362,3 +464,25 @@ def forked_child_runs_and_is_refused(tmp_path: Path) -> None:
     assert [r["pass"] for r in rows] == [0] * 5 + [1] * 5
     assert norms_by_module(rows, 1) == approx_output_norms(model, x)
     assert meta_of(tmp_path)["status"] == "closed"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_childs_own_recorder_puts_the_signal_handlers_back_when_it_closes(tmp_path):
+    """The parent's recorder, copied into a forked child, records nothing there and wants no signal
+    handler: when the child's own recorder closes, the handlers go back to what they were."""
+    before = signal.getsignal(signal.SIGTERM)
+    with nt.Recorder(tmp_path / "parent"):
+        assert signal.getsignal(signal.SIGTERM) is not before
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            code = 1
+            try:
+                nt.Recorder(tmp_path / "child").close()
+                code = 0 if signal.getsignal(signal.SIGTERM) is before else 10
+            except BaseException:
+                code = 11
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert signal.getsignal(signal.SIGTERM) is not before  # the parent's own stay while it is open
+    assert meta_of(tmp_path / "child")["status"] == "closed"
