@@ -192,3 +192,38 @@ def test_describe_sets_a_key_of_meta_json_at_any_depth(tmp_path):
         rec.attach(nn.Linear(2, 2))
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["described"] == {"window": {"size": 8}, "kind": "max"}
+
+
+def test_a_lens_appending_rows_itself_reaches_the_tables_with_its_processs_rank(tmp_path):
+    """The raw append functions of ``Recording`` (one row each, the counters read by the lens itself),
+    and ``rank``, the process's rank (0 without torch.distributed), for a lens that names things by it."""
+
+    class Marker:
+        def config(self) -> dict[str, Any]:
+            return {"type": "Marker"}
+
+        def attach(self, target: nt.Target, recording: nt.Recording) -> list[Any]:
+            def collect() -> None:
+                at = (recording.epoch, recording.current_pass())
+                recording.append_event((*at, f"tick@rank{recording.rank}", 123.0))
+                recording.append_metric((*at, "ticks", float(recording.epoch + 1), "train", 124.0))
+
+            return [recording.on_collect(collect)]
+
+    model = QNetwork()
+    with nt.Recorder(tmp_path, lenses=[Marker()]) as rec:
+        rec.attach(model)
+        for _ in range(2):
+            model(torch.randn(3, 4))
+            model(torch.randn(3, 4))
+            rec.tick_epoch()
+    events = read_table(tmp_path, "events").to_pylist()
+    assert [(e["epoch"], e["pass"], e["name"], e["time"]) for e in events] == [
+        (0, 1, "tick@rank0", 123.0),
+        (1, 3, "tick@rank0", 123.0),
+    ]
+    metrics = read_table(tmp_path, "metrics").to_pylist()
+    assert [(m["epoch"], m["pass"], m["name"], m["value"], m["split"], m["time"]) for m in metrics] == [
+        (0, 1, "ticks", 1.0, "train", 124.0),
+        (1, 3, "ticks", 2.0, "train", 124.0),
+    ]
