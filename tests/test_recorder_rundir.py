@@ -6,16 +6,18 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 from recorder_models import read_table
 
 import normtrace as nt
-from normtrace import schema
+from normtrace import rundir, schema
 
 TESTS = Path(__file__).parent
 EXAMPLES = TESTS.parent / "examples"
@@ -193,3 +195,67 @@ def test_a_lock_owner_is_described_with_what_its_file_says(owner, said):
     from normtrace.rundir import _describe
 
     assert _describe(owner) == said
+
+
+def test_each_refusal_says_what_holds_the_directory_and_what_to_do_word_for_word(tmp_path):
+    run = tmp_path / "run"
+    lock_path = run / schema.lock_name(0)
+    holder = start_holder(run)
+    first = holder.stdout.readline().split()
+    assert first[0] == "writing", first
+    owner = json.loads(lock_path.read_text())
+    with pytest.raises(nt.RunDirError) as live:
+        nt.Recorder(run, overwrite=True)
+    finish(holder)
+    assert str(live.value) == (
+        f"run directory {run} is being written by process {first[1]} on {socket.gethostname()} since "
+        f"{owner['start_time']} ({lock_path}); a run has one writer at a time, even with overwrite=True: "
+        "choose another directory, or stop that process first"
+    )
+    with pytest.raises(nt.RunDirError) as old:
+        nt.Recorder(run)
+    assert str(old.value) == (
+        f"run directory {run} already holds a trace for rank 0 ({run / schema.meta_name(0)}); "
+        "choose a new directory or pass overwrite=True"
+    )
+    foreign = {"pid": 4242, "hostname": "elsewhere.example", "start_time": "2026-11-30T00:00:00+00:00"}
+    lock_path.write_text(json.dumps(foreign))
+    with pytest.raises(nt.RunDirError) as elsewhere:
+        nt.Recorder(run)
+    assert str(elsewhere.value) == (
+        f"run directory {run} is locked by process 4242 on elsewhere.example since "
+        f"2026-11-30T00:00:00+00:00 ({lock_path}), which cannot be checked from this host; if that process "
+        "has ended, pass overwrite=True, else choose another directory"
+    )
+
+
+def test_a_directory_nobody_locked_is_claimed_without_a_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nt.Recorder(tmp_path / "fresh").close()
+        nt.Recorder(tmp_path / "fresh", overwrite=True).close()  # its lock file was removed at close
+
+
+def test_without_flock_the_lock_file_is_created_exclusively_and_one_left_behind_is_foreign(
+    tmp_path, monkeypatch
+):
+    """Where ``fcntl`` is missing (Windows) the lock is the file's exclusive creation, and a lock file
+    left behind (by a crash) is treated as another host's: whether its owner runs cannot be told, so
+    only ``overwrite=True`` takes it, with a warning."""
+    monkeypatch.setattr(rundir, "fcntl", None)
+    run = tmp_path / "run"
+    lock_path = run / schema.lock_name(0)
+    umask = os.umask(0)
+    os.umask(umask)
+    with nt.Recorder(run):
+        assert stat.S_IMODE(lock_path.stat().st_mode) == 0o644 & ~umask
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert not lock_path.exists()
+    lock_path.write_text(json.dumps({"pid": 999_999_999, "hostname": socket.gethostname()}))
+    with pytest.raises(
+        nt.RunDirError, match=rf"locked by process 999999999 on .* \({lock_path}\), which cannot"
+    ):
+        nt.Recorder(run, overwrite=False)
+    with pytest.warns(UserWarning, match=rf"overwrite=True took {lock_path} from process 999999999"):
+        nt.Recorder(run, overwrite=True).close()
+    assert not lock_path.exists()
