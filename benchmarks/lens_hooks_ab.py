@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import TrainStep  # noqa: E402  (the seed's step, as in every W2 benchmark)
+from overhead import TrainStep, alternate  # noqa: E402  (the seed's step, as in every W2 benchmark)
 
 import normtrace as nt  # noqa: E402
 
@@ -76,17 +75,12 @@ def main() -> None:
         step = TrainStep()
         lens = getattr(module, args.lens)(cosine=args.cosine)
         runs[name] = (step, *timed(step, lens, Path(tempfile.mkdtemp()) / name))
-    for i in range(300):  # warm-up, not counted
-        for step, _, _ in runs.values():
-            step.step(i)
-    for _, _, total in runs.values():
-        total[0] = 0
-    rng = np.random.default_rng(0)
-    for block in range(args.blocks):
-        for name in rng.permutation(list(runs)):
-            step = runs[name][0]
-            for i in range(10):
-                step.step(300 + 10 * block + i)
+
+    def reset() -> None:  # after the warm-up
+        for _, _, total in runs.values():
+            total[0] = 0
+
+    alternate({name: step for name, (step, _, _) in runs.items()}, args.blocks, reset)
     per_step = {}
     for name, (_, rec, total) in runs.items():
         rec.close()

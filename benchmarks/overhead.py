@@ -55,6 +55,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -422,6 +423,25 @@ class TrainStep:
         """The seed reloads the target network every 5 episodes."""
         if epoch % 5 == 0:
             self.target.load_state_dict(self.model.state_dict())
+
+
+def alternate(
+    steps: dict[str, TrainStep], blocks: int, warmed: Callable[[], object], warmup: int = 300
+) -> None:
+    """Run every step ``warmup`` times (not measured; ``warmed()`` is called after, to reset the
+    counters), then ``blocks`` blocks of 10 steps of each, in a new random order every block: for
+    benchmarks that compare variants on their own copies of the step inside one process."""
+    for i in range(warmup):
+        for step in steps.values():
+            step.step(i)
+    warmed()
+    rng = random.Random(0)
+    names = list(steps)
+    for block in range(blocks):
+        rng.shuffle(names)
+        for name in names:
+            for i in range(10):
+                steps[name].step(warmup + 10 * block + i)
 
 
 def run_block(work: Workload, tracer: Tracer, steps: int, epoch_len: int) -> tuple[float, float, float]:
