@@ -259,3 +259,83 @@ def test_without_flock_the_lock_file_is_created_exclusively_and_one_left_behind_
     with pytest.warns(UserWarning, match=rf"overwrite=True took {lock_path} from process 999999999"):
         nt.Recorder(run, overwrite=True).close()
     assert not lock_path.exists()
+
+
+def test_a_second_claim_in_this_process_is_named_as_such(tmp_path):
+    """A lock held by this very process (a recorder still closing on another thread, whose directory is
+    no longer listed as open) is refused like any live owner, and the error says it is this process."""
+    run = tmp_path / "run"
+    lock = rundir.claim(run, 0, overwrite=False)
+    try:
+        owner = json.loads((run / schema.lock_name(0)).read_text())
+        with pytest.raises(nt.RunDirError) as held:
+            rundir.claim(run, 0, overwrite=True)
+    finally:
+        lock.release()
+    assert str(held.value) == (
+        f"run directory {run} is being written by process {os.getpid()} on {socket.gethostname()} since "
+        f"{owner['start_time']} (this process: another Recorder) ({run / schema.lock_name(0)}); a run has "
+        "one writer at a time, even with overwrite=True: choose another directory, or stop that process first"
+    )
+
+
+def test_a_lock_file_replaced_at_every_attempt_is_given_up_with_an_error(tmp_path, monkeypatch):
+    """Between opening the lock file and locking it, its owner may remove it (and another process make a
+    new one): the lock is retried on the new file; a file replaced every time ends in an error, with no
+    descriptor left open."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / schema.lock_name(0)
+    stat_ = os.stat
+
+    def replaced(target, *args, **kwargs):  # the path's inode never matches the descriptor's
+        result = stat_(target, *args, **kwargs)
+        if Path(target) == path:
+            return os.stat_result((result.st_mode, result.st_ino + 1, *tuple(result)[2:]))
+        return result
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "stat", replaced)
+    with pytest.raises(nt.RunDirError) as gave_up:
+        rundir.claim(run, 0, overwrite=False)
+    monkeypatch.undo()
+    assert str(gave_up.value) == f"cannot lock {path}: it keeps being replaced"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_lock_file_holding_json_that_is_not_an_object_names_no_owner(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / schema.lock_name(0)).write_text("[4242]")  # valid JSON, not an owner
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no takeover to report: nobody is named
+        nt.Recorder(run).close()
+
+
+def test_a_run_directory_is_made_with_its_parents_and_a_path_that_cannot_be_one_is_refused(tmp_path):
+    nested = tmp_path / "sweep" / "lr=0.1" / "seed=0"
+    nt.Recorder(nested).close()
+    assert (nested / schema.meta_name(0)).is_file()
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a run")
+    with pytest.raises(nt.RunDirError) as taken:
+        nt.Recorder(afile)
+    assert str(taken.value) == f"run directory {afile} exists and is not a directory"
+    with pytest.raises(nt.RunDirError) as under:
+        nt.Recorder(afile / "run")
+    assert str(under.value).startswith(
+        f"cannot create run directory {afile / 'run'}: [Errno 20] Not a directory"
+    )
+
+
+def test_the_takeover_warning_points_at_the_users_line(tmp_path):
+    """The warning that a stale lock was taken over names the line that made the Recorder (stacklevel),
+    not normtrace's own code."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = {"pid": 4242, "hostname": "elsewhere.example", "start_time": "2026-11-30T00:00:00+00:00"}
+    (run / schema.lock_name(0)).write_text(json.dumps(lock))
+    with pytest.warns(UserWarning, match=r"overwrite=True took") as said:
+        rec = nt.Recorder(run, overwrite=True)
+    rec.close()
+    assert [w.filename for w in said] == [__file__]
