@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -339,3 +341,32 @@ def test_the_takeover_warning_points_at_the_users_line(tmp_path):
         rec = nt.Recorder(run, overwrite=True)
     rec.close()
     assert [w.filename for w in said] == [__file__]
+
+
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    with nt.Recorder(tmp_path / "run"):
+        assert stat.S_IMODE((tmp_path / "run" / schema.lock_name(0)).stat().st_mode) == 0o644 & ~umask
+
+
+def test_a_file_system_without_locks_is_named_in_the_error(tmp_path, monkeypatch):
+    """flock failing for another reason than a holder (ENOLCK: some network file systems) is not a
+    holder: the error says the file system may not support locks, and no descriptor is left open."""
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(
+        rundir, "fcntl", types.SimpleNamespace(LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, flock=no_locks)
+    )
+    run = tmp_path / "run"
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(nt.RunDirError) as refused:
+        nt.Recorder(run)
+    assert str(refused.value) == (
+        f"cannot lock {run / schema.lock_name(0)} ([Errno {errno.ENOLCK}] No locks available); the file "
+        "system may not support locks"
+    )
+    assert len(os.listdir("/proc/self/fd")) == before
