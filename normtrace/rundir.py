@@ -22,13 +22,12 @@ import json
 import os
 import socket
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from normtrace import schema
-from normtrace.errors import RunDirError
+from normtrace.errors import RunDirError, warn_user
 
 fcntl: ModuleType | None
 try:
@@ -87,7 +86,7 @@ def claim(run_dir: Path, rank: int, overwrite: bool) -> RunDirLock:
         raise
     lock.sign()
     if taken_from:  # said only now: a refused recorder has taken nothing
-        warnings.warn(f"normtrace: {taken_from}", stacklevel=3)
+        warn_user(f"normtrace: {taken_from}")  # at the line that made the Recorder, however deep
     return lock
 
 
