@@ -13,6 +13,8 @@ from recorder_models import QNetwork, approx_output_norms, norms_by_module, read
 from torch import nn
 
 import normtrace as nt
+import normtrace.rundir
+import normtrace.writer
 from normtrace import schema
 
 
@@ -188,3 +190,42 @@ def test_a_failing_or_stopped_writer_never_makes_training_wait(tmp_path, state: 
             writer.queued_rows -= 6
             writer._failing = False
         rec.close()
+
+
+def test_a_bug_in_the_writers_loop_is_reported_naming_the_run_and_the_rows_kept(tmp_path, monkeypatch):
+    """An unexpected error in the writer thread's own code (here: the check for infinite norms) must not
+    kill the thread silently: it is kept and raised by the next call, naming the run directory, and the
+    rows already taken in are written."""
+
+    def broken(self, data):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(normtrace.writer.ShardWriter, "_note_infinite_norms", broken)
+    model = QNetwork()
+    x = torch.randn(2, 4)
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])])
+    rec.attach(model)
+    model(x)
+    error = close_within(rec)
+    assert isinstance(error, nt.WriterError) and error.path == tmp_path
+    assert str(error) == f"normtrace could not write {tmp_path}: RuntimeError: a bug in the writer"
+    assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
+
+
+def test_a_failure_after_the_last_write_is_reported_naming_the_run(tmp_path, monkeypatch):
+    """What runs once everything is written (releasing the run directory's lock) failing is reported by
+    close(), naming the run directory; the rows are written and the thread stops."""
+
+    def release(self):
+        raise RuntimeError("the lock file vanished oddly")
+
+    monkeypatch.setattr(normtrace.rundir.RunDirLock, "release", release)
+    rec = nt.Recorder(tmp_path)
+    rec.push_metric("m", 1.0)
+    error = close_within(rec)
+    assert isinstance(error, nt.WriterError) and error.path == tmp_path
+    assert str(error) == f"normtrace could not write {tmp_path}: RuntimeError: the lock file vanished oddly"
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["m"]
+    assert not rec._writer.alive
+    monkeypatch.undo()
+    rec._run.lock.release()  # (for the test's own cleanup)
