@@ -229,3 +229,17 @@ def test_a_failure_after_the_last_write_is_reported_naming_the_run(tmp_path, mon
     assert not rec._writer.alive
     monkeypatch.undo()
     rec._run.lock.release()  # (for the test's own cleanup)
+
+
+def test_metadata_that_cannot_be_written_at_close_is_reported_naming_its_file(tmp_path):
+    """The final meta.json failing (something is in its way) is raised by close() naming that file; the
+    rows are written all the same."""
+    rec = nt.Recorder(tmp_path)
+    rec.push_metric("m", 1.0)
+    meta = tmp_path / schema.meta_name(0)
+    meta.unlink()
+    meta.mkdir()
+    error = close_within(rec)
+    assert isinstance(error, nt.WriterError) and error.path == meta
+    assert str(error).startswith(f"normtrace could not write {meta}: IsADirectoryError: ")
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["m"]
