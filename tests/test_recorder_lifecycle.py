@@ -489,3 +489,51 @@ def test_a_forked_childs_own_recorder_puts_the_signal_handlers_back_when_it_clos
         assert os.waitstatus_to_exitcode(status) == 0
         assert signal.getsignal(signal.SIGTERM) is not before  # the parent's own stay while it is open
     assert meta_of(tmp_path / "child")["status"] == "closed"
+
+
+def test_a_recorder_failing_to_write_on_a_signal_still_lets_the_users_handler_run(tmp_path, monkeypatch):
+    """With a handler of the user's to hand the signal to, each open recorder writes what it has first;
+    one of them failing must not keep the signal from that handler (or from the other recorders)."""
+    got: list[int] = []
+
+    def refuses(self, signum):
+        raise OSError("the disk went away")
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with nt.Recorder(tmp_path / "a") as broken, nt.Recorder(tmp_path / "b") as fine:
+            fine.push_metric("m", 1.0)
+            monkeypatch.setattr(broken, "_terminated", refuses.__get__(broken))
+            signal.raise_signal(signal.SIGTERM)
+            assert got == [signal.SIGTERM]
+            assert meta_of(tmp_path / "b")["status"] == "terminated"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+BLOCKED = """
+import signal, sys
+sys.path[:0] = [{tests!r}]
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})  # in every thread started from here on
+import normtrace as nt
+from normtrace import lifecycle
+rec = nt.Recorder({run!r})
+rec.push_metric("m", 1.0)
+lifecycle._on_signal(signal.SIGTERM, None)  # as delivered; the signal handed on stays pending
+print("still alive", flush=True)
+"""
+
+
+def test_a_signal_that_cannot_be_handed_on_still_ends_the_process_with_its_code(tmp_path):
+    """After writing the runs, the default action is restored and the signal sent again; if this thread
+    blocks it (so it stays pending), the process exits anyway, with the shell's code for that signal."""
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED.format(tests=str(TESTS), run=str(tmp_path / "r"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "still alive" not in proc.stdout
+    assert meta_of(tmp_path / "r")["status"] == "terminated"
+    assert read_table(tmp_path / "r", "metrics").column("name").to_pylist() == ["m"]
