@@ -88,6 +88,35 @@ def test_a_recorder_dropped_by_its_last_reference_is_finished_at_once(tmp_path):
     assert meta_of(tmp_path)["status"] == "abandoned"
 
 
+def test_a_dropped_recorder_puts_the_signal_handlers_back(tmp_path):
+    gc.collect()
+    before = signal.getsignal(signal.SIGTERM)
+    rec = nt.Recorder(tmp_path / "r")
+    assert signal.getsignal(signal.SIGTERM) is not before
+    del rec  # finished by its finalizer, in this (the main) thread
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_new_recorder_on_a_dropped_ones_directory_waits_for_its_writer(tmp_path, monkeypatch):
+    """The dropped recorder's writer still holds the directory while it writes (slowly here); a new
+    recorder of this process on that directory waits for it instead of being refused as a second writer."""
+    original = normtrace.writer.ShardWriter._write_shard
+
+    def slow(writer, table, data):
+        time.sleep(0.5)
+        return original(writer, table, data)
+
+    monkeypatch.setattr(normtrace.writer.ShardWriter, "_write_shard", slow)
+    rec = nt.Recorder(tmp_path)
+    rec.push_metric("first", 1.0)
+    del rec
+    again = nt.Recorder(tmp_path, overwrite=True)
+    again.push_metric("second", 2.0)
+    again.close()
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["second"]
+    assert meta_of(tmp_path)["status"] == "closed"
+
+
 # ---------------------------------------------------------------------------------- a slow writer
 
 
@@ -339,6 +368,8 @@ def test_a_signal_arriving_inside_the_recorder_reaches_the_users_handler_when_it
         with nt.Recorder(tmp_path / "r") as rec:
             rec.push_metric("before", 1.0)
             with lifecycle.critical():
+                with lifecycle.critical():  # stretches nest: leaving the inner one is not the end
+                    pass
                 signal.raise_signal(signal.SIGTERM)
                 assert got == []  # held: the recorder is mid-stretch
             assert [signum for signum, _ in got] == [signal.SIGTERM]
@@ -395,6 +426,7 @@ rec = nt.Recorder({run!r})
 rec.push_metric("m", 1.0)
 del rec
 gc.collect()
+nt.Recorder({run!r} + "-next").close()  # made and closed while the dropped one still writes
 """
 
 
@@ -411,6 +443,7 @@ def test_a_recorder_dropped_just_before_exit_is_written_before_the_process_ends(
     assert proc.returncode == 0, proc.stderr
     assert read_table(tmp_path / "r", "metrics").column("name").to_pylist() == ["m"]
     assert meta_of(tmp_path / "r")["status"] == "abandoned"
+    assert meta_of(tmp_path / "r-next")["status"] == "closed"
 
 
 # ---------------------------------------------------------------------------------- fork
