@@ -983,13 +983,38 @@ def test_a_table_that_fails_to_convert_costs_only_that_table(tmp_path, monkeypat
     model(x)
     rec.push_metric("reward", 1.5)
     rec.event("sync")
-    rec.collect()
+    rec.collect()  # (it flushes: the writer converts every table)
+    rec._writer.wait()
+    assert (
+        rec._writer.queued_rows == 0
+    )  # the failed table's rows count as gone, or training would wait on them
     with pytest.raises(nt.WriterError, match=r"params.*ValueError: cannot lay out params"):
         rec.close()
     assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
     assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.5]
     assert read_table(tmp_path, "events").column("name").to_pylist() == ["sync"]
     assert not (tmp_path / "params").exists()
+
+
+@pytest.mark.parametrize("table", ["outputs", "signals"])
+def test_rows_of_a_table_that_fails_to_convert_no_longer_count_as_queued(tmp_path, monkeypatch, table):
+    """Back-pressure counts the rows handed to the writer until they are written; a table that fails to
+    convert is dropped, so its rows must stop counting too, or training would wait for rows never written."""
+    import normtrace.buffer
+
+    def broken(records, rank):
+        raise ValueError("cannot convert")
+
+    monkeypatch.setitem(normtrace.buffer.CONVERTERS, table, broken)
+    model = QNetwork()
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity]), nt.ActivationRate()])
+    rec.attach(model)
+    for _ in range(3):
+        model(torch.randn(4, 4))
+    with pytest.raises(nt.WriterError, match=rf"{table}.*ValueError: cannot convert"):
+        rec.flush()  # hands the rows over, waits for the writer, reports the failure
+    assert rec._writer.queued_rows == 0
+    rec.close()
 
 
 def test_a_pass_under_vmap_or_grad_transforms_is_counted_and_records_nothing(tmp_path):
