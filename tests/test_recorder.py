@@ -1065,6 +1065,25 @@ def test_an_infinite_norm_is_noted_with_its_cause(tmp_path):
     assert [(n["module"], n["kind"]) for n in notes] == [("0", "inf_norm")]
 
 
+def test_the_writers_notes_join_the_recorders_notes_in_meta_json(tmp_path):
+    """An infinite norm is noted by the writer (it sees the values); notes of the recorder (here: a lens
+    that selects nothing) stay beside it in meta.json, at every rewrite."""
+    model = nn.Sequential(nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both say so in a warning too (tested above and elsewhere)
+        with nt.Recorder(tmp_path, lenses=[nt.OutputNorm(), nt.GradientNorm()]) as rec:
+            rec.attach(model)
+            model(torch.full((2, 4), 1e20))
+            rec.flush()
+            mid = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    end = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    for notes in (mid, end):
+        assert sorted((n["module"], n["kind"]) for n in notes) == [
+            ("(root)", "no_signal_params"),
+            ("0", "inf_norm"),
+        ]
+
+
 def test_a_recorder_records_one_model_even_across_detach(tmp_path):
     """detach() then attach(another model) used to merge both models' series under the same names."""
     first, second = QNetwork(), QNetwork()
