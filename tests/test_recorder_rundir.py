@@ -199,6 +199,19 @@ def test_a_lock_owner_is_described_with_what_its_file_says(owner, said):
     assert _describe(owner) == said
 
 
+def descriptors_on(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux's /proc)."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in list(fds.iterdir()) if _target(fd) == str(path))
+
+
+def _target(fd: Path) -> str | None:
+    try:
+        return os.readlink(fd)
+    except OSError:  # closed meanwhile (another thread's)
+        return None
+
+
 def test_each_refusal_says_what_holds_the_directory_and_what_to_do_word_for_word(tmp_path):
     run = tmp_path / "run"
     lock_path = run / schema.lock_name(0)
@@ -296,13 +309,12 @@ def test_a_lock_file_replaced_at_every_attempt_is_given_up_with_an_error(tmp_pat
             return os.stat_result((result.st_mode, result.st_ino + 1, *tuple(result)[2:]))
         return result
 
-    before = len(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(os, "stat", replaced)
     with pytest.raises(nt.RunDirError) as gave_up:
         rundir.claim(run, 0, overwrite=False)
     monkeypatch.undo()
     assert str(gave_up.value) == f"cannot lock {path}: it keeps being replaced"
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert descriptors_on(path) == 0
 
 
 def test_a_lock_file_holding_json_that_is_not_an_object_names_no_owner(tmp_path):
@@ -362,11 +374,10 @@ def test_a_file_system_without_locks_is_named_in_the_error(tmp_path, monkeypatch
         rundir, "fcntl", types.SimpleNamespace(LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, flock=no_locks)
     )
     run = tmp_path / "run"
-    before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(nt.RunDirError) as refused:
         nt.Recorder(run)
     assert str(refused.value) == (
         f"cannot lock {run / schema.lock_name(0)} ([Errno {errno.ENOLCK}] No locks available); the file "
         "system may not support locks"
     )
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert descriptors_on(run / schema.lock_name(0)) == 0
