@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import TrainStep, alternate  # noqa: E402  (the seed's step, as in every W2 benchmark)
 
 import normtrace as nt  # noqa: E402
+from normtrace.flat import Layout  # noqa: E402
 
 Hook = Callable[[Any, Any, Any], None]
 
@@ -49,13 +50,7 @@ def _variants(params: list[torch.Tensor]) -> dict[str, Hook]:
     """The hooks that record nothing, each over ``params`` (ordered by size)."""
     sizes = [p.numel() for p in params]
     offsets = np.cumsum([0, *sizes])[:-1]
-    runs: list[list[int]] = []  # [count, size, offset]
-    for size, offset in zip(sizes, offsets, strict=True):
-        if runs and runs[-1][1] == size:
-            runs[-1][0] += 1
-        else:
-            runs.append([1, size, int(offset)])
-    strided = [((count, size), (size, 1), offset) for count, size, offset in runs]
+    strided = Layout(params).runs  # (shape, stride, offset) of each run of equal sizes, as the lens's
     segment = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(sizes))
     both = torch.cat([segment, segment + len(params)])
     kept: dict[str, Any] = {}
