@@ -983,11 +983,7 @@ def test_a_table_that_fails_to_convert_costs_only_that_table(tmp_path, monkeypat
     model(x)
     rec.push_metric("reward", 1.5)
     rec.event("sync")
-    rec.collect()  # (it flushes: the writer converts every table)
-    rec._writer.wait()
-    assert (
-        rec._writer.queued_rows == 0
-    )  # the failed table's rows count as gone, or training would wait on them
+    rec.collect()
     with pytest.raises(nt.WriterError, match=r"params.*ValueError: cannot lay out params"):
         rec.close()
     assert norms_by_module(read_table(tmp_path, "outputs").to_pylist()) == approx_output_norms(model, x)
