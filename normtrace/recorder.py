@@ -342,13 +342,15 @@ class Recorder:
         )
         self._root = model
         self._handles.append(before_forward(model, self._on_pass))
-        self._handles.append(after_forward(model, self._after_pass))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._run.count_step))
         self._meta["root"] = type(model).__name__
         self._meta["optimizer"] = None if optimizer is None else type(optimizer).__name__
         for lens in self.lenses:
             self._handles += lens.attach(target, self._recording)
+        # last: a lens observing the root itself (a one-layer model) records its output inside the pass;
+        # observed after the pass ended, it would start a pass of its own (_outside_root)
+        self._handles.append(after_forward(model, self._after_pass))
         self._run.write_meta()
         self._raise_writer_error()
         return self

@@ -231,3 +231,30 @@ def test_data_parallel_replicas_of_a_child_in_worker_threads_are_no_passes(tmp_p
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert [r["pass"] for r in rows] == [0] * 5 + [0] * 5  # the replica's rows join the last pass
     assert {r["module"] for r in rows[5:]} == set(SEED_OUTPUT_MODULES)
+
+
+@pytest.mark.parametrize(
+    ("root", "lens"),
+    [(nn.Linear(4, 3), nt.OutputNorm(include=[nn.Linear])), (nn.ReLU(), nt.ActivationRate())],
+    ids=["output-norm", "activation-rate"],
+)
+def test_a_lens_observing_the_root_itself_records_inside_its_pass(tmp_path, root, lens):
+    """A one-layer model whose root is a module the lens selects: the root's output is recorded inside
+    its pass, not seen as a module run outside the root's forward (which counted every call twice and
+    warned about children)."""
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with nt.Recorder(tmp_path, [lens]) as rec:
+            rec.attach(root)
+            outs = [root(x) for x in xs]
+            assert rec.passes == 3
+    assert "passes_from_children" not in _notes(tmp_path)
+    if isinstance(lens, nt.OutputNorm):
+        rows = read_table(tmp_path, "outputs").to_pylist()
+        assert [(r["module"], r["pass"]) for r in rows] == [("(root)", p) for p in range(3)]
+        want = [torch.linalg.vector_norm(out.detach().double(), dim=1).mean().item() for out in outs]
+        assert [r["norm"] for r in rows] == pytest.approx(want, rel=1e-5)  # batch mean of sample norms
+    else:
+        rows = read_table(tmp_path, "signals").to_pylist()
+        assert sorted({r["pass"] for r in rows}) == [0, 1, 2]
