@@ -1,0 +1,193 @@
+"""The recorder's public calls and meta.json, each value against where it comes from: the interpreter,
+the host, the arguments given, counters known by construction; refusals word for word."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from recorder_models import QNetwork, read_table
+from torch import nn
+
+import normtrace as nt
+from normtrace import schema
+
+
+def meta_of(run: Path) -> dict:
+    return json.loads((run / schema.meta_name(0)).read_text())
+
+
+def utc_seconds() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def test_meta_json_says_what_recorded_the_run_where_and_how(tmp_path):
+    run = tmp_path / "the-run"
+    started = utc_seconds()
+    lenses = [nt.OutputNorm(), nt.ParameterNorm()]
+    rec = nt.Recorder(
+        run,
+        lenses,
+        flush_every=7,
+        flush_secs=3.5,
+        epoch_flush_secs=0.25,
+        max_queued_rows=1234,
+        config={"lr": 0.5, "seed": [1, 2]},
+    )
+    meta = meta_of(run)  # written when the recorder is made, before anything is attached
+    assert meta["schema_version"] == schema.SCHEMA_VERSION
+    assert meta["normtrace_version"] == importlib.metadata.version("normtrace")
+    assert meta["torch_version"] == torch.__version__
+    assert meta["python_version"] == platform.python_version()
+    assert meta["run_name"] == "the-run"  # the directory's name when none is given
+    assert started <= dt.datetime.fromisoformat(meta["start_time"]) <= utc_seconds()
+    assert meta["start_time"].endswith("+00:00") and "." not in meta["start_time"]
+    assert (meta["end_time"], meta["status"]) == (None, "running")
+    assert (meta["rank"], meta["world_size"]) == (0, 1)
+    assert (meta["hostname"], meta["pid"]) == (socket.gethostname(), os.getpid())
+    assert meta["lenses"] == [
+        {"type": "OutputNorm", **nt.OutputNorm().config()},
+        {"type": "ParameterNorm", **nt.ParameterNorm().config()},
+    ]
+    assert meta["normalize"] == {"outputs": False, "params": False}
+    assert (meta["root"], meta["optimizer"], meta["targets"], meta["notes"]) == (None, None, [], [])
+    assert meta["flush"] == {
+        "every_passes": 7,
+        "every_secs": 3.5,
+        "epoch_min_secs": 0.25,
+        "max_queued_rows": 1234,
+    }
+    assert meta["config"] == {"lr": 0.5, "seed": [1, 2]}
+    for key in ("epochs", "passes", "steps"):
+        assert key not in meta  # only once the run ends
+
+    model, target = QNetwork(), QNetwork()
+    opt = torch.optim.Adam(model.parameters())
+    rec.attach(model, optimizer=opt)
+    rec.track_target(target)
+    rec.track_target(nn.Linear(1, 1), event="ema_sync")
+    rec.flush()  # the rewrite at each attach is queued to the writer; flush() waits for it
+    meta = meta_of(run)
+    assert (meta["root"], meta["optimizer"]) == ("QNetwork", "Adam")
+    assert meta["targets"] == [
+        {"class": "QNetwork", "event": "target_update"},
+        {"class": "Linear", "event": "ema_sync"},
+    ]
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    rec.tick_epoch()
+    model(torch.randn(2, 4))
+    assert rec.close() == run
+    meta = meta_of(run)
+    assert (meta["status"], meta["epochs"], meta["passes"], meta["steps"]) == ("closed", 1, 4, 3)
+    assert started <= dt.datetime.fromisoformat(meta["end_time"]) <= utc_seconds()
+    assert meta["end_time"] >= meta["start_time"]
+
+
+def test_a_run_name_given_is_kept(tmp_path):
+    with nt.Recorder(tmp_path / "dir", run_name="lr-sweep 3") as rec:
+        assert meta_of(rec.run_dir)["run_name"] == "lr-sweep 3"
+
+
+def test_push_loss_records_its_split_from_grad_mode_or_as_told(tmp_path):
+    with nt.Recorder(tmp_path) as rec:
+        rec.push_loss(1.0)  # grad mode on: training
+        with torch.no_grad():
+            rec.push_loss(torch.tensor(2.0))  # off: evaluation
+            rec.push_loss(3.0, train=True)  # told otherwise
+        rec.push_loss(4.0, train=False)
+        with pytest.raises(
+            TypeError, match=r"^metric 'loss': expected a number or a one-element tensor, got 'x'$"
+        ):
+            rec.push_loss("x")
+    rows = read_table(tmp_path, "metrics").to_pylist()
+    assert [(r["name"], r["value"], r["split"]) for r in rows] == [
+        ("loss", 1.0, "train"),
+        ("loss", 2.0, "val"),
+        ("loss", 3.0, "train"),
+        ("loss", 4.0, "val"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda rec: rec.event(""), "Recorder.event(name): expected a non-empty string, got ''"),
+        (lambda rec: rec.event(3), "Recorder.event(name): expected a non-empty string, got 3"),
+        (
+            lambda rec: rec.push_metric(None, 1.0),
+            "Recorder.push_metric(name): expected a non-empty string, got None",
+        ),
+        (
+            lambda rec: rec.track_target(nn.Linear(1, 1), event=""),
+            "Recorder.track_target(event=...): expected a non-empty string, got ''",
+        ),
+    ],
+    ids=["event-empty", "event-int", "metric-none", "target-event"],
+)
+def test_names_are_refused_naming_the_call_and_argument(tmp_path, call, message):
+    with nt.Recorder(tmp_path) as rec:
+        with pytest.raises(ValueError) as info:
+            call(rec)
+        assert str(info.value) == message
+        rec.event("kept")
+    assert read_table(tmp_path, "events").column("name").to_pylist() == ["kept"]
+    assert meta_of(tmp_path)["targets"] == []
+
+
+def test_track_target_refuses_what_is_not_a_module_naming_its_type(tmp_path):
+    with nt.Recorder(tmp_path) as rec, pytest.raises(TypeError) as info:
+        rec.track_target({"weight": torch.ones(1)})
+    assert str(info.value) == "Recorder.track_target(module): expected an nn.Module, got dict"
+
+
+def test_a_signal_survived_writes_the_counters_and_a_later_failure_reads_terminated(tmp_path):
+    """SIGTERM with a handler of the user's that lets training go on: by the time that handler runs,
+    everything is on disk and meta.json holds the counters of that moment; an exception that then leaves
+    the ``with`` block is the signal's doing (``terminated``, not ``failed``)."""
+    run = tmp_path / "r"
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    started = utc_seconds()
+    try:
+        model = nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with (
+            pytest.raises(RuntimeError, match="after the signal"),
+            nt.Recorder(
+                run, [nt.OutputNorm(include=[nn.Linear])], epoch_flush_secs=3600, flush_secs=3600
+            ) as rec,
+        ):
+            rec.attach(model, optimizer=opt)
+            for _ in range(2):
+                for _ in range(3):
+                    model(torch.randn(4, 2)).sum().backward()
+                    opt.step()
+                rec.tick_epoch()
+            model(torch.randn(4, 2))  # a seventh pass, no step
+            rec.push_metric("before", 1.0)
+            signal.raise_signal(signal.SIGTERM)
+            assert got == [signal.SIGTERM]
+            meta = meta_of(run)
+            assert (meta["status"], meta["epochs"], meta["passes"], meta["steps"]) == (
+                "terminated",
+                2,
+                7,
+                6,
+            )
+            assert started <= dt.datetime.fromisoformat(meta["end_time"]) <= utc_seconds()
+            assert read_table(run, "metrics").column("name").to_pylist() == ["before"]
+            assert read_table(run, "outputs").num_rows == 7
+            raise RuntimeError("after the signal")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert meta_of(run)["status"] == "terminated"
