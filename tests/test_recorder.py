@@ -26,6 +26,7 @@ from torch import nn
 
 import normtrace as nt
 from normtrace import schema
+from normtrace.recorder import TRANSFORM_NOTE
 
 PLAIN_CLASSES = [type(m) for m in QNetwork().modules()]
 """The seed network's module classes as written, none of normtrace's observing subclasses among them."""
@@ -1040,8 +1041,9 @@ def test_a_pass_under_vmap_or_grad_transforms_is_counted_and_records_nothing(tmp
         (0, want_loss),
         (3, want_loss),
     ]
-    notes = {n["kind"] for n in json.loads((tmp_path / "meta.json").read_text())["notes"]}
-    assert "torch_func_transform" in notes
+    notes = json.loads((tmp_path / "meta.json").read_text())["notes"]
+    assert {"module": "(root)", "kind": "torch_func_transform", "detail": TRANSFORM_NOTE} in notes
+    assert "torch.func transforms" in TRANSFORM_NOTE
 
 
 def test_an_infinite_norm_is_noted_with_its_cause(tmp_path):

@@ -191,3 +191,38 @@ def test_a_signal_survived_writes_the_counters_and_a_later_failure_reads_termina
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert meta_of(run)["status"] == "terminated"
+
+
+def test_attach_refuses_naming_what_is_wrong_and_how_to_fix_it(tmp_path):
+    first, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    with nt.Recorder(tmp_path) as rec:
+        refusals = []
+        for call in (
+            lambda: rec.attach("model"),
+            lambda: rec.attach(first, optimizer="sgd"),
+            lambda: rec.attach(torch.jit.script(nn.Linear(1, 1))),
+        ):
+            with pytest.raises(TypeError) as info:
+                call()
+            refusals.append(str(info.value))
+        rec.attach(first)
+        with pytest.raises(nt.NormtraceError) as info:
+            rec.attach(first)
+        refusals.append(str(info.value))
+        rec.detach()
+        with pytest.raises(nt.NormtraceError) as info:
+            rec.attach(other)
+        refusals.append(str(info.value))
+        rec.attach(first)  # the model it recorded, again: allowed
+    assert refusals == [
+        "Recorder.attach(model): expected an nn.Module, got str",
+        "Recorder.attach(optimizer=...): expected a torch.optim.Optimizer, got str; a wrapper (a "
+        "LightningOptimizer, an accelerate AcceleratedOptimizer) holds the torch optimizer as .optimizer: "
+        "pass that",
+        "Recorder.attach(model): a TorchScript module runs without Python, so nothing can observe its "
+        "layers; attach the eager model (before torch.jit.script), or use torch.compile",
+        f"Recorder for {tmp_path} is already attached to a Linear; call detach() first",
+        f"Recorder for {tmp_path} recorded another model before; a run records one model, whose series "
+        "another model's would merge into under the same names: record it with a new Recorder (its own "
+        "run directory)",
+    ]

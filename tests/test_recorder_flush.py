@@ -9,8 +9,10 @@ import json
 import os
 import time
 import types
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from recorder_models import read_table
@@ -196,3 +198,48 @@ def test_flush_returns_only_once_the_rows_are_on_disk(tmp_path, monkeypatch):
             model(torch.randn(2, 3))
         rec.flush()
         assert sorted(read_table(tmp_path, "outputs").column("pass").to_pylist()) == [0, 1, 2]
+
+
+def test_a_call_exactly_at_the_deadline_does_not_flush_one_after_it_does(tmp_path, clock):
+    model = _model()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=10**6, flush_secs=5.0) as rec:
+        rec.attach(model)
+        model(torch.randn(2, 3))  # pass 0 at 1000.0; the deadline is 1005.0
+        clock.now = 1005.0
+        rec.push_metric("at_the_deadline", 1.0)
+        model(torch.randn(2, 3))  # pass 1, at the deadline too
+        assert _written_passes(tmp_path, rec) == []
+        clock.now = 1005.25
+        rec.push_metric("after_it", 2.0)
+        assert _written_passes(tmp_path, rec) == [0, 1]
+
+
+def test_flush_every_counts_from_the_last_flush_whatever_made_it(tmp_path, clock):
+    """``flush_every`` passes after a flush that ``flush()`` made: with 4, the flush after passes 0-1
+    makes pass 6 the next to hand over (passes 2-5), not pass 4 or pass 7."""
+    model = _model()
+    with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=4, flush_secs=3600) as rec:
+        rec.attach(model)
+        for _ in range(2):
+            model(torch.randn(2, 3))
+        rec.flush()
+        assert _written_passes(tmp_path, rec) == [0, 1]
+        for _ in range(4):  # passes 2-5
+            model(torch.randn(2, 3))
+        assert _written_passes(tmp_path, rec) == [0, 1]
+        model(torch.randn(2, 3))  # pass 6 hands over passes 2-5
+        assert _written_passes(tmp_path, rec) == [0, 1, 2, 3, 4, 5]
+
+
+def test_metrics_take_one_element_arrays_and_refuse_longer_ones_naming_the_metric(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy deprecates float() of a 1-d array: it is reshaped first
+        with nt.Recorder(tmp_path) as rec:
+            rec.push_metric("one_d", np.array([2.5]))
+            rec.push_metric("zero_d", np.array(3.5, dtype=np.float16))
+            rec.push_metric("nested", np.array([[4.5]]))
+            with pytest.raises(TypeError) as info:
+                rec.push_metric("q", np.ones(2))
+    assert str(info.value) == "metric 'q': expected a number or a one-element tensor, got array([1., 1.])"
+    rows = read_table(tmp_path, "metrics").to_pylist()
+    assert [(r["name"], r["value"]) for r in rows] == [("one_d", 2.5), ("zero_d", 3.5), ("nested", 4.5)]
