@@ -10,6 +10,8 @@ import os
 import platform
 import signal
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from recorder_models import QNetwork, read_table
 from torch import nn
 
 import normtrace as nt
+import normtrace.recorder as recorder_module
 from normtrace import schema
 
 
@@ -226,3 +229,96 @@ def test_attach_refuses_naming_what_is_wrong_and_how_to_fix_it(tmp_path):
         "another model's would merge into under the same names: record it with a new Recorder (its own "
         "run directory)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"flush_every": 0}, ValueError, "Recorder(flush_every=...) must be at least 1 pass, got 0"),
+        ({"flush_secs": 0}, ValueError, "Recorder(flush_secs=...) must be positive, got 0"),
+        ({"flush_secs": float("nan")}, ValueError, "Recorder(flush_secs=...) must be positive, got nan"),
+        ({"max_queued_rows": 0}, ValueError, "Recorder(max_queued_rows=...) must be at least 1, got 0"),
+        (
+            {"epoch_flush_secs": -0.5},
+            ValueError,
+            "Recorder(epoch_flush_secs=...) must be 0 or more, got -0.5",
+        ),
+        (
+            {"epoch_flush_secs": float("nan")},
+            ValueError,
+            "Recorder(epoch_flush_secs=...) must be 0 or more, got nan",
+        ),
+        (
+            {"lenses": ["OutputNorm"]},
+            TypeError,
+            "Recorder(lenses=...): 'OutputNorm' is not a lens: a lens has config() and attach(target, "
+            "recording) methods (see normtrace.recording.Lens)",
+        ),
+        (
+            {"lenses": [nt.ParameterNorm(), nt.OutputNorm(), nt.ParameterNorm()]},
+            ValueError,
+            "Recorder(lenses=...): more than one ParameterNorm lens",
+        ),
+    ],
+    ids=[
+        "flush_every",
+        "flush_secs",
+        "flush_secs-nan",
+        "max_queued_rows",
+        "epoch-negative",
+        "epoch-nan",
+        "not-a-lens",
+        "twice",
+    ],
+)
+def test_recorder_arguments_are_refused_before_anything_is_claimed(tmp_path, kwargs, error, message):
+    with pytest.raises(error) as info:
+        nt.Recorder(tmp_path / "run", **kwargs)
+    assert str(info.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_smallest_accepted_settings_are_kept(tmp_path):
+    with nt.Recorder(
+        tmp_path, flush_every=1, flush_secs=1e-9, epoch_flush_secs=0, max_queued_rows=1, compact=0
+    ) as rec:
+        assert (rec.flush_every, rec.flush_secs, rec.epoch_flush_secs, rec.max_queued_rows) == (
+            1,
+            1e-9,
+            0.0,
+            1,
+        )
+        assert rec.compact is False
+        rec.push_metric("m", 1.0)
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.0]
+
+
+def test_a_config_may_hold_nan_and_infinity(tmp_path):
+    """JSON has no NaN, but Python's json (and the analysis reading meta.json) read and write it: a
+    hyperparameter set to inf (no gradient clipping) is kept."""
+    with nt.Recorder(tmp_path, config={"clip": float("inf"), "tau": float("nan")}) as rec:
+        pass
+    config = meta_of(rec.run_dir)["config"]
+    assert config["clip"] == float("inf") and config["tau"] != config["tau"]
+
+
+def test_the_pass_counter_of_a_free_threaded_interpreter_hands_out_each_number_once(monkeypatch):
+    """Without the GIL, ``itertools.count``'s ``__next__`` is not atomic: the counter takes a lock."""
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    next_pass = recorder_module._pass_counter()
+    taken: list[list[int]] = [[] for _ in range(4)]
+
+    def take(out: list[int]) -> None:
+        for _ in range(2000):
+            out.append(next_pass())
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(n for out in taken for n in out) == list(range(8000))
+    assert all(out == sorted(out) for out in taken)  # each thread sees its numbers grow
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    fast = recorder_module._pass_counter()
+    assert [fast() for _ in range(3)] == [0, 1, 2]
