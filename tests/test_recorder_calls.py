@@ -162,7 +162,7 @@ def test_a_signal_survived_writes_the_counters_and_a_later_failure_reads_termina
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
     started = utc_seconds()
     try:
-        model = nn.Linear(2, 2)
+        model = nn.Sequential(nn.Linear(2, 2))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with (
             pytest.raises(RuntimeError, match="after the signal"),
