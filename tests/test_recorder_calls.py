@@ -319,6 +319,12 @@ def test_the_pass_counter_of_a_free_threaded_interpreter_hands_out_each_number_o
         t.join()
     assert sorted(n for out in taken for n in out) == list(range(8000))
     assert all(out == sorted(out) for out in taken)  # each thread sees its numbers grow
-    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
-    fast = recorder_module._pass_counter()
-    assert [fast() for _ in range(3)] == [0, 1, 2]
+    assert next_pass.__name__ == "next_pass"  # the locked counter (under a GIL both count alike)
+    for gil in ("enabled", "absent"):  # a GIL build, and a Python before 3.13 (no sys._is_gil_enabled)
+        if gil == "enabled":
+            monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+        else:
+            monkeypatch.delattr(sys, "_is_gil_enabled", raising=False)
+        fast = recorder_module._pass_counter()
+        assert fast.__name__ == "__next__"  # itertools.count's: one C call, no lock
+        assert [fast() for _ in range(3)] == [0, 1, 2]
