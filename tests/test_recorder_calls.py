@@ -4,6 +4,7 @@ the host, the arguments given, counters known by construction; refusals word for
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib.metadata
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,36 @@ def test_the_pass_counter_of_a_free_threaded_interpreter_hands_out_each_number_o
         fast = recorder_module._pass_counter()
         assert fast.__name__ == "__next__"  # itertools.count's: one C call, no lock
         assert [fast() for _ in range(3)] == [0, 1, 2]
+
+
+def _record_three_flushes(run: Path) -> nt.Recorder:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    rec = nt.Recorder(run, [nt.OutputNorm()], flush_every=1)
+    rec.attach(model)
+    for _ in range(4):  # passes 1-3 each hand over the one before: three shards, and one more at the end
+        model(torch.randn(2, 3))
+    return rec
+
+
+@pytest.mark.parametrize("ending", ["closed", "failed", "abandoned"])
+def test_a_run_merges_its_shards_when_the_user_ends_it_and_keeps_them_otherwise(tmp_path, ending):
+    """``close()`` and a ``with`` block left on an exception merge each table's shards into one file; a
+    recorder nobody closed (collected) keeps them as flushed (``normtrace compact`` merges them later)."""
+    run = tmp_path / "r"
+    rec = _record_three_flushes(run)
+    if ending == "closed":
+        rec.close()
+    elif ending == "failed":
+        with pytest.raises(RuntimeError), rec:
+            raise RuntimeError("diverged")
+    else:
+        del rec
+        gc.collect()
+        deadline = time.monotonic() + 60
+        while (run / ".lock-rank0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the finalizer does not wait for the writer
+    assert not (run / ".lock-rank0").exists()
+    assert meta_of(run)["status"] == ending
+    shards = sorted(p.name for p in (run / "outputs").glob("*.arrow"))
+    assert len(shards) == (1 if ending != "abandoned" else 4), shards
+    assert read_table(run, "outputs").num_rows == 4
