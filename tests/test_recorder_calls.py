@@ -363,3 +363,23 @@ def test_a_run_merges_its_shards_when_the_user_ends_it_and_keeps_them_otherwise(
     shards = sorted(p.name for p in (run / "outputs").glob("*.arrow"))
     assert len(shards) == (1 if ending != "abandoned" else 4), shards
     assert read_table(run, "outputs").num_rows == 4
+
+
+def test_a_run_whose_metadata_cannot_be_written_is_refused_and_frees_its_directory(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+
+    def disk_full(path: Path, data: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recorder_module, "write_json_atomic", disk_full)
+    threads = set(threading.enumerate())
+    with pytest.raises(nt.RunDirError) as info:
+        nt.Recorder(run)
+    assert str(info.value) == f"cannot write the run metadata in {run}: [Errno 28] No space left on device"
+    assert isinstance(info.value.__cause__, OSError)
+    assert not (run / ".lock-rank0").exists()  # released: the directory is free again
+    assert set(threading.enumerate()) == threads  # no writer thread was started
+    monkeypatch.undo()
+    with nt.Recorder(run) as rec:
+        rec.push_metric("m", 1.0)
+    assert read_table(run, "metrics").num_rows == 1
