@@ -1,0 +1,98 @@
+"""Every wait of the recorder ends: each is run in a thread that must finish within seconds, so a bug that
+makes it wait forever fails here, naming the wait, instead of hanging the suite (or a user's exit). The
+writer's waits come first: the recorder's own calls use them."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import normtrace as nt
+from normtrace import lifecycle
+from normtrace.writer import ShardWriter
+
+PATIENCE = 20.0  # seconds; each wait below ends in well under one on an idle writer
+
+
+def finishes(call: Callable[[], object], within: float = PATIENCE) -> bool:
+    """Run ``call`` in a daemon thread; whether it returned within ``within`` seconds."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(within)
+    return not thread.is_alive()
+
+
+@pytest.fixture
+def writer(tmp_path: Path):
+    w = ShardWriter(tmp_path, 0, "lz4", 1)
+    yield w
+    w.close()
+    assert finishes(w.join), "the writer thread did not stop after close()"
+
+
+def test_close_stops_the_writer_thread(tmp_path):
+    w = ShardWriter(tmp_path, 0, "lz4", 1)
+    released: list[bool] = []
+    w.close(then=lambda: released.append(True))
+    w.close()  # a second close changes nothing
+    assert finishes(w.join), "join() did not return after close()"
+    assert (w.alive, released) == (False, [True])
+
+
+def test_wait_returns_once_the_queue_is_handled(writer):
+    writer.submit_meta({"status": "running"})
+    assert finishes(writer.wait), "wait() did not return on an idle writer"
+
+
+def test_wait_for_room_returns_once_the_writer_catches_up(writer):
+    writer.queued_rows = 5  # as if five rows were queued against a limit of one
+    waiting = threading.Thread(target=writer.wait_for_room, daemon=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "training waits for it to catch up"
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive()  # behind: it waits
+        with writer._room:
+            writer.queued_rows = 0
+            writer._room.notify_all()
+        waiting.join(PATIENCE)
+    assert not waiting.is_alive(), "wait_for_room() kept waiting after the writer caught up"
+    assert writer.stalls == 1
+
+
+def test_critical_stretches_nest_and_end_at_depth_zero():
+    assert lifecycle._local.depth == 0
+    with lifecycle.critical():
+        assert lifecycle._local.depth == 1
+        with lifecycle.critical():
+            assert lifecycle._local.depth == 2
+        assert lifecycle._local.depth == 1
+    assert lifecycle._local.depth == 0
+
+
+def test_a_signal_held_in_a_critical_stretch_is_handed_on_when_it_ends(tmp_path):
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    rec = nt.Recorder(tmp_path)
+    try:
+        with lifecycle.critical():
+            signal.raise_signal(signal.SIGTERM)
+            held = list(got)
+        handed_on, left = list(got), list(lifecycle._deferred)
+        lifecycle._deferred.clear()  # a signal never handed on would end the run at close: report instead
+        rec.close()  # in the main thread, which puts the signal handlers back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (held, handed_on, left) == ([], [signal.SIGTERM], [])
+
+
+def test_open_recorders_are_this_processs_open_ones(tmp_path):
+    rec = nt.Recorder(tmp_path / "a", handle_signals=False)  # closed from another thread below
+    assert lifecycle._open_recorders() == [rec]
+    assert finishes(rec.close)
+    assert lifecycle._open_recorders() == []
