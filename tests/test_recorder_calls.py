@@ -64,6 +64,7 @@ def test_meta_json_says_what_recorded_the_run_where_and_how(tmp_path):
     ]
     assert meta["normalize"] == {"outputs": False, "params": False}
     assert (meta["root"], meta["optimizer"], meta["targets"], meta["notes"]) == (None, None, [], [])
+    assert (meta["modules"], meta["metrics"]) == ({"outputs": [], "params": []}, [])  # the lenses' at attach
     assert meta["flush"] == {
         "every_passes": 7,
         "every_secs": 3.5,
@@ -383,3 +384,37 @@ def test_a_run_whose_metadata_cannot_be_written_is_refused_and_frees_its_directo
     with nt.Recorder(run) as rec:
         rec.push_metric("m", 1.0)
     assert read_table(run, "metrics").num_rows == 1
+
+
+def test_the_documented_defaults(tmp_path):
+    """The class docstring's defaults, as meta.json records them: flush every 1000 passes or 10 s, at
+    an epoch tick once 1 s has passed, training waits beyond a million queued rows."""
+    with nt.Recorder(tmp_path) as rec:
+        pass
+    assert meta_of(rec.run_dir)["flush"] == {
+        "every_passes": 1000,
+        "every_secs": 10.0,
+        "epoch_min_secs": 1.0,
+        "max_queued_rows": 1_000_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            [("lr", 0.1)],
+            "Recorder(config=...) must be a mapping of names to values, got list",
+        ),
+        (
+            {"lr": 0.1, "model": object()},
+            "Recorder(config=...)['model'] is not a JSON value (Object of type object is not JSON "
+            "serializable): pass numbers, strings, booleans, None, lists or mappings",
+        ),
+    ],
+    ids=["not-a-mapping", "not-json"],
+)
+def test_a_config_refusal_names_the_key_and_what_json_takes(tmp_path, config, message):
+    with pytest.raises(TypeError) as info:
+        nt.Recorder(tmp_path / "run", config=config)
+    assert str(info.value) == message

@@ -42,7 +42,8 @@ def test_the_refusal_names_the_url_and_shows_the_copy_to_its_scheme(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "run_dir", ["git+ssh://host/x", "my.fs://x", "my-fs://x", "S3://b/x", Path("abfs://container/x")]
+    "run_dir",
+    ["git+ssh://host/x", "my.fs://x", "my-fs://x", "S3://b/x", Path("abfs://container/x"), "s3://b/a://c"],
 )
 def test_schemes_with_the_characters_urls_allow_are_urls(run_dir, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
