@@ -61,8 +61,8 @@ class ShardWriter:
         self,
         run_dir: Path,
         rank: int,
-        compression: schema.Compression = "lz4",
-        max_queued_rows: int = 1_000_000,
+        compression: schema.Compression,
+        max_queued_rows: int,
     ) -> None:
         self.run_dir = run_dir
         self.rank = rank

@@ -418,3 +418,24 @@ def test_a_config_refusal_names_the_key_and_what_json_takes(tmp_path, config, me
     with pytest.raises(TypeError) as info:
         nt.Recorder(tmp_path / "run", config=config)
     assert str(info.value) == message
+
+
+class DtypeLens:
+    """A user's lens whose description holds values JSON has no type for (a dtype, a path)."""
+
+    def config(self) -> dict:
+        return {"type": "DtypeLens", "dtype": torch.float16, "cache": Path("/tmp/cache")}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list:
+        return []
+
+
+def test_meta_json_is_indented_for_people_and_writes_any_value_as_text(tmp_path):
+    """meta.json is the file people open: two-space indents and a final newline; a lens description's
+    value that JSON cannot hold is written as its ``str()`` rather than failing the run."""
+    with nt.Recorder(tmp_path, [DtypeLens()]) as rec:
+        pass
+    text = (rec.run_dir / "meta.json").read_text()
+    meta = json.loads(text)
+    assert meta["lenses"] == [{"type": "DtypeLens", "dtype": "torch.float16", "cache": "/tmp/cache"}]
+    assert text == json.dumps(meta, indent=2) + "\n"
