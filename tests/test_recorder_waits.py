@@ -52,8 +52,8 @@ def test_wait_returns_once_the_queue_is_handled(writer):
 def test_wait_for_room_returns_once_the_writer_catches_up(writer):
     writer.queued_rows = 5  # as if five rows were queued against a limit of one
     waiting = threading.Thread(target=writer.wait_for_room, daemon=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "training waits for it to catch up"
+    with warnings.catch_warnings(record=True) as warned:  # records the waiting thread's warning too
+        warnings.simplefilter("always")
         waiting.start()
         waiting.join(0.3)
         assert waiting.is_alive()  # behind: it waits
@@ -63,6 +63,11 @@ def test_wait_for_room_returns_once_the_writer_catches_up(writer):
         waiting.join(PATIENCE)
     assert not waiting.is_alive(), "wait_for_room() kept waiting after the writer caught up"
     assert writer.stalls == 1
+    assert [str(w.message) for w in warned] == [
+        f"normtrace: the writer of {writer.run_dir} is 5 rows behind (max_queued_rows=1); training waits "
+        "for it to catch up. The disk is slower than what is recorded: record fewer modules "
+        "(OutputNorm(exclude=...)), or raise max_queued_rows to buy memory for speed"
+    ]
 
 
 def test_critical_stretches_nest_and_end_at_depth_zero():
