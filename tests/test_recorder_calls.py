@@ -439,3 +439,21 @@ def test_meta_json_is_indented_for_people_and_writes_any_value_as_text(tmp_path)
     meta = json.loads(text)
     assert meta["lenses"] == [{"type": "DtypeLens", "dtype": "torch.float16", "cache": "/tmp/cache"}]
     assert text == json.dumps(meta, indent=2) + "\n"
+
+
+LZ4_FRAME, ZSTD_FRAME = b"\x04\x22\x4d\x18", b"\x28\xb5\x2f\xfd"  # the formats' magic numbers
+
+
+@pytest.mark.parametrize(("compression", "magic"), [("lz4", LZ4_FRAME), ("zstd", ZSTD_FRAME), (None, None)])
+def test_shards_are_compressed_as_asked(tmp_path, compression, magic):
+    """Arrow IPC compresses each buffer as one frame of the codec's own format, whose magic number
+    starts it: lz4 by default (fast enough for the training loop), zstd or none when asked."""
+    kwargs = {} if compression == "lz4" else {"compression": compression}
+    with nt.Recorder(tmp_path, compact=False, **kwargs) as rec:
+        for i in range(50):
+            rec.push_metric("reward", float(i))
+    (shard,) = (tmp_path / "metrics").glob("*.arrow")
+    data = shard.read_bytes()
+    for frame in (LZ4_FRAME, ZSTD_FRAME):
+        assert (frame in data) == (frame == magic), (compression, frame)
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [float(i) for i in range(50)]

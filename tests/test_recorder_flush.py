@@ -204,6 +204,9 @@ def test_a_call_exactly_at_the_deadline_does_not_flush_one_after_it_does(tmp_pat
     model = _model()
     with nt.Recorder(tmp_path, lenses=[nt.OutputNorm()], flush_every=10**6, flush_secs=5.0) as rec:
         rec.attach(model)
+        rec.push_metric("at_the_start", 0.0)
+        rec._writer.wait()
+        assert read_table(tmp_path, "metrics").num_rows == 0  # 5 s to go: kept in the buffer
         model(torch.randn(2, 3))  # pass 0 at 1000.0; the deadline is 1005.0
         clock.now = 1005.0
         rec.push_metric("at_the_deadline", 1.0)

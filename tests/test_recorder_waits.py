@@ -14,6 +14,7 @@ import pytest
 
 import normtrace as nt
 from normtrace import lifecycle
+from normtrace.buffer import Buffer
 from normtrace.writer import ShardWriter
 
 PATIENCE = 20.0  # seconds; each wait below ends in well under one on an idle writer
@@ -50,6 +51,10 @@ def test_wait_returns_once_the_queue_is_handled(writer):
 
 
 def test_wait_for_room_returns_once_the_writer_catches_up(writer):
+    buffer = Buffer()
+    buffer.metrics.append((0, 0, "m", 1.0, None, 0.0))
+    writer.submit_records(buffer.take())  # a first write that succeeds: training must still wait after it
+    assert finishes(writer.wait) and writer.queued_rows == 0
     writer.queued_rows = 5  # as if five rows were queued against a limit of one
     waiting = threading.Thread(target=writer.wait_for_room, daemon=True)
     with warnings.catch_warnings(record=True) as warned:  # records the waiting thread's warning too
