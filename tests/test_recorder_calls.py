@@ -457,3 +457,30 @@ def test_shards_are_compressed_as_asked(tmp_path, compression, magic):
     for frame in (LZ4_FRAME, ZSTD_FRAME):
         assert (frame in data) == (frame == magic), (compression, frame)
     assert read_table(tmp_path, "metrics").column("value").to_pylist() == [float(i) for i in range(50)]
+
+
+def test_an_open_recorder_of_this_process_on_the_directory_is_refused_word_for_word(tmp_path):
+    with nt.Recorder(tmp_path) as first:
+        with pytest.raises(nt.RunDirError) as info:
+            nt.Recorder(tmp_path)
+        assert str(info.value) == (
+            f"run directory {tmp_path} is being written by an open Recorder in this process; close that "
+            "one, choose a new directory, or pass overwrite=True to close it and start over"
+        )
+        first.push_metric("still_open", 1.0)
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["still_open"]
+
+
+def test_overwrite_replaces_an_open_recorder_whose_writer_failed(tmp_path):
+    """The old recorder's error at its close (its trace is about to be deleted) does not stop the new."""
+    (tmp_path / "metrics").write_text("a file where the metrics folder should be")
+    old = nt.Recorder(tmp_path)
+    old.push_metric("lost", 1.0)  # written at the old one's close, which fails on the file
+    new = nt.Recorder(tmp_path, overwrite=True)
+    with pytest.raises(nt.NormtraceError, match="closed"):
+        old.push_metric("late", 1.0)
+    (tmp_path / "metrics").unlink()
+    new.push_metric("kept", 2.0)
+    new.close()
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["kept"]
+    assert meta_of(tmp_path)["status"] == "closed"

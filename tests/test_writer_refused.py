@@ -4,6 +4,8 @@ and ``close()`` returns: it used to wait forever, logging "still writing", with 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import threading
 
 import pyarrow as pa
@@ -243,3 +245,24 @@ def test_metadata_that_cannot_be_written_at_close_is_reported_naming_its_file(tm
     assert isinstance(error, nt.WriterError) and error.path == meta
     assert str(error).startswith(f"normtrace could not write {meta}: IsADirectoryError: ")
     assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["m"]
+
+
+def test_a_merge_the_disk_refuses_at_close_is_logged_per_table_and_the_shards_kept(
+    tmp_path, monkeypatch, caplog
+):
+    """An ``OSError`` while merging (a full disk) loses nothing: every row stays in its shard, close()
+    returns normally, and the log says which table's shards stay as written and why."""
+
+    def full(folder, rank, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(schema, "compact", full)
+    with caplog.at_level(logging.WARNING, logger="normtrace"), nt.Recorder(tmp_path) as rec:
+        rec.push_metric("m", 1.0)
+    assert [r.getMessage() for r in caplog.records if r.name == "normtrace"] == [
+        f"normtrace: could not merge the shards of {tmp_path / table} (they stay as written): [Errno 28] "
+        "No space left on device"
+        for table in schema.TABLES
+    ]
+    assert read_table(tmp_path, "metrics").column("value").to_pylist() == [1.0]
+    assert json.loads((tmp_path / "meta.json").read_text())["status"] == "closed"
