@@ -24,6 +24,7 @@ from torch import nn
 import normtrace as nt
 import normtrace.recorder as recorder_module
 from normtrace import schema
+from normtrace.buffer import row_count
 
 
 def meta_of(run: Path) -> dict:
@@ -484,3 +485,29 @@ def test_overwrite_replaces_an_open_recorder_whose_writer_failed(tmp_path):
     new.close()
     assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["kept"]
     assert meta_of(tmp_path)["status"] == "closed"
+
+
+def test_the_rows_counted_as_queued_are_the_rows_each_table_gets(tmp_path):
+    """Back-pressure counts queued rows per table (``row_count``): a params record holds one row per
+    parameter, a signals record one per key, an outputs record its fields; each count must equal the
+    rows the writer then writes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lenses = [nt.OutputNorm(), nt.ParameterNorm(), nt.GradientNorm(), nt.LossMetrics()]
+    rec = nt.Recorder(tmp_path, lenses, compact=False, flush_secs=3600)
+    rec.attach(model, optimizer=opt)
+    for _ in range(3):
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        rec.push_metric("m", 1.0)
+        rec.event("e")
+    rec.collect()
+    rec.collect()
+    taken = rec._buffer.take()
+    counts = {table: row_count(table, records) for table, records in taken.items()}
+    rec._writer.submit_records(taken)
+    rec.close()
+    assert set(counts) == {"outputs", "params", "signals", "metrics", "events"}
+    assert counts == {table: read_table(tmp_path, table).num_rows for table in counts}
+    assert counts["params"] == 2 * 4  # two collections of four parameters, not two records
