@@ -4,13 +4,17 @@ writer's waits come first: the recorder's own calls use them."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from recorder_models import read_table
 
 import normtrace as nt
 from normtrace import lifecycle
@@ -106,3 +110,20 @@ def test_open_recorders_are_this_processs_open_ones(tmp_path):
     assert lifecycle._open_recorders() == [rec]
     assert finishes(rec.close)
     assert lifecycle._open_recorders() == []
+
+
+def test_a_process_exiting_with_a_recorder_open_ends_and_writes_it(tmp_path):
+    """Python waits for its non-daemon threads before the exit handlers run: the writer must be a daemon
+    thread, or a run left open at exit would keep the process alive forever, its exit handler (which
+    closes the recorder) never reached."""
+    run = tmp_path / "r"
+    code = f"import normtrace as nt\nrec = nt.Recorder({str(run)!r})\nrec.push_metric('m', 1.0)\n"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=PATIENCE * 3
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process with an open recorder did not exit")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "meta.json").read_text())["status"] == "exited"
+    assert read_table(run, "metrics").column("value").to_pylist() == [1.0]
