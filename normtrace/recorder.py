@@ -382,6 +382,9 @@ class Recorder:
         self._handles.clear()
         self._root = None
         self._entries = None
+        # a pass counted at the root's children never ends (no root forward returns): without a fresh
+        # thread-local, calls after the next attach would record under that old pass as name#k
+        self._local = self._recording.local = threading.local()
 
     # ------------------------------------------------------------------ recording
 

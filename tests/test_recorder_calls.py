@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -512,3 +513,38 @@ def test_the_rows_counted_as_queued_are_the_rows_each_table_gets(tmp_path):
     assert counts == {table: read_table(tmp_path, table).num_rows for table in counts}
     assert counts["params"] == 2 * 4  # two collections of four parameters, not two records
     assert all(type(n) is int for n in counts.values())  # whole rows: the catch-up warning prints them
+
+
+def test_before_the_first_pass_rows_belong_to_pass_minus_one_and_none_are_counted(tmp_path):
+    """The format's rule: a row recorded before any pass belongs to pass -1."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    with nt.Recorder(tmp_path, [nt.OutputNorm(include=[nn.Linear])]) as rec:
+        rec.attach(model)
+        assert (rec.passes, rec.epoch) == (0, 0)
+        rec.push_metric("before", 1.0)
+        model(torch.randn(1, 2))
+        rec.push_metric("after", 2.0)
+        assert rec.passes == 1
+    rows = read_table(tmp_path, "metrics").to_pylist()
+    assert [(r["name"], r["pass"]) for r in rows] == [("before", -1), ("after", 0)]
+    meta = meta_of(tmp_path)
+    assert (meta["optimizer"], meta["passes"]) == (None, 1)  # attached without an optimizer
+
+
+def test_passes_counted_at_children_again_after_detach_and_attach(tmp_path):
+    """``detach()`` forgets which children counted passes, so after attaching again a child called
+    outside the root's forward counts a pass at each call (the children are observed anew)."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    x = torch.randn(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "ran outside Sequential.forward", once per attach
+        with nt.Recorder(tmp_path, [nt.OutputNorm()]) as rec:
+            rec.attach(model)
+            model[0](x)
+            rec.detach()
+            rec.attach(model)
+            for _ in range(3):
+                model[0](x)
+            assert rec.passes == 4
+    rows = read_table(tmp_path, "outputs").to_pylist()
+    assert [(r["module"], r["pass"]) for r in rows] == [("0.1", p) for p in range(4)]
