@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -548,3 +549,19 @@ def test_passes_counted_at_children_again_after_detach_and_attach(tmp_path):
             assert rec.passes == 4
     rows = read_table(tmp_path, "outputs").to_pylist()
     assert [(r["module"], r["pass"]) for r in rows] == [("0.1", p) for p in range(4)]
+
+
+def test_a_run_left_open_at_exit_after_a_survived_signal_reads_terminated(tmp_path):
+    """A SIGTERM the user's handler survived, then an exit without ``close()``: the exit is the signal's
+    doing, so the run says ``terminated``, not ``exited``, and keeps what came after the signal."""
+    run = tmp_path / "r"
+    code = (
+        "import signal\nimport normtrace as nt\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: None)\n"
+        f"rec = nt.Recorder({str(run)!r})\n"
+        "rec.push_metric('before', 1.0)\nsignal.raise_signal(signal.SIGTERM)\nrec.push_metric('after', 2.0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert meta_of(run)["status"] == "terminated"
+    assert read_table(run, "metrics").column("name").to_pylist() == ["before", "after"]
