@@ -89,6 +89,13 @@ def test_critical_stretches_nest_and_end_at_depth_zero():
     assert lifecycle._local.depth == 0
 
 
+def test_open_recorders_are_this_processs_open_ones_and_close_ends(tmp_path):
+    rec = nt.Recorder(tmp_path / "a", handle_signals=False)  # closed from another thread below
+    assert lifecycle._open_recorders() == [rec]
+    assert finishes(rec.close)
+    assert lifecycle._open_recorders() == []
+
+
 def test_a_signal_held_in_a_critical_stretch_is_handed_on_when_it_ends(tmp_path):
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
@@ -103,13 +110,6 @@ def test_a_signal_held_in_a_critical_stretch_is_handed_on_when_it_ends(tmp_path)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert (held, handed_on, left) == ([], [signal.SIGTERM], [])
-
-
-def test_open_recorders_are_this_processs_open_ones(tmp_path):
-    rec = nt.Recorder(tmp_path / "a", handle_signals=False)  # closed from another thread below
-    assert lifecycle._open_recorders() == [rec]
-    assert finishes(rec.close)
-    assert lifecycle._open_recorders() == []
 
 
 def test_a_process_exiting_with_a_recorder_open_ends_and_writes_it(tmp_path):
