@@ -347,7 +347,14 @@ class Recorder:
         self._meta["root"] = type(model).__name__
         self._meta["optimizer"] = None if optimizer is None else type(optimizer).__name__
         for lens in self.lenses:
-            self._handles += lens.attach(target, self._recording)
+            try:
+                self._handles += lens.attach(target, self._recording)
+            except BaseException as exc:
+                self.detach()  # all or nothing: no half-attached model recording into this run
+                add_note = getattr(exc, "add_note", None)  # Python 3.11+
+                if add_note is not None:
+                    add_note(f"normtrace: {type(lens).__name__}.attach failed; nothing is attached")
+                raise
         # last: a lens observing the root itself (a one-layer model) records its output inside the pass;
         # observed after the pass ended, it would start a pass of its own (_outside_root)
         self._handles.append(after_forward(model, self._after_pass))

@@ -568,3 +568,29 @@ def test_a_run_left_open_at_exit_after_a_survived_signal_reads_terminated(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert meta_of(run)["status"] == "terminated"
     assert read_table(run, "metrics").column("name").to_pylist() == ["before", "after"]
+
+
+class FailingLens:
+    """A user's lens whose ``attach`` fails (after ``OutputNorm`` attached its observers)."""
+
+    def config(self) -> dict:
+        return {"type": "FailingLens"}
+
+    def attach(self, target: nt.Target, recording: nt.Recording) -> list:
+        raise RuntimeError("no such layer: encoder")
+
+
+def test_a_lens_failing_to_attach_leaves_nothing_attached_and_names_itself(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    classes = [type(m) for m in model.modules()]
+    with nt.Recorder(tmp_path, [nt.OutputNorm(), FailingLens()]) as rec:
+        with pytest.raises(RuntimeError, match="no such layer") as info:
+            rec.attach(model)
+        assert info.value.__notes__ == ["normtrace: FailingLens.attach failed; nothing is attached"]
+        assert [type(m) for m in model.modules()] == classes  # OutputNorm's observers removed again
+        model(torch.randn(1, 2))
+        assert rec.passes == 0
+        rec.push_metric("still_recording", 1.0)
+    assert not (tmp_path / "outputs").exists()
+    assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["still_recording"]
+    assert meta_of(tmp_path)["status"] == "closed"
