@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from recorder_models import read_table
+from torch import nn
 
 import normtrace as nt
 from normtrace import lifecycle
@@ -94,6 +95,13 @@ def test_open_recorders_are_this_processs_open_ones_and_close_ends(tmp_path):
     assert lifecycle._open_recorders() == [rec]
     assert finishes(rec.close)
     assert lifecycle._open_recorders() == []
+
+
+def test_attach_returns_for_a_plain_model(tmp_path):
+    """``attach`` looks through wrappers (``torch.compile``, DDP) in a loop: it must end on a plain model."""
+    rec = nt.Recorder(tmp_path / "a", handle_signals=False)  # closed from another thread below
+    assert finishes(lambda: rec.attach(nn.Sequential(nn.Linear(2, 2)))), "attach() did not return"
+    assert finishes(rec.close)
 
 
 def test_a_signal_held_in_a_critical_stretch_is_handed_on_when_it_ends(tmp_path):
