@@ -514,3 +514,43 @@ def test_a_series_with_a_single_spike_cluster_is_tested(tmp_path: Path) -> None:
     row = na.load(run).event_alignment(window=10).row(0, named=True)
     assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(syncs)
     assert row["p_value"] is not None and 0 < row["p_value"] <= 1
+
+
+def _modules_trace(path: Path, spikes: dict[str, list[int]], n: int = 4000) -> Path:
+    """One noise series per module, +3 (30 noise SDs) at the given passes."""
+    values = []
+    for seed, at in enumerate(spikes.values()):
+        v = _noise(n, 20 + seed)
+        v[at] += 3.0
+        values.append(v)
+    k = len(spikes)
+    outputs = {
+        "pass": np.tile(np.arange(n), k),
+        "epoch": np.tile(np.arange(n) // 10, k).astype(np.int32),
+        "module": np.repeat(np.array(list(spikes)), n),
+        "norm": np.concatenate(values).astype(np.float32),
+    }
+    return write_trace(path, outputs=outputs)
+
+
+def test_the_coincidence_share_is_that_of_the_series_with_fewer_clusters(tmp_path: Path) -> None:
+    """``p``'s two clusters both start at clusters of ``q``, which has six: one excursion seen in two
+    layers (2 of 2), though only 2 of ``q``'s 6 are shared."""
+    q = [500, 1000, 1600, 2300, 2900, 3400]
+    run = _modules_trace(tmp_path / "r", {"p": [1000 + 3, 2900 - 4], "q": q})
+    groups = na.load(run).spike_groups()
+    assert groups.columns == ["run", "rank", "module", "split", "group", "size", "clusters", "shared"]
+    assert groups.select("module", "group", "size", "clusters").rows() == [("p", 0, 2, 2), ("q", 0, 2, 6)]
+    assert groups["shared"].to_list() == pytest.approx([1.0, 2 / 6])
+
+
+def test_spike_groups_follow_their_tolerance_and_threshold(tmp_path: Path) -> None:
+    shared = [400, 900, 1500, 2200, 3100]
+    run = _modules_trace(tmp_path / "r", {"a": shared, "b": [p + 2 for p in shared]})
+    trace = na.load(run)
+    assert trace.spike_groups()["size"].to_list() == [2, 2]  # 2 passes apart: within the default 5
+    apart = trace.spike_groups(tolerance=1)
+    assert apart.select("module", "group", "size", "shared").rows() == [("a", 0, 1, 0.0), ("b", 1, 1, 0.0)]
+    assert trace.spike_groups(threshold=1e6).height == 0
+    assert trace.spike_clusters(threshold=1e6).height == 0
+    assert trace.spike_clusters().height == 10
