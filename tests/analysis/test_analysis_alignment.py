@@ -554,3 +554,10 @@ def test_spike_groups_follow_their_tolerance_and_threshold(tmp_path: Path) -> No
     assert trace.spike_groups(threshold=1e6).height == 0
     assert trace.spike_clusters(threshold=1e6).height == 0
     assert trace.spike_clusters().height == 10
+
+
+def test_spike_groups_are_numbered_largest_first(tmp_path: Path) -> None:
+    shared = [400, 900, 1500, 2200, 3100]
+    spikes = {"a": [700, 1800, 2600], "b": shared, "c": [p + 1 for p in shared]}
+    groups = na.load(_modules_trace(tmp_path / "r", spikes)).spike_groups()
+    assert groups.select("module", "group", "size").rows() == [("b", 0, 2), ("c", 0, 2), ("a", 1, 1)]
