@@ -463,6 +463,7 @@ def test_event_profile_is_the_average_of_values_over_their_pre_event_median(tmp_
         assert row["events"] == 4
         assert row["mean"] == pytest.approx(ratio.mean(), rel=1e-9)
         assert row["median"] == pytest.approx(np.median(ratio), rel=1e-9)
+        assert (row["p25"], row["p75"]) == pytest.approx(tuple(np.percentile(ratio, [25, 75])), rel=1e-9)
         half = 1.96 * ratio.std(ddof=1) / 2
         assert (row["ci_lo"], row["ci_hi"]) == pytest.approx(
             (ratio.mean() - half, ratio.mean() + half), rel=1e-9
