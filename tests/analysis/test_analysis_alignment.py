@@ -562,3 +562,21 @@ def test_spike_groups_are_numbered_largest_first(tmp_path: Path) -> None:
     spikes = {"a": [700, 1800, 2600], "b": shared, "c": [p + 1 for p in shared]}
     groups = na.load(_modules_trace(tmp_path / "r", spikes)).spike_groups()
     assert groups.select("module", "group", "size").rows() == [("b", 0, 2), ("c", 0, 2), ("a", 1, 1)]
+
+
+def test_a_step_needs_a_level_at_or_before_the_position_and_a_later_one_within_the_window() -> None:
+    """``_Levels.step`` by construction: trailing medians 1..5 at passes 10, 11, 12, 13, 20, scale 2."""
+    lv = alignment._Levels(
+        at=np.array([10, 11, 12, 13, 20]), value=np.zeros(5), before=np.arange(1.0, 6.0), scale=2.0
+    )
+    steps, ratios = lv.step(np.array([5, 10, 12, 13]), 5)
+    # 5: no level before it; 10: 1 -> 4 (at 13); 12: 3 -> 4; 13: nothing after it within 5 passes
+    np.testing.assert_array_equal(steps, [np.nan, 1.5, 0.5, np.nan])
+    np.testing.assert_array_equal(ratios, [np.nan, 4.0, 4 / 3, np.nan])
+    steps, ratios = lv.step(np.array([13]), 7)  # 20 is within 7 passes of 13
+    np.testing.assert_array_equal(steps, [0.5])
+
+
+def test_finite_or_none() -> None:
+    assert [alignment._finite(x) for x in (None, np.inf, -np.inf, np.nan, 2)] == [None, None, None, None, 2.0]
+    assert type(alignment._finite(np.float32(2.5))) is float
