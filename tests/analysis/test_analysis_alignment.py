@@ -580,3 +580,18 @@ def test_a_step_needs_a_level_at_or_before_the_position_and_a_later_one_within_t
 def test_finite_or_none() -> None:
     assert [alignment._finite(x) for x in (None, np.inf, -np.inf, np.nan, 2)] == [None, None, None, None, 2.0]
     assert type(alignment._finite(np.float32(2.5))) is float
+
+
+def test_a_step_down_is_said_lower_in_a_sentence_naming_the_series_window_and_counts(tmp_path: Path) -> None:
+    values = 10 + _noise(4000, seed=16)
+    events = list(range(299, 3900, 300))
+    for e in events:
+        values[e + 1 :] -= 0.5  # a staircase down: -5 noise SDs after every event
+    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
+    assert row["step"] < 0 and row["steps_up"] == 0
+    sd, pct = f"{abs(row['step']):.2g}", f"{abs(100 * row['step_change']):.2g}"
+    assert row["finding"].startswith(
+        f"m: the median level in the 20 passes after a target_update is {sd} robust SD, {pct}% lower than "
+        f"in the 20 before (median over {len(events)} events; 0 up), p "
+    )
