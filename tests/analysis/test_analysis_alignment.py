@@ -595,3 +595,14 @@ def test_a_step_down_is_said_lower_in_a_sentence_naming_the_series_window_and_co
         f"m: the median level in the 20 passes after a target_update is {sd} robust SD, {pct}% lower than "
         f"in the 20 before (median over {len(events)} events; 0 up), p "
     )
+
+
+def test_a_step_up_smaller_than_one_robust_sd_is_still_said_higher(tmp_path: Path) -> None:
+    values = 10 + _noise(4000, seed=17)
+    events = list(range(299, 3900, 300))
+    for e in events:
+        values[e + 1 :] += 0.05  # half a noise SD after every event
+    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
+    assert 0 < row["step"] < 1
+    assert f"{abs(row['step']):.2g} robust SD, " in row["finding"] and "% higher than" in row["finding"]
