@@ -595,6 +595,7 @@ def test_a_step_down_is_said_lower_in_a_sentence_naming_the_series_window_and_co
         f"m: the median level in the 20 passes after a target_update is {sd} robust SD, {pct}% lower than "
         f"in the 20 before (median over {len(events)} events; 0 up), p "
     )
+    assert row["q_value"] is not None and row["finding"].count(", q = ") == 1
 
 
 def test_a_step_up_smaller_than_one_robust_sd_is_still_said_higher(tmp_path: Path) -> None:
