@@ -607,3 +607,13 @@ def test_a_step_up_smaller_than_one_robust_sd_is_still_said_higher(tmp_path: Pat
     row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
     assert 0 < row["step"] < 1
     assert f"{abs(row['step']):.2g} robust SD, " in row["finding"] and "% higher than" in row["finding"]
+
+
+def test_event_profile_and_steps_keep_to_the_modules_asked_for(tmp_path: Path) -> None:
+    events = [499, 1199, 1999, 2499]
+    run = write_trace(tmp_path / "r", **_series(_noise(3000, seed=18), _syncs(events), modules=("a", "b")))
+    trace = na.load(run)
+    assert set(trace.event_profile(window=5)["module"]) == {"a", "b"}
+    profile = trace.event_profile(window=5, modules="b")
+    assert set(profile["module"]) == {"b"} and profile.filter(pl.col("kind") == "event").height == 11
+    assert trace.event_steps(window=20, permutations=99, modules="a")["module"].to_list() == ["a"]
