@@ -46,10 +46,14 @@ def read_table(run_dir: Path, table: str) -> pa.Table:
     return pa.concat_tables(pa.ipc.open_file(f).read_all() for f in files)
 
 
+def meta_of(run_dir: Path) -> dict[str, Any]:
+    """Rank 0's ``meta.json`` as written now."""
+    return json.loads((Path(run_dir) / "meta.json").read_text())
+
+
 def notes(run_dir: Path) -> list[tuple[str, str, str]]:
     """The run's notes (rank 0's ``meta.json``) as (module, kind, detail), in the order recorded."""
-    meta = json.loads((Path(run_dir) / "meta.json").read_text())
-    return [(n["module"], n["kind"], n["detail"]) for n in meta["notes"]]
+    return [(n["module"], n["kind"], n["detail"]) for n in meta_of(run_dir)["notes"]]
 
 
 class Checkpointed(nn.Module):

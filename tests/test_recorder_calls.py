@@ -20,17 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from recorder_models import QNetwork, read_table
+from recorder_models import QNetwork, meta_of, read_table
 from torch import nn
 
 import normtrace as nt
 import normtrace.recorder as recorder_module
 from normtrace import schema
 from normtrace.buffer import row_count
-
-
-def meta_of(run: Path) -> dict:
-    return json.loads((run / schema.meta_name(0)).read_text())
 
 
 def utc_seconds() -> dt.datetime:

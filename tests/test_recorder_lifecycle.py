@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from recorder_models import QNetwork, approx_output_norms, norms_by_module, read_table
+from recorder_models import QNetwork, approx_output_norms, meta_of, norms_by_module, read_table
 from torch import nn
 
 import normtrace as nt
 import normtrace.writer
-from normtrace import lifecycle, schema
+from normtrace import lifecycle
 
 TESTS = Path(__file__).parent
 EXAMPLES = TESTS.parent / "examples"
@@ -31,10 +31,6 @@ EXAMPLES = TESTS.parent / "examples"
 
 def writer_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("normtrace-writer")}
-
-
-def meta_of(run: Path) -> dict:
-    return json.loads((run / schema.meta_name(0)).read_text())
 
 
 # ---------------------------------------------------------------------------------- dropped recorders

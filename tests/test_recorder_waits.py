@@ -4,7 +4,6 @@ writer's waits come first: the recorder's own calls use them."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from recorder_models import read_table
+from recorder_models import meta_of, read_table
 from torch import nn
 
 import normtrace as nt
@@ -133,5 +132,5 @@ def test_a_process_exiting_with_a_recorder_open_ends_and_writes_it(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("a process with an open recorder did not exit")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((run / "meta.json").read_text())["status"] == "exited"
+    assert meta_of(run)["status"] == "exited"
     assert read_table(run, "metrics").column("value").to_pylist() == [1.0]
