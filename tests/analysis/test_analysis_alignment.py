@@ -381,21 +381,32 @@ def test_spikes_closer_than_the_merge_gap_are_one_cluster(tmp_path: Path) -> Non
     assert na.load(run).spike_clusters(window=80).select("onset", "spikes").rows() == [(300, 4), (700, 1)]
 
 
-def test_layers_whose_clusters_coincide_are_one_group(tmp_path: Path) -> None:
-    n = 4000
-    shared = [400, 900, 1500, 2200, 3100]
-    a, b, c = _noise(n, 10), _noise(n, 11), _noise(n, 12)
-    a[shared] += 3.0
-    b[[p + 2 for p in shared[:4]] + [3500]] += 3.0  # four of its five clusters within 5 passes of a's
-    c[[700, 1800, 2600]] += 3.0
+def _modules_trace(path: Path, spikes: dict[str, list[int]], n: int = 4000, seed: int = 20) -> Path:
+    """One noise series per module (seeds ``seed``, ``seed + 1``, ...), +3 (30 noise SDs) at the given
+    passes, epochs of 10 passes."""
+    values = []
+    for i, at in enumerate(spikes.values()):
+        v = _noise(n, seed + i)
+        v[at] += 3.0
+        values.append(v)
+    k = len(spikes)
     outputs = {
-        "pass": np.tile(np.arange(n), 3),
-        "epoch": np.tile(np.arange(n) // 10, 3).astype(np.int32),
-        "module": np.repeat(np.array(["a", "b", "c"]), n),
-        "norm": np.concatenate([a, b, c]).astype(np.float32),
+        "pass": np.tile(np.arange(n), k),
+        "epoch": np.tile(np.arange(n) // 10, k).astype(np.int32),
+        "module": np.repeat(np.array(list(spikes)), n),
+        "norm": np.concatenate(values).astype(np.float32),
     }
-    run = write_trace(tmp_path / "r", outputs=outputs)
-    groups = na.load(run).spike_groups()
+    return write_trace(path, outputs=outputs)
+
+
+def test_layers_whose_clusters_coincide_are_one_group(tmp_path: Path) -> None:
+    shared = [400, 900, 1500, 2200, 3100]
+    spikes = {
+        "a": shared,
+        "b": [p + 2 for p in shared[:4]] + [3500],  # four of its five clusters within 5 passes of a's
+        "c": [700, 1800, 2600],
+    }
+    groups = na.load(_modules_trace(tmp_path / "r", spikes, seed=10)).spike_groups()
     rows = {r["module"]: r for r in groups.iter_rows(named=True)}
     assert rows["a"]["group"] == rows["b"]["group"] == 0 and rows["a"]["size"] == 2
     assert rows["c"]["group"] == 1 and rows["c"]["size"] == 1 and rows["c"]["shared"] == 0
@@ -515,23 +526,6 @@ def test_a_series_with_a_single_spike_cluster_is_tested(tmp_path: Path) -> None:
     row = na.load(run).event_alignment(window=10).row(0, named=True)
     assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(syncs)
     assert row["p_value"] is not None and 0 < row["p_value"] <= 1
-
-
-def _modules_trace(path: Path, spikes: dict[str, list[int]], n: int = 4000) -> Path:
-    """One noise series per module, +3 (30 noise SDs) at the given passes."""
-    values = []
-    for seed, at in enumerate(spikes.values()):
-        v = _noise(n, 20 + seed)
-        v[at] += 3.0
-        values.append(v)
-    k = len(spikes)
-    outputs = {
-        "pass": np.tile(np.arange(n), k),
-        "epoch": np.tile(np.arange(n) // 10, k).astype(np.int32),
-        "module": np.repeat(np.array(list(spikes)), n),
-        "norm": np.concatenate(values).astype(np.float32),
-    }
-    return write_trace(path, outputs=outputs)
 
 
 def test_the_coincidence_share_is_that_of_the_series_with_fewer_clusters(tmp_path: Path) -> None:
