@@ -8,33 +8,10 @@ import normtrace_analysis as na
 import numpy as np
 import polars as pl
 import pytest
+from alignment_traces import modules_trace, noise, series, syncs
 from normtrace_analysis import alignment
 from normtrace_analysis.stats import clopper_pearson, permutation_p
 from tracegen import synthetic_dqn, write_trace
-
-
-def _series(values: np.ndarray, events: dict | None = None, per_epoch: int = 10, modules=("m",)) -> dict:
-    """Modules with the same values, one training pass per row, epochs of ``per_epoch`` passes."""
-    n = len(values)
-    outputs = {
-        "pass": np.tile(np.arange(n), len(modules)),
-        "epoch": np.tile((np.arange(n) // per_epoch).astype(np.int32), len(modules)),
-        "module": np.repeat(np.array(modules), n),
-        "norm": np.tile(values.astype(np.float32), len(modules)),
-    }
-    return {"outputs": outputs, "events": events}
-
-
-def _noise(n: int, seed: int = 0) -> np.ndarray:
-    return 10.0 + 0.1 * np.random.default_rng(seed).standard_normal(n)
-
-
-def _syncs(passes: list[int], per_epoch: int = 10) -> dict:
-    return {
-        "epoch": [(p + 1) // per_epoch for p in passes],
-        "pass": passes,
-        "name": ["target_update"] * len(passes),
-    }
 
 
 def _followed_by_loops(onsets: list[int], positions: np.ndarray, window: int) -> int:
@@ -135,10 +112,10 @@ def test_same_seed_same_draws_and_different_seed_different_draws() -> None:
 
 
 def test_window_edges_lag_w_counts_lag_w_plus_1_and_lag_0_do_not(tmp_path: Path) -> None:
-    values = _noise(1000)
+    values = noise(1000)
     events = [100, 300, 500, 700]
     values[[100 + 10, 300 + 11, 500]] += 3.0  # lags 10 (= W), 11 (= W + 1) and 0 (the event's own pass)
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     row = na.load(run).event_alignment(window=10).row(0, named=True)
     assert (row["events"], row["events_followed"], row["spikes"], row["clusters"]) == (4, 1, 3, 3)
     assert row["finding"].startswith(
@@ -149,11 +126,11 @@ def test_window_edges_lag_w_counts_lag_w_plus_1_and_lag_0_do_not(tmp_path: Path)
 def test_an_event_counts_when_its_window_reaches_a_recorded_pass(tmp_path: Path) -> None:
     """A DQN's first syncs come before its first training pass: an event is tested when its window
     reaches the first recorded pass, and left out of E when the window ends before it."""
-    values = _noise(1000, seed=3)
+    values = noise(1000, seed=3)
     first = 50  # the series is recorded from pass 50 on: values[i] is pass 50 + i
     values[[52 - first, 505 - first]] += 3.0
-    outputs = _series(values)["outputs"] | {"pass": np.arange(first, first + 1000)}
-    run = write_trace(tmp_path / "r", outputs=outputs, events=_syncs([20, 45, 500]))
+    outputs = series(values)["outputs"] | {"pass": np.arange(first, first + 1000)}
+    run = write_trace(tmp_path / "r", outputs=outputs, events=syncs([20, 45, 500]))
     row = na.load(run).event_alignment(window=10).row(0, named=True)
     # (20, 30] ends before pass 50: not an event of this series. (45, 55] holds pass 52: followed.
     assert (row["events"], row["events_followed"]) == (2, 2)
@@ -162,7 +139,7 @@ def test_an_event_counts_when_its_window_reaches_a_recorded_pass(tmp_path: Path)
 def test_epoch_level_window_is_the_epoch_the_event_opens_and_the_next_ones(tmp_path: Path) -> None:
     per_epoch = 5
     epochs = 300
-    values = np.repeat(_noise(epochs, seed=4), per_epoch)  # flat within an epoch: epoch means = values
+    values = np.repeat(noise(epochs, seed=4), per_epoch)  # flat within an epoch: epoch means = values
     sync_epochs = [40, 80, 120, 160, 200]
     for e, lag in zip(sync_epochs, [0, 1, 2, -1, 3], strict=True):  # window 2: lags 0 and 1 count
         values[(e + lag) * per_epoch : (e + lag + 1) * per_epoch] += 3.0
@@ -171,7 +148,7 @@ def test_epoch_level_window_is_the_epoch_the_event_opens_and_the_next_ones(tmp_p
         "pass": [e * per_epoch - 1 for e in sync_epochs],
         "name": ["target_update"] * 5,
     }
-    run = write_trace(tmp_path / "r", **_series(values, events, per_epoch=per_epoch))
+    run = write_trace(tmp_path / "r", **series(values, events, per_epoch=per_epoch))
     row = na.load(run).event_alignment(level="epoch", window=2).row(0, named=True)
     assert (row["events"], row["events_followed"], row["spikes"]) == (5, 2, 5)
     assert row["placebo_events"] is None  # no placebo at epoch level: every epoch is a boundary
@@ -179,12 +156,12 @@ def test_epoch_level_window_is_the_epoch_the_event_opens_and_the_next_ones(tmp_p
 
 
 def test_p_value_is_the_brute_force_permutation_count(tmp_path: Path) -> None:
-    values = _noise(3000, seed=5)
+    values = noise(3000, seed=5)
     events = [199, 499, 799, 1099, 1399, 1699, 1999, 2299, 2599]
     for e, lag in zip(events, [3, 5, 2, 8, 4, 40, 60, 90, 3], strict=True):
         values[e + lag] += 3.0
     values[[1000, 2700]] += 3.0
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     b = 199
     row = na.load(run).event_alignment(window=10, permutations=b, placebo=False).row(0, named=True)
     onsets = sorted(
@@ -251,11 +228,11 @@ def test_several_windows_give_one_block_each_with_their_own_q(tmp_path: Path) ->
 
 
 def test_same_draws_for_every_series_of_a_run_and_deterministic(tmp_path: Path) -> None:
-    values = _noise(3000, seed=6)
+    values = noise(3000, seed=6)
     events = list(range(149, 2900, 300))
     values[[e + 4 for e in events[:6]]] += 3.0
     values[[1000, 2000]] += 3.0
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events), modules=("a", "b")))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events), modules=("a", "b")))
     first = na.load(run).event_alignment(window=10)
     again = na.load(run).event_alignment(window=10)
     assert first.equals(again)
@@ -271,19 +248,19 @@ def test_placebo_separates_the_event_from_the_epoch_boundaries(tmp_path: Path) -
     per_epoch, epochs = 50, 120
     sync_epochs = list(range(5, epochs, 5))
     boundaries = [e * per_epoch - 1 for e in range(1, epochs)]
-    syncs = [e * per_epoch - 1 for e in sync_epochs]
-    others = [b for b in boundaries if b not in syncs]
-    events = {"epoch": sync_epochs, "pass": syncs, "name": ["target_update"] * len(syncs)}
-    after_syncs = _noise(epochs * per_epoch, seed=7)
-    after_syncs[[p + 3 for p in syncs]] += 3.0
-    after_others = _noise(epochs * per_epoch, seed=8)
+    sync_passes = [e * per_epoch - 1 for e in sync_epochs]
+    others = [b for b in boundaries if b not in sync_passes]
+    events = {"epoch": sync_epochs, "pass": sync_passes, "name": ["target_update"] * len(sync_passes)}
+    after_syncs = noise(epochs * per_epoch, seed=7)
+    after_syncs[[p + 3 for p in sync_passes]] += 3.0
+    after_others = noise(epochs * per_epoch, seed=8)
     after_others[[p + 3 for p in others[::3]]] += 3.0
     for name, values in (("syncs", after_syncs), ("others", after_others)):
-        write_trace(tmp_path / name, **_series(values, events, per_epoch=per_epoch))
+        write_trace(tmp_path / name, **series(values, events, per_epoch=per_epoch))
     table = na.load([tmp_path / "syncs", tmp_path / "others"]).event_alignment(window=10)
     syncs_row, others_row = (table.filter(pl.col("run") == r).row(0, named=True) for r in ("syncs", "others"))
     assert syncs_row["placebo_events"] == len(others) == others_row["placebo_events"]
-    assert syncs_row["events_followed"] == len(syncs) and syncs_row["p_value"] < 0.01
+    assert syncs_row["events_followed"] == len(sync_passes) and syncs_row["p_value"] < 0.01
     assert syncs_row["placebo_followed"] == 0 and syncs_row["placebo_p"] > 0.5
     assert others_row["events_followed"] == 0 and others_row["p_value"] > 0.5
     assert others_row["placebo_followed"] == len(others[::3]) and others_row["placebo_p"] < 0.01
@@ -300,18 +277,14 @@ def test_placebo_separates_the_event_from_the_epoch_boundaries(tmp_path: Path) -
 
 
 def test_alignment_handles_no_spikes_and_no_events(tmp_path: Path) -> None:
-    quiet = write_trace(
-        tmp_path / "quiet", **_series(_noise(800), {"epoch": [5], "pass": [49], "name": ["x"]})
-    )
+    quiet = write_trace(tmp_path / "quiet", **series(noise(800), {"epoch": [5], "pass": [49], "name": ["x"]}))
     row = na.load(quiet).event_alignment("x").row(0, named=True)
     assert (row["spikes"], row["clusters"], row["events"]) == (0, 0, 1)
     assert row["p_value"] is None and row["q_value"] is None and row["enrichment"] is None
     assert "no spikes" in row["finding"]
-    values = _noise(800)
+    values = noise(800)
     values[400] += 5
-    spiky = write_trace(
-        tmp_path / "spiky", **_series(values, {"epoch": [500], "pass": [5000], "name": ["x"]})
-    )
+    spiky = write_trace(tmp_path / "spiky", **series(values, {"epoch": [500], "pass": [5000], "name": ["x"]}))
     row = na.load(spiky).event_alignment("x").row(0, named=True)  # its one event lies after the series
     assert row["spikes"] == 1 and row["events"] == 0 and row["p_value"] is None
     assert "no x events were recorded in its span" in row["finding"]
@@ -320,7 +293,7 @@ def test_alignment_handles_no_spikes_and_no_events(tmp_path: Path) -> None:
 def test_an_event_no_run_recorded_is_refused_with_the_events_that_were(tmp_path: Path) -> None:
     quiet = write_trace(
         tmp_path / "quiet",
-        **_series(_noise(800), {"epoch": [5, 6, 7], "pass": [49, 59, 69], "name": ["x", "y", "y"]}),
+        **series(noise(800), {"epoch": [5, 6, 7], "pass": [49, 59, 69], "name": ["x", "y", "y"]}),
     )
     trace = na.load(quiet)
     for analysis in (trace.event_alignment, trace.event_steps, trace.event_profile):
@@ -329,7 +302,7 @@ def test_an_event_no_run_recorded_is_refused_with_the_events_that_were(tmp_path:
             match=r"no 'target_update' events in quiet; events recorded: y \(2\), x \(1\)",
         ):
             analysis("target_update")
-    bare = write_trace(tmp_path / "bare", **_series(_noise(800)))
+    bare = write_trace(tmp_path / "bare", **series(noise(800)))
     with pytest.raises(na.MissingEventError, match="no events were recorded.*track_target"):
         na.load(bare).event_alignment("target_update")
 
@@ -345,10 +318,10 @@ def test_multi_run_alignment_names_the_run(tmp_path: Path) -> None:
 
 def test_ranks_are_separate_series_with_their_own_events(tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    spiky = _noise(1000, seed=1)
+    spiky = noise(1000, seed=1)
     spiky[[205, 505]] += 3.0
-    write_trace(run, **_series(spiky, _syncs([199, 499])))
-    write_trace(run, rank=1, **_series(_noise(1000, seed=2), _syncs([299])))
+    write_trace(run, **series(spiky, syncs([199, 499])))
+    write_trace(run, rank=1, **series(noise(1000, seed=2), syncs([299])))
     table = na.load(run).event_alignment(window=10)
     assert table.select("rank", "events", "events_followed", "spikes").rows() == [
         (0, 2, 2, 2),
@@ -359,7 +332,7 @@ def test_ranks_are_separate_series_with_their_own_events(tmp_path: Path) -> None
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
-    trace = na.load(write_trace(tmp_path / "r", **_series(_noise(100))))
+    trace = na.load(write_trace(tmp_path / "r", **series(noise(100))))
     with pytest.raises(ValueError, match="window"):
         trace.event_alignment(window=0)
     with pytest.raises(ValueError, match="permutations"):
@@ -373,30 +346,12 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_spikes_closer_than_the_merge_gap_are_one_cluster(tmp_path: Path) -> None:
-    values = _noise(2000, seed=9)
+    values = noise(2000, seed=9)
     values[[300, 310, 324, 400, 700]] += 3.0  # gaps 10, 14 (< 25: one cluster), 76, 300
-    run = write_trace(tmp_path / "r", **_series(values))
+    run = write_trace(tmp_path / "r", **series(values))
     clusters = na.load(run).spike_clusters(window=20)  # merge gap max(20, 51 // 2) = 25
     assert clusters.select("onset", "end", "spikes").rows() == [(300, 324, 3), (400, 400, 1), (700, 700, 1)]
     assert na.load(run).spike_clusters(window=80).select("onset", "spikes").rows() == [(300, 4), (700, 1)]
-
-
-def _modules_trace(path: Path, spikes: dict[str, list[int]], n: int = 4000, seed: int = 20) -> Path:
-    """One noise series per module (seeds ``seed``, ``seed + 1``, ...), +3 (30 noise SDs) at the given
-    passes, epochs of 10 passes."""
-    values = []
-    for i, at in enumerate(spikes.values()):
-        v = _noise(n, seed + i)
-        v[at] += 3.0
-        values.append(v)
-    k = len(spikes)
-    outputs = {
-        "pass": np.tile(np.arange(n), k),
-        "epoch": np.tile(np.arange(n) // 10, k).astype(np.int32),
-        "module": np.repeat(np.array(list(spikes)), n),
-        "norm": np.concatenate(values).astype(np.float32),
-    }
-    return write_trace(path, outputs=outputs)
 
 
 def test_layers_whose_clusters_coincide_are_one_group(tmp_path: Path) -> None:
@@ -406,7 +361,7 @@ def test_layers_whose_clusters_coincide_are_one_group(tmp_path: Path) -> None:
         "b": [p + 2 for p in shared[:4]] + [3500],  # four of its five clusters within 5 passes of a's
         "c": [700, 1800, 2600],
     }
-    groups = na.load(_modules_trace(tmp_path / "r", spikes, seed=10)).spike_groups()
+    groups = na.load(modules_trace(tmp_path / "r", spikes, seed=10)).spike_groups()
     rows = {r["module"]: r for r in groups.iter_rows(named=True)}
     assert rows["a"]["group"] == rows["b"]["group"] == 0 and rows["a"]["size"] == 2
     assert rows["c"]["group"] == 1 and rows["c"]["size"] == 1 and rows["c"]["shared"] == 0
@@ -423,11 +378,11 @@ def _robust_noise(values: np.ndarray) -> float:
 
 
 def test_step_statistic_against_medians_computed_directly(tmp_path: Path) -> None:
-    values = _noise(4000, seed=13)
+    values = noise(4000, seed=13)
     events = list(range(299, 3900, 300))
     for e in events:
         values[e + 1 :] += 0.5  # a staircase: +5 noise SDs after every event
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
     v = values.astype(np.float32).astype(np.float64)
     steps = [np.median(v[e + 1 : e + 21]) - np.median(v[e - 19 : e + 1]) for e in events]
@@ -440,11 +395,11 @@ def test_step_statistic_against_medians_computed_directly(tmp_path: Path) -> Non
 
 
 def test_a_step_of_several_times_the_level_is_said_as_a_factor(tmp_path: Path) -> None:
-    values = 10 + _noise(4000, seed=15)
+    values = 10 + noise(4000, seed=15)
     events = list(range(299, 3900, 300))
     for e in events:
         values[e + 1 : e + 41] *= 6  # the level six times as high for 40 passes after every event
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
     v = values.astype(np.float32).astype(np.float64)
     factor = np.median([np.median(v[e + 1 : e + 21]) / np.median(v[e - 19 : e + 1]) for e in events])
@@ -453,17 +408,17 @@ def test_a_step_of_several_times_the_level_is_said_as_a_factor(tmp_path: Path) -
 
 
 def test_no_step_where_there_is_none(tmp_path: Path) -> None:
-    values = _noise(4000, seed=14)
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(list(range(299, 3900, 300)))))
+    values = noise(4000, seed=14)
+    run = write_trace(tmp_path / "r", **series(values, syncs(list(range(299, 3900, 300)))))
     assert na.load(run).event_steps(window=20)["p_value"][0] > 0.05
 
 
 def test_event_profile_is_the_average_of_values_over_their_pre_event_median(tmp_path: Path) -> None:
-    values = _noise(3000, seed=15)
+    values = noise(3000, seed=15)
     events = [499, 1199, 1999, 2499]
     for e in events:
         values[e + 2] += 1.0
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events), per_epoch=100))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events), per_epoch=100))
     profile = na.load(run).event_profile(window=5)
     v = values.astype(np.float32).astype(np.float64)
     base = np.array([np.median(v[e - 4 : e + 1]) for e in events])
@@ -507,7 +462,7 @@ def test_steps_of_a_noiseless_series_are_measured_in_a_millionth_of_its_level(tm
     level = np.full(700, 10.0)
     for k, at in enumerate(events[:4]):
         level[at + 3 :] = 11.0 + k
-    run = write_trace(tmp_path / "r", **_series(level, _syncs(events, per_epoch=100), per_epoch=100))
+    run = write_trace(tmp_path / "r", **series(level, syncs(events, per_epoch=100), per_epoch=100))
     row = na.load(run).event_steps("target_update", window=20).row(0, named=True)
     assert row["events"] == 6
     assert row["steps_up"] == 4  # the two flat events are not steps up
@@ -519,12 +474,12 @@ def test_steps_of_a_noiseless_series_are_measured_in_a_millionth_of_its_level(tm
 def test_a_series_with_a_single_spike_cluster_is_tested(tmp_path: Path) -> None:
     # One spike, three passes after the third of ten syncs: one cluster, one event followed. A single
     # cluster is evidence (weak: p is large) and must get a p-value, not be left untested.
-    values = _noise(2000, seed=4)
-    syncs = list(range(150, 2000, 200))
-    values[syncs[2] + 3] = 30.0
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(syncs)))
+    values = noise(2000, seed=4)
+    at = list(range(150, 2000, 200))
+    values[at[2] + 3] = 30.0
+    run = write_trace(tmp_path / "r", **series(values, syncs(at)))
     row = na.load(run).event_alignment(window=10).row(0, named=True)
-    assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(syncs)
+    assert row["clusters"] == 1 and row["events_followed"] == 1 and row["events"] == len(at)
     assert row["p_value"] is not None and 0 < row["p_value"] <= 1
 
 
@@ -532,7 +487,7 @@ def test_the_coincidence_share_is_that_of_the_series_with_fewer_clusters(tmp_pat
     """``p``'s two clusters both start at clusters of ``q``, which has six: one excursion seen in two
     layers (2 of 2), though only 2 of ``q``'s 6 are shared."""
     q = [500, 1000, 1600, 2300, 2900, 3400]
-    run = _modules_trace(tmp_path / "r", {"p": [1000 + 3, 2900 - 4], "q": q})
+    run = modules_trace(tmp_path / "r", {"p": [1000 + 3, 2900 - 4], "q": q})
     groups = na.load(run).spike_groups()
     assert groups.columns == ["run", "rank", "module", "split", "group", "size", "clusters", "shared"]
     assert groups.select("module", "group", "size", "clusters").rows() == [("p", 0, 2, 2), ("q", 0, 2, 6)]
@@ -541,7 +496,7 @@ def test_the_coincidence_share_is_that_of_the_series_with_fewer_clusters(tmp_pat
 
 def test_spike_groups_follow_their_tolerance_and_threshold(tmp_path: Path) -> None:
     shared = [400, 900, 1500, 2200, 3100]
-    run = _modules_trace(tmp_path / "r", {"a": shared, "b": [p + 2 for p in shared]})
+    run = modules_trace(tmp_path / "r", {"a": shared, "b": [p + 2 for p in shared]})
     trace = na.load(run)
     assert trace.spike_groups()["size"].to_list() == [2, 2]  # 2 passes apart: within the default 5
     apart = trace.spike_groups(tolerance=1)
@@ -554,7 +509,7 @@ def test_spike_groups_follow_their_tolerance_and_threshold(tmp_path: Path) -> No
 def test_spike_groups_are_numbered_largest_first(tmp_path: Path) -> None:
     shared = [400, 900, 1500, 2200, 3100]
     spikes = {"a": [700, 1800, 2600], "b": shared, "c": [p + 1 for p in shared]}
-    groups = na.load(_modules_trace(tmp_path / "r", spikes)).spike_groups()
+    groups = na.load(modules_trace(tmp_path / "r", spikes)).spike_groups()
     assert groups.select("module", "group", "size").rows() == [("b", 0, 2), ("c", 0, 2), ("a", 1, 1)]
 
 
@@ -577,11 +532,11 @@ def test_finite_or_none() -> None:
 
 
 def test_a_step_down_is_said_lower_in_a_sentence_naming_the_series_window_and_counts(tmp_path: Path) -> None:
-    values = 10 + _noise(4000, seed=16)
+    values = 10 + noise(4000, seed=16)
     events = list(range(299, 3900, 300))
     for e in events:
         values[e + 1 :] -= 0.5  # a staircase down: -5 noise SDs after every event
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
     assert row["step"] < 0 and row["steps_up"] == 0
     sd, pct = f"{abs(row['step']):.2g}", f"{abs(100 * row['step_change']):.2g}"
@@ -593,11 +548,11 @@ def test_a_step_down_is_said_lower_in_a_sentence_naming_the_series_window_and_co
 
 
 def test_a_step_up_smaller_than_one_robust_sd_is_still_said_higher(tmp_path: Path) -> None:
-    values = 10 + _noise(4000, seed=17)
+    values = 10 + noise(4000, seed=17)
     events = list(range(299, 3900, 300))
     for e in events:
         values[e + 1 :] += 0.05  # half a noise SD after every event
-    run = write_trace(tmp_path / "r", **_series(values, _syncs(events)))
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
     row = na.load(run).event_steps(window=20, permutations=199).row(0, named=True)
     assert 0 < row["step"] < 1
     assert f"{abs(row['step']):.2g} robust SD, " in row["finding"] and "% higher than" in row["finding"]
@@ -605,7 +560,7 @@ def test_a_step_up_smaller_than_one_robust_sd_is_still_said_higher(tmp_path: Pat
 
 def test_event_profile_and_steps_keep_to_the_modules_asked_for(tmp_path: Path) -> None:
     events = [499, 1199, 1999, 2499]
-    run = write_trace(tmp_path / "r", **_series(_noise(3000, seed=18), _syncs(events), modules=("a", "b")))
+    run = write_trace(tmp_path / "r", **series(noise(3000, seed=18), syncs(events), modules=("a", "b")))
     trace = na.load(run)
     assert set(trace.event_profile(window=5)["module"]) == {"a", "b"}
     profile = trace.event_profile(window=5, modules="b")
