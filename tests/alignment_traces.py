@@ -35,10 +35,15 @@ def syncs(passes: list[int], per_epoch: int = 10) -> dict:
 
 
 def modules_trace(
-    path: Path, spikes: dict[str, list[int]], n: int = 4000, seed: int = 20, events: dict | None = None
+    path: Path,
+    spikes: dict[str, list[int]],
+    n: int = 4000,
+    seed: int = 20,
+    events: dict | None = None,
+    rank: int = 0,
 ) -> Path:
     """One noise series per module (seeds ``seed``, ``seed + 1``, ...), +3 (30 noise SDs) at the given
-    passes, epochs of 10 passes."""
+    passes, epochs of 10 passes; written as ``rank`` of the run at ``path``."""
     values = []
     for i, at in enumerate(spikes.values()):
         v = noise(n, seed + i)
@@ -51,4 +56,4 @@ def modules_trace(
         "module": np.repeat(np.array(list(spikes)), n),
         "norm": np.concatenate(values).astype(np.float32),
     }
-    return write_trace(path, outputs=outputs, events=events)
+    return write_trace(path, outputs=outputs, events=events, rank=rank)

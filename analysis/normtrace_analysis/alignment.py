@@ -1131,7 +1131,9 @@ def _step_finding(row: dict[str, Any], event: str, s: _Setup, multi_run: bool, m
     direction = "higher" if row["step"] > 0 else "lower"
     change = row["step_change"]
     sd = f"{abs(row['step']):.2g} robust SD"
-    if change is not None and change >= 1:  # at least doubled: a factor reads better than "5.3e+02%"
+    if row["step"] == 0:  # "0 robust SD, 0% lower than" would claim a direction there is none of
+        level = "the same as"
+    elif change is not None and change >= 1:  # at least doubled: a factor reads better than "5.3e+02%"
         level = f"{sd} {direction}, {1 + change:.2g}× as high as"
     elif change is not None:
         level = f"{sd}, {abs(100 * change):.2g}% {direction} than"

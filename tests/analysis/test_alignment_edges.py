@@ -1,0 +1,316 @@
+"""Event alignment at its edges: epoch level, events at a series' ends, runs and ranks kept apart, findings
+worded for exact steps. Every expectation is computed here with numpy or known by construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import normtrace_analysis as na
+import numpy as np
+import polars as pl
+import pytest
+from alignment_traces import modules_trace, noise, series, syncs
+from normtrace_analysis import alignment
+from tracegen import write_trace
+
+
+def _robust_noise(values: np.ndarray) -> float:
+    d = np.diff(values)
+    return 1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# spike_clusters and spike_groups: arguments reach the detector and the merge gap
+
+
+def test_module_functions_default_to_the_outputs_at_pass_level(tmp_path: Path) -> None:
+    trace = na.load(modules_trace(tmp_path / "r", {"a": [300, 1000], "b": [302, 2000]}))
+    assert alignment.spike_clusters(trace).equals(trace.spike_clusters("outputs", level="pass"))
+    assert alignment.spike_groups(trace).equals(trace.spike_groups("outputs", level="pass"))
+    assert alignment.spike_clusters(trace)["onset"].to_list() == [300, 1000, 302, 2000]
+
+
+def test_the_merge_gap_follows_the_event_window_and_the_baseline_window(tmp_path: Path) -> None:
+    # Spikes 10 and 50 passes apart: the default gap max(20, 51 // 2) = 25 merges the first two only;
+    # window=80 gives a gap of 80, baseline_window=201 one of max(20, 100) = 100: both merge all three.
+    at = [300, 310, 360, 1000]
+    trace = na.load(modules_trace(tmp_path / "r", {"a": at, "b": [p + 1 for p in at]}))
+    a = pl.col("module") == "a"
+    assert trace.spike_clusters().filter(a)["onset"].to_list() == [300, 360, 1000]
+    assert trace.spike_clusters(window=80).filter(a)["onset"].to_list() == [300, 1000]
+    assert trace.spike_clusters(baseline_window=201).filter(a)["onset"].to_list() == [300, 1000]
+    assert trace.spike_clusters(baseline_window=201).filter(a)["spikes"].to_list() == [3, 1]
+    assert trace.spike_groups()["clusters"].to_list() == [3, 3]
+    assert trace.spike_groups(window=80)["clusters"].to_list() == [2, 2]
+    assert trace.spike_groups(baseline_window=201)["clusters"].to_list() == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# spike_groups: which series are linked, and their order
+
+
+def test_the_share_is_taken_from_the_series_with_fewer_clusters_whichever_comes_first(tmp_path: Path) -> None:
+    # "a" (first) has five clusters, "b" two, both at clusters of "a": 2 of b's 2 (linked), 2 of a's 5.
+    shared = [400, 900, 1500, 2200, 3100]
+    groups = na.load(modules_trace(tmp_path / "r", {"a": shared, "b": [902, 2201]})).spike_groups()
+    assert groups.select("module", "group", "size", "clusters").rows() == [("a", 0, 2, 5), ("b", 0, 2, 2)]
+    assert groups["shared"].to_list() == pytest.approx([2 / 5, 1.0])
+
+
+def test_half_the_clusters_shared_is_enough_to_link(tmp_path: Path) -> None:
+    # "a" has two clusters, one of them at a cluster of "b": exactly half (COINCIDENCE) links them.
+    groups = na.load(
+        modules_trace(tmp_path / "r", {"a": [400, 1500], "b": [402, 2500, 3000, 3500]})
+    ).spike_groups()
+    assert alignment.COINCIDENCE == 0.5
+    assert groups.select("module", "group", "size").rows() == [("a", 0, 2), ("b", 0, 2)]
+    assert groups["shared"].to_list() == pytest.approx([0.5, 0.25])
+
+
+def test_with_equal_cluster_counts_the_first_series_share_decides(tmp_path: Path) -> None:
+    # A wide tolerance (150) lets two of a's clusters (400, 600) fall near one of b's (500): 2 of a's 3
+    # clusters are shared, 1 of b's 3. With equal counts the share of the first series is used: linked.
+    trace = na.load(modules_trace(tmp_path / "r", {"a": [400, 600, 2400], "b": [500, 3000, 3600]}))
+    groups = trace.spike_groups(tolerance=150)
+    assert groups.select("module", "group", "size").rows() == [("a", 0, 2), ("b", 0, 2)]
+    assert groups["shared"].to_list() == pytest.approx([2 / 3, 1 / 3])
+
+
+@pytest.mark.parametrize("hub", ["h", "z"])
+def test_a_series_linked_to_two_others_counts_the_clusters_shared_with_either(
+    tmp_path: Path, hub: str
+) -> None:
+    # The hub's first two clusters are shared with one series, its last two with another: all four are
+    # shared. The hub comes first ("h") or last ("z") of the three series.
+    shared = [400, 900, 1500, 2200]
+    spikes = {hub: shared, "x": [402, 902], "y": [1502, 2202]}
+    groups = na.load(modules_trace(tmp_path / "r", dict(sorted(spikes.items())))).spike_groups()
+    rows = {r["module"]: r for r in groups.iter_rows(named=True)}
+    assert {r["size"] for r in rows.values()} == {3}
+    assert rows[hub]["shared"] == 1.0 and rows["x"]["shared"] == 1.0 and rows["y"]["shared"] == 1.0
+
+
+def test_eight_series_with_spikes_are_eight_rows_numbered_in_module_order(tmp_path: Path) -> None:
+    # As many rows as columns (8), no series linked: each is its own group, numbered by module (the tie
+    # rule: the group of the first member first).
+    names = [f"m{i}" for i in range(8)]
+    spikes = {name: [300 + 400 * i] for i, name in enumerate(names)}
+    groups = na.load(modules_trace(tmp_path / "r", spikes)).spike_groups()
+    assert groups.width == 8
+    assert groups.select("module", "group", "size", "clusters", "shared").rows() == [
+        (name, i, 1, 1, 0.0) for i, name in enumerate(names)
+    ]
+
+
+def test_series_of_different_runs_are_never_grouped(tmp_path: Path) -> None:
+    # Run r2's "a" has its clusters where run r1's "b" has them: same passes, different runs, no link.
+    r1 = {"a": [400, 900, 1500], "b": [700, 1800, 2600]}
+    r2 = {"a": [701, 1801, 2602], "b": [3000, 3300, 3600]}
+    modules_trace(tmp_path / "r1", r1)
+    modules_trace(tmp_path / "r2", r2, seed=30)
+    groups = na.load([tmp_path / "r1", tmp_path / "r2"]).spike_groups()
+    assert groups.select("run", "module", "group", "size").rows() == [
+        ("r1", "a", 0, 1),
+        ("r1", "b", 1, 1),
+        ("r2", "a", 0, 1),
+        ("r2", "b", 1, 1),
+    ]
+
+
+def test_series_of_different_ranks_are_never_grouped(tmp_path: Path) -> None:
+    modules_trace(tmp_path / "r", {"a": [400, 900, 1500], "b": [700, 1800, 2600]})
+    modules_trace(tmp_path / "r", {"a": [701, 1801, 2602], "b": [3000, 3300, 3600]}, seed=30, rank=1)
+    groups = na.load(tmp_path / "r").spike_groups()
+    assert groups.select("rank", "module", "group", "size").rows() == [
+        (0, "a", 0, 1),
+        (0, "b", 1, 1),
+        (1, "a", 0, 1),
+        (1, "b", 1, 1),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# event_steps and event_profile at epoch level
+
+
+def _epoch_trace(path: Path, per_epoch: int = 10, epochs: int = 300) -> tuple[Path, np.ndarray, list[int]]:
+    """Noise with a step of +0.2 (about six epoch-mean SDs) after every 30th epoch boundary; returns the
+    run, the epoch means (as recorded: float32 values) and the events' positions (the epoch before the
+    one each opens)."""
+    values = noise(per_epoch * epochs, seed=31)
+    opened = list(range(30, epochs, 30))
+    for k in opened:
+        values[k * per_epoch :] += 0.2
+    run = write_trace(
+        path, **series(values, syncs([k * per_epoch - 1 for k in opened], per_epoch), per_epoch)
+    )
+    means = values.astype(np.float32).astype(np.float64).reshape(epochs, per_epoch).mean(axis=1)
+    return run, means, [k - 1 for k in opened]
+
+
+def test_steps_at_epoch_level_compare_epoch_means(tmp_path: Path) -> None:
+    run, m, positions = _epoch_trace(tmp_path / "r")
+    w = 3
+    row = na.load(run).event_steps(level="epoch", window=w, permutations=199).row(0, named=True)
+    before = np.array([np.median(m[x - w + 1 : x + 1]) for x in positions])
+    after = np.array([np.median(m[x + 1 : x + w + 1]) for x in positions])
+    assert row["events"] == len(positions) and row["steps_up"] == len(positions)
+    assert row["step"] == pytest.approx(np.median(after - before) / _robust_noise(m), rel=1e-6)
+    assert row["step_change"] == pytest.approx(np.median(after / before) - 1, rel=1e-6)
+    assert row["finding"].startswith("m: the median level in the 3 epochs after a target_update is ")
+
+
+def test_profile_at_epoch_level_divides_epoch_means_by_the_pre_event_median(tmp_path: Path) -> None:
+    run, m, positions = _epoch_trace(tmp_path / "r")
+    w = 2
+    profile = na.load(run).event_profile(level="epoch", window=w)
+    assert set(profile["kind"]) == {"event"}  # the placebo uses epoch boundaries: pass level only
+    assert profile["offset"].to_list() == list(range(-w, w + 1))
+    for row in profile.iter_rows(named=True):
+        ratio = [m[x + row["offset"]] / np.median(m[x - w + 1 : x + 1]) for x in positions]
+        assert row["events"] == len(positions)
+        assert row["mean"] == pytest.approx(np.mean(ratio), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# event_profile at a series' ends, its types and its order
+
+
+def _profile_by_hand(v: np.ndarray, events: list[int], w: int) -> dict[int, list[float]]:
+    """Per offset, the values at event + offset over the median of the w values up to the event (those
+    recorded: the series covers passes 0 .. len(v) - 1)."""
+    out: dict[int, list[float]] = {}
+    for k in range(-w, w + 1):
+        out[k] = [v[e + k] / np.median(v[max(0, e - w + 1) : e + 1]) for e in events if 0 <= e + k < len(v)]
+    return out
+
+
+def test_profile_of_events_at_the_first_and_the_last_recorded_pass(tmp_path: Path) -> None:
+    # Events at pass 0 (the pre-event median is that one value) and two passes before the end: offsets
+    # past either end have no value, so fewer events contribute there.
+    v = 10.0 + np.arange(100) % 7  # distinct values, no spike
+    events = [0, 50, 97]
+    run = write_trace(tmp_path / "r", **series(v, syncs(events), per_epoch=100))
+    profile = na.load(run).event_profile(window=5, placebo=False)
+    assert profile["offset"].to_list() == list(range(-5, 6))
+    vv = v.astype(np.float32).astype(np.float64)
+    for (k, ratios), row in zip(
+        _profile_by_hand(vv, events, 5).items(), profile.iter_rows(named=True), strict=True
+    ):
+        assert row["offset"] == k and row["events"] == len(ratios)
+        assert row["mean"] == pytest.approx(np.mean(ratios), rel=1e-12)
+        assert row["median"] == pytest.approx(np.median(ratios), rel=1e-12)
+    assert profile.filter(pl.col("offset") == 0)["events"].item() == 3
+    assert profile.filter(pl.col("offset") == 3)["events"].item() == 2  # 97 + 3 is past the last pass
+
+
+def test_profile_where_one_event_contributes_has_no_interval_and_none_is_null_not_nan(tmp_path: Path) -> None:
+    v = 10.0 + np.arange(100) % 7
+    run = write_trace(tmp_path / "r", **series(v, syncs([97]), per_epoch=100))
+    profile = na.load(run).event_profile(window=5, placebo=False)
+    assert profile.schema["events"] == pl.Int64
+    assert profile["events"].to_list() == [1] * 8 + [0] * 3
+    floats = ["mean", "ci_lo", "ci_hi", "median", "p25", "p75"]
+    assert profile.select(pl.col(floats).is_nan().any()).row(0) == (False,) * 6
+    one = profile.filter(pl.col("events") == 1)
+    assert one["ci_lo"].null_count() == one.height and one["mean"].null_count() == 0
+    assert profile.filter(pl.col("events") == 0).select(floats).null_count().row(0) == (3,) * 6
+
+
+def test_profile_with_no_event_in_the_series_span_is_empty_with_its_columns(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", **series(noise(500), syncs([4000])))
+    profile = na.load(run).event_profile(window=5, placebo=False)
+    assert profile.height == 0
+    assert profile.schema == pl.Schema(
+        {
+            "run": pl.String,
+            "rank": pl.Int32,
+            "module": pl.String,
+            "split": pl.String,
+            "kind": pl.String,
+            "offset": pl.Int64,
+            "events": pl.Int64,
+            "mean": pl.Float64,
+            "ci_lo": pl.Float64,
+            "ci_hi": pl.Float64,
+            "median": pl.Float64,
+            "p25": pl.Float64,
+            "p75": pl.Float64,
+        }
+    )
+
+
+def test_profile_rows_are_ordered_by_series_then_kind_then_offset(tmp_path: Path) -> None:
+    run = write_trace(
+        tmp_path / "r", **series(noise(3000, seed=5), syncs([499, 1199, 1999]), modules=("b", "a"))
+    )
+    profile = na.load(run).event_profile(window=3)
+    offsets = list(range(-3, 4))
+    assert profile.select("module", "kind", "offset").rows() == [
+        (m, kind, k) for m in ("a", "b") for kind in ("event", "placebo") for k in offsets
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# event_steps: a series with a single point, and findings for exact steps
+
+
+def test_a_series_recorded_once_has_too_few_points_for_a_step(tmp_path: Path) -> None:
+    s = series(noise(1000, 1), syncs([199, 499, 799]))
+    out = s["outputs"]
+    out = {k: np.append(out[k], 500).astype(out[k].dtype) for k in ("pass", "epoch", "norm")}
+    out["module"] = np.append(s["outputs"]["module"], "once")
+    run = write_trace(tmp_path / "r", outputs=out, events=s["events"])
+    rows = {
+        r["module"]: r for r in na.load(run).event_steps(window=20, permutations=99).iter_rows(named=True)
+    }
+    assert rows["m"]["p_value"] is not None
+    assert rows["once"]["p_value"] is None and rows["once"]["step"] is None
+    assert rows["once"]["finding"] == "once: too few points around the target_update events to compare levels"
+
+
+def _steps_trace(path: Path, before: float, after: float, **kw) -> Path:
+    """A noiseless level ``before`` that is ``after`` for 40 passes after each of ten events."""
+    v = np.full(4000, before)
+    events = list(range(299, 3000, 300))
+    for e in events:
+        v[e + 1 : e + 41] = after
+    return write_trace(path, **series(v, syncs(events)), **kw)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "said"),
+    [
+        (10.0, 20.0, " robust SD higher, 2× as high as in the 20 before"),  # doubled: change exactly 1
+        (10.0, 25.0, " robust SD higher, 2.5× as high as in the 20 before"),  # change 1.5
+        (10.0, 18.0, " robust SD, 80% higher than in the 20 before"),
+        (10.0, 5.0, " robust SD, 50% lower than in the 20 before"),
+        (0.0, 1.0, " robust SD higher than in the 20 before"),  # no ratio from a level of 0
+        (10.0, 10.0, "is the same as in the 20 before"),  # no step at all: no direction
+    ],
+)
+def test_the_finding_words_an_exact_step(tmp_path: Path, before: float, after: float, said: str) -> None:
+    row = na.load(_steps_trace(tmp_path / "r", before, after)).event_steps(window=20).row(0, named=True)
+    assert row["steps_up"] == (10 if after > before else 0)
+    change = None if before == 0 else after / before - 1
+    assert row["step_change"] == (None if change is None else pytest.approx(change, rel=1e-12))
+    assert said in row["finding"]
+    assert ("%" in row["finding"]) == (change is not None and 0 < abs(change) < 1)
+
+
+def test_a_window_of_one_pass_is_said_in_the_singular(tmp_path: Path) -> None:
+    row = na.load(_steps_trace(tmp_path / "r", 10.0, 20.0)).event_steps(window=1).row(0, named=True)
+    assert "the median level in the 1 pass after a target_update is " in row["finding"]
+    assert " in the 1 before (median over 10 events; 10 up)" in row["finding"]
+
+
+def test_step_findings_name_the_split_the_rank_and_the_run(tmp_path: Path) -> None:
+    for name in ("r1", "r2"):
+        for rank in (0, 1):
+            s = series(noise(2000, seed=rank), syncs([299, 899, 1499]))
+            s["outputs"]["grad_enabled"] = np.zeros(2000, dtype=bool)  # passes under no_grad
+            write_trace(tmp_path / name, rank=rank, **s)
+    findings = na.load([tmp_path / "r1", tmp_path / "r2"]).event_steps(window=20, permutations=99)["finding"]
+    assert [f.split(": the median")[0] for f in findings] == [
+        f"{run}: m (no_grad passes) on rank {rank}" for run in ("r1", "r2") for rank in (0, 1)
+    ]
