@@ -3,6 +3,7 @@ worded for exact steps. Every expectation is computed here with numpy or known b
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import normtrace_analysis as na
@@ -296,6 +297,18 @@ def test_the_finding_words_an_exact_step(tmp_path: Path, before: float, after: f
     assert row["step_change"] == (None if change is None else pytest.approx(change, rel=1e-12))
     assert said in row["finding"]
     assert ("%" in row["finding"]) == (change is not None and 0 < abs(change) < 1)
+
+
+def test_levels_of_zero_give_no_numpy_warnings(tmp_path: Path) -> None:
+    # A level of 0 before the events: after / before divides by zero, and jittered positions with 0 on
+    # both sides give 0 / 0. Those are NaN or None in the results, never a RuntimeWarning for the user.
+    trace = na.load(_steps_trace(tmp_path / "r", 0.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps = trace.event_steps(window=20)
+        profile = trace.event_profile(window=5)
+    assert steps["step_change"].item() is None
+    assert profile.filter(pl.col("kind") == "event")["events"].max() == 0  # every base is 0: no ratio
 
 
 def test_a_window_of_one_pass_is_said_in_the_singular(tmp_path: Path) -> None:
