@@ -300,15 +300,16 @@ def test_the_finding_words_an_exact_step(tmp_path: Path, before: float, after: f
 
 
 def test_levels_of_zero_give_no_numpy_warnings(tmp_path: Path) -> None:
-    # A level of 0 before the events: after / before divides by zero, and jittered positions with 0 on
-    # both sides give 0 / 0. Those are NaN or None in the results, never a RuntimeWarning for the user.
-    trace = na.load(_steps_trace(tmp_path / "r", 0.0, 1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        steps = trace.event_steps(window=20)
-        profile = trace.event_profile(window=5)
-    assert steps["step_change"].item() is None
-    assert profile.filter(pl.col("kind") == "event")["events"].max() == 0  # every base is 0: no ratio
+    # A level of 0 before the events: after / before divides by zero; a level of 0 throughout gives
+    # 0 / 0. Those are NaN or None in the results, never a RuntimeWarning for the user.
+    for name, after in (("up", 1.0), ("flat", 0.0)):
+        trace = na.load(_steps_trace(tmp_path / name, 0.0, after))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            steps = trace.event_steps(window=20)
+            profile = trace.event_profile(window=5)
+        assert steps["step_change"].item() is None
+        assert profile.filter(pl.col("kind") == "event")["events"].max() == 0  # every base is 0: no ratio
 
 
 def test_a_window_of_one_pass_is_said_in_the_singular(tmp_path: Path) -> None:
