@@ -819,8 +819,8 @@ CHUNK = 4_000_000
 
 
 def _pick(result: _TestResult, i: int, tested: bool) -> tuple[int | None, float | None, float | None]:
-    if result[0] is None:
-        return (0 if result[3] == 0 else None), None, None
+    if result[0] is None:  # no event in the span: none followed, nothing tested
+        return 0, None, None
     observed, chance, p, _ = result
     return int(observed[i]), float(chance[i]), (float(p[i]) if tested else None)
 
@@ -938,7 +938,7 @@ def _finding(
     plural = "s" * (n != 1)
     if e == 0:
         return f"{label}: {n} spike{plural}, but no {event} events were recorded in its span"
-    clusters = f"its {n} spike{plural} form {c} cluster{'s' * (c != 1)}"
+    clusters = f"its {n} spike{plural} form{'s' * (n == 1)} {c} cluster{'s' * (c != 1)}"
     head = f"{label}: {k} of {e} {event} events are followed by a spike within {w} {_unit(w, s.level)}"
     chance = row["chance"]
     if not chance:

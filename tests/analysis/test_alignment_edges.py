@@ -328,3 +328,151 @@ def test_step_findings_name_the_split_the_rank_and_the_run(tmp_path: Path) -> No
     assert [f.split(": the median")[0] for f in findings] == [
         f"{run}: m (no_grad passes) on rank {rank}" for run in ("r1", "r2") for rank in (0, 1)
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# event_steps: its p-value by brute force, its arguments and its memo
+
+
+def _trailing_median(v: np.ndarray, at: int, w: int) -> float:
+    return float(np.median(v[max(0, at - w + 1) : at + 1]))
+
+
+def _median_step(v: np.ndarray, positions: np.ndarray, w: int, scale: float) -> float:
+    """The median over positions x of (median over (x, x + w] - median over (x - w, x]) / scale, where the
+    later median is read at the last pass at or before x + w; positions with no pass after them skipped."""
+    steps = []
+    for x in positions:
+        if 0 <= x < len(v) - 1:
+            after = _trailing_median(v, min(x + w, len(v) - 1), w)
+            steps.append((after - _trailing_median(v, x, w)) / scale)
+    return float(np.median(steps)) if steps else np.nan
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "seed", "baseline"), [({}, 0, 51), ({"seed": 3, "baseline_window": 401}, 3, 401)]
+)
+def test_step_p_value_is_the_brute_force_two_sided_count(
+    tmp_path: Path, kwargs: dict, seed: int, baseline: int
+) -> None:
+    values = noise(3000, seed=40)
+    events = np.arange(299, 2800, 300)
+    for e in events:
+        values[e + 1 :] += 0.02  # a fifth of a noise SD after every event: p in mid range
+    run = write_trace(tmp_path / "r", **series(values, syncs(events.tolist())))
+    w, b = 20, 199
+    row = alignment.event_steps(na.load(run), window=w, permutations=b, **kwargs).row(0, named=True)
+    v = values.astype(np.float32).astype(np.float64)
+    scale = _robust_noise(v)
+    trains = alignment.jitter_trains(
+        events,
+        -w,
+        2998,
+        exclude=alignment.exclusion(w, baseline),
+        permutations=b,
+        rng=alignment._rng(seed, 0, 0),
+    )
+    observed = _median_step(v, events, w, scale)
+    null = np.array([_median_step(v, t, w, scale) for t in trains])
+    upper = (1 + np.sum(null >= observed)) / (b + 1)
+    lower = (1 + np.sum(null <= observed)) / (b + 1)
+    assert row["step"] == pytest.approx(observed, rel=1e-5)
+    assert row["p_value"] == pytest.approx(min(1.0, 2 * min(upper, lower)))
+    assert 0.02 < row["p_value"] < 1  # not at the floor: the draws matter
+
+
+def test_steps_follow_the_window_asked_for_and_memoise_per_window(tmp_path: Path) -> None:
+    trace = na.load(write_trace(tmp_path / "r", **series(noise(2000, seed=41), syncs([499, 999, 1499]))))
+    five = trace.event_steps(window=5, permutations=99)
+    assert five.schema["window"] == pl.Int64 and five["window"].item() == 5
+    assert trace.event_steps(window=20, permutations=99)["window"].item() == 20
+    assert "in the 5 passes after a target_update" in five["finding"].item()
+
+
+def test_steps_of_a_series_whose_span_holds_no_event(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", **series(noise(500), syncs([4000])))
+    row = na.load(run).event_steps(window=20).row(0, named=True)
+    assert row["events"] == 0 and row["p_value"] is None and row["step"] is None
+    assert row["finding"] == "m: no target_update events were recorded in its span"
+
+
+def test_profile_memoises_with_and_without_placebo_apart(tmp_path: Path) -> None:
+    trace = na.load(write_trace(tmp_path / "r", **series(noise(3000, seed=5), syncs([499, 1199, 1999]))))
+    assert set(trace.event_profile(window=3, placebo=False)["kind"]) == {"event"}
+    assert set(trace.event_profile(window=3)["kind"]) == {"event", "placebo"}
+    assert set(alignment.event_profile(trace, window=3)["kind"]) == {"event", "placebo"}  # the default
+
+
+def test_profile_refuses_the_signals_table(tmp_path: Path) -> None:
+    trace = na.load(write_trace(tmp_path / "r", **series(noise(300), syncs([99]))))
+    with pytest.raises(ValueError) as caught:
+        trace.event_profile(table="signals")
+    assert str(caught.value) == (
+        "event_profile does not take the signals table: its 'kind' column (event or placebo) is also a "
+        "signal's key; use event_steps or event_alignment with table='signals'"
+    )
+
+
+def test_alignment_of_a_series_whose_span_holds_no_event_counts_none_followed(tmp_path: Path) -> None:
+    values = noise(800)
+    values[400] += 5
+    run = write_trace(tmp_path / "r", **series(values, syncs([5000])))
+    row = na.load(run).event_alignment(window=10).row(0, named=True)
+    assert (row["events"], row["events_followed"], row["chance"], row["p_value"]) == (0, 0, None, None)
+
+
+def test_alignment_of_a_module_level_signal(tmp_path: Path) -> None:
+    # A signal without a parameter (its param is null) is one series; its spikes after the syncs count.
+    n = 3000
+    v = 0.5 + 0.01 * np.random.default_rng(42).standard_normal(n)
+    events = list(range(199, 2800, 300))
+    v[[e + 3 for e in events[:5]]] += 0.5
+    signals = {
+        "pass": np.arange(n),
+        "epoch": (np.arange(n) // 10).astype(np.int32),
+        "kind": np.full(n, "my_kind", dtype=object),
+        "module": np.full(n, "layer", dtype=object),
+        "value": v.astype(np.float32),
+    }
+    run = write_trace(tmp_path / "r", signals=signals, events=syncs(events))
+    row = na.load(run).event_alignment(table="signals", window=10).row(0, named=True)
+    assert row["param"] is None and row["spikes"] == 5 and row["clusters"] == 5
+    assert (row["events"], row["events_followed"]) == (len(events), 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cluster_spikes
+
+
+def test_clusters_are_numbered_per_series_split_at_exactly_the_gap_and_keep_the_signed_peak(
+    tmp_path: Path,
+) -> None:
+    # Default gap 25: 300 and 325 are 25 apart, two clusters; 600 and 610 one, whose peak is the dip.
+    values = {"b": noise(2000, seed=43), "a": noise(2000, seed=44)}
+    values["b"][[100, 900]] += 3.0
+    values["a"][[300, 325, 600]] += 3.0
+    values["a"][610] -= 5.0
+    outputs = {
+        "pass": np.tile(np.arange(2000), 2),
+        "epoch": np.tile(np.arange(2000) // 10, 2).astype(np.int32),
+        "module": np.repeat(np.array(["b", "a"]), 2000),
+        "norm": np.concatenate([values["b"], values["a"]]).astype(np.float32),
+    }
+    trace = na.load(write_trace(tmp_path / "r", outputs=outputs))
+    clusters = trace.spike_clusters()
+    assert clusters.select("module", "cluster", "onset", "end", "spikes").rows() == [
+        ("a", 0, 300, 300, 1),
+        ("a", 1, 325, 325, 1),
+        ("a", 2, 600, 610, 2),
+        ("b", 0, 100, 100, 1),
+        ("b", 1, 900, 900, 1),
+    ]
+    scores = dict(
+        zip(
+            trace.spikes().filter(pl.col("module") == "a")["pass"],
+            trace.spikes().filter(pl.col("module") == "a")["score"],
+            strict=True,
+        )
+    )
+    assert clusters["peak_score"][2] == scores[610] < 0 and abs(scores[610]) > abs(scores[600])
+    assert clusters["peak_score"][0] == scores[300]
