@@ -476,3 +476,23 @@ def test_clusters_are_numbered_per_series_split_at_exactly_the_gap_and_keep_the_
     )
     assert clusters["peak_score"][2] == scores[610] < 0 and abs(scores[610]) > abs(scores[600])
     assert clusters["peak_score"][0] == scores[300]
+
+
+def test_cluster_spikes_sorts_the_spikes_it_is_given(tmp_path: Path) -> None:
+    # cluster_spikes is public (alignment.__all__) and may be given any spikes frame: rows in any order
+    # give the clusters of the rows sorted by series and pass.
+    found = pl.DataFrame(
+        {
+            "module": ["b", "a", "a", "b", "a", "a"],
+            "pass": [900, 610, 300, 100, 600, 325],
+            "score": [7.0, -9.0, 8.0, 7.5, 8.5, 6.5],
+        }
+    )
+    clusters = alignment.cluster_spikes(found, ["module"], "pass", 25)
+    assert clusters.rows() == [
+        ("a", 0, 300, 300, 1, 8.0),
+        ("a", 1, 325, 325, 1, 6.5),
+        ("a", 2, 600, 610, 2, -9.0),
+        ("b", 0, 100, 100, 1, 7.5),
+        ("b", 1, 900, 900, 1, 7.0),
+    ]
