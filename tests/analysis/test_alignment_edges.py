@@ -496,3 +496,86 @@ def test_cluster_spikes_sorts_the_spikes_it_is_given(tmp_path: Path) -> None:
         ("b", 0, 100, 100, 1, 7.5),
         ("b", 1, 900, 900, 1, 7.0),
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# event_alignment: arguments, edges of the span, the events' listing
+
+
+def test_events_at_the_edges_of_a_series_span(tmp_path: Path) -> None:
+    """Passes 50 .. 1049 recorded, window 10: an event counts when (e, e + 10] holds a recorded pass, so
+    40 and 1048 count, 39 and 1049 do not."""
+    outputs = series(noise(1000, seed=45))["outputs"] | {"pass": np.arange(50, 1050)}
+    run = write_trace(tmp_path / "r", outputs=outputs, events=syncs([39, 40, 1048, 1049]))
+    trace = na.load(run)
+    assert trace.event_alignment(window=10)["events"].item() == 2
+    assert trace.event_steps(window=10)["events"].item() == 2
+
+
+def test_alignment_defaults_and_arguments(tmp_path: Path) -> None:
+    values = noise(3000, seed=46)
+    events = list(range(199, 2800, 300))
+    values[[e + 3 for e in events[:6]]] += 3.0
+    run = write_trace(tmp_path / "r", **series(values, syncs(events)))
+    trace = na.load(run)
+    default = alignment.event_alignment(trace)
+    assert default.equals(
+        trace.event_alignment("target_update", window=20, level="pass", table="outputs", placebo=True, seed=0)
+    )
+    assert default["placebo_events"].item() > 0 and default.schema["window"] == pl.Int64
+    assert trace.event_alignment(placebo=False)["placebo_events"].item() is None  # memoised apart
+    assert trace.event_alignment(threshold=1e6)["spikes"].item() == 0
+    one = trace.event_alignment(permutations=1, placebo=False).row(0, named=True)
+    assert one["p_floor"] == 0.5 and one["p_value"] in (0.5, 1.0)
+    with pytest.raises(ValueError, match="^permutations must be at least 1, got 0$"):
+        trace.event_alignment(permutations=0)
+    with pytest.raises(ValueError, match="^window must be an int or a non-empty sequence of ints$"):
+        trace.event_alignment(window=[])
+
+
+def test_alignment_keeps_spikes_of_the_modules_asked_for_and_their_baseline(tmp_path: Path) -> None:
+    # "a" has one planted spike and "b" three; baseline_window 401 gives a merge gap of 200 (one cluster
+    # for b's spikes 100 apart) where the default (51: gap 25) gives three.
+    trace = na.load(
+        modules_trace(tmp_path / "r", {"a": [1000], "b": [500, 600, 700]}, events=syncs([497, 2000]))
+    )
+    rows = {r["module"]: r for r in trace.event_alignment().iter_rows(named=True)}
+    assert (rows["a"]["spikes"], rows["b"]["spikes"], rows["b"]["clusters"]) == (1, 3, 3)
+    assert trace.event_alignment(modules="b")["spikes"].to_list() == [3]
+    assert trace.event_alignment(baseline_window=401, modules="b")["clusters"].to_list() == [1]
+
+
+def test_alignment_rows_are_ordered_by_series_whatever_the_order_written(tmp_path: Path) -> None:
+    names = [f"m{i}" for i in range(10)][::-1]  # as many series as the row tuples have fields (10)
+    run = write_trace(tmp_path / "r", **series(noise(1000, seed=47), syncs([199, 599]), modules=tuple(names)))
+    table = na.load(run).event_alignment(window=10)
+    assert table["module"].to_list() == sorted(names)
+    assert (table["events"] == 2).all() and (table["points"] == 1000).all()
+
+
+def test_alignment_at_epoch_level_counts_epochs(tmp_path: Path) -> None:
+    run = write_trace(tmp_path / "r", **series(noise(1000, seed=48), syncs([199, 599])))
+    row = na.load(run).event_alignment(level="epoch", window=1).row(0, named=True)
+    assert row["points"] == 100 and row["events"] == 2 and row["placebo_events"] is None
+
+
+def test_events_are_listed_most_frequent_first_then_by_name(tmp_path: Path) -> None:
+    events = {"epoch": [1, 2, 3, 4, 5], "pass": [9, 19, 29, 39, 49], "name": ["x", "b", "a", "x", "a"]}
+    run = write_trace(tmp_path / "r", **series(noise(100), events))
+    assert alignment.recorded_events(na.load(run)).rows() == [("a", 2), ("x", 2), ("b", 1)]
+
+
+def test_an_unrecorded_event_is_refused_naming_every_run_and_the_first_run_path(tmp_path: Path) -> None:
+    for name in ("r1", "r2"):
+        write_trace(tmp_path / name, **series(noise(100), {"epoch": [1], "pass": [9], "name": ["x"]}))
+    with pytest.raises(na.MissingEventError) as caught:
+        na.load([tmp_path / "r1", tmp_path / "r2"]).event_steps("y")
+    assert str(caught.value) == "no 'y' events in r1, r2; events recorded: x (2)"
+    assert caught.value.path == tmp_path / "r1"
+    bare = write_trace(tmp_path / "bare", **series(noise(100)))
+    with pytest.raises(na.MissingEventError) as caught:
+        na.load(bare).event_steps("y")
+    assert str(caught.value) == (
+        "no 'y' events in bare; no events were recorded (mark them with Recorder.event(name), or "
+        "track_target(module))"
+    )

@@ -154,3 +154,26 @@ def test_a_finding_names_the_split_and_the_epoch_unit() -> None:
     assert text.startswith(
         "net.0 (no_grad passes): 9 of 40 target_update events are followed by a spike within 2 epochs "
     )
+
+
+@pytest.mark.parametrize(
+    ("table", "row", "name"),
+    [
+        ("outputs", {"module": "net.0"}, "net.0"),
+        ("params", {"module": "net.0", "param": "weight"}, "net.0.weight"),
+        ("signals", {"kind": "grad_norm", "module": "net.0", "param": "weight"}, "grad_norm of net.0.weight"),
+        ("signals", {"kind": "dead_units", "module": "net.1", "param": None}, "dead_units of net.1"),
+        ("signals", {"kind": "loss_scale", "module": "", "param": None}, "loss_scale of the model"),
+    ],
+)
+def test_series_are_named_as_sentences_name_them(table: str, row: dict[str, Any], name: str) -> None:
+    assert alignment.series_name(row, table) == name
+
+
+def test_labels_add_the_split_the_rank_and_the_run() -> None:
+    row = {"run": "r1", "rank": 1, "module": "net.0", "param": "weight", "split": "no_grad"}
+    assert alignment._label(row, "outputs", False, False) == "net.0 (no_grad passes)"
+    assert alignment._label(row | {"split": "train"}, "outputs", False, False) == "net.0"
+    assert alignment._label(row, "outputs", True, True) == "r1: net.0 (no_grad passes) on rank 1"
+    params = {k: v for k, v in row.items() if k != "split"}  # params have no split
+    assert alignment._label(params, "params", True, False) == "r1: net.0.weight"
