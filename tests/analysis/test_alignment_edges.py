@@ -579,3 +579,26 @@ def test_an_unrecorded_event_is_refused_naming_every_run_and_the_first_run_path(
         "no 'y' events in bare; no events were recorded (mark them with Recorder.event(name), or "
         "track_target(module))"
     )
+
+
+def test_a_filter_leaving_a_table_no_series_gives_empty_frames_of_the_usual_columns(tmp_path: Path) -> None:
+    # The Trace's module filter matches the outputs' "m" but none of the signals' modules.
+    n = 3000
+    v = 0.5 + 0.01 * np.random.default_rng(49).standard_normal(n)
+    v[[1000, 2000]] += 0.5
+    signals = {
+        "pass": np.arange(n),
+        "epoch": (np.arange(n) // 10).astype(np.int32),
+        "kind": np.full(n, "my_kind", dtype=object),
+        "module": np.full(n, "layer", dtype=object),
+        "value": v.astype(np.float32),
+    }
+    run = write_trace(tmp_path / "r", signals=signals, **series(noise(n), syncs([997, 1997])))
+    whole, only_m = na.load(run), na.load(run).filter(modules="m")
+    for name in ("event_alignment", "event_steps", "spike_groups", "spike_clusters"):
+        kwargs = {"table": "signals"} if name.startswith("event") else {}
+        args = () if kwargs else ("signals",)
+        full = getattr(whole, name)(*args, **kwargs)
+        empty = getattr(only_m, name)(*args, **kwargs)
+        assert full.height > 0 and empty.height == 0, name
+        assert empty.schema == full.schema, name
