@@ -560,9 +560,11 @@ def test_alignment_at_epoch_level_counts_epochs(tmp_path: Path) -> None:
 
 
 def test_events_are_listed_most_frequent_first_then_by_name(tmp_path: Path) -> None:
-    events = {"epoch": [1, 2, 3, 4, 5], "pass": [9, 19, 29, 39, 49], "name": ["x", "b", "a", "x", "a"]}
+    names = ["x", "f", "b", "a", "x", "e", "c", "a", "d"]
+    events = {"epoch": list(range(1, 10)), "pass": list(range(9, 90, 10)), "name": names}
     run = write_trace(tmp_path / "r", **series(noise(100), events))
-    assert alignment.recorded_events(na.load(run)).rows() == [("a", 2), ("x", 2), ("b", 1)]
+    listed = [("a", 2), ("x", 2), ("b", 1), ("c", 1), ("d", 1), ("e", 1), ("f", 1)]
+    assert alignment.recorded_events(na.load(run)).rows() == listed
 
 
 def test_an_unrecorded_event_is_refused_naming_every_run_and_the_first_run_path(tmp_path: Path) -> None:
