@@ -554,7 +554,8 @@ def test_alignment_rows_are_ordered_by_series_whatever_the_order_written(tmp_pat
 
 
 def test_alignment_at_epoch_level_counts_epochs(tmp_path: Path) -> None:
-    run = write_trace(tmp_path / "r", **series(noise(1000, seed=48), syncs([199, 599])))
+    # The event opening epoch 300 comes after the last of the series' 100 epochs: not in its span.
+    run = write_trace(tmp_path / "r", **series(noise(1000, seed=48), syncs([199, 599, 2999])))
     row = na.load(run).event_alignment(level="epoch", window=1).row(0, named=True)
     assert row["points"] == 100 and row["events"] == 2 and row["placebo_events"] is None
 
@@ -604,3 +605,38 @@ def test_a_filter_leaving_a_table_no_series_gives_empty_frames_of_the_usual_colu
         empty = getattr(only_m, name)(*args, **kwargs)
         assert full.height > 0 and empty.height == 0, name
         assert empty.schema == full.schema, name
+
+
+def test_clusters_and_spike_counts_use_the_baseline_window_asked_for(tmp_path: Path) -> None:
+    # A plateau of +3 (30 noise SDs) for 60 passes: the detector's baseline median over 201 passes stays
+    # below it (one spike, its run's peak); over the default 51 it follows the plateau (no spike).
+    values = noise(4000, seed=50)
+    values[1000:1060] += 3.0
+    trace = na.load(write_trace(tmp_path / "r", **series(values, syncs([997, 2997]))))
+    assert trace.spikes(baseline_window=201).height == 1 and trace.spikes().height == 0
+    assert trace.spike_clusters(baseline_window=201)["spikes"].to_list() == [1]
+    assert trace.spike_groups(baseline_window=201)["clusters"].to_list() == [1]
+    assert trace.event_alignment(baseline_window=201)["spikes"].item() == 1
+
+
+def test_clusters_at_epoch_level_are_of_epoch_means(tmp_path: Path) -> None:
+    # Epoch 50 raised by 3 pass-noise SDs (under the threshold of 6 at pass level, about 9.5 SDs of the
+    # epoch means); pass 1505 raised by 8 SDs (0.8 SDs of its epoch's mean).
+    values = noise(2000, seed=51)
+    values[500:510] += 0.3
+    values[1505] += 0.8
+    trace = na.load(write_trace(tmp_path / "r", **series(values, syncs([497]))))
+    assert trace.spike_clusters(level="epoch").select("onset", "end", "spikes").rows() == [(50, 50, 1)]
+    assert trace.spike_clusters().select("onset", "end", "spikes").rows() == [(1505, 1505, 1)]
+
+
+def test_placebo_positions_are_the_last_pass_of_each_epoch(tmp_path: Path) -> None:
+    # Every epoch's first pass is twice the level: one pass after each epoch boundary (offset 1).
+    v = np.full(3000, 10.0)
+    v[::10] = 20.0
+    run = write_trace(tmp_path / "r", **series(v, syncs([1499])))
+    placebo = na.load(run).event_profile(window=3).filter(pl.col("kind") == "placebo")
+    means = dict(zip(placebo["offset"], placebo["mean"], strict=True))
+    assert means == {-3: 1.0, -2: 1.0, -1: 1.0, 0: 1.0, 1: 2.0, 2: 1.0, 3: 1.0}
+    # 299 boundaries in passes 0 .. 2999 (after passes 9, 19, ..., 2989), less those within 3 of 1499
+    assert placebo["events"].max() == 299 - 1
