@@ -761,3 +761,43 @@ def test_a_failing_consumer_fails_the_scan(layouts) -> None:
 
 def _scan_with(paths: list[Path], consumer, chunk_rows: int) -> None:
     series.scan(na.load(paths), "outputs", None, lambda reg: [consumer], chunk_rows=chunk_rows)
+
+
+class _NewRows:
+    """A consumer that keeps nothing and counts the rows new in each frame."""
+
+    def __init__(self, registry: series.Registry) -> None:
+        self.counts: list[int] = []
+
+    def feed(self, frame: series.Frame) -> np.ndarray:
+        self.counts.append(int((frame.end - frame.fresh).sum()))
+        return frame.end.copy()
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("chunk_rows", "pieces"), [(100, [45, 90, 45]), (150, [45, 135]), (10, [45] * 4)])
+def test_pieces_take_as_many_whole_shards_as_fit_in_the_chunk(
+    layouts, chunk_rows: int, pieces: list[int]
+) -> None:
+    """Four shards of 45 rows (of about the same size in bytes): the first piece reads one shard and
+    learns the bytes per row; the next ones take shards while they fit in ``chunk_rows`` rows' bytes,
+    and at least one."""
+    trace = na.load(layouts["whole-passes"][0])
+    sizes = [size for _, size in trace.shards_by_rank("outputs")["whole-passes"][0]]
+    assert max(sizes) < 1.1 * min(sizes)  # so that 100 rows hold two shards and not three
+    (counter,), _ = series.scan(trace, "outputs", None, lambda reg: [_NewRows(reg)], chunk_rows=chunk_rows)
+    assert counter.counts == pieces
+
+
+@pytest.mark.parametrize(("chunk_rows", "pieces"), [(200, [90, 180, 90]), (300, [90, 270])])
+def test_ranks_read_together_share_the_chunk(tmp_path: Path, chunk_rows: int, pieces: list[int]) -> None:
+    """Two ranks of four 45-row shards each, in step: the first piece reads a shard of each (90 rows,
+    which give the bytes per row); the next take half of ``chunk_rows`` from each rank."""
+    rows = _rows(60, 10, ["a", "b", "c"])
+    for rank in (0, 1):
+        _write(tmp_path / "ddp", rows, shards=4, rank=rank)
+    trace = na.load(tmp_path / "ddp")
+    (counter,), _ = series.scan(trace, "outputs", None, lambda reg: [_NewRows(reg)], chunk_rows=chunk_rows)
+    assert counter.counts == pieces
