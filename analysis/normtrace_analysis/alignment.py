@@ -505,7 +505,6 @@ class _Group:
     """One (run, rank): its series ids (in keys order), the first and last recorded position (pass, or
     epoch at level "epoch") over them, its events and epoch boundaries (sorted positions)."""
 
-    run: str
     rank: int
     sids: np.ndarray
     first: int
@@ -554,9 +553,7 @@ def _groups_of(trace: Trace, info: SeriesInfo, event: str, s: _Setup, boundaries
         if starts is not None:
             b = starts.filter((pl.col("run") == run) & (pl.col("rank") == rank))["first"].to_numpy() - 1
             bounds = np.sort(b[(b >= first) & (b < last)]).astype(np.int64)
-        out.append(
-            _Group(run, int(rank), np.asarray(sids), int(first), int(last), at.astype(np.int64), bounds)
-        )
+        out.append(_Group(int(rank), np.asarray(sids), int(first), int(last), at.astype(np.int64), bounds))
     return out
 
 

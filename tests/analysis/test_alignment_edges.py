@@ -546,11 +546,21 @@ def test_alignment_keeps_spikes_of_the_modules_asked_for_and_their_baseline(tmp_
 
 
 def test_alignment_rows_are_ordered_by_series_whatever_the_order_written(tmp_path: Path) -> None:
-    names = [f"m{i}" for i in range(10)][::-1]  # as many series as the row tuples have fields (10)
-    run = write_trace(tmp_path / "r", **series(noise(1000, seed=47), syncs([199, 599]), modules=tuple(names)))
-    table = na.load(run).event_alignment(window=10)
+    # Written pass by pass as the recorder does, m9 first in every pass: the reader numbers the series
+    # in the order met (m9 first). As many series as the row tuples have fields (10).
+    names = [f"m{i}" for i in range(10)][::-1]
+    n = 1000
+    outputs = {
+        "pass": np.repeat(np.arange(n), 10),
+        "epoch": np.repeat(np.arange(n) // 10, 10).astype(np.int32),
+        "module": np.tile(np.array(names), n),
+        "norm": np.tile(noise(n, seed=47), 10).astype(np.float32),
+    }
+    table = na.load(write_trace(tmp_path / "r", outputs=outputs, events=syncs([199, 599]))).event_alignment(
+        window=10
+    )
     assert table["module"].to_list() == sorted(names)
-    assert (table["events"] == 2).all() and (table["points"] == 1000).all()
+    assert (table["events"] == 2).all() and (table["points"] == n).all()
 
 
 def test_alignment_at_epoch_level_counts_epochs(tmp_path: Path) -> None:
@@ -640,3 +650,19 @@ def test_placebo_positions_are_the_last_pass_of_each_epoch(tmp_path: Path) -> No
     assert means == {-3: 1.0, -2: 1.0, -1: 1.0, 0: 1.0, 1: 2.0, 2: 1.0, 3: 1.0}
     # 299 boundaries in passes 0 .. 2999 (after passes 9, 19, ..., 2989), less those within 3 of 1499
     assert placebo["events"].max() == 299 - 1
+
+
+def test_an_epoch_boundary_at_the_first_pass_is_a_placebo_position(tmp_path: Path) -> None:
+    # Epoch 0 is pass 0 alone, then epochs of 10 passes: boundaries after passes 0, 10, ..., 990 (100),
+    # the first one at the series' first pass; the event (505) is more than the window from all of them.
+    n = 1001
+    epochs = np.concatenate([[0], 1 + (np.arange(1, n) - 1) // 10]).astype(np.int32)
+    outputs = {
+        "pass": np.arange(n),
+        "epoch": epochs,
+        "module": np.full(n, "m"),
+        "norm": noise(n).astype(np.float32),
+    }
+    events = {"epoch": [51], "pass": [505], "name": ["target_update"]}
+    row = na.load(write_trace(tmp_path / "r", outputs=outputs, events=events)).event_alignment(window=3)
+    assert row["placebo_events"].item() == 100
