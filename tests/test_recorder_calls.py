@@ -82,6 +82,9 @@ def test_meta_json_says_what_recorded_the_run_where_and_how(tmp_path):
     rec.flush()  # the rewrite at each attach is queued to the writer; flush() waits for it
     meta = meta_of(run)
     assert (meta["root"], meta["optimizer"]) == ("QNetwork", "Adam")
+    # OutputNorm's default selection: the activations, each named with its class
+    relus = [{"name": n, "class": "ReLU"} for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 4 and meta["modules"]["outputs"] == relus
     assert meta["targets"] == [
         {"class": "QNetwork", "event": "target_update"},
         {"class": "Linear", "event": "ema_sync"},
