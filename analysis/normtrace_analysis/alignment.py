@@ -700,8 +700,8 @@ _COLUMNS = [
 ]
 
 
-_TestResult = tuple[np.ndarray, np.ndarray, np.ndarray, int] | tuple[None, None, None, int]
-"""What :func:`_permutation_test` returns: per series observed counts, chance and p; the event count."""
+_TestResult = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]
+"""What :func:`_permutation_test` returns: per series observed counts, chance and p (None without events)."""
 
 _AlignmentRow = tuple[
     int,
@@ -756,7 +756,7 @@ def _permutation_test(
     """Observed counts, chance and p-values of one event train for every series of a group."""
     e = positions.size
     if e == 0:
-        return None, None, None, 0
+        return None, None, None
     lo, hi = g.span(window)
     observed, null = jitter_test(
         onsets,
@@ -769,7 +769,7 @@ def _permutation_test(
         rng=_rng(s.seed, g.rank, stream),
         avoid=avoid,
     )
-    return observed, null.mean(axis=1) / e, permutation_p(observed, null), e
+    return observed, null.mean(axis=1) / e, permutation_p(observed, null)
 
 
 def jitter_test(
@@ -818,7 +818,7 @@ CHUNK = 4_000_000
 def _pick(result: _TestResult, i: int, tested: bool) -> tuple[int | None, float | None, float | None]:
     if result[0] is None:  # no event in the span: none followed, nothing tested
         return 0, None, None
-    observed, chance, p, _ = result
+    observed, chance, p = result
     return int(observed[i]), float(chance[i]), (float(p[i]) if tested else None)
 
 
