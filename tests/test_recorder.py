@@ -1212,3 +1212,8 @@ def test_host_concat_joins_zero_and_one_dimensional_values_in_order():
 
     got = host_concat([torch.tensor(1.0), torch.tensor([2.0, 3.0]), torch.tensor(4.0, dtype=torch.float16)])
     assert got.dtype == np.float64 and got.tolist() == [1.0, 2.0, 3.0, 4.0]
+    # the common cases, all 1-d or all 0-d: float64 too, whatever the tensors' dtypes
+    got = host_concat([torch.tensor([1.5], dtype=torch.float16), torch.tensor([2.25, 3.0])])
+    assert got.dtype == np.float64 and got.tolist() == [1.5, 2.25, 3.0]
+    got = host_concat([torch.tensor(0.1), torch.tensor(0.2)])
+    assert got.dtype == np.float64 and got.tolist() == [float(np.float32(0.1)), float(np.float32(0.2))]
