@@ -950,6 +950,10 @@ def test_values_the_host_cannot_read_become_nan_and_spare_the_rest():
     assert np.array_equal(got, [1.0, 2.0, np.nan, np.nan, np.nan, 3.0], equal_nan=True)
     chunks = compact([torch.ones(3), fake])  # compaction, in the training loop, must not raise either
     assert [count for _, count, _ in chunks] == [1, 1]
+    # an unreadable device group (meta tensors hold no values) spares the groups after it
+    with pytest.warns(RuntimeWarning, match="held in a Tensor cannot be read on the host"):
+        got = host_concat([torch.empty(2, device="meta"), real[0]])
+    assert np.array_equal(got, [np.nan, np.nan, 1.0, 2.0], equal_nan=True)
 
 
 @pytest.mark.parametrize("epoch_flush_secs", [0.0, 3600.0])
