@@ -34,6 +34,19 @@ def syncs(passes: list[int], per_epoch: int = 10) -> dict:
     }
 
 
+def layer_signal(values: np.ndarray) -> dict:
+    """A module-level signal (kind "my_kind" of module "layer", its param null), one value per pass,
+    epochs of 10 passes: the ``signals`` columns of :func:`tracegen.write_trace`."""
+    n = len(values)
+    return {
+        "pass": np.arange(n),
+        "epoch": (np.arange(n) // 10).astype(np.int32),
+        "kind": np.full(n, "my_kind", dtype=object),
+        "module": np.full(n, "layer", dtype=object),
+        "value": values.astype(np.float32),
+    }
+
+
 def modules_trace(
     path: Path,
     spikes: dict[str, list[int]],

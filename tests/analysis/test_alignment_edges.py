@@ -10,7 +10,7 @@ import normtrace_analysis as na
 import numpy as np
 import polars as pl
 import pytest
-from alignment_traces import modules_trace, noise, series, syncs
+from alignment_traces import layer_signal, modules_trace, noise, series, syncs
 from normtrace_analysis import alignment
 from tracegen import write_trace
 
@@ -427,14 +427,7 @@ def test_alignment_of_a_module_level_signal(tmp_path: Path) -> None:
     v = 0.5 + 0.01 * np.random.default_rng(42).standard_normal(n)
     events = list(range(199, 2800, 300))
     v[[e + 3 for e in events[:5]]] += 0.5
-    signals = {
-        "pass": np.arange(n),
-        "epoch": (np.arange(n) // 10).astype(np.int32),
-        "kind": np.full(n, "my_kind", dtype=object),
-        "module": np.full(n, "layer", dtype=object),
-        "value": v.astype(np.float32),
-    }
-    run = write_trace(tmp_path / "r", signals=signals, events=syncs(events))
+    run = write_trace(tmp_path / "r", signals=layer_signal(v), events=syncs(events))
     row = na.load(run).event_alignment(table="signals", window=10).row(0, named=True)
     assert row["param"] is None and row["spikes"] == 5 and row["clusters"] == 5
     assert (row["events"], row["events_followed"]) == (len(events), 5)
@@ -599,14 +592,7 @@ def test_a_filter_leaving_a_table_no_series_gives_empty_frames_of_the_usual_colu
     n = 3000
     v = 0.5 + 0.01 * np.random.default_rng(49).standard_normal(n)
     v[[1000, 2000]] += 0.5
-    signals = {
-        "pass": np.arange(n),
-        "epoch": (np.arange(n) // 10).astype(np.int32),
-        "kind": np.full(n, "my_kind", dtype=object),
-        "module": np.full(n, "layer", dtype=object),
-        "value": v.astype(np.float32),
-    }
-    run = write_trace(tmp_path / "r", signals=signals, **series(noise(n), syncs([997, 1997])))
+    run = write_trace(tmp_path / "r", signals=layer_signal(v), **series(noise(n), syncs([997, 1997])))
     whole, only_m = na.load(run), na.load(run).filter(modules="m")
     for name in ("event_alignment", "event_steps", "spike_groups", "spike_clusters"):
         kwargs = {"table": "signals"} if name.startswith("event") else {}
