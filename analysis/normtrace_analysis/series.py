@@ -53,6 +53,7 @@ __all__ = [
     "points",
     "scan",
     "series_info",
+    "settled_bounds",
     "settled_rows",
 ]
 
@@ -221,23 +222,36 @@ C = TypeVar("C", bound=Consumer)
 
 
 def settled_rows(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), and per
-    segment the pos of its first row of an epoch not yet complete (its end when there is none).
+    """Rows of complete epochs not yet consumed (``pos >= done`` per segment, ``epoch < settled``), as a
+    row mask, and per segment the pos of its first row of an epoch not yet complete (its end when there
+    is none): :func:`settled_bounds` as a mask."""
+    lo, hi, need = settled_bounds(frame, done)
+    return frame.between(lo, hi), need
+
+
+def settled_bounds(frame: Frame, done: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment, the frame rows ``lo:hi`` of complete epochs not yet consumed (``pos >= done``,
+    ``epoch < settled``), and the pos of its first row of an epoch not yet complete (its end when there
+    is none).
 
     Epochs never decrease along a series read in pieces, so each segment's rows to take are one run,
-    found by a binary search; whole series (the out-of-order path) have every epoch settled."""
+    found by a binary search of all segments at once (a few steps on per-segment arrays, whatever the
+    rows); whole series (the out-of-order path) have every epoch settled."""
     rows, lengths = frame.rows, frame.lengths
     lo = rows[:-1] + np.clip(done - frame.start, 0, lengths)
-    if (frame.settled == NEVER).all():
-        hi = rows[1:].copy()
-    else:
-        offset = np.int64(1 << 31)
-        key = (frame.segment << 33) + (frame.cols["epoch"].astype(np.int64) + offset)
-        bound = np.clip(frame.settled, -offset, offset) + offset
-        hi = np.searchsorted(key, (np.arange(len(lengths), dtype=np.int64) << 33) + bound, "left")
-        hi = np.maximum(hi, lo)
+    hi = rows[1:].copy()
+    if not (frame.settled == NEVER).all():
+        epochs, bound = frame.cols["epoch"], frame.settled
+        # per segment, the first row with epoch >= bound lies in first..last
+        first, last = rows[:-1].copy(), rows[1:].copy()
+        while (open_ := first < last).any():
+            mid = (first + last) // 2
+            below = open_ & (epochs[np.where(open_, mid, 0)] < bound)
+            first = np.where(below, mid + 1, first)
+            last = np.where(open_ & ~below, mid, last)
+        hi = np.maximum(first, lo)
     need = frame.start + (hi - rows[:-1])
-    return frame.between(lo, hi), need
+    return lo, hi, need
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from .names import SUMMARY_KEYS, Table
-from .series import Frame, Registry, scan, settled_rows
+from .series import Frame, Registry, scan, settled_bounds
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -61,44 +61,67 @@ class Summary:
         if len(self.registry) > len(self.done):
             grow = len(self.registry) - len(self.done)
             self.done = np.concatenate([self.done, np.zeros(grow, dtype=np.int64)])
-        take, need = settled_rows(frame, self.done[frame.sids])
+        lo, hi, need = settled_bounds(frame, self.done[frame.sids])
         self.done[frame.sids] = need
-        if take.any():
-            self.parts.append(self._stats(frame, take))
+        if (hi > lo).any():
+            self.parts.append(self._stats(frame, lo, hi))
         return need
 
-    def _stats(self, frame: Frame, take: np.ndarray) -> pl.DataFrame:
-        group = np.asarray(self.registry.group, dtype=np.uint64)[frame.sids]
-        rank = np.array([self.registry.keys[s][1] for s in frame.sids], dtype=np.int32)
-        segment = frame.segment[take]
-        g = (group[segment] << np.uint64(32)) + frame.cols["epoch"][take].astype(np.uint64)
-        rows = pl.DataFrame({"g": g, "rank": rank[segment], "value": frame.cols["value"][take]})
-        # Epochs never decrease along a series, so (group, epoch) packed in one integer is sorted when
-        # each group is one series: Polars then groups contiguous slices instead of hashing. Pooled
-        # ranks are brought together, in rank order.
-        if not rows["g"].is_sorted():
-            rows = rows.sort("g", "rank", maintain_order=True)
-        v = pl.col("value")
-        moments = [
-            pl.len().cast(pl.Int64).alias("count"),
-            v.mean().alias("mean"),
-            # two passes, as numpy does: Polars' own std of a group varies in the last bit with the
-            # group's place in memory, which would make the result depend on the piece size
-            pl.when(pl.len() > 1).then(((v - v.mean()).pow(2).sum() / (pl.len() - 1)).sqrt()).alias("std"),
-            (~v.is_finite()).sum().cast(pl.Int64).alias("nonfinite"),
-        ]
-        order = [
-            v.min().alias("min"),
-            v.max().alias("max"),
-            *(v.quantile(q, "linear").alias(f"p{round(100 * q):02d}") for q in QUANTILES),
-        ]
-        rows = rows.with_columns(pl.col("g").set_sorted())
-        values = rows["value"].to_numpy()
-        sized = _order_statistics(rows["g"].to_numpy(), values)
+    def _stats(self, frame: Frame, lo: np.ndarray, hi: np.ndarray) -> pl.DataFrame:
+        """The statistics of the groups in rows ``lo:hi`` of each segment (whole epochs)."""
+        seg = np.flatnonzero(hi > lo)
+        lo, hi = lo[seg], hi[seg]
+        group = np.asarray(self.registry.group, dtype=np.uint64)[frame.sids[seg]]
+        values, epochs = (
+            np.concatenate([column[a:b] for a, b in zip(lo, hi, strict=True)])
+            for column in (frame.cols["value"], frame.cols["epoch"])
+        )
+        seg_start = np.concatenate([[0], np.cumsum(hi - lo)])
+        back = epochs[1:] < epochs[:-1]
+        back[seg_start[1:-1] - 1] = False  # from one segment to the next
+        if len(np.unique(group)) == len(group) and not back.any():
+            # One series per group, epochs in order: a group's rows are a run of its segment, in place.
+            new = np.empty(len(values), dtype=bool)
+            new[0] = True
+            np.not_equal(epochs[1:], epochs[:-1], out=new[1:])
+            new[seg_start[:-1]] = True
+            starts = np.flatnonzero(new)
+            of = np.searchsorted(seg_start, starts, "right") - 1
+            g = (group[of] << np.uint64(32)) + epochs[starts].astype(np.uint64)
+        else:
+            # Pooled ranks (or an epoch met again on the out-of-order path, whole series): each group's
+            # rows brought together, in rank order, each rank's in pass order.
+            rank = np.array([self.registry.keys[s][1] for s in frame.sids[seg]], dtype=np.int32)
+            segment = np.repeat(np.arange(len(seg)), hi - lo)
+            rows = pl.DataFrame(
+                {
+                    "g": (group[segment] << np.uint64(32)) + epochs.astype(np.uint64),
+                    "rank": rank[segment],
+                    "value": values,
+                }
+            ).sort("g", "rank", maintain_order=True)
+            per_row, values = rows["g"].to_numpy(), rows["value"].to_numpy()
+            starts = np.flatnonzero(np.concatenate([[True], per_row[1:] != per_row[:-1]]))
+            g = per_row[starts]
+        sizes = np.diff(np.append(starts, len(values)))
+        stats = {"g": g, **_moments(values, starts, sizes)}
+        sized = _order_statistics(values, starts, sizes)
         if sized is None:  # groups of very unequal size, or NaN: Polars sorts each group
-            return rows.lazy().group_by("g").agg(*moments, *order).collect().select("g", *STATS)
-        stats = rows.lazy().group_by("g", maintain_order=True).agg(*moments).collect()
-        return stats.with_columns(pl.Series(k, v) for k, v in sized.items()).select("g", *STATS)
+            v = pl.col("value")
+            rows = pl.DataFrame({"g": np.repeat(g, sizes), "value": values})
+            sized = (
+                rows.with_columns(pl.col("g").set_sorted())
+                .group_by("g", maintain_order=True)
+                .agg(
+                    v.min().alias("min"),
+                    v.max().alias("max"),
+                    *(v.quantile(q, "linear").alias(f"p{round(100 * q):02d}") for q in QUANTILES),
+                )
+                .drop("g")
+                .to_dict()
+            )
+        stats = pl.DataFrame({**stats, **sized}).select("g", *STATS)
+        return stats.with_columns(pl.when(pl.col("count") > 1).then("std").alias("std"))  # one row: null
 
     def finish(self) -> None:
         """The statistics are read by :meth:`result`."""
@@ -125,14 +148,28 @@ class Summary:
         )
 
 
-def _order_statistics(g: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray] | None:
-    """min, max and the quantiles of every group of rows (``g`` sorted), from one numpy sort of the
-    groups padded into rows of equal length: what Polars gives (min and max leave NaN out; a quantile
+def _moments(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """count, mean, std (sample, two passes as numpy's; NaN for one row) and nonfinite of every group of
+    rows (``starts``, ``sizes``): numpy sums over each group's own rows, so that a group's figures do not
+    depend on where it lies in the piece or what else the piece holds."""
+    count = sizes.astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mean = np.add.reduceat(values, starts) / count
+        deviation = values - np.repeat(mean, sizes)
+        np.multiply(deviation, deviation, out=deviation)
+        std = np.sqrt(np.add.reduceat(deviation, starts) / (count - 1))
+    nonfinite = np.add.reduceat(~np.isfinite(values), starts, dtype=np.int64)
+    return {"count": count, "mean": mean, "std": std, "nonfinite": nonfinite}
+
+
+def _order_statistics(
+    values: np.ndarray, starts: np.ndarray, sizes: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """min, max and the quantiles of every group of rows (``starts``, ``sizes``), from one numpy sort of
+    the groups padded into rows of equal length: what Polars gives (min and max leave NaN out; a quantile
     interpolates linearly, ``lo + (hi - lo) * frac`` with ``frac`` from ``(n - 1) * q``), several times
     faster than its per-group sorts. None when a value is NaN (Polars sorts NaN last among the values,
     numpy after the padding) or the groups are so unequal that padding would cost more than it saves."""
-    starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
-    sizes = np.diff(np.concatenate([starts, [len(g)]]))
     width = int(sizes.max())
     if np.isnan(values).any() or width * len(sizes) > 2 * len(values):
         return None
