@@ -377,17 +377,16 @@ class _Detector:
         # Rolling MAD at block resolution: the median absolute deviation of each block of ``block``
         # points, then the centred rolling median of those over the blocks spanning SCALE_SPAN windows.
         per_block = nb - s // block
-        sizes = np.full(int(per_block.sum()), block, dtype=np.int64)
-        sizes[np.cumsum(per_block) - 1] = counts - block * (per_block - 1)  # each stretch's last block
-        blk = np.repeat(np.arange(len(sizes)), sizes)
-        block_mad = _block_medians(absdev, sizes, block)
         block_rows = np.concatenate([[0], np.cumsum(per_block)])
+        sizes = np.full(int(block_rows[-1]), block, dtype=np.int64)
+        sizes[block_rows[1:] - 1] = counts - block * (per_block - 1)  # each stretch's last block
+        block_mad = _block_medians(absdev, rows, block_rows, block)
         block_pos = np.repeat(s // block - block_rows[:-1], per_block) + np.arange(len(sizes))
         # Blocks before a stretch's first complete one are never used: give them a number, not NaN
         # (Polars' rolling median takes a much slower path as soon as a column has a null).
         block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
         mad = _centred_median(block_mad, block_rows, s // block, bs, bve, seed[:, 1], span)
-        scale = mad[blk]
+        scale = np.repeat(mad, sizes)
         np.multiply(scale, MAD_TO_SIGMA, out=scale)
         floor = np.abs(baseline)
         np.multiply(floor, SCALE_FLOOR, out=floor)
@@ -441,20 +440,21 @@ class _Detector:
         return found, b, s_next, new_seed
 
 
-def _block_medians(x: np.ndarray, sizes: np.ndarray, block: int) -> np.ndarray:
-    """The median of each block of consecutive values (``sizes`` of them, each at most ``block``), NaN
-    left out (NaN where a block has none): Polars' median, the two middle values' midpoint written
-    ``lo + (hi - lo) / 2``, over a sort of the values padded into a (blocks, block) array."""
-    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
-    padded = np.full((len(sizes), block), np.nan)
-    if (sizes == block).all():
-        padded[:] = x.reshape(-1, block)
-    else:
-        within = np.arange(len(x)) - np.repeat(starts, sizes)
-        padded.reshape(-1)[np.repeat(np.arange(len(sizes)) * block, sizes) + within] = x
+def _block_medians(x: np.ndarray, rows: np.ndarray, block_rows: np.ndarray, block: int) -> np.ndarray:
+    """The median of each block of ``block`` consecutive values of each stretch (stretch i in
+    ``rows[i]:rows[i+1]``, its blocks ``block_rows[i]:block_rows[i+1]``, the last one shorter), NaN left
+    out (NaN where a block has none): Polars' median, the two middle values' midpoint written
+    ``lo + (hi - lo) / 2``, over a sort of the values laid into a (blocks, block) array, NaN-padded."""
+    padded = np.empty((int(block_rows[-1]), block))
+    flat = padded.reshape(-1)
+    for r0, r1, b0, b1 in zip(
+        rows[:-1], rows[1:], block_rows[:-1] * block, block_rows[1:] * block, strict=True
+    ):
+        flat[b0 : b0 + r1 - r0] = x[r0:r1]  # a stretch's values, then NaN to its last block's end
+        flat[b0 + r1 - r0 : b1] = np.nan
     padded.sort(axis=1)  # NaN last
     c = block - np.isnan(padded).sum(axis=1)
-    k = np.arange(len(sizes))
+    k = np.arange(len(padded))
     lo = padded[k, np.maximum(c - 1, 0) // 2]
     hi = padded[k, c // 2 - (c == 0)]
     return cast(np.ndarray, lo + (hi - lo) / 2)  # numpy's stubs: Any (arithmetic on arrays of unknown dtype)
