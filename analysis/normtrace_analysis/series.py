@@ -417,7 +417,8 @@ class _Assembly:
         # An ended series' last epochs wait too: other ranks' rows of them may come later.
         bound = np.array([piece.settled.get(run, NEVER) for run in registry.runs], dtype=np.int64)
         settled = bound[np.asarray(registry.run_of, dtype=np.int64)[sids]]
-        cols["pos"] = np.repeat(start - rows[:-1], lengths) + np.arange(rows[-1])
+        cols["pos"] = np.arange(rows[-1], dtype=np.int64)
+        cols["pos"] += np.repeat(start - rows[:-1], lengths)
         frame = Frame(
             cols, sids, rows, start, fresh, self.end[sids].copy(), self.ended[sids].copy(), settled, registry
         )
@@ -683,15 +684,23 @@ class _Info:
         before = self.last[sids, 1].copy()  # each series' last epoch before this frame
         passes = frame.cols["pass"]
         epochs = frame.cols["epoch"]
-        pos = frame.cols["pos"]
         head = frame.rows[:-1] + (frame.fresh - frame.start)  # first new row of each segment
         tail = frame.rows[1:] - 1
         born = new & (frame.fresh == 0)
         self.first[sids[born]] = np.stack([passes[head[born]], epochs[head[born]]], axis=1)
         self.last[sids[new]] = np.stack([passes[tail[new]], epochs[tail[new]]], axis=1)
-        previous = np.concatenate([[0], epochs[:-1]]).astype(np.int64)
-        previous[frame.rows[:-1]] = before  # counts only where a segment starts with a new row
-        changed = (epochs != previous) & frame.between(head, frame.rows[1:]) & (pos > 0)
+        # The new rows whose epoch differs from the row before in their series (not a series' first
+        # row): within a segment, from its first new row on; at a segment's start, against the series'
+        # last epoch read before (when that row is new and not the series' first).
+        rows = frame.rows
+        inner = np.flatnonzero(epochs[1:] != epochs[:-1]) + 1
+        of = np.searchsorted(rows, inner, "right") - 1
+        inner = inner[(inner != rows[of]) & (inner >= head[of])]
+        first_rows = rows[:-1]
+        at_start = first_rows[
+            (head == first_rows) & (new & (frame.fresh > 0)) & (epochs[first_rows] != before)
+        ]
+        at = np.sort(np.concatenate([inner, at_start])) if at_start.size else inner
         self.length[sids] = frame.end
         whole = (frame.start == 0) & frame.ended
         if whole.all():  # whole series (the out-of-order path): count distinct epochs
@@ -702,9 +711,10 @@ class _Info:
             )
             self.epochs[sids] = distinct
         else:
-            self.epochs[sids] += np.add.reduceat(changed.astype(np.int64), frame.rows[:-1]) + born
-        if changed.any():
-            at = np.flatnonzero(changed)
+            self.epochs[sids] += (
+                np.bincount(np.searchsorted(rows, at, "right") - 1, minlength=len(sids)) + born
+            )
+        if at.size:
             self.starts.append(
                 pl.DataFrame({"sid": frame.cols["sid"][at], "epoch": epochs[at], "pass": passes[at]})
             )
