@@ -394,26 +394,28 @@ class _Detector:
             floor[cols["_log"]] = LOG_SCALE_FLOOR
         np.fmax(scale, floor, out=scale)
         np.fmax(scale, 1e-300, out=scale)
+        # |score| = |value - baseline| / scale, in the deviations' place (each point's deviation is not
+        # needed again); the signed score only where it is flagged. NaN (no baseline yet) is never flagged.
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = np.subtract(value, baseline)
-            np.divide(score, scale, out=score)
+            np.divide(absdev, scale, out=absdev)
+            flag = absdev > self.threshold
         if not finite.all():
-            bad = ~finite
-            score[bad] = np.where(value[bad] < 0, -math.inf, math.inf)
-        with np.errstate(invalid="ignore"):
-            flag = np.abs(score) > self.threshold
-        flag |= ~finite
+            flag |= ~finite
         at = np.flatnonzero(flag)
         seg = np.searchsorted(rows, at, "right") - 1
         at = at[(pos[at] >= a[seg]) & (pos[at] < b[seg])]  # scored in this stretch
         seg = np.searchsorted(rows, at, "right") - 1
         found = pl.DataFrame()
         if at.size:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                score = (value[at] - baseline[at]) / scale[at]
+            bad = ~finite[at]
+            score[bad] = np.where(value[at][bad] < 0, -math.inf, math.inf)
             run = np.concatenate([[True], (at[1:] != at[:-1] + 1) | (pos[at[1:]] == a[seg[1:]])])
             flagged = pl.DataFrame({c: cols[c][at] for c in (*self.position, "value", "pos")}).with_columns(
                 pl.Series("_seg", seg, dtype=pl.UInt32),
                 pl.Series("baseline", baseline[at]).fill_nan(None),
-                pl.Series("score", score[at]),
+                pl.Series("score", score),
                 pl.Series("_spike", np.cumsum(run)),
             )
             peak = pl.col("score").abs().arg_max()
