@@ -25,8 +25,9 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import numpy as np
 import polars as pl
@@ -355,6 +356,10 @@ def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
             box.put(None)
         except BaseException as exc:  # handed to the consumer's thread, raised there
             box.put(exc)
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:  # a generator left early: let it end (and its reading thread) here
+                close()
 
     reader = threading.Thread(target=read, name="normtrace-read-ahead", daemon=True)
     reader.start()
@@ -437,7 +442,9 @@ class _Assembly:
 def _ordered_pieces(
     trace: Trace, table: str, modules: Sequence[str] | str | None, chunk_rows: int, registry: Registry
 ) -> Iterator[_Piece]:
-    """Each run's shards in order, the ranks side by side, about ``chunk_rows`` rows at a time."""
+    """Each run's shards in order, the ranks side by side, about ``chunk_rows`` rows at a time. Polars
+    reads the next piece's files on a thread of its own while this piece is numbered (reading and
+    numbering each cost about what the consumers do with a piece; one more piece is held)."""
     select = [*registry.columns, *_READ]
     runs = trace.shards_by_rank(table)
     total = sum(size for by_rank in runs.values() for files in by_rank.values() for _, size in files)
@@ -445,61 +452,87 @@ def _ordered_pieces(
     last_pass = np.zeros(0, dtype=np.int64)
     last_epoch = np.zeros(0, dtype=np.int64)
     bytes_per_row: float | None = None
-    for run, by_rank in runs.items():
-        queues = {rank: deque(files) for rank, files in sorted(by_rank.items())}
-        top_epoch: dict[int, int | None] = dict.fromkeys(queues)  # per rank: largest epoch read
-        while queues:
-            # The first piece takes one shard per rank and learns the bytes per row; then about
-            # chunk_rows rows from the ranks furthest behind (in epochs), so that the ranks of a run
-            # progress together and an epoch is complete on all of them soon after it is read.
-            behind = min(-1 if (top := top_epoch[r]) is None else top for r in queues)
-            lagging = [r for r in queues if (-1 if (top := top_epoch[r]) is None else top) == behind]
-            budget = None if bytes_per_row is None else chunk_rows * bytes_per_row / len(lagging)
-            taken: list[tuple[int, list[RunPath]]] = []
-            piece_bytes = 0
-            for rank in lagging:
-                queue = queues[rank]
-                files: list[RunPath] = []
-                size = 0
-                while queue and (not files or (budget is not None and size + queue[0][1] <= budget)):
-                    path, nbytes = queue.popleft()
-                    files.append(path)
-                    size += nbytes
-                piece_bytes += size
-                taken.append((rank, files))
-            done += piece_bytes
-            scans = []
-            for _, files in taken:
-                lf = trace.scan_shards(table, run, files)
-                if modules is not None:
-                    lf = lf.filter(module_filter(modules))
-                scans.append(lf.select(select))
-            raws = pl.collect_all(scans)
-            parts = []
-            rows_read = 0
-            for (rank, _), raw in zip(taken, raws, strict=True):
-                rows_read += raw.height
-                if raw.height == 0:
-                    continue
-                cols = _number(raw, run, registry)
-                if len(registry) > len(last_pass):
-                    grow = len(registry) - len(last_pass)
-                    last_pass = np.concatenate([last_pass, np.full(grow, np.iinfo(np.int64).min)])
-                    last_epoch = np.concatenate([last_epoch, np.full(grow, np.iinfo(np.int64).min)])
-                top_epoch[rank] = _check_order(cols, last_pass, last_epoch, top_epoch[rank])
-                parts.append(cols)
-            if bytes_per_row is None and rows_read:
-                bytes_per_row = max(piece_bytes / rows_read, 1e-3)
-            ended: list[int] = []
-            for rank, _ in taken:
-                if not queues[rank]:
+
+    def read(run: str, taken: list[tuple[int, list[RunPath]]]) -> Future[list[pl.DataFrame]]:
+        scans = []
+        for _, files in taken:
+            lf = trace.scan_shards(table, run, files)
+            if modules is not None:
+                lf = lf.filter(module_filter(modules))
+            scans.append(lf.select(select))
+        return pool.submit(pl.collect_all, scans)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="normtrace-read") as pool:
+        for run, by_rank in runs.items():
+            queues = {rank: deque(files) for rank, files in sorted(by_rank.items())}
+            top_epoch: dict[int, int | None] = dict.fromkeys(queues)  # per rank: largest epoch read
+            taken, piece_bytes = _take(queues, top_epoch, chunk_rows, bytes_per_row)
+            reading: Future[list[pl.DataFrame]] | None = read(run, taken)
+            while reading is not None:
+                raws = reading.result()
+                before = dict(top_epoch)  # what this piece's rows are checked against
+                rows_read = 0
+                for (rank, _), raw in zip(taken, raws, strict=True):
+                    rows_read += raw.height
+                    if raw.height:
+                        high = int(cast(int, raw["epoch"].max()))
+                        top_epoch[rank] = high if (top := before[rank]) is None else max(top, high)
+                if bytes_per_row is None and rows_read:
+                    bytes_per_row = max(piece_bytes / rows_read, 1e-3)
+                done += piece_bytes
+                exhausted = [rank for rank, _ in taken if not queues[rank]]
+                for rank in exhausted:
                     del queues[rank]
-                    ended.extend(registry.by_rank.get((run, rank), []))
-            bounds = [top for r in queues if (top := top_epoch[r]) is not None]
-            unread = len(bounds) < len(queues)  # a rank with no epoch read yet
-            settled = NEVER if not queues else (np.iinfo(np.int64).min if unread else min(bounds))
-            percent = f"{table} {100 * done // max(total, 1)}%"
-            yield _Piece(_merge(parts), ended, {run: int(settled)}, percent)
+                bounds = [top for r in queues if (top := top_epoch[r]) is not None]
+                unread = len(bounds) < len(queues)  # a rank with no epoch read yet
+                settled = NEVER if not queues else (np.iinfo(np.int64).min if unread else min(bounds))
+                percent = f"{table} {100 * done // max(total, 1)}%"
+                piece = taken
+                reading = None
+                if queues:  # the next piece, planned from the epochs just read, read while this is numbered
+                    taken, piece_bytes = _take(queues, top_epoch, chunk_rows, bytes_per_row)
+                    reading = read(run, taken)
+                parts = []
+                for (rank, _), raw in zip(piece, raws, strict=True):
+                    if raw.height == 0:
+                        continue
+                    cols = _number(raw, run, registry)
+                    if len(registry) > len(last_pass):
+                        grow = len(registry) - len(last_pass)
+                        last_pass = np.concatenate([last_pass, np.full(grow, np.iinfo(np.int64).min)])
+                        last_epoch = np.concatenate([last_epoch, np.full(grow, np.iinfo(np.int64).min)])
+                    _check_order(cols, last_pass, last_epoch, before[rank])
+                    parts.append(cols)
+                ended = [sid for rank in exhausted for sid in registry.by_rank.get((run, rank), [])]
+                yield _Piece(_merge(parts), ended, {run: int(settled)}, percent)
+
+
+def _take(
+    queues: dict[int, deque[tuple[RunPath, int]]],
+    top_epoch: dict[int, int | None],
+    chunk_rows: int,
+    bytes_per_row: float | None,
+) -> tuple[list[tuple[int, list[RunPath]]], int]:
+    """The files of the next piece of a run, taken from ``queues``, and their bytes. The first piece
+    takes one shard per rank (and learns the bytes per row); then about ``chunk_rows`` rows from the
+    ranks furthest behind (in epochs), so that the ranks of a run progress together and an epoch is
+    complete on all of them soon after it is read."""
+    behind = min(-1 if (top := top_epoch[r]) is None else top for r in queues)
+    lagging = [r for r in queues if (-1 if (top := top_epoch[r]) is None else top) == behind]
+    budget = None if bytes_per_row is None else chunk_rows * bytes_per_row / len(lagging)
+    taken: list[tuple[int, list[RunPath]]] = []
+    piece_bytes = 0
+    for rank in lagging:
+        queue = queues[rank]
+        files: list[RunPath] = []
+        size = 0
+        while queue and (not files or (budget is not None and size + queue[0][1] <= budget)):
+            path, nbytes = queue.popleft()
+            files.append(path)
+            size += nbytes
+        piece_bytes += size
+        taken.append((rank, files))
+    return taken, piece_bytes
 
 
 def _number(raw: pl.DataFrame, run: str, registry: Registry) -> dict[str, np.ndarray]:

@@ -104,13 +104,13 @@ class Summary:
             starts = np.flatnonzero(np.concatenate([[True], per_row[1:] != per_row[:-1]]))
             g = per_row[starts]
         sizes = np.diff(np.append(starts, len(values)))
-        stats = {"g": g, **_moments(values, starts, sizes)}
+        moments = _moments(values, starts, sizes)
         sized = _order_statistics(values, starts, sizes)
         if sized is None:  # groups of very unequal size, or NaN: Polars sorts each group
             v = pl.col("value")
-            rows = pl.DataFrame({"g": np.repeat(g, sizes), "value": values})
-            sized = (
-                rows.with_columns(pl.col("g").set_sorted())
+            order = (
+                pl.DataFrame({"g": np.repeat(g, sizes), "value": values})
+                .with_columns(pl.col("g").set_sorted())
                 .group_by("g", maintain_order=True)
                 .agg(
                     v.min().alias("min"),
@@ -118,9 +118,10 @@ class Summary:
                     *(v.quantile(q, "linear").alias(f"p{round(100 * q):02d}") for q in QUANTILES),
                 )
                 .drop("g")
-                .to_dict()
             )
-        stats = pl.DataFrame({**stats, **sized}).select("g", *STATS)
+        else:
+            order = pl.DataFrame(sized)
+        stats = pl.concat([pl.DataFrame({"g": g, **moments}), order], how="horizontal").select("g", *STATS)
         return stats.with_columns(pl.when(pl.col("count") > 1).then("std").alias("std"))  # one row: null
 
     def finish(self) -> None:
