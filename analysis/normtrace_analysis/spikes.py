@@ -495,8 +495,17 @@ def _centred_median(
     # Without a gap every full window is complete, and the windows shorter than half of one are those
     # reaching before a stretch (not used) or at a series' start (recomputed below): no nulls needed,
     # which keeps Polars on its fast path.
+    column = x
+    if not gaps and window % 2:
+        # Then every median used is that of a full window, an odd number of values: one of them. On
+        # values float32 holds exactly (the recorder's norms) Polars finds the same one ~13% faster.
+        narrow = x.astype(np.float32)
+        if np.array_equal(narrow, x):
+            column = narrow
     med = (
-        pl.Series(x, nan_to_null=gaps).rolling_median(window, min_samples=half + 1 if gaps else 1).to_numpy()
+        pl.Series(column, nan_to_null=gaps)
+        .rolling_median(window, min_samples=half + 1 if gaps else 1)
+        .to_numpy()
     )
     m = np.full(n, np.nan)
     m[: max(n - half, 0)] = med[half:]

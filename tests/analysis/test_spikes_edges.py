@@ -311,3 +311,22 @@ def test_a_table_without_series_is_refused_naming_those_with_series(tmp_path: Pa
         ValueError, match="^spike detection works on 'outputs' or 'params' or 'signals', not 'metrics'$"
     ):
         na.load(run).spikes("metrics")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window", [50, 51])
+def test_baselines_are_the_medians_of_full_centred_windows_whatever_the_window_parity(window: int) -> None:
+    """On values float32 holds exactly (the recorder's norms) the centred rolling median of every full
+    window is the middle value (odd window) or the two middle values' midpoint ``lo + (hi - lo) / 2``
+    taken in float64 (even window): the float32 fast path must not round an even window's midpoint."""
+    x = np.random.default_rng(5).lognormal(size=1000).astype(np.float32).astype(np.float64)
+    n, half = len(x), window // 2
+    before = window - 1 - half  # points before p in p's window
+    one = np.array([0])
+    got = spikes_module._centred_median(x, np.array([0, n]), one, one, np.array([n]), np.array([np.nan]), window)
+    windows = np.sort(np.lib.stride_tricks.sliding_window_view(x, window), axis=1)  # row i: p = i + before
+    lo, hi = windows[:, (window - 1) // 2], windows[:, window // 2]
+    want = lo + (hi - lo) / 2
+    full = np.arange(before, n - half)
+    assert got[full].tolist() == want[: len(full)].tolist()
+    if window % 2 == 0:  # the midpoints are not float32 numbers: a float32 median would round them
+        assert (want != want.astype(np.float32)).mean() > 0.25
