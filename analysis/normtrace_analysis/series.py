@@ -590,7 +590,7 @@ def _transpose(values: np.ndarray, period: int, rows: np.ndarray | None) -> np.n
     faster than numpy's copy of the whole transposed view, which walks memory with a large stride."""
     table = values.reshape(-1, period)
     out = np.empty((period, len(table)), dtype=values.dtype)
-    band = max(16, (1 << 17) // period)
+    band = max(16, (1 << 15) // period)
     for b0 in range(0, len(table), band):
         out[:, b0 : b0 + band] = table[b0 : b0 + band].T
     return (out if rows is None else out[rows]).ravel()
