@@ -200,6 +200,7 @@ def _detect(
     )
     detector = _Detector(level, threshold, window, log)
     detector.feed(whole)
+    detector.finish()
     return detector.result()
 
 
@@ -235,6 +236,7 @@ class _Detector:
         self.a = np.zeros(0, dtype=np.int64)  # per sid: first point not scored yet
         self.seed = np.zeros((0, 2))  # per sid: carried baseline and block MAD at the stretch's start
         self.found: list[pl.DataFrame] = []
+        self.pool: ThreadPoolExecutor | None = None
 
     def feed(self, frame: Frame) -> np.ndarray:
         n = int(frame.sids.max()) + 1 if len(frame.sids) else 0
@@ -281,11 +283,11 @@ class _Detector:
             )
             for p in parts
         ]
-        if len(jobs) > 1:
-            with ThreadPoolExecutor(len(jobs)) as pool:
-                results = list(pool.map(lambda job: self._score(*job), jobs))
-        else:
-            results = [self._score(*job) for job in jobs]
+        # The first part on this thread, the others on threads kept for the whole scan: threads made
+        # anew for every frame took fresh memory from the system for each part's arrays (page faults:
+        # a fifth of the detector's time on the benchmark trace).
+        others = [self._helpers().submit(self._score, *job) for job in jobs[1:]]
+        results = [self._score(*jobs[0]), *(other.result() for other in others)]
         for p, (found, b, s_next, seed) in zip(parts, results, strict=True):
             if found.height:
                 found = found.with_columns(pl.Series("sid", sids[p], dtype=pl.UInt32).gather(found["_seg"]))
@@ -295,8 +297,18 @@ class _Detector:
             self.seed[sids[p]] = seed
         return cast(np.ndarray, self.s[frame.sids].copy())  # numpy's stubs: Any (an index of unknown dtype)
 
+    def _helpers(self) -> ThreadPoolExecutor:
+        """The threads that score the frame's other parts (made on first use, ended by :meth:`finish`;
+        a scan that fails ends them when the detector is collected)."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max(1, pl.thread_pool_size() - 1), "normtrace-spikes")
+        return self.pool
+
     def finish(self) -> None:
-        """The spikes are read by :meth:`result`."""
+        """The spikes are read by :meth:`result`; the helper threads end here."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def result(self) -> pl.DataFrame:
         """Spikes: sid, [pass,] epoch, value, baseline, score, points (runs of flags cut between

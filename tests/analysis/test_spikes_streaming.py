@@ -14,6 +14,7 @@ one block of the rolling MAD, changes a score the test compares. The reference i
 
 from __future__ import annotations
 
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -188,20 +189,36 @@ def test_parallel_parts_give_the_reference_spikes(
     run: Path, rows: pl.DataFrame, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
     pools: list[int] = []
+    parts: list[int] = []  # per frame fed: the parts scored
 
     class Counted(ThreadPoolExecutor):
-        def __init__(self, workers: int) -> None:
+        def __init__(self, workers: int, prefix: str) -> None:
             pools.append(workers)
-            super().__init__(workers)
+            super().__init__(workers, prefix)
+
+    feed, score = spikes_module._Detector.feed, spikes_module._Detector._score
+
+    def counted_feed(self: spikes_module._Detector, frame: object) -> object:
+        parts.append(0)
+        return feed(self, frame)
+
+    def counted_score(self: spikes_module._Detector, *job: object) -> object:
+        parts[-1] += 1
+        return score(self, *job)
 
     monkeypatch.setattr(spikes_module, "PART_ROWS", 300)
     monkeypatch.setattr(spikes_module.pl, "thread_pool_size", lambda: 3)
     monkeypatch.setattr(spikes_module, "ThreadPoolExecutor", Counted)
+    monkeypatch.setattr(spikes_module._Detector, "feed", counted_feed)
+    monkeypatch.setattr(spikes_module._Detector, "_score", counted_score)
     for piece_rows in (10**6, 997):
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
         pools.clear()
+        parts.clear()
         got = _spikes(run, baseline_window=window, threshold=4.0)
-        assert pools and max(pools) == 3  # frames cut into parts between series, one per thread
+        # frames cut into parts between series, one per thread: this one and two helpers made once
+        assert max(parts) == 3 and pools == [2]
+        assert not [t for t in threading.enumerate() if t.name.startswith("normtrace-spikes")]  # ended
         assert_same_spikes(
             got, reference_spikes(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}"
         )
