@@ -144,6 +144,23 @@ class Registry:
         return pl.DataFrame(columns)
 
 
+class _Columns(dict[str, np.ndarray]):
+    """A frame's columns, ``pos`` numbered when first asked for (the summary and the info never read it)."""
+
+    def __init__(self, cols: dict[str, np.ndarray], rows: np.ndarray, start: np.ndarray) -> None:
+        super().__init__(cols)
+        self._rows = rows
+        self._start = start
+
+    def __missing__(self, key: str) -> np.ndarray:
+        if key != "pos":
+            raise KeyError(key)
+        pos = np.arange(self._rows[-1], dtype=np.int64)
+        pos += np.repeat(self._start - self._rows[:-1], np.diff(self._rows))
+        self["pos"] = pos
+        return pos
+
+
 class Frame:
     """What consumers see of one piece: for every series with rows in it, a contiguous stretch of the
     series in pass order: the tail kept from earlier pieces, then the rows new in this piece.
@@ -169,7 +186,7 @@ class Frame:
         settled: np.ndarray,
         registry: Registry | None,
     ) -> None:
-        self.cols = cols
+        self.cols = _Columns(cols, rows, start)
         self.sids = sids
         self.rows = rows
         self.start = start
@@ -184,7 +201,7 @@ class Frame:
     @property
     def data(self) -> pl.DataFrame:
         if self._data is None:
-            self._data = pl.DataFrame(self.cols)
+            self._data = pl.DataFrame({**self.cols, "pos": self.cols["pos"]})
         return self._data
 
     @property
@@ -422,8 +439,6 @@ class _Assembly:
         # An ended series' last epochs wait too: other ranks' rows of them may come later.
         bound = np.array([piece.settled.get(run, NEVER) for run in registry.runs], dtype=np.int64)
         settled = bound[np.asarray(registry.run_of, dtype=np.int64)[sids]]
-        cols["pos"] = np.arange(rows[-1], dtype=np.int64)
-        cols["pos"] += np.repeat(start - rows[:-1], lengths)
         frame = Frame(
             cols, sids, rows, start, fresh, self.end[sids].copy(), self.ended[sids].copy(), settled, registry
         )

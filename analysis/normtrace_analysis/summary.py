@@ -156,10 +156,14 @@ def _moments(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> dict[
     count = sizes.astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         mean = np.add.reduceat(values, starts) / count
-        deviation = values - np.repeat(mean, sizes)
+        if (sizes == sizes[0]).all():  # groups of one size (whole epochs): the means broadcast
+            deviation = (values.reshape(len(sizes), -1) - mean[:, None]).reshape(-1)
+        else:
+            deviation = values - np.repeat(mean, sizes)
         np.multiply(deviation, deviation, out=deviation)
         std = np.sqrt(np.add.reduceat(deviation, starts) / (count - 1))
-    nonfinite = np.add.reduceat(~np.isfinite(values), starts, dtype=np.int64)
+    bad = np.flatnonzero(~np.isfinite(values))  # rare: counted where they are
+    nonfinite = np.bincount(np.searchsorted(starts, bad, "right") - 1, minlength=len(starts)).astype(np.int64)
     return {"count": count, "mean": mean, "std": std, "nonfinite": nonfinite}
 
 
