@@ -502,13 +502,13 @@ def _ordered_pieces(
                 unread = len(bounds) < len(queues)  # a rank with no epoch read yet
                 settled = NEVER if not queues else (np.iinfo(np.int64).min if unread else min(bounds))
                 percent = f"{table} {100 * done // max(total, 1)}%"
-                piece = taken
+                current = taken
                 reading = None
                 if queues:  # the next piece, planned from the epochs just read, read while this is numbered
                     taken, piece_bytes = _take(queues, top_epoch, chunk_rows, bytes_per_row)
                     reading = read(run, taken)
                 parts = []
-                for (rank, _), raw in zip(piece, raws, strict=True):
+                for (rank, _), raw in zip(current, raws, strict=True):
                     if raw.height == 0:
                         continue
                     cols = _number(raw, run, registry)
