@@ -801,3 +801,19 @@ def test_ranks_read_together_share_the_chunk(tmp_path: Path, chunk_rows: int, pi
     trace = na.load(tmp_path / "ddp")
     (counter,), _ = series.scan(trace, "outputs", None, lambda reg: [_NewRows(reg)], chunk_rows=chunk_rows)
     assert counter.counts == pieces
+
+
+@pytest.mark.parametrize("chunks", [[6, 4], [3, 3], [10], [2, 2, 6], [4, 1, 3]])
+@pytest.mark.parametrize("rows", [None, [1, 0]])
+def test_a_transposition_reads_each_chunk_in_place_whether_or_not_a_chunk_cuts_a_pass(chunks, rows) -> None:
+    """Rows of period 2 in chunks as files give them (a chunk of 3 cuts a pass): the same series-major
+    copy as numpy's transpose of the whole column, in the order ``rows`` asks."""
+    values = np.arange(float(sum(chunks)))
+    bounds = np.cumsum([0, *chunks])
+    column = pl.concat(
+        [pl.Series(values[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], rechunk=False
+    )
+    assert len(column.get_chunks()) == len(chunks)
+    order = None if rows is None else np.array(rows)
+    want = values.reshape(-1, 2).T[[0, 1] if rows is None else rows].ravel()
+    assert series._transpose(column, 2, order).tolist() == want.tolist()
