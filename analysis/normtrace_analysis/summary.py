@@ -82,9 +82,8 @@ class Summary:
         if len(np.unique(group)) == len(group) and not back.any():
             # One series per group, epochs in order: a group's rows are a run of its segment, in place.
             new = np.empty(len(values), dtype=bool)
-            new[0] = True
             np.not_equal(epochs[1:], epochs[:-1], out=new[1:])
-            new[seg_start[:-1]] = True
+            new[seg_start[:-1]] = True  # row 0 among them
             starts = np.flatnonzero(new)
             of = np.searchsorted(seg_start, starts, "right") - 1
             g = (group[of] << np.uint64(32)) + epochs[starts].astype(np.uint64)

@@ -149,3 +149,51 @@ def test_a_table_without_rows_gives_an_empty_summary_with_the_documented_columns
         **dict.fromkeys(["mean", "std", "min", "max", "p05", "p50", "p95"], pl.Float64),
         "nonfinite": pl.Int64,
     }
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ([0, 0, 0, 1, 0], [0, 0, 0]),  # the first series goes back at its last row
+        ([0, 0, 0], [0, 1, 0]),  # the second goes back right after its first step
+    ],
+)
+def test_an_epoch_met_again_is_one_group_wherever_the_counter_goes_back(
+    tmp_path: Path, a: list[int], b: list[int]
+) -> None:
+    """Restarted epoch counters are read as whole series, side by side in one frame; an epoch met again
+    is one group of all its rows, whether the counter goes back at the end of the first series or inside
+    the second (the check that lets a frame skip the sort must look at every row of every series)."""
+    rng = np.random.default_rng(len(a) + 10 * len(b))
+    values = {
+        "a": rng.lognormal(size=len(a)).astype(np.float32),
+        "b": rng.lognormal(size=len(b)).astype(np.float32),
+    }
+    outputs = {
+        "pass": np.concatenate([np.arange(len(a)), np.arange(len(b))]),
+        "epoch": np.array(a + b, dtype=np.int32),
+        "module": ["a"] * len(a) + ["b"] * len(b),
+        "norm": np.concatenate([values["a"], values["b"]]),
+    }
+    table = epoch_summary(na.load(write_trace(tmp_path / "r", outputs=outputs)))
+    want = []
+    for module, epochs in (("a", np.array(a)), ("b", np.array(b))):
+        for e in sorted(set(epochs.tolist())):
+            rows = values[module][epochs == e].astype(np.float64)
+            want.append((module, e, len(rows), pytest.approx(rows.mean(), rel=1e-12)))
+    assert table.select("module", "epoch", "count", "mean").rows() == want
+
+
+def test_groups_summarised_by_polars_keep_their_order_among_many(tmp_path: Path) -> None:
+    """A NaN sends a piece's order statistics to Polars (numpy sorts NaN elsewhere): with 300 epochs in
+    the piece its groups must still line up with their counts and means, epoch by epoch."""
+    rng = np.random.default_rng(8)
+    epochs = [rng.lognormal(size=4).astype(np.float32).tolist() for _ in range(300)]
+    epochs[7][2] = float("nan")
+    table = epoch_summary(na.load(write_trace(tmp_path / "r", outputs=_outputs(epochs))))
+    assert table["epoch"].to_list() == list(range(300))
+    finite = [k for k in range(300) if k != 7]
+    for q in (5, 50, 95):
+        expected = [np.percentile(np.asarray(epochs[k], dtype=np.float64), q) for k in finite]
+        assert table[f"p{q:02d}"].gather(finite).to_list() == pytest.approx(expected, rel=1e-12), q
+    assert table["max"].gather(finite).to_list() == pytest.approx([max(epochs[k]) for k in finite])
