@@ -24,8 +24,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
@@ -346,14 +347,16 @@ def _drive(pieces: Iterator[_Piece], registry: Registry, consumers: list[Consume
     consumers still need. At the end, end every series not ended yet (the reader ends a rank's series
     after its last shard; one whose rank column differs from its file name's ends here)."""
     assembly = _Assembly(registry)
-    for piece in _ahead(pieces):
-        assembly.feed(piece, consumers)
+    # closed at once when a consumer fails: its reading threads stop now, not when the traceback goes
+    with closing(_ahead(pieces)) as ahead:
+        for piece in ahead:
+            assembly.feed(piece, consumers)
     still = np.flatnonzero(~assembly.ended[: len(registry)])
     if still.size:
         assembly.feed(_Piece(_no_rows(), [int(s) for s in still], {}), consumers)
 
 
-def _ahead(pieces: Iterator[_Piece]) -> Iterator[_Piece]:
+def _ahead(pieces: Iterator[_Piece]) -> Generator[_Piece, None, None]:
     """The pieces, each read while the consumers work on the one before (reading, decompression and
     regrouping overlap the analysis on a second core; one piece more is held)."""
     box: queue.Queue[_Piece | BaseException | None] = queue.Queue(maxsize=1)  # None: the last piece was read

@@ -8,6 +8,7 @@ analysis against itself read in pieces so small that each series is cut dozens o
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import normtrace_analysis as na
@@ -169,6 +170,32 @@ def test_frames_stay_within_the_piece_size_plus_the_tails(runs) -> None:
     assert largest.rows <= 2 * shard + 300 + n_series * tail
     total = trace.outputs.select(pl.len()).collect().item()
     assert largest.rows < total / 2  # and far from the whole table
+
+
+class _Failing:
+    """A consumer that fails on the second frame it is fed."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def feed(self, frame: series.Frame) -> np.ndarray:
+        self.frames += 1
+        if self.frames == 2:
+            raise RuntimeError("consumer failed")
+        return frame.end.copy()
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_failing_consumer_stops_the_reading_threads_at_once(runs) -> None:
+    """The read-ahead thread and Polars' reading thread end when a consumer raises, while the error's
+    traceback (which keeps the scan's frames alive) is still held, not when it is collected."""
+    trace = na.load(runs["two ranks"])
+    with pytest.raises(RuntimeError, match="consumer failed") as failed:
+        series.scan(trace, "outputs", None, lambda reg: [_Failing()], chunk_rows=300)
+    assert failed.tb is not None  # held
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("normtrace-read")]
 
 
 def test_rows_out_of_pass_order_are_read_as_whole_series(runs, monkeypatch) -> None:
