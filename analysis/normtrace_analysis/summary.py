@@ -153,7 +153,7 @@ def _moments(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> dict[
     rows (``starts``, ``sizes``): numpy sums over each group's own rows, so that a group's figures do not
     depend on where it lies in the piece or what else the piece holds."""
     count = sizes.astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    with np.errstate(invalid="ignore"):  # inf - inf, and 0 / 0 for one row: NaN, as numpy gives
         mean = np.add.reduceat(values, starts) / count
         if (sizes == sizes[0]).all():  # groups of one size (whole epochs): the means broadcast
             deviation = (values.reshape(len(sizes), -1) - mean[:, None]).reshape(-1)

@@ -31,6 +31,7 @@ def test_the_default_table_is_outputs(tmp_path: Path) -> None:
     }
     table = epoch_summary(na.load(write_trace(tmp_path / "r", outputs=outputs, params=params)))
     assert table["split"].to_list() == ["train"] * 3  # an outputs column: not the params table
+    assert table.schema["count"] == pl.Int64 and table.schema["nonfinite"] == pl.Int64
     recorded = values.astype(np.float32).astype(np.float64).reshape(3, 10)
     assert table["mean"].to_list() == pytest.approx(recorded.mean(axis=1).tolist(), rel=1e-6)
     assert table["std"].to_list() == pytest.approx(recorded.std(axis=1, ddof=1).tolist(), rel=1e-6)
