@@ -362,20 +362,25 @@ def _ahead(pieces: Iterator[_Piece]) -> Generator[_Piece, None, None]:
     box: queue.Queue[_Piece | BaseException | None] = queue.Queue(maxsize=1)  # None: the last piece was read
     stop = threading.Event()
 
+    def offer(item: _Piece | BaseException | None) -> bool:
+        """Put ``item`` in the box once there is room; False if the consumer stopped first (it takes
+        nothing more: a put that waited for it would wait for ever, and the consumer's join with it)."""
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def read() -> None:
         try:
             for piece in pieces:
-                while not stop.is_set():
-                    try:
-                        box.put(piece, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(piece):
                     return
-            box.put(None)
+            offer(None)
         except BaseException as exc:  # handed to the consumer's thread, raised there
-            box.put(exc)
+            offer(exc)
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:  # a generator left early: let it end (and its reading thread) here

@@ -9,6 +9,7 @@ analysis against itself read in pieces so small that each series is cut dozens o
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import normtrace_analysis as na
@@ -173,14 +174,17 @@ def test_frames_stay_within_the_piece_size_plus_the_tails(runs) -> None:
 
 
 class _Failing:
-    """A consumer that fails on the second frame it is fed."""
+    """A consumer that fails on the ``at``-th frame it is fed (never if None), counting frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, at: int | None = 2, wait: float = 0.0) -> None:
+        self.at = at
+        self.wait = wait  # seconds before failing: the read-ahead thread gets ahead meanwhile
         self.frames = 0
 
     def feed(self, frame: series.Frame) -> np.ndarray:
         self.frames += 1
-        if self.frames == 2:
+        if self.frames == self.at:
+            time.sleep(self.wait)
             raise RuntimeError("consumer failed")
         return frame.end.copy()
 
@@ -196,6 +200,36 @@ def test_a_failing_consumer_stops_the_reading_threads_at_once(runs) -> None:
         series.scan(trace, "outputs", None, lambda reg: [_Failing()], chunk_rows=300)
     assert failed.tb is not None  # held
     assert not [t.name for t in threading.enumerate() if t.name.startswith("normtrace-read")]
+
+
+@pytest.mark.parametrize("from_last", [1, 2, 3])
+def test_a_consumer_failing_near_the_end_does_not_hang_the_scan(runs, from_last: int) -> None:
+    """A consumer that raises while the read-ahead thread has read everything (the last piece waiting in
+    the box, the end-of-pieces mark or an error behind it): the scan raises, within seconds, instead of
+    joining a reader that waits for room in the box for ever (as a Ctrl-C during an analysis would)."""
+    trace = na.load(runs["two ranks"])
+    counter = _Failing(None)
+    series.scan(trace, "outputs", None, lambda reg: [counter], chunk_rows=300)
+    assert counter.frames > 3
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            series.scan(
+                trace,
+                "outputs",
+                None,
+                lambda reg: [_Failing(counter.frames - from_last, wait=0.5)],
+                chunk_rows=300,
+            )
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the scan hung after its consumer failed"
+    assert [str(e) for e in outcome] == ["consumer failed"]
 
 
 def test_rows_out_of_pass_order_are_read_as_whole_series(runs, monkeypatch) -> None:
