@@ -817,3 +817,13 @@ def test_a_transposition_reads_each_chunk_in_place_whether_or_not_a_chunk_cuts_a
     order = None if rows is None else np.array(rows)
     want = values.reshape(-1, 2).T[[0, 1] if rows is None else rows].ravel()
     assert series._transpose(column, 2, order).tolist() == want.tolist()
+
+
+def test_a_transposition_of_many_modules_copies_every_band_of_passes() -> None:
+    """2,048 modules make a band 16 passes long: 40 passes in chunks of 36 and 4 are three bands and
+    one, the last of each short, each copied into place."""
+    period, passes = 2048, 40
+    values = np.random.default_rng(4).standard_normal(period * passes)
+    column = pl.concat([pl.Series(values[: 36 * period]), pl.Series(values[36 * period :])], rechunk=False)
+    assert len(column.get_chunks()) == 2
+    assert np.array_equal(series._transpose(column, period, None), values.reshape(passes, period).T.ravel())
