@@ -827,3 +827,19 @@ def test_a_transposition_of_many_modules_copies_every_band_of_passes() -> None:
     column = pl.concat([pl.Series(values[: 36 * period]), pl.Series(values[36 * period :])], rechunk=False)
     assert len(column.get_chunks()) == 2
     assert np.array_equal(series._transpose(column, period, None), values.reshape(passes, period).T.ravel())
+
+
+def test_a_frame_numbers_positions_when_first_asked_and_names_a_missing_column() -> None:
+    """``pos`` (each row's index within its series: the segment's start pos, then one more per row) is
+    computed on first access when the frame was built without it; any other missing column is a
+    KeyError naming that column."""
+    whole = _frame([(3, [0, 0, 1], 9), (0, [2], 9), (10, [4, 4], 9)])
+    cols = {k: v for k, v in whole.cols.items() if k != "pos"}
+    frame = series.Frame(
+        cols, whole.sids, whole.rows, whole.start, whole.start, whole.end, whole.ended, whole.settled, None
+    )
+    assert "pos" not in frame.cols
+    assert frame.cols["pos"].tolist() == [3, 4, 5, 0, 10, 11]
+    assert frame.cols["pos"] is frame.cols["pos"]  # numbered once
+    with pytest.raises(KeyError, match="'norm'"):
+        frame.cols["norm"]
