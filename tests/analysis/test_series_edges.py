@@ -843,3 +843,19 @@ def test_a_frame_numbers_positions_when_first_asked_and_names_a_missing_column()
     assert frame.cols["pos"] is frame.cols["pos"]  # numbered once
     with pytest.raises(KeyError, match="'norm'"):
         frame.cols["norm"]
+
+
+def test_an_epoch_starting_on_a_series_second_row_in_the_next_piece_is_counted(tmp_path: Path) -> None:
+    """A series whose first piece holds only its first row (epoch 0) and whose next piece starts with
+    epoch 1: the scan keeps nothing between them, and epoch 1's start (pass 1) is found against the
+    epoch read before, not lost at the piece boundary."""
+    outputs = {
+        "pass": [0, 1, 2],
+        "epoch": np.array([0, 1, 1], dtype=np.int32),
+        "module": ["m"] * 3,
+        "norm": np.ones(3, np.float32),
+    }
+    trace = na.load(write_trace(tmp_path / "r", outputs=outputs, shards=3))
+    info = series.series_info(trace, "outputs", None)
+    assert info.keys["epochs"].to_list() == [2]
+    assert info.epoch_starts.select("epoch", "first").rows() == [(1, 1)]  # changes of epoch only
