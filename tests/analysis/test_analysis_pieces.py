@@ -232,6 +232,39 @@ def test_a_consumer_failing_near_the_end_does_not_hang_the_scan(runs, from_last:
     assert [str(e) for e in outcome] == ["consumer failed"]
 
 
+def test_a_slow_consumer_gets_every_piece_and_a_failed_one_stops_the_reading(runs, monkeypatch) -> None:
+    """The read-ahead thread waits while its box is full (a slow consumer gets every frame, and the scan
+    ends), and stops reading once the consumer has failed (it does not read the rest of the run)."""
+    trace = na.load(runs["two ranks"])
+    counter = _Failing(None)
+    series.scan(trace, "outputs", None, lambda reg: [counter], chunk_rows=300)
+    frames = counter.frames
+    assert frames > 5
+
+    class Slow(_Failing):
+        def feed(self, frame: series.Frame) -> np.ndarray:
+            time.sleep(0.2)  # the reader finds the box full
+            return super().feed(frame)
+
+    slow = Slow(None)
+    worker = threading.Thread(
+        target=lambda: series.scan(trace, "outputs", None, lambda reg: [slow], chunk_rows=300)
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and slow.frames == frames
+
+    numbered = []
+    number = series._number
+    monkeypatch.setattr(series, "_number", lambda *a: numbered.append(1) or number(*a))
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        series.scan(trace, "outputs", None, lambda reg: [Slow(2)], chunk_rows=300)
+    numbered_when_failing = len(numbered)  # parts numbered (one per rank and piece) before it stopped
+    numbered.clear()
+    series.scan(trace, "outputs", None, lambda reg: [_Failing(None)], chunk_rows=300)
+    assert numbered_when_failing < len(numbered) / 2, (numbered_when_failing, len(numbered))
+
+
 def test_rows_out_of_pass_order_are_read_as_whole_series(runs, monkeypatch) -> None:
     calls = []
     whole_series = series._whole_series
