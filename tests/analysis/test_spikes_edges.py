@@ -322,7 +322,9 @@ def test_baselines_are_the_medians_of_full_centred_windows_whatever_the_window_p
     n, half = len(x), window // 2
     before = window - 1 - half  # points before p in p's window
     one = np.array([0])
-    got = spikes_module._centred_median(x, np.array([0, n]), one, one, np.array([n]), np.array([np.nan]), window)
+    got = spikes_module._centred_median(
+        x, np.array([0, n]), one, one, np.array([n]), np.array([np.nan]), window
+    )
     windows = np.sort(np.lib.stride_tricks.sliding_window_view(x, window), axis=1)  # row i: p = i + before
     lo, hi = windows[:, (window - 1) // 2], windows[:, window // 2]
     want = lo + (hi - lo) / 2
