@@ -193,8 +193,8 @@ class _Failing:
 
 
 def test_a_failing_consumer_stops_the_reading_threads_at_once(runs) -> None:
-    """The read-ahead thread and Polars' reading thread end when a consumer raises, while the error's
-    traceback (which keeps the scan's frames alive) is still held, not when it is collected."""
+    """The read-ahead thread and Polars' reading thread have ended by the time a consumer's error reaches
+    the caller (the error and its traceback still held): neither waits to be collected."""
     trace = na.load(runs["two ranks"])
     with pytest.raises(RuntimeError, match="consumer failed") as failed:
         series.scan(trace, "outputs", None, lambda reg: [_Failing()], chunk_rows=300)
@@ -248,7 +248,7 @@ def test_a_slow_consumer_gets_every_piece_and_a_failed_one_stops_the_reading(run
 
     slow = Slow(None)
     worker = threading.Thread(
-        target=lambda: series.scan(trace, "outputs", None, lambda reg: [slow], chunk_rows=300)
+        target=lambda: series.scan(trace, "outputs", None, lambda reg: [slow], chunk_rows=300), daemon=True
     )
     worker.start()
     worker.join(timeout=60)
