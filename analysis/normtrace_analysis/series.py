@@ -628,10 +628,10 @@ def _transpose(column: pl.Series, period: int, rows: np.ndarray | None) -> np.nd
 
 def _check_order(
     cols: dict[str, np.ndarray], last_pass: np.ndarray, last_epoch: np.ndarray, top: int | None
-) -> int:
+) -> None:
     """Raise :class:`_Unordered` unless each series' passes and epochs go on from where they stopped and
-    never decrease, and no row of the rank has an epoch below one read earlier; update the last pass and
-    epoch per sid; return the rank's largest epoch so far."""
+    never decrease, and no row of the rank has an epoch below ``top`` (the largest read earlier); update
+    the last pass and epoch per sid."""
     sid, passes, epochs = cols["sid"], cols["pass"], cols["epoch"]
     if top is not None and int(epochs.min()) < top:
         raise _Unordered
@@ -645,8 +645,6 @@ def _check_order(
         raise _Unordered
     last_pass[s] = passes[last]
     last_epoch[s] = epochs[last]
-    high = int(epochs.max())
-    return high if top is None else max(top, high)
 
 
 def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
