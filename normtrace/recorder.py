@@ -198,7 +198,9 @@ class Recorder:
     wait for the writer, flushes wait for it (see ``ShardWriter.wait_for_room``). When the run is
     closed (``close()``, the end of its ``with`` block), each table's shards are merged into files of about
     a million rows (``schema.compact``; ``compact=False``: not), which costs one more read and write of
-    the trace; a run that ends any other way keeps its shards, and ``normtrace compact RUN`` merges them.
+    the trace. The writer merges as the run goes on, each time a table has another million rows, so
+    ``close()`` merges only the last of them; a run that ends any other way keeps the shards it wrote
+    since, and ``normtrace compact RUN`` merges them.
     ``config`` (a mapping of JSON values: learning rate, seed, ...) is stored in meta.json, where the
     analysis groups runs by it.
     """
@@ -282,7 +284,13 @@ class Recorder:
             write_json_atomic(self.run_dir / schema.meta_name(self.rank), self._meta)
         except OSError as exc:
             raise RunDirError(f"cannot write the run metadata in {self.run_dir}: {exc}") from exc
-        self._writer = ShardWriter(self.run_dir, self.rank, compression, self.max_queued_rows)
+        self._writer = ShardWriter(
+            self.run_dir,
+            self.rank,
+            compression,
+            self.max_queued_rows,
+            merge_rows=schema.COMPACT_ROWS if self.compact else None,
+        )
         self._run = _Run(self._key, self._buffer, self._writer, self._meta, lock)
         self._run.compact = self.compact
         # the lenses' handle: it refers to the run, never to this recorder (hooks kept alive by the model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -224,54 +224,85 @@ def compact(
     *,
     max_rows: int = COMPACT_ROWS,
     compression: Compression = COMPACT_COMPRESSION,
+    last: bool = True,
+    delete: bool = True,
 ) -> list[Path]:
     """Merge one rank's consecutive shards in a table ``folder`` into files of at most ``max_rows`` rows
     (a shard larger than that stays as it is); return the merged files written.
 
     Each merged file is written under a temporary name and renamed into place, then the shards it holds
-    are deleted: a reader at any moment, or after a kill at any moment, reads every row once
-    (``live_shards``). Rows, their order and the schema are unchanged; shards whose schemas differ are
-    left as they are.
+    are deleted (``delete=False``: left for ``drop_covered``, which a writer calls once readers that
+    listed them have had time to read them): a reader at any moment, or after a kill at any moment, reads
+    every row once (``live_shards``). ``last=False`` leaves the last group alone, as a writer still adding
+    shards to it does. Rows, their order and the schema are unchanged; shards whose schemas differ are
+    left as they are. Only the shards of groups being merged are read; the others' rows are counted from
+    their files' metadata.
     """
     folder = Path(folder)
     live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
     spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
     options = ipc.IpcWriteOptions(compression=compression)
+    groups = _consecutive(folder, spans, max_rows)
     written = []
-    for group in _consecutive(folder, spans, max_rows):
-        if len(group) > 1 and (final := _merge(folder, rank, group, spans, options)) is not None:
+    for group in groups if last else groups[:-1]:
+        if len(group) > 1 and (final := _merge(folder, rank, group, spans, options, delete)) is not None:
             written.append(final)
     return written
 
 
-def _consecutive(folder: Path, names: Iterable[str], max_rows: int) -> Iterator[list[tuple[str, pa.Table]]]:
-    """The shards ``names`` read in order (each file opened once), in runs of at most ``max_rows`` rows
-    (a shard larger than that alone)."""
-    group: list[tuple[str, pa.Table]] = []
+def drop_covered(folder: str | Path, rank: int) -> int:
+    """Delete one rank's shards in a table ``folder`` whose rows a merged file holds (what ``compact(...,
+    delete=False)`` left); returns how many. Readers already leave them out (``live_shards``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    names = [p.name for p in folder.iterdir()]
+    live, conflicting = live_shards(names)
+    keep = set(live) | set(conflicting)
+    dropped = 0
+    for name in names:
+        span = shard_span(name)
+        if span is not None and span[0] == rank and name not in keep:
+            (folder / name).unlink(missing_ok=True)
+            dropped += 1
+    return dropped
+
+
+def _rows(path: Path) -> int:
+    """Rows in an IPC file, from its record batches' metadata (no data read or decompressed)."""
+    with pa.memory_map(str(path)) as source:
+        reader = ipc.open_file(source)
+        count = getattr(reader, "count_rows", None)  # pyarrow since mid-2026; older ones read the data
+        return int(count()) if count is not None else reader.read_all().num_rows
+
+
+def _consecutive(folder: Path, names: Iterable[str], max_rows: int) -> list[list[str]]:
+    """The shards ``names`` in order, in runs of at most ``max_rows`` rows (a shard larger than that alone)."""
+    groups: list[list[str]] = []
     rows = 0
     for name in names:
-        table = ipc.open_file(pa.memory_map(str(folder / name))).read_all()
-        if group and rows + table.num_rows > max_rows:
-            yield group
-            group, rows = [], 0
-        group.append((name, table))
-        rows += table.num_rows
-    if group:
-        yield group
+        count = _rows(folder / name)
+        if not groups or rows + count > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(name)
+        rows += count
+    return groups
 
 
 def _merge(
     folder: Path,
     rank: int,
-    group: list[tuple[str, pa.Table]],
+    names: list[str],
     spans: dict[str, tuple[int, int, int]],
     options: Any,
+    delete: bool,
 ) -> Path | None:
-    """Write ``group``'s shards (read: each file is opened once) as one merged file, then delete them;
-    None when their schemas differ (they stay as they are)."""
-    names = [n for n, _ in group]
+    """Write the shards ``names`` as one merged file, then delete them (when ``delete``); None when their
+    schemas differ (they stay as they are)."""
+    tables = [ipc.open_file(pa.memory_map(str(folder / n))).read_all() for n in names]
     try:
-        data = pa.concat_tables([t for _, t in group]).unify_dictionaries()
+        data = pa.concat_tables(tables).unify_dictionaries()
     except pa.ArrowInvalid:
         return None  # shards of different schemas (extra columns written by hand): left as they are
     final = folder / merged_name(rank, spans[names[0]][1], spans[names[-1]][2])
@@ -282,8 +313,9 @@ def _merge(
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    for n in names:
-        (folder / n).unlink()
+    if delete:
+        for n in names:
+            (folder / n).unlink()
     return final
 
 

@@ -38,6 +38,10 @@ log = logging.getLogger("normtrace")
 PROGRESS_SECS = 5.0
 """While ``join`` waits for a backlog, it logs how many rows are left this often."""
 
+MERGE_GRACE_SECS = 60.0
+"""Shards merged while the run goes on are deleted this long after the merge (or at close), so a reader
+that listed them just before can still read them."""
+
 _STOP, _RECORDS, _META, _SYNC = "stop", "records", "meta", "sync"
 
 INF_NORM = (
@@ -63,10 +67,16 @@ class ShardWriter:
         rank: int,
         compression: schema.Compression,
         max_queued_rows: int,
+        merge_rows: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.rank = rank
         self.max_queued_rows = max_queued_rows
+        self.merge_rows = merge_rows
+        """Merge a table's shards while the run goes on once this many rows of them are unmerged (None:
+        only at close, if asked)."""
+        self._unmerged = dict.fromkeys(schema.TABLES, 0)  # rows written since the table's last merge
+        self._merged_at: dict[str, float] = {}  # tables whose merged shards wait for deletion: last merge
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
         self._seq = dict.fromkeys(schema.TABLES, 0)
         self._pending: list[tuple[str, pa.Table, int]] = []  # converted, not yet written (after a failure)
@@ -191,6 +201,7 @@ class ShardWriter:
                     self._retry_pending()
                 else:
                     self._write_meta(payload)
+                self._drop_merged(time.monotonic() - MERGE_GRACE_SECS)
             except Exception as exc:  # a bug must not kill the thread silently
                 self._fail(self.run_dir, exc)
 
@@ -202,6 +213,7 @@ class ShardWriter:
             self._retry_pending()
             if compact and not self._pending and self._error is None:
                 self._compact()
+            self._drop_merged(float("inf"))
         except Exception as exc:
             self._fail(self.run_dir, exc)
         finally:
@@ -229,6 +241,7 @@ class ShardWriter:
                 pass  # back every later shard, so it is dropped; _write_shard kept the error to raise
             self._pending.pop(0)
             self._written(rows)
+            self._merge_as_we_go(table, rows)
 
     def _write_shard(self, table: str, data: pa.Table) -> None:
         folder = schema.shard_dir(self.run_dir, table)
@@ -249,13 +262,45 @@ class ShardWriter:
             raise
         self._seq[table] += 1
 
+    def _merge_as_we_go(self, table: str, rows: int) -> None:
+        """Merge ``table``'s shards but the last group once ``merge_rows`` rows were written since the last
+        merge, so that a long run's close() merges only its tail and a killed run is mostly merged. The
+        shards merged stay until ``_drop_merged`` (readers skip them). A failure is logged, not raised:
+        nothing is lost, and training must not stop for a merge."""
+        if self.merge_rows is None:
+            return
+        self._unmerged[table] += rows
+        if self._unmerged[table] < self.merge_rows:
+            return
+        self._unmerged[table] = 0
+        folder = schema.shard_dir(self.run_dir, table)
+        try:
+            if schema.compact(folder, self.rank, max_rows=self.merge_rows, last=False, delete=False):
+                self._merged_at[table] = time.monotonic()
+        except (
+            Exception
+        ) as exc:  # a full disk, or a bug: every row is still in its shard; close() tries again
+            log.warning("normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc)
+
+    def _drop_merged(self, before: float) -> None:
+        """Delete the shards merged as the run went on, of each table last merged before ``before``
+        (monotonic seconds). A failure is logged: the shards are only left behind, readers skip them."""
+        for table, merged in list(self._merged_at.items()):
+            if merged < before:
+                del self._merged_at[table]
+                folder = schema.shard_dir(self.run_dir, table)
+                try:
+                    schema.drop_covered(folder, self.rank)
+                except OSError as exc:
+                    log.warning("normtrace: could not delete merged shards of %s: %s", folder, exc)
+
     def _compact(self) -> None:
         """Merge this rank's shards of every table (``schema.compact``). A failure loses nothing (every
         row stays in its shard) and is logged, not raised."""
         for table in schema.TABLES:
             folder = schema.shard_dir(self.run_dir, table)
             try:
-                schema.compact(folder, self.rank)
+                schema.compact(folder, self.rank, max_rows=self.merge_rows or schema.COMPACT_ROWS)
             except OSError as exc:
                 log.warning(
                     "normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc

@@ -239,3 +239,139 @@ def test_compact_merges_only_the_given_ranks_shards(tmp_path: Path) -> None:
     assert files(tmp_path, "events") == sorted(
         [schema.merged_name(0, 1, 2), schema.shard_name(1, 1), schema.shard_name(1, 2)]
     )
+
+
+def shard_spans(run: Path, table: str) -> list[tuple[int, int, int] | None]:
+    return [schema.shard_span(n) for n in files(run, table)]
+
+
+def test_the_writer_merges_as_the_run_goes_and_close_merges_only_the_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With merges every 24 output rows (3 shards of 2 modules x 4 passes), the 14 shards flushed before
+    close() are merged as they come, each group once the next is full (1-3, 4-6, 7-9), the rest left to
+    grow; the merged shards stay on disk during the grace period (readers skip them), and close() merges
+    the tail: the same files and rows as merging everything at close."""
+    from normtrace import writer
+
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    monkeypatch.setattr(writer, "MERGE_GRACE_SECS", 3600.0)
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    record(plain, compact=False)
+    rec = record(run, close=False)
+    rec._writer.wait()
+    merged = [schema.merged_name(0, a, a + 2) for a in (1, 4, 7)]
+    assert files(run, "outputs") == sorted(merged + [schema.shard_name(0, s) for s in range(1, 15)])
+    assert schema.live_shards(files(run, "outputs"))[0] == merged + [
+        schema.shard_name(0, s) for s in range(10, 15)
+    ]
+    for table in schema.TABLES:  # read mid-run: every row once, in order (the 15th shard comes at close)
+        if files(plain, table):
+            got = without_time(rows(run, table))
+            assert got.equals(without_time(rows(plain, table)).slice(0, got.num_rows)), table
+    rec.close()
+    schema.compact(plain / "outputs", 0, max_rows=24)
+    assert (
+        files(run, "outputs")
+        == files(plain, "outputs")
+        == [schema.merged_name(0, a, a + 2) for a in range(1, 16, 3)]
+    )
+    for table in schema.TABLES:
+        if files(plain, table):
+            assert without_time(rows(run, table)).equals(without_time(rows(plain, table))), table
+
+
+def test_shards_merged_as_the_run_goes_are_deleted_after_the_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from normtrace import writer
+
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    monkeypatch.setattr(writer, "MERGE_GRACE_SECS", 0.0)
+    run = tmp_path / "run"
+    rec = record(run, close=False)
+    try:
+        rec.flush()  # one more job, after the last merge: the writer deletes what it merged
+        rec._writer.wait()
+        assert shard_spans(run, "outputs")[:3] == [(0, 1, 3), (0, 4, 6), (0, 7, 9)]
+        assert files(run, "outputs") == schema.live_shards(files(run, "outputs"))[0]
+    finally:
+        rec.close()
+
+
+def test_no_merging_as_the_run_goes_with_compact_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    record(tmp_path / "run", compact=False)
+    assert files(tmp_path / "run", "outputs") == [schema.shard_name(0, s) for s in range(1, 16)]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("merge bug")])
+def test_a_merge_failing_as_the_run_goes_is_logged_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """A full disk or a bug in a merge while the run goes on is logged, never raised into training; every
+    row stays in its shard and close() merges them."""
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    real = schema.compact
+
+    def full(folder: Path, rank: int, **kwargs: object) -> list[Path]:
+        if kwargs.get("last") is False:
+            raise error
+        return real(folder, rank, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(schema, "compact", full)
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    record(plain, compact=False)
+    with caplog.at_level("WARNING", logger="normtrace"):
+        record(run)  # close() would raise a WriterError had the writer kept the error
+    assert f"could not merge the shards of {run / 'outputs'} (they stay as written): {error}" in caplog.text
+    assert without_time(rows(run, "outputs")).equals(without_time(rows(plain, "outputs")))
+    assert shard_spans(run, "outputs") == [(0, a, a + 2) for a in range(1, 16, 3)]  # close() merged them
+
+
+def test_compact_counts_rows_without_count_rows_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a pyarrow whose file reader lacks ``count_rows``, groups are the same (rows read instead)."""
+    run = tmp_path / "run"
+    record(run, compact=False)
+    before = rows(run, "outputs")
+    per_shard = before.num_rows // (PASSES // FLUSH)
+
+    class OldReader:
+        def __init__(self, source: object) -> None:
+            self._reader = ipc.RecordBatchFileReader(source)
+
+        def read_all(self) -> pa.Table:
+            return self._reader.read_all()
+
+    monkeypatch.setattr(schema.ipc, "open_file", OldReader)
+    written = schema.compact(run / "outputs", 0, max_rows=3 * per_shard)
+    assert [schema.shard_span(p.name) for p in written] == [(0, 1 + 3 * k, 3 + 3 * k) for k in range(5)]
+    monkeypatch.undo()
+    assert rows(run, "outputs").equals(before)
+
+
+def test_normtrace_compact_deletes_shards_a_killed_writer_merged_but_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A writer killed within the grace period leaves shards beside the merged file holding them: readers
+    read each row once, and ``normtrace compact`` merges the rest and deletes them."""
+    from normtrace import writer
+
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    monkeypatch.setattr(writer, "MERGE_GRACE_SECS", 3600.0)
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    record(plain, compact=False)
+    rec = record(run, close=False)
+    rec._writer.wait()
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)  # the run as a SIGKILL would leave it now
+    rec.close()
+    (killed / schema.lock_name(0)).unlink(missing_ok=True)
+    assert len(files(killed, "outputs")) == 3 + 14
+    expected = without_time(rows(plain, "outputs")).slice(0, 14 * 8)
+    assert without_time(rows(killed, "outputs")).equals(expected)
+    assert cli(["compact", "--max-rows", "24", str(killed)]) == 0
+    assert shard_spans(killed, "outputs") == [(0, 1, 3), (0, 4, 6), (0, 7, 9), (0, 10, 12), (0, 13, 14)]
+    assert without_time(rows(killed, "outputs")).equals(expected)

@@ -25,7 +25,7 @@ from .errors import TraceError
 from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
-from .schema import COMPACT_ROWS, SHARD_SUFFIX, TABLES, compact, lock_name, shard_span
+from .schema import COMPACT_ROWS, SHARD_SUFFIX, TABLES, compact, drop_covered, lock_name, shard_span
 from .storage import is_url
 from .trace import Trace, load
 
@@ -303,6 +303,7 @@ def _compact(args: argparse.Namespace) -> int:
             for rank in sorted({span[0] for p in shards if (span := shard_span(p.name))}):
                 with _writer_lock(path, rank):
                     files += len(compact(folder, rank, max_rows=args.max_rows))
+                    drop_covered(folder, rank)  # what a killed writer merged but had not deleted yet
             after += len(list(folder.glob(f"rank*{SHARD_SUFFIX}"))) if folder.is_dir() else 0
         print(f"{run}: {before} shard files -> {after} ({files} merged file(s) written)")
     return 0

@@ -36,6 +36,9 @@ live_shards = _format.live_shards
 compact = _format.compact
 """Merge one rank's shards of a table folder (``normtrace compact``)."""
 
+drop_covered = _format.drop_covered
+"""Delete one rank's shards that merged files hold (a killed run's writer may have left them)."""
+
 COMPACT_ROWS: int = _format.COMPACT_ROWS
 """Rows per merged file at most, by default."""
 
