@@ -320,20 +320,30 @@ class Trace:
             if damaged is None:
                 raise
             path, why = damaged
+            if why is None:
+                raise CorruptShardError(
+                    f"shard {path} is gone since the trace was loaded: a run being written merges its shards "
+                    "as it goes (and deletes them a minute later), or the file was deleted; load the trace "
+                    "again",
+                    path,
+                ) from exc
             raise CorruptShardError(
                 f"corrupt shard {path}: {why}; load with on_error='skip' (CLI: --skip-corrupt) to leave "
                 "it out",
                 path,
             ) from exc
 
-    def _damaged_shard(self) -> tuple[RunPath, str] | None:
-        """The first shard of any loaded table whose rows cannot be read, and why (None if all read)."""
+    def _damaged_shard(self) -> tuple[RunPath, str | None] | None:
+        """The first shard of any loaded table whose rows cannot be read, and why (None: the file is gone;
+        None instead of the pair if all read)."""
         for run in self._runs:
             for table in TABLES:
                 for path, _ in run.shards[table]:
                     try:
                         _validate_shard(path, table, body=True)
                     except CorruptShardError as exc:
+                        if isinstance(exc.__cause__, FileNotFoundError):  # gone, not damaged
+                            return path, None
                         return path, str(exc.__cause__ or exc)
         return None
 

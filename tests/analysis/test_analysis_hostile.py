@@ -119,6 +119,20 @@ def test_a_damaged_shard_body_is_named_when_first_read(damaged_run: tuple[Path, 
         assert err.value.path == shard
 
 
+def test_a_shard_gone_since_loading_is_named_and_told_apart_from_a_damaged_one(tmp_path: Path) -> None:
+    """A live run's writer merges its shards and deletes them a minute later: a trace loaded before that
+    and read after names the shard as gone and says to load again (not "corrupt ... skip it")."""
+    run = write_trace(tmp_path / "r", outputs=_outputs(7.0), shards=3)
+    trace = na.load(run)
+    shard = run / "outputs" / "rank0-000002.arrow"
+    shard.unlink()
+    with pytest.raises(na.CorruptShardError, match="is gone since the trace was loaded") as err:
+        trace.epoch_summary("outputs")
+    assert err.value.path == shard and "load the trace again" in str(err.value)
+    assert "corrupt" not in str(err.value)
+    assert na.load(run).outputs.collect()["norm"].to_list() == [7.0] * (40 - 40 // 3)  # what is left reads
+
+
 def test_a_damaged_shard_is_named_with_the_readers_own_reason(damaged_run: tuple[Path, Path]) -> None:
     run, shard = damaged_run
     with pytest.raises((OSError, pa.ArrowException)) as direct:  # what pyarrow itself says of the shard
