@@ -332,25 +332,44 @@ def signals_table(records: list[SignalRecord], rank: int) -> pa.Table:
     the lists look ten times slower)."""
     counts = np.fromiter((len(r[4]) for r in records), np.int64, len(records))
     codes: dict[str | None, int] = {}  # every distinct string (or None) of the three columns
-    coded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by id(kinds), id(keys)
-    parts = []
+    distinct: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # the code columns of each distinct pair
+    coded: dict[tuple[int, int], int] = {}  # index in ``distinct`` by id(kinds), id(keys)
+    by_value: dict[tuple[Any, Any], int] = {}  # the same by contents, for keys built anew at every call
+    which = []
     for r in records:
         pair = (id(r[3]), id(r[4]))  # (the records hold both objects: no id is reused meanwhile)
-        columns = coded.get(pair)
-        if columns is None:
+        d = coded.get(pair)
+        if d is None:
             if len(r[3]) != len(r[4]):
                 raise ValueError(f"a signals record has {len(r[3])} kinds and {len(r[4])} keys")
-            columns = coded[pair] = (
-                np.fromiter((codes.setdefault(k, len(codes)) for k in r[3]), np.int32, len(r[3])),
-                np.fromiter((codes.setdefault(m, len(codes)) for m, _ in r[4]), np.int32, len(r[4])),
-                np.fromiter((codes.setdefault(p, len(codes)) for _, p in r[4]), np.int32, len(r[4])),
-            )
-        parts.append(columns)
+            try:
+                content: tuple[Any, Any] | None = (tuple(r[3]), tuple(r[4]))
+                d = by_value.get(content)  # type: ignore[arg-type]
+            except TypeError:  # unhashable keys (lists): coded as they come
+                content = None
+            if d is None:
+                d = len(distinct)
+                distinct.append(
+                    (
+                        np.fromiter((codes.setdefault(k, len(codes)) for k in r[3]), np.int32, len(r[3])),
+                        np.fromiter((codes.setdefault(m, len(codes)) for m, _ in r[4]), np.int32, len(r[4])),
+                        np.fromiter((codes.setdefault(p, len(codes)) for _, p in r[4]), np.int32, len(r[4])),
+                    )
+                )
+                if content is not None:
+                    by_value[content] = d
+            coded[pair] = d
+        which.append(d)
     strings = pa.array(list(codes), pa.string())
     total = int(counts.sum())
+    # each row's place in the distinct pairs' columns laid end to end: one gather, no per-record concatenation
+    sizes = np.fromiter((len(c[0]) for c in distinct), np.int64, len(distinct))
+    w = np.asarray(which, np.int64)
+    firsts = np.cumsum(counts) - counts
+    rows = np.repeat((np.cumsum(sizes) - sizes)[w] - firsts, counts) + np.arange(total)
     text = [
-        strings.take(pa.array(np.concatenate([p[c] for p in parts]) if parts else [], pa.int32()))
-        for c in range(3)
+        strings.take(pa.array(np.concatenate([c[k] for c in distinct])[rows] if distinct else [], pa.int32()))
+        for k in range(3)
     ]
     return pa.table(
         {
@@ -378,7 +397,7 @@ def _signal_values(records: list[SignalRecord], counts: np.ndarray) -> np.ndarra
         wrong = np.flatnonzero(sizes != counts[tensors])
         if len(wrong):
             _wrong_count(records[tensors[wrong[0]]], int(sizes[wrong[0]]))
-        host = host_concat([t if t.ndim == 1 else t.reshape(-1) for t in got])
+        host = host_concat(got)  # (which flattens 2-d values and any mix of shapes)
         if len(tensors) == len(records):
             return host
         mask = np.zeros(len(values), bool)

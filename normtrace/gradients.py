@@ -448,6 +448,9 @@ class OutputGradientNorm(ModuleSelection):
         module_name = signal_module(name)
         kind = ("output_grad_norm",)
         calls: list[Any] = [None, 0]  # (pass, calls in it) of the last forward seen, for name#k labels
+        first = ((module_name, None),)
+        repeats: dict[int, tuple[tuple[str, None]]] = {}  # the k-th call's keys, name#k: built once, so
+        # the writer codes each distinct keys object once per flush (buffer.signals_table)
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
@@ -462,10 +465,12 @@ class OutputGradientNorm(ModuleSelection):
                 return  # a pass that records nothing, or a recomputation in backward (checkpointing)
             if calls[0] == pass_:
                 calls[1] += 1
-                keys = ((f"{module_name}#{calls[1]}", None),)
+                keys = repeats.get(calls[1])
+                if keys is None:
+                    keys = repeats[calls[1]] = ((f"{module_name}#{calls[1]}", None),)
             else:
                 calls[0], calls[1] = pass_, 0
-                keys = ((module_name, None),)
+                keys = first
 
             def on_grad(grad: Tensor) -> None:
                 try:

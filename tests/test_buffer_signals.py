@@ -90,3 +90,35 @@ def test_one_values_object_under_two_keys_objects_keeps_each_records_keys():
     kinds, value = ("max",), torch.tensor([2.0])
     records = [(0, 0, 0, kinds, (("a", None),), value), (0, 0, 0, kinds, (("b", None),), value)]
     assert [(r["module"], r["value"]) for r in rows(records)] == [("a", 2.0), ("b", 2.0)]
+
+
+def test_keys_built_anew_with_equal_contents_and_unhashable_keys_keep_every_rows_strings():
+    """Records whose kinds and keys are new objects each time (a user lens building them per call) are
+    coded by their contents; keys given as lists of lists (unhashable) are coded as they come. Both are
+    interleaved with reused objects, whose rows must stay theirs."""
+    records = []
+    for i in range(4):
+        records.append((i, i, 0, ("out",), ((f"m{i % 2}", None),), torch.tensor([float(i)])))  # new tuples
+        records.append((i, i, 0, KINDS, KEYS, torch.tensor([10.0 * i, 10.0 * i + 1, 10.0 * i + 2])))
+        records.append((i, i, 0, ["lst", "lst"], [["p", "w"], ["q", None]], [100.0 + i, 200.0 + i]))
+    got = [(r["step"], r["kind"], r["module"], r["param"], r["value"]) for r in rows(records)]
+    want = []
+    for i in range(4):
+        want.append((i, "out", f"m{i % 2}", None, float(i)))
+        want += [(i, "grad_norm", m, p, 10.0 * i + j) for j, (m, p) in enumerate(KEYS)]
+        want += [(i, "lst", "p", "w", 100.0 + i), (i, "lst", "q", None, 200.0 + i)]
+    assert got == want
+
+
+def test_values_of_several_shapes_in_one_flush_keep_their_order():
+    """1-d, 2-d (flattened row-major) and 0-d tensor values mixed in one flush: each row gets its value."""
+    k2, k4 = ("a", "a"), ("b",) * 4
+    keys2, keys4 = (("x", None), ("y", None)), tuple((f"z{j}", None) for j in range(4))
+    records = [
+        (0, 0, 0, k2, keys2, torch.tensor([1.0, 2.0])),
+        (1, 1, 0, k4, keys4, torch.tensor([[3.0, 4.0], [5.0, 6.0]])),
+        (2, 2, 0, ("c",), (("w", None),), torch.tensor(7.0)),
+        (3, 3, 0, k2, keys2, torch.tensor([8.0, 9.0])),
+    ]
+    assert [r["value"] for r in rows(records)] == [float(v) for v in range(1, 10)]
+    assert [r["module"] for r in rows(records)] == ["x", "y", "z0", "z1", "z2", "z3", "w", "x", "y"]
