@@ -209,6 +209,10 @@ def live_shards(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return live, conflicting
 
 
+_READ = ipc.IpcReadOptions(use_threads=False)
+"""``compact`` reads and writes on the calling thread (a recorder's writer, beside training): pyarrow's
+pool would take another core, and its wake-ups cost more CPU than the (de)compression of small shards."""
+
 Compression: TypeAlias = Literal["lz4", "zstd"] | None
 """The IPC body compressions a shard may use (None: uncompressed)."""
 
@@ -241,7 +245,7 @@ def compact(
     folder = Path(folder)
     live, _ = live_shards(p.name for p in folder.iterdir()) if folder.is_dir() else ([], [])
     spans = {n: span for n in live if (span := shard_span(n)) is not None and span[0] == rank}
-    options = ipc.IpcWriteOptions(compression=compression)
+    options = ipc.IpcWriteOptions(compression=compression, use_threads=False)
     groups = _consecutive(folder, spans, max_rows)
     written = []
     for group in groups if last else groups[:-1]:
@@ -300,7 +304,7 @@ def _merge(
 ) -> Path | None:
     """Write the shards ``names`` as one merged file, then delete them (when ``delete``); None when their
     schemas differ (they stay as they are)."""
-    tables = [ipc.open_file(pa.memory_map(str(folder / n))).read_all() for n in names]
+    tables = [ipc.open_file(pa.memory_map(str(folder / n)), options=_READ).read_all() for n in names]
     try:
         data = pa.concat_tables(tables).unify_dictionaries()
     except pa.ArrowInvalid:
