@@ -339,8 +339,8 @@ def test_compact_counts_rows_without_count_rows_too(tmp_path: Path, monkeypatch:
     per_shard = before.num_rows // (PASSES // FLUSH)
 
     class OldReader:
-        def __init__(self, source: object) -> None:
-            self._reader = ipc.RecordBatchFileReader(source)
+        def __init__(self, source: object, options: ipc.IpcReadOptions | None = None) -> None:
+            self._reader = ipc.RecordBatchFileReader(source, options=options)
 
         def read_all(self) -> pa.Table:
             return self._reader.read_all()
