@@ -254,22 +254,19 @@ def compact(
     return written
 
 
-def drop_covered(folder: str | Path, rank: int) -> int:
+def drop_covered(folder: str | Path, rank: int) -> None:
     """Delete one rank's shards in a table ``folder`` whose rows a merged file holds (what ``compact(...,
-    delete=False)`` left); returns how many. Readers already leave them out (``live_shards``)."""
+    delete=False)`` left). Readers already leave them out (``live_shards``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        return 0
+        return
     names = [p.name for p in folder.iterdir()]
     live, conflicting = live_shards(names)
     keep = set(live) | set(conflicting)
-    dropped = 0
     for name in names:
         span = shard_span(name)
         if span is not None and span[0] == rank and name not in keep:
-            (folder / name).unlink(missing_ok=True)
-            dropped += 1
-    return dropped
+            (folder / name).unlink(missing_ok=True)  # (gone already: nothing to do)
 
 
 def _rows(path: Path) -> int:

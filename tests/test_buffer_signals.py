@@ -122,3 +122,22 @@ def test_values_of_several_shapes_in_one_flush_keep_their_order():
     ]
     assert [r["value"] for r in rows(records)] == [float(v) for v in range(1, 10)]
     assert [r["module"] for r in rows(records)] == ["x", "y", "z0", "z1", "z2", "z3", "w", "x", "y"]
+
+
+def test_plain_values_of_two_records_that_are_equal_keep_each_records_keys():
+    """Records coded by contents must be keyed by their kinds and keys, never by their values: two
+    records with the same kinds object, different keys objects and equal plain values keep their own
+    modules."""
+    kinds = ("max",)
+    records = [(0, 0, 0, kinds, (("a", None),), [2.0]), (0, 0, 0, kinds, (("b", None),), [2.0])]
+    assert [(r["module"], r["value"]) for r in rows(records)] == [("a", 2.0), ("b", 2.0)]
+
+
+def test_plain_values_nested_as_a_matrix_are_flattened_in_row_order():
+    keys = tuple((f"m{j}", None) for j in range(4))
+    assert [r["value"] for r in rows([(0, 0, 0, ("k",) * 4, keys, [[1.0, 2.0], [3.0, 4.0]])])] == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    ]
