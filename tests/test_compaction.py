@@ -245,37 +245,60 @@ def shard_spans(run: Path, table: str) -> list[tuple[int, int, int] | None]:
     return [schema.shard_span(n) for n in files(run, table)]
 
 
+@pytest.mark.parametrize(
+    ("every", "merged", "tail", "at_close"),
+    [
+        # 8 output rows a shard (2 modules x 4 passes). A merge once 24 rows were written since the last:
+        # at shards 3 (one group so far: nothing), 6 (1-3), 9 (4-6), 12 (7-9); 10-14 wait
+        (24, [(1, 3), (4, 6), (7, 9)], 10, [(1, 3), (4, 6), (7, 9), (10, 12), (13, 15)]),
+        # every 16 rows, exactly two shards: at 2 (nothing), 4 (1-2), 6 (3-4), ..., 14 (11-12)
+        (
+            16,
+            [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)],
+            13,
+            [*((a, a + 1) for a in range(1, 15, 2)), (15, 15)],
+        ),
+        # every 17 rows: 16 do not reach it, so at 3 (1-2), 6 (3-4), 9 (5-6, 7-8), 12 (9-10); 11-14 wait
+        (
+            17,
+            [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10)],
+            11,
+            [*((a, a + 1) for a in range(1, 15, 2)), (15, 15)],
+        ),
+    ],
+)
 def test_the_writer_merges_as_the_run_goes_and_close_merges_only_the_tail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    every: int,
+    merged: list[tuple[int, int]],
+    tail: int,
+    at_close: list[tuple[int, int]],
 ) -> None:
-    """With merges every 24 output rows (3 shards of 2 modules x 4 passes), the 14 shards flushed before
-    close() are merged as they come, each group once the next is full (1-3, 4-6, 7-9), the rest left to
-    grow; the merged shards stay on disk during the grace period (readers skip them), and close() merges
-    the tail: the same files and rows as merging everything at close."""
+    """The 14 shards flushed before close() are merged as they come, each group once the next is full,
+    the rest left to grow; the merged shards stay on disk during the grace period (readers skip them),
+    and close() merges the tail: the same files and rows as merging everything at close."""
     from normtrace import writer
 
-    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    monkeypatch.setattr(schema, "COMPACT_ROWS", every)
     monkeypatch.setattr(writer, "MERGE_GRACE_SECS", 3600.0)
     plain, run = tmp_path / "plain", tmp_path / "run"
     record(plain, compact=False)
     rec = record(run, close=False)
     rec._writer.wait()
-    merged = [schema.merged_name(0, a, a + 2) for a in (1, 4, 7)]
-    assert files(run, "outputs") == sorted(merged + [schema.shard_name(0, s) for s in range(1, 15)])
-    assert schema.live_shards(files(run, "outputs"))[0] == merged + [
-        schema.shard_name(0, s) for s in range(10, 15)
+    names = [schema.merged_name(0, a, b) for a, b in merged]
+    assert files(run, "outputs") == sorted(names + [schema.shard_name(0, s) for s in range(1, 15)])
+    assert schema.live_shards(files(run, "outputs"))[0] == names + [
+        schema.shard_name(0, s) for s in range(tail, 15)
     ]
     for table in schema.TABLES:  # read mid-run: every row once, in order (the 15th shard comes at close)
         if files(plain, table):
             got = without_time(rows(run, table))
             assert got.equals(without_time(rows(plain, table)).slice(0, got.num_rows)), table
     rec.close()
-    schema.compact(plain / "outputs", 0, max_rows=24)
-    assert (
-        files(run, "outputs")
-        == files(plain, "outputs")
-        == [schema.merged_name(0, a, a + 2) for a in range(1, 16, 3)]
-    )
+    schema.compact(plain / "outputs", 0, max_rows=every)
+    assert files(run, "outputs") == files(plain, "outputs")
+    assert shard_spans(run, "outputs") == [(0, a, b) for a, b in at_close]
     for table in schema.TABLES:
         if files(plain, table):
             assert without_time(rows(run, table)).equals(without_time(rows(plain, table))), table
@@ -413,3 +436,14 @@ def test_compact_counts_files_it_leaves_alone_without_reading_their_rows(tmp_pat
         _damage_data_keeping_row_counts(path)
     assert schema.compact(run / "outputs", 0, max_rows=3 * per_shard) == []
     assert files(run, "outputs") == sorted(p.name for p in first)
+
+
+def test_closing_a_run_with_tables_it_never_wrote_logs_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The merge at close goes over every table; one without a folder (this run has no signals) is not
+    an error to log."""
+    with caplog.at_level("WARNING", logger="normtrace"):
+        record(tmp_path / "run")
+    assert not (tmp_path / "run" / "signals").exists()
+    assert [r.getMessage() for r in caplog.records if r.name == "normtrace"] == []
