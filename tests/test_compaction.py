@@ -349,7 +349,9 @@ def test_a_merge_failing_as_the_run_goes_is_logged_and_loses_nothing(
     record(plain, compact=False)
     with caplog.at_level("WARNING", logger="normtrace"):
         record(run)  # close() would raise a WriterError had the writer kept the error
-    assert f"could not merge the shards of {run / 'outputs'} (they stay as written): {error}" in caplog.text
+    assert f"normtrace: could not merge the shards of {run / 'outputs'} (they stay as written): {error}" in [
+        r.getMessage() for r in caplog.records if r.name == "normtrace"
+    ]
     assert without_time(rows(run, "outputs")).equals(without_time(rows(plain, "outputs")))
     assert shard_spans(run, "outputs") == [(0, a, a + 2) for a in range(1, 16, 3)]  # close() merged them
 
@@ -447,3 +449,30 @@ def test_closing_a_run_with_tables_it_never_wrote_logs_nothing(
         record(tmp_path / "run")
     assert not (tmp_path / "run" / "signals").exists()
     assert [r.getMessage() for r in caplog.records if r.name == "normtrace"] == []
+
+
+def test_merged_shards_the_disk_will_not_delete_are_logged_and_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting the shards a merge holds failing (a read-only folder) costs nothing but disk: logged per
+    table, close() returns, and readers read every row once (they skip the covered shards)."""
+    from normtrace import writer
+
+    monkeypatch.setattr(schema, "COMPACT_ROWS", 24)
+    monkeypatch.setattr(writer, "MERGE_GRACE_SECS", 0.0)
+
+    def refused(folder: Path, rank: int) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(schema, "drop_covered", refused)
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    record(plain, compact=False)
+    with caplog.at_level("WARNING", logger="normtrace"):
+        record(run)
+    logged = [r.getMessage() for r in caplog.records if r.name == "normtrace"]
+    assert (
+        f"normtrace: could not delete merged shards of {run / 'outputs'}: [Errno 13] Permission denied"
+        in logged
+    )
+    assert len(files(run, "outputs")) > len(schema.live_shards(files(run, "outputs"))[0])  # left behind
+    assert without_time(rows(run, "outputs")).equals(without_time(rows(plain, "outputs")))
