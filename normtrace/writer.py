@@ -74,7 +74,7 @@ class ShardWriter:
         self.max_queued_rows = max_queued_rows
         self.merge_rows = merge_rows
         """Merge a table's shards while the run goes on once this many rows of them are unmerged (None:
-        only at close, if asked)."""
+        not while it goes; ``close(compact=True)`` still merges)."""
         self._unmerged = dict.fromkeys(schema.TABLES, 0)  # rows written since the table's last merge
         self._merged_at: dict[str, float] = {}  # tables whose merged shards wait for deletion: last merge
         # use_threads=False: compressed on this thread; the default hands each buffer to pyarrow's pool,
@@ -279,9 +279,7 @@ class ShardWriter:
         try:
             if schema.compact(folder, self.rank, max_rows=self.merge_rows, last=False, delete=False):
                 self._merged_at[table] = time.monotonic()
-        except (
-            Exception
-        ) as exc:  # a full disk, or a bug: every row is still in its shard; close() tries again
+        except Exception as exc:  # a full disk, or a bug: every row is still in its shard; close() retries
             log.warning("normtrace: could not merge the shards of %s (they stay as written): %s", folder, exc)
 
     def _drop_merged(self, before: float) -> None:

@@ -334,8 +334,8 @@ class Trace:
             ) from exc
 
     def _damaged_shard(self) -> tuple[RunPath, str | None] | None:
-        """The first shard of any loaded table whose rows cannot be read, and why (None: the file is gone;
-        None instead of the pair if all read)."""
+        """The first shard of any loaded table whose rows cannot be read and why (``why`` None: the file is
+        gone); None when every shard reads."""
         for run in self._runs:
             for table in TABLES:
                 for path, _ in run.shards[table]:
