@@ -859,3 +859,34 @@ def test_an_epoch_starting_on_a_series_second_row_in_the_next_piece_is_counted(t
     info = series.series_info(trace, "outputs", None)
     assert info.keys["epochs"].to_list() == [2]
     assert info.epoch_starts.select("epoch", "first").rows() == [(1, 1)]  # changes of epoch only
+
+
+@pytest.mark.parametrize(
+    ("layout", "partial"),
+    [(["a", "b", "b"], False), (["a", "b", "b"], True), (["a", "b", "c"], False), (["a", "b", "c"], True)],
+)
+def test_a_key_met_twice_a_pass_keeps_its_rows_in_write_order(layout: list[str], partial: bool) -> None:
+    """Numbering a part: every row gets its series' number, rows sorted by series and, within a series, in
+    the order written, whether the part repeats a fixed layout (a b c) or one key comes twice a pass
+    (a b b: a trace written by hand, without the recorder's name#k labels), whole passes or not."""
+    passes = 4
+    modules = layout * passes + (layout[:2] if partial else [])
+    n = len(modules)
+    raw = pl.DataFrame(
+        {
+            "rank": pl.Series([0] * n, dtype=pl.Int32),
+            "module": modules,
+            "grad_enabled": [True] * n,
+            "pass": [i // len(layout) for i in range(n)],
+            "epoch": pl.Series([0] * n, dtype=pl.Int32),
+            "value": [float(i) for i in range(n)],
+        }
+    )
+    registry = series.Registry("outputs")
+    got = series._number(raw, "run", registry)
+    first_seen = list(dict.fromkeys(modules))  # series numbered in the order they are first met
+    want = sorted(range(n), key=lambda i: first_seen.index(modules[i]))  # stable: write order kept
+    assert got["value"].tolist() == [float(i) for i in want]
+    assert got["sid"].tolist() == [first_seen.index(modules[i]) for i in want]
+    assert got["pass"].tolist() == [i // len(layout) for i in want]
+    assert [registry.keys[s][2] for s in range(len(first_seen))] == first_seen
