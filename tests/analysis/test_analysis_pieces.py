@@ -292,3 +292,18 @@ def test_long_scans_say_how_far_they_are(runs, monkeypatch, capsys) -> None:
     assert any(line.startswith("spikes: detecting: outputs ") and "%" in line for line in lines), lines
     na.load(runs["one rank"]).spikes()  # no progress block open: nothing said
     assert capsys.readouterr().err == ""
+
+
+def test_the_read_ahead_thread_is_named_while_a_scan_runs(runs) -> None:
+    """The reading thread carries the name the end-of-scan checks above look for (and a user sees in a
+    thread dump): were it renamed, those checks would pass without looking at it."""
+    seen: list[list[str]] = []
+
+    class Looking(_Failing):
+        def feed(self, frame: series.Frame) -> np.ndarray:
+            seen.append([t.name for t in threading.enumerate()])
+            return frame.end.copy()
+
+    series.scan(na.load(runs["two ranks"]), "outputs", None, lambda reg: [Looking(None)], chunk_rows=300)
+    assert len(seen) > 3 and all("normtrace-read-ahead" in names for names in seen[:-1])
+    assert "normtrace-read-ahead" not in [t.name for t in threading.enumerate()]
