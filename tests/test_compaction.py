@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 import torch
+from damage import damage_body
 from normtrace_analysis.cli import main as cli
 from torch import nn
 
@@ -402,26 +403,6 @@ def test_normtrace_compact_deletes_shards_a_killed_writer_merged_but_left(
     assert without_time(rows(killed, "outputs")).equals(expected)
 
 
-def _damage_data_keeping_row_counts(path: Path) -> None:
-    """Overwrite bytes of a file's compressed data so that its footer and batch headers still give its row
-    count but its rows cannot be read (what a merge must never need to read)."""
-    data = path.read_bytes()
-    for offset in range(64, len(data) - 64, 16):
-        damaged = bytearray(data)
-        damaged[offset : offset + 48] = b"\xff" * 48
-        path.write_bytes(bytes(damaged))
-        try:
-            reader = ipc.open_file(pa.memory_map(str(path)))
-            reader.count_rows()
-        except (OSError, pa.ArrowException):
-            continue
-        try:
-            reader.read_all()
-        except (OSError, pa.ArrowException):
-            return
-    raise AssertionError(f"could not damage the data of {path} alone")
-
-
 @pytest.mark.skipif(
     not hasattr(ipc.RecordBatchFileReader, "count_rows"),
     reason="this pyarrow has no RecordBatchFileReader.count_rows: compact reads files to count their rows",
@@ -435,7 +416,7 @@ def test_compact_counts_files_it_leaves_alone_without_reading_their_rows(tmp_pat
     per_shard = rows(run, "outputs").num_rows // (PASSES // FLUSH)
     first = schema.compact(run / "outputs", 0, max_rows=3 * per_shard)
     for path in first:
-        _damage_data_keeping_row_counts(path)
+        damage_body(path, keep_row_counts=True)
     assert schema.compact(run / "outputs", 0, max_rows=3 * per_shard) == []
     assert files(run, "outputs") == sorted(p.name for p in first)
 

@@ -12,6 +12,7 @@ import normtrace_analysis as na
 import numpy as np
 import pyarrow as pa
 import pytest
+from damage import damage_body
 from normtrace_analysis.cli import main
 from tracegen import write_trace
 
@@ -68,25 +69,6 @@ def test_two_names_for_one_shard_are_both_left_out(tmp_path: Path) -> None:
     assert [p.name for p in trace.shards("outputs")] == ["rank0-000002.arrow"]
 
 
-def _damage_body(shard: Path) -> None:
-    """Overwrite bytes inside the shard's record batches so that its footer still opens but reading its
-    rows fails (the damage a bad disk or a partial copy can do)."""
-    data = shard.read_bytes()
-    for offset in range(64, len(data) - 64, 16):
-        damaged = bytearray(data)
-        damaged[offset : offset + 48] = b"\xff" * 48
-        shard.write_bytes(bytes(damaged))
-        try:
-            reader = pa.ipc.open_file(str(shard))
-        except (OSError, pa.ArrowException):
-            continue  # hit the footer: try further on
-        try:
-            reader.read_all()
-        except (OSError, pa.ArrowException):
-            return
-    raise AssertionError(f"could not damage the body of {shard} alone")
-
-
 @pytest.fixture
 def damaged_run(tmp_path: Path) -> tuple[Path, Path]:
     n = 3000
@@ -102,7 +84,7 @@ def damaged_run(tmp_path: Path) -> tuple[Path, Path]:
         shards=3,
     )
     shard = run / "outputs" / "rank0-000002.arrow"
-    _damage_body(shard)
+    damage_body(shard)
     return run, shard
 
 
