@@ -890,3 +890,30 @@ def test_a_key_met_twice_a_pass_keeps_its_rows_in_write_order(layout: list[str],
     assert got["sid"].tolist() == [first_seen.index(modules[i]) for i in want]
     assert got["pass"].tolist() == [i // len(layout) for i in want]
     assert [registry.keys[s][2] for s in range(len(first_seen))] == first_seen
+
+
+def test_a_piece_takes_each_lagging_ranks_files_up_to_its_byte_budget_and_counts_them() -> None:
+    """Choosing a piece's files (``series._take``): the first piece (no bytes per row learned yet) takes
+    one file per rank; later ones take files from the ranks furthest behind in epochs (a rank with no
+    epoch read yet is furthest) while their bytes stay within ``chunk_rows`` x bytes per row, split
+    between those ranks, a file meeting the budget exactly included; the bytes returned are the files'."""
+    from collections import deque
+
+    def queue(*sizes: int, rank: int) -> deque[tuple[Path, int]]:
+        return deque((Path(f"r{rank}-{i}.arrow"), size) for i, size in enumerate(sizes))
+
+    queues = {0: queue(40, 60, 1, rank=0), 1: queue(30, 30, rank=1)}
+    taken, nbytes = series._take(queues, {0: None, 1: None}, chunk_rows=10, bytes_per_row=None)
+    assert taken == [(0, [Path("r0-0.arrow")]), (1, [Path("r1-0.arrow")])]
+    assert nbytes == 40 + 30
+
+    queues = {0: queue(40, 60, 1, rank=0), 1: queue(30, 30, rank=1)}
+    taken, nbytes = series._take(queues, {0: None, 1: 0}, chunk_rows=10, bytes_per_row=10.0)
+    assert taken == [(0, [Path("r0-0.arrow"), Path("r0-1.arrow")])]  # 40 + 60 = the budget, 100
+    assert nbytes == 100
+    assert list(queues[0]) == [(Path("r0-2.arrow"), 1)] and len(queues[1]) == 2
+
+    queues = {0: queue(40, 60, 1, rank=0), 1: queue(30, 30, rank=1)}
+    taken, nbytes = series._take(queues, {0: 3, 1: 3}, chunk_rows=10, bytes_per_row=12.0)
+    assert taken == [(0, [Path("r0-0.arrow")]), (1, [Path("r1-0.arrow"), Path("r1-1.arrow")])]  # 60 each
+    assert nbytes == 40 + 60
