@@ -222,3 +222,36 @@ def test_parallel_parts_give_the_reference_spikes(
         assert_same_spikes(
             got, reference_spikes(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}"
         )
+
+
+def _gappy(rng: np.random.Generator, n: int, level: float, window: int) -> np.ndarray:
+    """``_dense``'s outliers on a wave, cut by gaps of a window or a little more after every run of
+    ``2 * window + k`` values, ``k`` cycling: gaps start and end at every offset from the pieces' bounds,
+    so some stretch starts inside a gap and has its first own median one, two or more points on."""
+    v = _dense(rng, n, level)
+    at, k = 0, 0
+    while (at := at + 2 * window + k) + window + 2 < n:
+        v[at : at + window + k % 3] = np.nan
+        at += window + k % 3
+        k = (k + 1) % (window + 1)
+    return v
+
+
+@pytest.mark.parametrize("window", [5, 8, 13])
+def test_gaps_ending_at_every_offset_from_the_pieces_carry_the_reference_medians(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """What a stretch carries in from the one before (the last baseline and block MAD before its first
+    own ones) is read at the right point: with gaps ending at every offset from a piece's start, scores
+    in pieces of every size equal the reference's, point for point."""
+    rng = np.random.default_rng(window)
+    run = _write(
+        tmp_path / "r", {f"g{i}": _gappy(rng, n, 3.0 * (i + 1), window) for i, n in enumerate([1300, 800])}
+    )
+    want = reference_spikes(_rows(run), "pass", window, 6.0)
+    assert want.height > 200
+    for piece_rows in (23, 29, 61):
+        monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
+        assert_same_spikes(
+            _spikes(run, baseline_window=window), want, f"window {window}, pieces of {piece_rows}"
+        )
