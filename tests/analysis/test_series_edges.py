@@ -187,6 +187,7 @@ class _Recorder:
         self.end: dict[int, int] = {}
         self.next_start: dict[int, int] = {}
         self.ended: set[int] = set()
+        self.ended_at: dict[int, int] = {}  # sid -> the frame (its index) that ended it
         self.frames: list[dict[int, tuple[int, int]]] = []  # per frame: sid -> (settled, rows delivered)
         self.finished = 0
 
@@ -231,6 +232,7 @@ class _Recorder:
             self.end[sid] = end
             if frame.ended[i]:
                 self.ended.add(sid)
+                self.ended_at.setdefault(sid, len(self.frames))
             seen[sid] = (int(frame.settled[i]), end)
             keep_from = end if self.keep is None else 0 if self.keep < 0 else max(end - self.keep, 0)
             self.next_start[sid] = min(max(keep_from, start), end)
@@ -306,7 +308,12 @@ def test_settled_is_the_lowest_epoch_still_being_read(layouts, layout: str, chun
     want = _settled_expected(rec, rows)
     got = [{sid: settled for sid, (settled, _) in frame.items()} for frame in rec.frames]
     assert got == want
-    # and the promise holds: no row delivered later in a group (ranks pooled) has an epoch below it
+    _assert_settled_holds(rec)
+
+
+def _assert_settled_holds(rec: _Recorder) -> None:
+    """The settled bound's promise: no row delivered after a frame, in the same group of series (the
+    ranks pooled), has an epoch below the bound that frame gave."""
     keys = rec.registry.keys
     for f, frame in enumerate(rec.frames):
         for sid, (settled, _end) in frame.items():
@@ -318,6 +325,24 @@ def test_settled_is_the_lowest_epoch_still_being_read(layouts, layout: str, chun
                 for _, e, _ in rec.rows[s][rec.frames[f].get(s, (0, 0))[1] :]
             ]
             assert not later or settled == NEVER or min(later) >= settled
+
+
+def test_a_rank_whose_later_shard_goes_back_in_epochs_is_read_as_whole_series(tmp_path: Path) -> None:
+    """A module first met in a rank's later shard with epochs below those the rank's earlier shards
+    reached (each series in order by itself) means the rank's shards are out of order; another rank
+    records the same module, whose frames have already been told those epochs are complete. The reader
+    reads whole series instead: every row arrives and the settled bounds hold."""
+    a = _rows(100, 10, ["a"])
+    b = [{**r, "module": "b", "value": r["value"] + 1000.0} for r in a[:50]]  # epochs 0-4
+    rank0 = a[50:] + b  # shard 1: a, epochs 5-9; shard 2: b, epochs 0-4
+    rank1 = [{**r, "value": r["value"] + 2000.0} for r in _rows(100, 10, ["b"])]
+    run = tmp_path / "run"
+    _write(run, rank0, shards=2, rank=0)
+    _write(run, rank1, shards=10, rank=1)
+    rows = [{**r, "run": "run", "rank": 0} for r in rank0] + [{**r, "run": "run", "rank": 1} for r in rank1]
+    rec, _ = _scan([run], -1, 20)
+    assert _by_key(rec) == _expected_series(rows)
+    _assert_settled_holds(rec)
 
 
 def test_shuffled_rows_are_read_as_whole_series_with_every_epoch_settled(layouts) -> None:
@@ -917,3 +942,19 @@ def test_a_piece_takes_each_lagging_ranks_files_up_to_its_byte_budget_and_counts
     taken, nbytes = series._take(queues, {0: 3, 1: 3}, chunk_rows=10, bytes_per_row=12.0)
     assert taken == [(0, [Path("r0-0.arrow")]), (1, [Path("r1-0.arrow"), Path("r1-1.arrow")])]  # 60 each
     assert nbytes == 40 + 60
+
+
+def test_the_series_of_a_rank_whose_shards_are_all_read_end_before_the_other_ranks_do(
+    tmp_path: Path,
+) -> None:
+    """A rank read to its last shard has no more rows: its series end in that piece's frame (so that
+    consumers finish them and drop what they keep), while a longer rank is still being read."""
+    run = tmp_path / "run"
+    _write(run, _rows(10, 5, ["a", "b"]), shards=1, rank=0)  # one piece
+    _write(run, _rows(100, 5, ["a", "b"]), shards=10, rank=1)
+    rec, _ = _scan([run], None, 20)
+    keys = rec.registry.keys
+    short = {sid for sid, k in enumerate(keys) if k[1] == 0}
+    assert len(short) == 2 and rec.ended == set(range(len(keys)))
+    assert max(rec.ended_at[sid] for sid in short) < len(rec.frames) - 3
+    assert all(rec.ended_at[sid] == len(rec.frames) - 1 for sid in set(range(len(keys))) - short)
