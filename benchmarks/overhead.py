@@ -5,13 +5,17 @@ that promise on the seed notebook's DQN (``QNetwork``: 4 x Linear(128) + ReLU, L
 one process, with interleaved, order-rotating repeats and medians, so that drift of the machine (thermal,
 other load, allocator state) hits every variant alike.
 
-Variants (the hooked modules are the same 5 in B, K, C and D: ``relu1``..``relu4`` and ``output``):
+Variants (the hooked modules are the same 5 in B, K, F, C and D: ``relu1``..``relu4`` and ``output``):
 
 * **A** untraced.
 * **B** a bare forward hook ``torch.linalg.vector_norm(out).item()`` on the 5 modules: the floor of any hook.
 * **K** the norm kernel alone: normtrace's per-sample ``vector_norm`` launched where its hook launches it
   (the same observer, grad mode off), nothing recorded; C's per-module overhead over K's is what the
   recording costs beyond the kernel any recorder of these norms must run.
+* **F** the floor of any recorder that keeps these norms: K, plus each norm appended with its module's
+  name to a list dropped every 64 entries (no pass, epoch or flags; no compaction; no writer). C's
+  per-module overhead over F's is normtrace's bookkeeping; F's over K's, the cost of keeping a tensor
+  alive per record until it is reduced.
 * **C** normtrace with the seed's lenses (``LossMetrics``, ``OutputNorm(include=[nn.Identity])``,
   ``ParameterNorm``); a fresh ``Recorder`` per block in a temporary folder.
 * **D** ``monitorch`` (the seed's library) with the same lenses and its ``"dummy"`` visualizer; skipped,
@@ -198,13 +202,63 @@ class KernelOnly:
             handle.remove()
 
 
+_FLOOR_KEEP = 64
+"""F keeps this many norms before dropping them all (normtrace compacts its pending norms as often)."""
+
+
+class KeptNorms:
+    """F: the floor of any recorder that keeps these norms: K's kernel, and its result appended with its
+    module's name to a list that is dropped every ``_FLOOR_KEEP`` entries (no pass, no epoch, no flag, no
+    compaction, no writer). C's per-module overhead over F's is what normtrace's bookkeeping costs; F's
+    over K's, what merely keeping each norm until it is reduced costs (a tensor alive per record)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from normtrace.observe import after_forward
+
+        self.kept: list[tuple[str, Tensor]] = []
+        self.handles = [
+            after_forward(m, self._keep(name))
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.ReLU, nn.Identity))
+        ]
+        if len(self.handles) != HOOKED:
+            raise RuntimeError(f"kept norms: expected {HOOKED} modules, hooked {len(self.handles)}")
+
+    def _keep(self, name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        kept = self.kept
+        append, vector_norm = kept.append, torch.linalg.vector_norm
+
+        def keep(module: nn.Module, args: Any, out: Tensor) -> None:
+            grad = torch.is_grad_enabled()
+            _set_grad(False)
+            append((name, vector_norm(out, 2, 1)))
+            _set_grad(grad)
+            if len(kept) >= _FLOOR_KEEP:
+                kept.clear()
+
+        return keep
+
+    def epoch(self, total_reward: float, smoothed: float) -> None:
+        """Nothing is recorded per epoch."""
+
+    def finish(self) -> None:
+        """Drop what is kept."""
+        self.kept.clear()
+
+    def cleanup(self) -> None:
+        """Give the modules their classes back."""
+        for handle in self.handles:
+            handle.remove()
+
+
 class Normtrace:
     """C: a fresh ``Recorder`` with the seed's lenses, writing to its own folder under ``workdir``."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, run_dir: Path) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, run_dir: Path, **options: Any) -> None:
         self.run_dir = run_dir
         self.rec = nt.Recorder(
             run_dir,
+            **options,  # instructions.py's flush settings; none here
             lenses=[
                 nt.LossMetrics(loss_fn=loss_fn, metrics=list(METRICS)),
                 nt.OutputNorm(include=[nn.Identity], normalize_by_size=True),
@@ -298,6 +352,8 @@ def tracer_factory(workdir: Path) -> TracerFactory:
             return BareHook(model)
         if key == "K":
             return KernelOnly(model)
+        if key == "F":
+            return KeptNorms(model)
         if key == "C":
             return Normtrace(model, loss_fn, workdir / f"run{next(counter)}")
         if key == "D":
@@ -631,6 +687,10 @@ def summarise_clock(w1: Samples, w2: Samples, clock: str) -> dict[str, Any]:
     c_over_k = None
     if "K" in per_module:
         c_over_k = per_module["C"] / per_module["K"] if per_module["K"] > 0 else float("inf")
+    f_over_k = c_over_f = None
+    if "F" in per_module and "K" in per_module:
+        f_over_k = per_module["F"] / per_module["K"] if per_module["K"] > 0 else float("inf")
+        c_over_f = per_module["C"] / per_module["F"] if per_module["F"] > 0 else float("inf")
     d_over_c = None
     if "D" in per_module:
         d_over_c = per_module["D"] / per_module["C"] if per_module["C"] > 0 else float("inf")
@@ -648,6 +708,8 @@ def summarise_clock(w1: Samples, w2: Samples, clock: str) -> dict[str, Any]:
             "overhead_per_module_us": per_module,
             "c_over_b": c_over_b,
             "c_over_k": c_over_k,
+            "f_over_k": f_over_k,
+            "c_over_f": c_over_f,
             "d_over_c": d_over_c,
         },
         "w2": {
@@ -682,6 +744,7 @@ def render(info: dict[str, Any], cfg: dict[str, Any], w1: Samples, w2: Samples, 
         "A": "untraced",
         "B": "bare hook: vector_norm(out).item()",
         "K": "the norm kernel alone (no record)",
+        "F": "kernel + norm kept by name (a floor)",
         "C": f"normtrace {info['normtrace']}",
         "D": f"monitorch {info['monitorch']}, dummy visualizer",
     }
@@ -743,6 +806,10 @@ def render(info: dict[str, Any], cfg: dict[str, Any], w1: Samples, w2: Samples, 
         f"  {'W1 C/K per-module overhead <= 1.2 (K: kernel alone)':<52} {ratio(wall['w1']['c_over_k']):>6} "
         f"{_verdict(wall['verdicts']['w1_c_le_1.2x_k']):<7} {ratio(cpu['w1']['c_over_k']):>6} "
         f"{_verdict(cpu['verdicts']['w1_c_le_1.2x_k']):<7}",
+        f"  {'W1 F/K per-module overhead (the floor over the kernel)':<52} {ratio(wall['w1']['f_over_k']):>6} "
+        f"{'':<7} {ratio(cpu['w1']['f_over_k']):>6}",
+        f"  {'W1 C/F per-module overhead (normtrace over the floor)':<52} {ratio(wall['w1']['c_over_f']):>6} "
+        f"{'':<7} {ratio(cpu['w1']['c_over_f']):>6}",
         f"  {'W1 D/C per-module overhead >= 2':<52} {ratio(wall['w1']['d_over_c']):>6} "
         f"{_verdict(wall['verdicts']['w1_d_ge_2x_c']):<7} {ratio(cpu['w1']['d_over_c']):>6} "
         f"{_verdict(cpu['verdicts']['w1_d_ge_2x_c']):<7}",
@@ -809,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     info = machine_info(args.threads)
-    variants = ["A", "B", "K", "C"]
+    variants = ["A", "B", "K", "F", "C"]
     if info["monitorch"] is not None and not args.no_monitorch:
         variants.append("D")
     elif info["monitorch"] is None:
