@@ -190,6 +190,7 @@ def test_parallel_parts_give_the_reference_spikes(
 ) -> None:
     pools: list[int] = []
     parts: list[int] = []  # per frame fed: the parts scored
+    scorers: set[str] = set()  # the names of the threads that scored a part
 
     class Counted(ThreadPoolExecutor):
         def __init__(self, workers: int, prefix: str) -> None:
@@ -204,6 +205,7 @@ def test_parallel_parts_give_the_reference_spikes(
 
     def counted_score(self: spikes_module._Detector, *job: object) -> object:
         parts[-1] += 1
+        scorers.add(threading.current_thread().name)
         return score(self, *job)
 
     monkeypatch.setattr(spikes_module, "PART_ROWS", 300)
@@ -215,9 +217,14 @@ def test_parallel_parts_give_the_reference_spikes(
         monkeypatch.setattr(series_module, "CHUNK_ROWS", piece_rows)
         pools.clear()
         parts.clear()
+        scorers.clear()
         got = _spikes(run, baseline_window=window, threshold=4.0)
-        # frames cut into parts between series, one per thread: this one and two helpers made once
+        # frames cut into parts between series, one per thread: this one and two helpers made once,
+        # named for what they do (a thread dump of a slow analysis says whose they are)
         assert max(parts) == 3 and pools == [2]
+        assert {n.rsplit("_", 1)[0] for n in scorers - {threading.current_thread().name}} == {
+            "normtrace-spikes"
+        }
         assert not [t for t in threading.enumerate() if t.name.startswith("normtrace-spikes")]  # ended
         assert_same_spikes(
             got, reference_spikes(rows, "pass", window, 4.0), f"window {window}, pieces of {piece_rows}"
