@@ -7,6 +7,7 @@ expectations below are computed from the generator's own arrays and parameters, 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import normtrace_analysis as na
@@ -139,7 +140,9 @@ def test_norms_and_ratios_are_scored_on_log10_other_kinds_on_their_values(tmp_pa
             "value": np.stack([grad, mine], axis=1).ravel().astype(np.float32),
         },
     )
-    found = na.load(run).spikes("signals")
+    with warnings.catch_warnings():  # a zero gradient is a finding, not numpy's log10 warning
+        warnings.simplefilter("error", RuntimeWarning)
+        found = na.load(run).spikes("signals")
     assert found["pass"].to_list() == [200, 200]
     by_kind = {row["kind"]: row for row in found.iter_rows(named=True)}
     assert by_kind["grad_norm"]["score"] == -math.inf  # log10(0): a zero gradient is flagged as non-finite is
@@ -252,7 +255,9 @@ def test_epoch_level_spikes_of_a_norm_are_scored_on_log10_and_reported_in_its_un
             "value": np.stack([10.0**logs, logs], axis=1).ravel().astype(np.float64),
         },
     )
-    found = na.load(run).spikes("signals", level="epoch")
+    with warnings.catch_warnings():  # negative values of other kinds beside log-scaled ones: no warning
+        warnings.simplefilter("error", RuntimeWarning)
+        found = na.load(run).spikes("signals", level="epoch")
     by_kind = {row["kind"]: row for row in found.iter_rows(named=True)}
     assert set(by_kind) == {"grad_norm", "my_kind"}
     norm, mine = by_kind["grad_norm"], by_kind["my_kind"]

@@ -123,6 +123,7 @@ def rows(run: Path) -> pl.DataFrame:
 
 def _spikes(run: Path, **options: object) -> pl.DataFrame:
     with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # gaps and infinities: no numpy warning shown
         warnings.simplefilter("ignore", na.ShortSeriesWarning)  # m6 is shorter than most windows
         return na.load(run).spikes(**options)  # type: ignore[arg-type]
 
