@@ -13,9 +13,9 @@ switching itself costs. One more variant than ``overhead.py``'s: **P**, normtrac
 no output observed (``LossMetrics`` alone), which splits C's bookkeeping into its per-pass share (P - A)
 and its per-module share. The normtrace variants (C, P) never flush during the count (``flush_every`` and
 ``flush_secs`` out of reach: under valgrind a run is ~50x slower, so the 10 s clock would flush far more
-often than in real use); it still numbers passes and compacts its norms every 64 records.
+often than in real use); they still number passes, and C compacts its norms every 64 records.
 
-    python benchmarks/instructions.py                       # A K F C, 400 passes (a few minutes)
+    python benchmarks/instructions.py                       # A K F C, 400 passes (~3 min a variant)
     python benchmarks/instructions.py --variants A K F C P B D --passes 800
 """
 
