@@ -22,6 +22,7 @@ from pathlib import Path
 import normtrace_analysis as na
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from normtrace_analysis import series as series_module
 from normtrace_analysis import spikes as spikes_module
@@ -62,7 +63,13 @@ def _dense(rng: np.random.Generator, n: int, level: float) -> np.ndarray:
     return v
 
 
-def _write(path: Path, series: dict[str, np.ndarray], epoch_passes: int = EPOCH_PASSES) -> Path:
+def _write(
+    path: Path,
+    series: dict[str, np.ndarray],
+    epoch_passes: int = EPOCH_PASSES,
+    rank: int = 0,
+    shards: int = 40,
+) -> Path:
     """The series as the recorder lays them out: pass by pass, every module of a pass together (so the
     reader streams them in pieces; series written one after the other would be read whole)."""
     modules, passes, values = [], [], []
@@ -78,7 +85,7 @@ def _write(path: Path, series: dict[str, np.ndarray], epoch_passes: int = EPOCH_
         "module": module[order].tolist(),
         "norm": np.concatenate(values)[order].astype(np.float32),
     }
-    return write_trace(path, outputs=outputs, shards=40)
+    return write_trace(path, outputs=outputs, shards=shards, rank=rank)
 
 
 def _planted(seed: int) -> dict[str, np.ndarray]:
@@ -161,6 +168,41 @@ def test_frames_holding_more_than_the_detector_keeps_give_the_reference_spikes(
         got = _spikes(long_epochs, baseline_window=window, threshold=2.5)  # the summary read on the side
         assert sum(starts) > 3  # frames that start before the detector's stretch
         assert_same_spikes(got, want, f"window {window}, pieces of {piece_rows} rows")
+
+
+@pytest.mark.parametrize("window", [3, 8])
+def test_a_frame_of_series_the_detector_has_finished_gives_the_reference_spikes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Rank 0 is read whole in the first piece, so its series end there and the detector scores them to
+    the end; rank 1's first shards hold no rows (a trace rewritten by another tool), so no epoch of the
+    run is complete and the summary read on the side keeps all of rank 0. The next pieces, rank 1's
+    empty shards, make frames that hold only series the detector is done with."""
+    rng = np.random.default_rng(11)
+    run = _write(tmp_path / "r", {"a": _series(rng, 300, 10.0), "b": _series(rng, 200, 3.0)}, shards=1)
+    _write(run, {"a": _series(rng, 400, 10.0), "b": _series(rng, 400, 3.0)}, rank=1, shards=4)
+    folder = run / "outputs"
+    for seq in range(4, 0, -1):  # rank 1's shards move two places on; two empty shards go first
+        (folder / f"rank1-{seq:06d}.arrow").rename(folder / f"rank1-{seq + 2:06d}.arrow")
+    empty = pa.ipc.open_file(folder / "rank1-000003.arrow").schema.empty_table()
+    for seq in (1, 2):
+        with pa.ipc.new_file(folder / f"rank1-{seq:06d}.arrow", empty.schema) as writer:
+            writer.write_table(empty)
+    want = reference_spikes(_rows(run), "pass", window, 2.5)
+    assert set(want["rank"].to_list()) == {0, 1}  # spikes on both ranks
+    finished: list[bool] = []
+    feed = spikes_module._Detector.feed
+
+    def noted(self: spikes_module._Detector, frame: series_module.Frame) -> np.ndarray:
+        known = frame.sids < len(self.s)
+        finished.append(bool(known.all() and (frame.end <= self.s[frame.sids]).all()))
+        return feed(self, frame)
+
+    monkeypatch.setattr(spikes_module._Detector, "feed", noted)
+    monkeypatch.setattr(series_module, "CHUNK_ROWS", 50)
+    got = _spikes(run, baseline_window=window, threshold=2.5)  # the summary read on the side
+    assert any(finished)  # a frame of finished series was fed
+    assert_same_spikes(got, want, f"window {window}")
 
 
 @pytest.mark.parametrize("window", [3, 4, 7, 12, 25, 51])
