@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from normtrace.flat import Flat, Layout
-from normtrace.lenses import _ACCUMULATE, graph_task_id, is_data_parallel_replica, sample_norms
+from normtrace.lenses import (
+    _ACCUMULATE,
+    batch_first,
+    graph_task_id,
+    is_data_parallel_replica,
+    main_batch_dim,
+    sample_norms,
+)
 from normtrace.observe import Removable, after_forward
 from normtrace.recording import ROOT_NAME, Recording, Target
 from normtrace.selection import ModuleSelection, Selector, check_selectors, matches, selector_names
@@ -429,7 +436,8 @@ class UpdateRatio(_ParamLens):
 @dataclass
 class OutputGradientNorm(ModuleSelection):
     """Norm of the gradient arriving at each selected module's output, per backward (kind
-    ``output_grad_norm``): the batch mean of per-sample L2 norms, as ``OutputNorm`` takes of the output.
+    ``output_grad_norm``): the batch mean of per-sample L2 norms, as ``OutputNorm`` takes of the output
+    (samples in dim 1 of a transformer's output run sequence first).
 
     Selects modules as ``OutputNorm`` does: the activation modules, plus ``include``, minus ``exclude``.
     Only outputs of grad-enabled passes that require grad get a (tensor) hook; the row carries the pass of
@@ -451,6 +459,7 @@ class OutputGradientNorm(ModuleSelection):
         first = ((module_name, None),)
         repeats: dict[int, tuple[tuple[str, None]]] = {}  # the k-th call's keys, name#k: built once, so
         # the writer codes each distinct keys object once per flush (buffer.signals_table)
+        layout = batch_first(owner)  # a transformer run sequence first holds its samples in dim 1
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
@@ -474,7 +483,7 @@ class OutputGradientNorm(ModuleSelection):
 
             def on_grad(grad: Tensor) -> None:
                 try:
-                    norms = sample_norms(grad)
+                    norms = sample_norms(grad, main_batch_dim(layout, grad))
                     if norms is not None:
                         recording.add_signals(kind, keys, norms.mean().reshape(1).float(), pass_=pass_)
                 except Exception as exc:

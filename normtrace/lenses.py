@@ -35,22 +35,80 @@ graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 """-1 except while autograd runs a backward: a forward then is a recomputation (``torch.utils.checkpoint``)."""
 
 
-def sample_norms(x: Tensor) -> Tensor | None:
-    """Per-sample L2 norms of ``x`` flattened from dim 1 (a 0-d or 1-d tensor is one sample), on its device.
+def sample_norms(x: Tensor, batch_dim: int | None = 0) -> Tensor | None:
+    """Per-sample L2 norms of ``x``, on its device: samples along ``batch_dim`` (0 or 1), each flattened;
+    ``batch_dim=None``, or a 0-d or 1-d tensor, is one sample.
 
     Returns None for an empty batch. Half precision is accumulated in float32 so large norms don't overflow.
     """
     x = x.detach()
-    if x.ndim < 2:
-        x = x.reshape(1, -1)
-    elif x.ndim > 2:
-        x = x.flatten(1)
-    if x.shape[0] == 0:
+    if batch_dim is None or x.ndim < 2:
+        x, batch_dim = x.reshape(1, -1), 0
+    if x.shape[batch_dim] == 0:
         return None
     if not (x.is_floating_point() or x.is_complex()):
         x = x.float()
-    norms: Tensor = torch.linalg.vector_norm(x, dim=1, dtype=_ACCUMULATE.get(x.dtype))
+    if batch_dim:  # a sequence-first batch: the norm over every other dim, without a copy
+        dims: int | list[int] = [d for d in range(x.ndim) if d != batch_dim]
+    else:
+        dims = 1
+        if x.ndim > 2:
+            x = x.flatten(1)
+    norms: Tensor = torch.linalg.vector_norm(x, dim=dims, dtype=_ACCUMULATE.get(x.dtype))
     return norms
+
+
+_SEQUENCE_MODULES = (
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def batch_first(module: nn.Module) -> bool | None:
+    """For ``torch.nn``'s sequence modules (RNN, LSTM, GRU, attention, transformer), whether they hold
+    the batch first, as their ``batch_first`` says (``False``, sequence first, is their default); None for
+    any other module, whose outputs hold samples in dim 0."""
+    if not isinstance(module, _SEQUENCE_MODULES):
+        return None
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        module = module.layers[0]
+    attention = getattr(module, "self_attn", None)  # a transformer layer: as its attention
+    return bool(getattr(module if attention is None else attention, "batch_first", True))
+
+
+def main_batch_dim(first: bool | None, x: Tensor) -> int | None:
+    """The dim of the samples in a module's (main) output ``x``: 0 for any module but a sequence module;
+    for one of these, 0 or 1 of a batched (3-d) output as ``first`` says, and None (one sample) for the
+    2-d output of an unbatched input."""
+    if first is None:
+        return 0
+    return (0 if first else 1) if x.ndim == 3 else None
+
+
+def _output_leaves(module: nn.Module, label: str, out: Any) -> Iterator[tuple[str, Any, int | None]]:
+    """``(suffixed name, leaf, batch dim)`` for the leaves of ``out`` (``_flatten_output``): dim 0, but
+    where a sequence module's outputs say otherwise (``batch_first``): its main output; an RNN's hidden
+    states, ``(layers, batch, hidden)`` whatever ``batch_first`` says; attention weights, batch first."""
+    first = batch_first(module)
+    if first is not None and isinstance(out, Tensor):  # a transformer's
+        yield label, out, main_batch_dim(first, out)
+        return
+    if first is not None and isinstance(out, tuple) and len(out) == 2:  # (output, hidden or weights)
+        main, other = out
+        if isinstance(main, Tensor):
+            yield f"{label}.0", main, main_batch_dim(first, main)
+        else:  # an RNN's PackedSequence: its data hold the tokens of all sequences, one per row
+            yield from ((name, leaf, 0) for name, leaf in _flatten_output(f"{label}.0", main))
+        batched = not isinstance(main, Tensor) or main.ndim == 3
+        second = (1 if isinstance(module, nn.RNNBase) else 0) if batched else None
+        yield from ((name, leaf, second) for name, leaf in _flatten_output(f"{label}.1", other))
+        return
+    yield from ((name, leaf, 0) for name, leaf in _flatten_output(label, out))
 
 
 def is_data_parallel_replica(module: nn.Module) -> bool:
@@ -120,6 +178,8 @@ class OutputNorm(ModuleSelection):
             COMPACT_VALUES,
         )
 
+        sequence = batch_first(owner) is not None  # its outputs do not always hold samples in dim 0
+
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if module is not owner and not is_data_parallel_replica(module):
                 return  # a copy that kept the observing class or the hook (see observe.py): not ours
@@ -139,7 +199,7 @@ class OutputNorm(ModuleSelection):
                 calls[name] = 0
                 label = name
             try:
-                if type(out) is Tensor and out.dtype in _FAST_DTYPES:
+                if type(out) is Tensor and out.dtype in _FAST_DTYPES and not sequence:
                     shape = out.shape
                     if len(shape) == 2 and shape[0]:
                         # the common case, a batch of feature vectors: sample_norms without its conversions,
@@ -159,8 +219,8 @@ class OutputNorm(ModuleSelection):
                         return
                 if is_exporting():  # torch.export runs forward on fake tensors: not a training pass
                     return
-                for leaf_name, leaf in _flatten_output(label, out):
-                    norms = sample_norms(leaf) if isinstance(leaf, Tensor) else None
+                for leaf_name, leaf, dim in _output_leaves(module, label, out):
+                    norms = sample_norms(leaf, dim) if isinstance(leaf, Tensor) else None
                     if norms is not None:
                         batch = norms.shape[0]
                         numel = leaf.numel() // batch

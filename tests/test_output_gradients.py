@@ -159,7 +159,7 @@ def test_another_instance_of_an_observed_class_is_not_recorded(tmp_path) -> None
 
 
 def test_a_failing_kernel_is_a_note_naming_the_module_and_training_goes_on(tmp_path, monkeypatch) -> None:
-    def fail(x: torch.Tensor) -> torch.Tensor:
+    def fail(x: torch.Tensor, batch_dim: int | None = 0) -> torch.Tensor:
         raise RuntimeError("kernel failed")
 
     monkeypatch.setattr(normtrace.gradients, "sample_norms", fail)

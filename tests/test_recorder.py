@@ -1195,7 +1195,7 @@ def test_a_failing_norm_is_a_note_naming_the_module_and_training_goes_on(tmp_pat
 
     import normtrace.lenses
 
-    def fail(x: torch.Tensor) -> torch.Tensor:
+    def fail(x: torch.Tensor, batch_dim: int | None = 0) -> torch.Tensor:
         raise RuntimeError("no norm for this")
 
     monkeypatch.setattr(normtrace.lenses, "sample_norms", fail)
