@@ -5,7 +5,9 @@ train wide MLPs, convolutional nets, transformers and recurrent nets, where the 
 share, and deep stacks of small blocks, where they are a larger one. This script runs one training step
 (forward, MSE loss against zeros, backward, SGD step) of each family with the same machinery as
 ``overhead.py`` (interleaved, order-rotating repeats; the median over repeats of each repeat's ``X / A``)
-and prints, per family, the variants' step-time ratios and normtrace's added time per observed module.
+and prints, per family, the variants' step-time ratios, normtrace's added time per observed module, and its
+ratio without the block's ``close()`` (paid once per block of a few dozen steps here, once per run in
+training).
 
 Variants: **A** untraced; **B** a bare forward hook (``vector_norm(out).item()``) on the modules
 normtrace observes; **C** normtrace (``OutputNorm`` on the family's activation modules, ``ParameterNorm``,
@@ -271,8 +273,12 @@ def measure_family(
 
     per_module = samples.paired("cpu", "C", lambda x, y: (x - y) / n * 1e6)
     q = statistics.quantiles(samples.paired_values("cpu", "C", lambda x, y: x / y), n=4)
+    # close() once per block of a few dozen steps weighs more than once per run: C's step without it
+    wall, finish = samples.per_unit["wall"], samples.finish_per_unit["C"]
+    steps_only = statistics.median((c - f) / a for c, f, a in zip(wall["C"], finish, wall["A"], strict=True))
+    close_ms = statistics.median(samples.finish_per_unit["C"]) * steps * 1e3
     line = (f"{name:<13} {n:>7} {samples.median('cpu', 'A') * 1e3:>10.2f} {ratio('B'):>7} {ratio('C'):>7} "
-            f"{ratio('D'):>7} {per_module:>14.1f} {q[0]:>6.3f}..{q[2]:.3f}")  # fmt: skip
+            f"{ratio('D'):>7} {per_module:>14.1f} {q[0]:>6.3f}..{q[2]:.3f} {steps_only:>9.3f} {close_ms:>6.1f}")  # fmt: skip
     return "\n".join([line, *(f"  {key} cannot run {name}: {why}" for key, why in failed.items())])
 
 
@@ -292,14 +298,16 @@ def main() -> None:
     print(f"normtrace model families: torch {torch.__version__}, 1 thread, {repeats} repeats, allocator "
           f"{'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}, load {overhead._loadavg():.1f}")  # fmt: skip
     print(f"{'family':<13} {'modules':>7} {'A ms/step':>10} {'B/A':>7} {'C/A':>7} {'D/A':>7} "
-          f"{'C-A us/module':>14} {'C q1..q3':>13}")  # fmt: skip
+          f"{'C-A us/module':>14} {'C q1..q3':>13} {'C/A -close':>9} {'close ms':>6}")  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="normtrace-families-"))
     try:
         for name in args.family or list(FAMILIES):
             print(measure_family(name, FAMILIES[name], workdir, repeats, args.quick, have_monitorch))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("ratios: median over repeats of the repeat's X / A on CPU time (all threads of the process)")
+    print("ratios: median over repeats of the repeat's X / A on CPU time (all threads of the process); "
+          "C/A -close: on the wall clock, C's block without its close() (once per block of a few dozen "
+          "steps here, once per run in training); close ms: its wall time per block")  # fmt: skip
 
 
 if __name__ == "__main__":
