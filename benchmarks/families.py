@@ -10,9 +10,12 @@ ratio without the block's ``close()`` (paid once per block of a few dozen steps 
 training).
 
 Variants: **A** untraced; **B** a bare forward hook (``vector_norm(out).item()``) on the modules
-normtrace observes; **C** normtrace (``OutputNorm`` on the family's activation modules, ``ParameterNorm``,
-``LossMetrics`` on the loss); **D** monitorch 0.1.0.7 with the same lenses, where it runs (its
-``OutputNorm`` fails on an LSTM's tuple output: reported, not timed).
+normtrace observes; **F** the floor of any recorder of these norms (``overhead.py``'s F: each observed
+module's per-sample norms computed and kept, dropped every 64; no pass, epoch, loss or writer), so that
+C against F says what normtrace's bookkeeping costs beyond the kernels it must run; **C** normtrace
+(``OutputNorm`` on the family's activation modules, ``ParameterNorm``, ``LossMetrics`` on the loss);
+**D** monitorch 0.1.0.7 with the same lenses, where it runs (its ``OutputNorm`` fails on an LSTM's tuple
+output: reported, not timed).
 
 The memory allocator is controlled: glibc hands large blocks back to the system and faults them in again
 at the next step (its dynamic mmap threshold), which made the hooked variants of a wide MLP look *faster*
@@ -171,6 +174,35 @@ class BareHookOn(overhead.Untraced):
             handle.remove()
 
 
+class KeptNormsOn(overhead.Untraced):
+    """F: per-sample norms of every observed module's (first) output, computed with grad off and kept
+    with the module's name, the list dropped every 64 entries (normtrace compacts as often)."""
+
+    def __init__(self, model: nn.Module, observe: tuple[type[nn.Module], ...]) -> None:
+        from normtrace.observe import after_forward
+
+        kept: list[tuple[str, Tensor]] = []
+
+        def keeper(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def keep(module: nn.Module, args: Any, out: Any) -> None:
+                with torch.no_grad():
+                    t = _first_tensor(out)
+                    kept.append((name, torch.linalg.vector_norm(t.flatten(1) if t.ndim > 2 else t, 2, 1)))
+                if len(kept) >= 64:
+                    kept.clear()
+
+            return keep
+
+        self.handles = [
+            after_forward(m, keeper(n)) for n, m in model.named_modules() if isinstance(m, observe)
+        ]
+
+    def cleanup(self) -> None:
+        """Give the modules their classes back."""
+        for handle in self.handles:
+            handle.remove()
+
+
 class NormtraceOn:
     """C: a fresh ``Recorder`` per block with the three seed lenses on the observed classes."""
 
@@ -222,6 +254,8 @@ def factory(family: Family, workdir: Path) -> overhead.TracerFactory:
             return overhead.Untraced()
         if key == "B":
             return BareHookOn(model, family.observe)
+        if key == "F":
+            return KeptNormsOn(model, family.observe)
         if key == "C":
             return NormtraceOn(model, loss_fn, workdir / f"run{next(counter)}", family.observe)
         if key == "D":
@@ -255,7 +289,7 @@ def measure_family(
     """Time the variants on one family; its line of the table (and why a variant could not run)."""
     work = Step(family)
     make = factory(family, workdir)
-    variants = ["A", "B", "C"] + (["D"] if monitorch else [])
+    variants = ["A", "B", "F", "C"] + (["D"] if monitorch else [])
     failed = {k: why for k in variants if (why := runnable(work, make, k)) is not None}
     steps = max(2, family.steps // (4 if quick else 1))
     samples = overhead.measure(
@@ -272,13 +306,16 @@ def measure_family(
         return f"{samples.paired('cpu', key, lambda x, y: x / y):.3f}"
 
     per_module = samples.paired("cpu", "C", lambda x, y: (x - y) / n * 1e6)
+    floor = (
+        samples.paired("cpu", "F", lambda x, y: (x - y) / n * 1e6) if "F" in samples.per_unit["cpu"] else 0.0
+    )
     q = statistics.quantiles(samples.paired_values("cpu", "C", lambda x, y: x / y), n=4)
     # close() once per block of a few dozen steps weighs more than once per run: C's step without it
     wall, finish = samples.per_unit["wall"], samples.finish_per_unit["C"]
     steps_only = statistics.median((c - f) / a for c, f, a in zip(wall["C"], finish, wall["A"], strict=True))
     close_ms = statistics.median(samples.finish_per_unit["C"]) * steps * 1e3
-    line = (f"{name:<13} {n:>7} {samples.median('cpu', 'A') * 1e3:>10.2f} {ratio('B'):>7} {ratio('C'):>7} "
-            f"{ratio('D'):>7} {per_module:>14.1f} {q[0]:>6.3f}..{q[2]:.3f} {steps_only:>9.3f} {close_ms:>6.1f}")  # fmt: skip
+    line = (f"{name:<13} {n:>7} {samples.median('cpu', 'A') * 1e3:>10.2f} {ratio('B'):>7} {ratio('F'):>7} {ratio('C'):>7} "
+            f"{ratio('D'):>7} {per_module:>14.1f} {floor:>14.1f} {q[0]:>6.3f}..{q[2]:.3f} {steps_only:>9.3f} {close_ms:>6.1f}")  # fmt: skip
     return "\n".join([line, *(f"  {key} cannot run {name}: {why}" for key, why in failed.items())])
 
 
@@ -296,9 +333,10 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     have_monitorch = overhead.monitorch_version() is not None
     print(f"normtrace model families: torch {torch.__version__}, 1 thread, {repeats} repeats, allocator "
-          f"{'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}, load {overhead._loadavg():.1f}")  # fmt: skip
-    print(f"{'family':<13} {'modules':>7} {'A ms/step':>10} {'B/A':>7} {'C/A':>7} {'D/A':>7} "
-          f"{'C-A us/module':>14} {'C q1..q3':>13} {'C/A -close':>9} {'close ms':>6}")  # fmt: skip
+          f"{'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}, load {overhead._loadavg():.1f}, "
+          f"{overhead.machine_info(1)['cpu']}")  # fmt: skip
+    print(f"{'family':<13} {'modules':>7} {'A ms/step':>10} {'B/A':>7} {'F/A':>7} {'C/A':>7} {'D/A':>7} "
+          f"{'C-A us/module':>14} {'F-A us/module':>14} {'C q1..q3':>13} {'C/A -close':>9} {'close ms':>6}")  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="normtrace-families-"))
     try:
         for name in args.family or list(FAMILIES):

@@ -152,7 +152,8 @@ def main() -> None:
     print(
         f"normtrace paired steps: the seed's DQN step, A untraced vs X, {args.epochs} epochs x "
         f"{args.epoch_len} steps each, alternating every {args.run}; torch {torch.__version__}, 1 thread; "
-        f"allocator {'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}; load {load:.1f}"
+        f"allocator {'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}; load {load:.1f}; "
+        f"{overhead.machine_info(1)['cpu']}"
     )
     report = {}
     for key in args.variant or ["C"]:
@@ -170,7 +171,7 @@ def main() -> None:
     print(f"load after: {overhead._loadavg():.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": report,
-                                         "load_before": load}, indent=2))  # fmt: skip
+                                         "load_before": load, "machine": overhead.machine_info(1)}, indent=2))  # fmt: skip
 
 
 def summarise(got: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
