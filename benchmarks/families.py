@@ -11,7 +11,8 @@ training).
 
 Variants: **A** untraced; **B** a bare forward hook (``vector_norm(out).item()``) on the modules
 normtrace observes; **F** the floor of any recorder of these norms (``overhead.py``'s F: each observed
-module's per-sample norms computed and kept, dropped every 64; no pass, epoch, loss or writer), so that
+module's per-sample norms of its first output tensor computed and kept, dropped every 64; no pass,
+epoch, loss or writer; an LSTM's hidden states, which C also records, are left out), so that
 C against F says what normtrace's bookkeeping costs beyond the kernels it must run; **C** normtrace
 (``OutputNorm`` on the family's activation modules, ``ParameterNorm``, ``LossMetrics`` on the loss);
 **D** monitorch 0.1.0.7 with the same lenses, where it runs (its ``OutputNorm`` fails on an LSTM's tuple
