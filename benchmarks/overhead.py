@@ -168,16 +168,18 @@ _set_grad = torch._C._set_grad_enabled  # what normtrace's hook calls around the
 
 
 def _kernel_only(module: nn.Module, args: Any, out: Tensor) -> None:
-    grad = torch.is_grad_enabled()
+    if not torch.is_grad_enabled():  # a no-grad pass (W2's acting pass): OutputNorm skips it by default
+        return
     _set_grad(False)
     torch.linalg.vector_norm(out, 2, 1)
-    _set_grad(grad)
+    _set_grad(True)
 
 
 class KernelOnly:
     """K: the norm kernel alone, launched where normtrace launches it (the same per-sample
-    ``vector_norm`` with grad mode off, from the same class-swap observer), its result dropped: what any
-    recorder of these norms must pay, against which C's per-module overhead is judged."""
+    ``vector_norm`` with grad mode off, from the same class-swap observer, in grad-enabled passes only, as
+    ``OutputNorm`` by default), its result dropped: what any recorder of these norms must pay, against which
+    C's per-module overhead is judged."""
 
     def __init__(self, model: nn.Module) -> None:
         from normtrace.observe import after_forward
@@ -229,10 +231,11 @@ class KeptNorms:
         append, vector_norm = kept.append, torch.linalg.vector_norm
 
         def keep(module: nn.Module, args: Any, out: Tensor) -> None:
-            grad = torch.is_grad_enabled()
+            if not torch.is_grad_enabled():  # as K: no-grad passes are skipped, as by OutputNorm
+                return
             _set_grad(False)
             append((name, vector_norm(out, 2, 1)))
-            _set_grad(grad)
+            _set_grad(True)
             if len(kept) >= _FLOOR_KEEP:
                 kept.clear()
 

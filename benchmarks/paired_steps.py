@@ -24,7 +24,9 @@ Estimate: C/A = C's total time over A's; its 95% interval by bootstrap over epoc
 totals resampled together, 2,000 resamples). The memory allocator is controlled as in ``families.py``
 (glibc's thresholds fixed at 1 GiB; ``--default-allocator`` to measure without).
 
-``--variant`` puts another tracer in C's place: ``overhead.py``'s D (monitorch with the seed's lenses), or
+``--variant`` puts another tracer in C's place: ``overhead.py``'s D (monitorch with the seed's lenses), K
+(the output norms' kernels alone) or F (the norms computed and kept: the floor of any recorder of them; what
+W2's C/A cannot go below), or
 ``lenses.py``'s signals lenses alone (G, U, O, R), all together (ALL), or monitorch's equivalents (mG,
 mU, mO, mR); each is measured against its own untraced copy, one after the other.
 
@@ -54,13 +56,14 @@ import overhead  # noqa: E402  (the seed's step and the normtrace variant)
 from families import ALLOCATOR_ENV  # noqa: E402
 from overhead import CLOCKS  # noqa: E402  (wall: perf_counter; cpu: here the main thread's, see above)
 
-VARIANTS = ("C", "D", *lenses.NEW_LENSES, "ALL", "mG", "mU", "mO", "mR")
-"""``overhead.py``'s C (the seed's lenses) and D (monitorch), and ``lenses.py``'s variants."""
+VARIANTS = ("C", "D", "K", "F", *lenses.NEW_LENSES, "ALL", "mG", "mU", "mO", "mR")
+"""``overhead.py``'s C (the seed's lenses), D (monitorch), K (the norm kernels alone) and F (the norms
+kept: the floor of any recorder of them), and ``lenses.py``'s variants."""
 
 
 def make_tracer(key: str, work: overhead.TrainStep, workdir: Path) -> overhead.Tracer:
     """Variant ``key`` attached to ``work``'s model (and optimizer, for the lenses that need it)."""
-    if key in ("C", "D"):
+    if key in ("C", "D", "K", "F"):
         return overhead.tracer_factory(workdir)(key, work.model, work.loss_fn)
     return lenses.factory(work, workdir)(key, work.model, work.loss_fn)  # type: ignore[no-any-return]
 
