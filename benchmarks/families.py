@@ -308,7 +308,9 @@ def measure_family(
 
     per_module = samples.paired("cpu", "C", lambda x, y: (x - y) / n * 1e6)
     floor = (
-        samples.paired("cpu", "F", lambda x, y: (x - y) / n * 1e6) if "F" in samples.per_unit["cpu"] else 0.0
+        samples.paired("cpu", "F", lambda x, y: (x - y) / n * 1e6)
+        if "F" in samples.per_unit["cpu"]
+        else float("nan")
     )
     q = statistics.quantiles(samples.paired_values("cpu", "C", lambda x, y: x / y), n=4)
     # close() once per block of a few dozen steps weighs more than once per run: C's step without it

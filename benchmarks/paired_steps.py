@@ -151,12 +151,12 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    load = overhead._loadavg()
+    load, machine = overhead._loadavg(), overhead.machine_info(1)
     print(
         f"normtrace paired steps: the seed's DQN step, A untraced vs X, {args.epochs} epochs x "
         f"{args.epoch_len} steps each, alternating every {args.run}; torch {torch.__version__}, 1 thread; "
         f"allocator {'default' if args.default_allocator else 'thresholds fixed at 1 GiB'}; load {load:.1f}; "
-        f"{overhead.machine_info(1)['cpu']}"
+        f"{machine['cpu']}"
     )
     report = {}
     for key in args.variant or ["C"]:
@@ -174,7 +174,7 @@ def main() -> None:
     print(f"load after: {overhead._loadavg():.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": report,
-                                         "load_before": load, "machine": overhead.machine_info(1)}, indent=2))  # fmt: skip
+                                         "load_before": load, "machine": machine}, indent=2))  # fmt: skip
 
 
 def summarise(got: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
