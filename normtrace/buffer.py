@@ -155,10 +155,12 @@ class Buffer:
             run = []
         self.norm_chunks[-len(fresh) :] = merged[:-1]
 
-    def take(self) -> dict[str, list[Any]]:
+    def take(self, into: Callable[[dict[str, list[Any]]], None] | None = None) -> dict[str, list[Any]]:
         """Hand over the non-empty tables' rows (``outputs`` as ``TakenOutputs``), leaving the lists empty
         but the same objects (hooks hold their bound ``append``/``extend``); rows other threads append
-        while this runs stay for the next take."""
+        while this runs stay for the next take. ``into`` (the writer's queue) receives them before the
+        lock is released, so that batches taken by several threads are queued in the order they were
+        taken (two threads flushing at once used to queue them crossed: a pass's rows out of order)."""
         taken: dict[str, Any] = {}
         with self.lock:
             self._compact()
@@ -171,6 +173,8 @@ class Buffer:
                 if n:
                     taken[table] = rows[:n]
                     del rows[:n]
+            if into is not None:
+                into(taken)
         return taken
 
 

@@ -142,7 +142,7 @@ class _Run:
         if wait_for_room:
             self.writer.wait_for_room()
         with critical():
-            self.writer.submit_records(self.buffer.take())
+            self.buffer.take(self.writer.submit_records)
 
     def write_meta(self) -> None:
         """Queue a rewrite of the metadata file with the current ``meta``."""
@@ -164,7 +164,7 @@ class _Run:
                 if self.signalled is not None and status in ("failed", "exited"):
                     status = "terminated"  # an exception or exit that the signal's handler caused
                 self.last_pass = self.next_pass() - 1  # exact: the next number is the count so far
-                self.writer.submit_records(self.buffer.take())
+                self.buffer.take(self.writer.submit_records)
                 self.meta.update(
                     status=status,
                     end_time=_utcnow(),

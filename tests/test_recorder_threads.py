@@ -140,6 +140,37 @@ def test_learners_in_several_threads_keep_every_row_with_its_own_norm(tmp_path, 
     input_of_each_pass(outputs, model, xs)
 
 
+def test_batches_taken_by_two_threads_reach_the_writer_in_the_order_taken(tmp_path) -> None:
+    """A flush takes the buffered rows and queues them for the writer; a second thread flushing while the
+    first has taken but not yet queued must queue after it, or the shards hold a pass's rows out of order
+    (seen once in ten runs of the learners test above)."""
+    import time
+
+    rec = nt.Recorder(tmp_path, lenses=[nt.OutputNorm(include=[nn.Identity])]).attach(QNetwork())
+    writer = rec._run.writer
+    queued: list[int] = []
+    submit = writer.submit_records
+
+    def slow_submit(taken: dict) -> None:
+        first = not queued
+        queued.append(1)
+        if first:
+            time.sleep(0.3)  # the first flush is slow to queue: the second one starts meanwhile
+        submit(taken)
+
+    writer.submit_records = slow_submit
+    rec._run.buffer.outputs.extend(("a", 0, 0, True, True, 1, 1, torch.ones(1)))
+    first = threading.Thread(target=rec._run.hand_over)
+    first.start()
+    time.sleep(0.1)  # the first thread has taken record "a" and sleeps before queueing it
+    rec._run.buffer.outputs.extend(("b", 1, 0, True, True, 1, 1, torch.ones(1)))
+    rec._run.hand_over()
+    first.join()
+    writer.submit_records = submit
+    rec.close()
+    assert [r["module"] for r in read_table(tmp_path, "outputs").to_pylist()] == ["a", "b"]
+
+
 class SharedActivation(nn.Module):
     """One ReLU instance after each of three layers: its calls in a pass are ``act``, ``act#1``, ``act#2``."""
 
