@@ -10,7 +10,8 @@ then run the detector where the data is, one series at a time:
     python examples/distributed_spikes.py DIR --scheduler tcp://host:8786 --csv spikes.csv
 
 The detector is the one ``normtrace_analysis.spikes`` documents (a Hampel filter: centred rolling median
-of ``window`` points as the baseline, a rolling MAD over four windows at block resolution as the scale,
+of ``window`` points as the baseline, a rolling MAD over four windows at block resolution as the scale
+(the root mean square deviation where that MAD is 0; a series too short for it, its blocks' median MAD),
 NaN/±Inf always spikes, consecutive flags merged at their peak), written here per series with numpy and
 pandas so that any engine that can apply a pandas function per group runs it: Dask's
 ``groupby(...).apply``, Spark's ``groupBy(...).applyInPandas``, or a plain loop.
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
 
 THRESHOLD = 6.0
 WINDOW = {"pass": 51, "epoch": 11}
@@ -65,8 +67,20 @@ def detect_series(values: np.ndarray, positions: np.ndarray, epochs: np.ndarray,
     block = max(1, window // 4)
     blocks = np.arange(len(v)) // block
     block_mad = pd.Series(absdev).groupby(blocks).median().to_numpy()
-    mad = _centred_median(block_mad, max(3, (SCALE_SPAN * window // block) | 1))[blocks]
-    scale = np.fmax(np.fmax(MAD_TO_SIGMA * mad, SCALE_FLOOR * np.abs(baseline)), 1e-300)
+    span = max(3, (SCALE_SPAN * window // block) | 1)
+    if len(block_mad) > span // 2:
+        mad = _centred_median(block_mad, span)[blocks]
+    else:  # too few blocks for a rolling MAD: the median of all the blocks' MADs
+        mad = np.full(len(v), pd.Series(block_mad).median())
+    # where the MAD is 0 (most points exactly on the baseline: quantised values, a flat stretch), the root
+    # mean square deviation over the same span of blocks (the window cut at the series' ends)
+    known = ~np.isnan(absdev)
+    squares = np.pad(np.bincount(blocks, weights=np.where(known, absdev, 0) ** 2), span // 2)
+    counts = np.pad(np.bincount(blocks, weights=known), span // 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = np.sqrt(sliding_window_view(squares, span).sum(1) / sliding_window_view(counts, span).sum(1))
+    sigma = np.where(mad == 0, rms[blocks], MAD_TO_SIGMA * mad)
+    scale = np.fmax(np.fmax(sigma, SCALE_FLOOR * np.abs(baseline)), 1e-300)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = np.where(finite, (v - baseline) / scale, np.where(v < 0, -math.inf, math.inf))
         flag = ~finite | (np.abs(score) > threshold)

@@ -4,12 +4,14 @@ Detector (a Hampel filter): for every series (run, rank, module, split for outpu
 param for params), ordered by pass, the baseline is the centred rolling median of ``baseline_window``
 points, and the scale a rolling MAD (median absolute deviation from the baseline, times 1.4826 so that it
 estimates a standard deviation for Gaussian noise) over ``SCALE_SPAN`` times as many points, computed at
-block resolution: the median of the blocks' MADs, blocks of ``baseline_window // 4`` points. A point is
-flagged when ``|value - baseline| / scale > threshold``; NaN and ±Inf values are always flagged (score
-±inf) and left out of every baseline. Consecutive flagged points form one spike, reported at its peak
-(largest ``|score|``) with ``points`` = how many points it spans. Because the window is centred, a level
-shift is absorbed into the baseline within half a window: it yields at most one short spike, never a
-spike per point; an excursion shorter than half a window is a spike.
+block resolution: the median of the blocks' MADs, blocks of ``baseline_window // 4`` points (where that
+MAD is 0, the root mean square deviation over the same blocks; a series of no more blocks than half a
+span takes the median of all its blocks' MADs). A point is flagged when ``|value - baseline| / scale >
+threshold``; NaN and ±Inf values are always flagged (score ±inf) and left out of every baseline.
+Consecutive flagged points form one spike, reported at its peak (largest ``|score|``) with ``points`` =
+how many points it spans. Because the window is centred, a level shift is absorbed into the baseline
+within half a window: it yields at most one short spike, never a spike per point; an excursion shorter
+than half a window is a spike.
 
 Signals (run, rank, kind, module, param) of the kinds in :data:`.names.LOG_KINDS` (gradient norms,
 update ratios) are scored on ``log10(value)``: they span orders of magnitude and their noise is
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import polars as pl
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import ShortSeriesWarning, caller_stacklevel
 from .names import BASELINE_WINDOW, LOG_KINDS, SERIES_KEYS, SUMMARY_KEYS, THRESHOLD, Level, Table
@@ -51,8 +54,9 @@ only one window's points is so variable that on 1e5-point series it would flag p
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for Gaussian noise."""
 
+
 SCALE_FLOOR = 1e-4
-"""Smallest scale relative to the baseline, so a flat series (MAD 0) does not flag float rounding."""
+"""Smallest scale relative to the baseline, so a flat series does not flag float rounding."""
 
 
 def spikes(
@@ -398,8 +402,20 @@ class _Detector:
         # (Polars' rolling median takes a much slower path as soon as a column has a null).
         block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
         mad = _centred_median(block_mad, block_rows, s // block, bs, bve, seed[:, 1], span)
-        scale = np.repeat(mad, sizes)
-        np.multiply(scale, MAD_TO_SIGMA, out=scale)
+        # A whole series of too few blocks for a rolling MAD (fewer than half a span: every rolling
+        # median would be missing) takes the median of all its blocks' MADs.
+        for i in np.flatnonzero((s == 0) & ended & (nb <= span // 2)):
+            own = block_mad[block_rows[i] : block_rows[i + 1]]
+            mad[block_rows[i] : block_rows[i + 1]] = np.nanmedian(own) if (~np.isnan(own)).any() else np.nan
+        sigma = mad * MAD_TO_SIGMA
+        flat = mad == 0
+        if flat.any():  # most points exactly on the baseline: the root mean square deviation there instead
+            where = np.unique(np.repeat(np.arange(len(per_block)), per_block)[flat])  # the stretches
+            rms = _rms_deviations(
+                absdev, rows, block_rows, bs - s // block, bve - s // block, block, span, where
+            )
+            sigma[flat] = rms[flat]
+        scale = np.repeat(sigma, sizes)
         floor = np.abs(baseline)
         np.multiply(floor, SCALE_FLOOR, out=floor)
         if "_log" in cols:
@@ -452,6 +468,44 @@ class _Detector:
             ms_next = -(-xm_next // block) + lbs
             new_seed[moved, 1] = mad[block_rows[moved] + (ms_next - 1 - s[moved] // block)]
         return found, b, s_next, new_seed
+
+
+def _rms_deviations(
+    absdev: np.ndarray,
+    rows: np.ndarray,
+    block_rows: np.ndarray,
+    first: np.ndarray,
+    last: np.ndarray,
+    block: int,
+    span: int,
+    where: np.ndarray,
+) -> np.ndarray:
+    """Per block of the stretches ``where`` (as in :func:`_block_medians`; NaN elsewhere), the root mean
+    square of the known deviations over the ``span`` blocks centred on it, counting only the stretch's
+    blocks ``first`` to ``last`` (its own numbering; those whose every point has its baseline), so a
+    window is cut at a series' ends as over the whole series. Summed window by window: no running sum
+    to lose precision."""
+    counts = np.diff(rows)
+    per_block = np.diff(block_rows)
+    block_of = (
+        np.repeat(block_rows[:-1], counts) + (np.arange(len(absdev)) - np.repeat(rows[:-1], counts)) // block
+    )
+    known = ~np.isnan(absdev)
+    nblocks = int(block_rows[-1])
+    squares = np.bincount(block_of, weights=np.where(known, absdev, 0.0) ** 2, minlength=nblocks)
+    found = np.bincount(block_of, weights=known, minlength=nblocks)
+    own = np.arange(nblocks) - np.repeat(block_rows[:-1], per_block)
+    outside = (own < np.repeat(first, per_block)) | (own >= np.repeat(last, per_block))
+    squares[outside] = 0.0
+    found[outside] = 0.0
+    out = np.full(nblocks, np.nan)
+    half = span // 2
+    for b0, b1 in zip(block_rows[where], block_rows[where + 1], strict=True):
+        total = sliding_window_view(np.pad(squares[b0:b1], half), span).sum(axis=1)
+        number = sliding_window_view(np.pad(found[b0:b1], half), span).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[b0:b1] = np.sqrt(total / number)
+    return out
 
 
 def _block_medians(x: np.ndarray, rows: np.ndarray, block_rows: np.ndarray, block: int) -> np.ndarray:

@@ -103,34 +103,81 @@ def test_series_shorter_than_the_window_are_counted_in_a_warning(tmp_path: Path)
 
 
 def test_the_smallest_baseline_window_is_3(tmp_path: Path) -> None:
-    values = np.full(200, 3.0)  # flat: with 3 points the MAD of noise would flag noise
-    values[100] = 3.5
+    values = _noise(200, seed=3)
+    values[100] += (
+        2.0  # 20 SDs (a window of 3 flags noise too: a point is its own median a third of the time)
+    )
     trace = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values})))
-    assert trace.spikes(baseline_window=3)["pass"].to_list() == [100]
+    assert 100 in trace.spikes(baseline_window=3)["pass"].to_list()
     with pytest.raises(ValueError, match=r"^baseline_window must be at least 3 points, got 2$"):
         trace.spikes(baseline_window=2)
 
 
+def _rms_score(deviation: float, window_deviations: list[float], points: int = 204) -> float:
+    """The score of ``deviation`` where the MAD is 0: over the root mean square deviation of the scale's
+    span (17 blocks of 12 points at the default window of 51)."""
+    return deviation / np.sqrt(sum(d * d for d in window_deviations) / points)
+
+
 def test_a_flat_series_does_not_flag_rounding_but_flags_a_jump(tmp_path: Path) -> None:
-    """MAD 0 (every block's median deviation is 0): the scale is 1e-4 of the baseline (0.01 at 100), so
-    a deviation of 1e-5 relative (score ~0.1) is not a spike while a jump to 150 is."""
+    """MAD 0 (every block's median deviation is 0): the scale is the root mean square deviation, but
+    never under 1e-4 of the baseline (0.01 at 100), so a deviation of 1e-5 relative (score ~0.1) is not a
+    spike while a jump to 150 is, scored against the deviations of the 204 points around it (blocks 33-49:
+    the jump and three points of 100.001)."""
     values = np.full(1000, 100.0)
     values[::50] = 100.001  # one point in 50: every block's median deviation stays 0
     values[500] = 150.0
     found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
     assert found.select("pass", "points").rows() == [(500, 1)]
-    assert found["score"][0] == pytest.approx(50.0 / (1e-4 * 100.0), rel=1e-3)
+    small = float(np.float32(100.001)) - 100.0  # as the trace holds it
+    assert found["score"][0] == pytest.approx(_rms_score(50.0, [50.0] + [small] * 3), rel=1e-6)
 
 
 def test_an_all_zero_series_gives_a_finite_score_to_a_jump(tmp_path: Path) -> None:
-    """Baseline 0 and MAD 0: the scale's last floor (1e-300) keeps the score of a finite value finite;
-    ±inf is for NaN and Inf values only."""
+    """Baseline 0 and MAD 0: the scale is the root mean square deviation of the 204 points around the
+    jump, so its score is finite (sqrt(204)) and says how rare it is; ±inf is for NaN and Inf only."""
     values = np.zeros(300)
     values[100] = 1.0
     found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
     assert found["pass"].to_list() == [100]
-    score = found["score"][0]
-    assert np.isfinite(score) and score > 1e200
+    assert found["score"][0] == pytest.approx(_rms_score(1.0, [1.0]), rel=1e-12)
+
+
+def test_quantised_values_flag_rare_changes_not_frequent_ones(tmp_path: Path) -> None:
+    """A dead-unit fraction of 32 units: 0 at most passes, so its MAD is 0, and the scale is the root mean
+    square deviation, which no more than 1 point in 36 can exceed six times. One unit dead at one pass
+    in twenty is how it goes, not a spike; one unit dead at a single pass is rare, and scored against
+    that deviation (sqrt(204)), not against a floor of 0 (a score of 1e298)."""
+    rng = np.random.default_rng(5)
+    often = np.where(rng.random(1000) < 0.05, 1 / 32, 0.0)
+    once = np.zeros(1000)
+    once[600] = 1 / 32
+    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs({"often": often, "once": once})))
+    found = trace.spikes()
+    assert found.select("module", "pass").rows() == [("once", 600)]
+    assert found["score"][0] == pytest.approx(_rms_score(1 / 32, [1 / 32]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("level", "lengths"), [("pass", [20, 30, 52, 60, 80, 99, 150]), ("epoch", [6, 8, 15, 22, 30])]
+)
+def test_noise_in_series_too_short_for_a_rolling_scale_is_not_flagged(
+    tmp_path: Path, level: str, lengths: list[int]
+) -> None:
+    """Series shorter than about two baseline windows have too few blocks for a rolling MAD; their scale
+    is the median of their blocks' MADs. Noise then gives no spike (the scale used to fall to its floor,
+    1e-4 of the baseline, and flag nearly every point), and a point 30 SDs off still does."""
+    rng = np.random.default_rng(12)
+    per = 1 if level == "pass" else 100  # passes per epoch: epoch means of 100 passes are the points
+    series = {f"n{n}": 10.0 + 0.1 * rng.standard_normal(n * per) for n in lengths}
+    planted = f"n{lengths[-3]}"  # long enough for a baseline (half a window and one point)
+    series[planted + "x"] = series[planted].copy()
+    series[planted + "x"][len(series[planted]) // 2] += 3.0 * (1 if per == 1 else per)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", na.ShortSeriesWarning)
+        found = na.load(write_trace(tmp_path / "r", outputs=_outputs(series))).spikes(level=level)
+    assert found["module"].to_list() == [planted + "x"]
+    assert found["points"].to_list() == [1]
 
 
 def test_a_score_equal_to_the_threshold_is_not_a_spike(tmp_path: Path) -> None:
