@@ -488,6 +488,8 @@ def _ordered_pieces(
     with ThreadPoolExecutor(1, thread_name_prefix="normtrace-read") as pool:
         for run, by_rank in runs.items():
             queues = {rank: deque(files) for rank, files in sorted(by_rank.items())}
+            if not queues:
+                continue  # a run that did not record this table (another run of the trace did)
             top_epoch: dict[int, int | None] = dict.fromkeys(queues)  # per rank: largest epoch read
             taken, piece_bytes = _take(queues, top_epoch, chunk_rows, bytes_per_row)
             reading: Future[list[pl.DataFrame]] | None = read(run, taken)

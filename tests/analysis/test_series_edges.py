@@ -958,3 +958,21 @@ def test_the_series_of_a_rank_whose_shards_are_all_read_end_before_the_other_ran
     assert len(short) == 2 and rec.ended == set(range(len(keys)))
     assert max(rec.ended_at[sid] for sid in short) < len(rec.frames) - 3
     assert all(rec.ended_at[sid] == len(rec.frames) - 1 for sid in set(range(len(keys))) - short)
+
+
+@pytest.mark.parametrize("order", ["without first", "without last"])
+def test_a_run_without_the_table_adds_no_series_to_the_others(tmp_path: Path, order: str) -> None:
+    """Runs loaded together where one recorded no params (only OutputNorm): the params table is the other
+    run's series, whichever run comes first (reading the run without shards used to raise ``min() arg is
+    an empty sequence``)."""
+    outputs = {"pass": np.arange(4), "epoch": np.zeros(4, dtype=np.int32), "module": ["m"] * 4,
+               "norm": np.arange(4, dtype=np.float32)}  # fmt: skip
+    params = {"pass": np.array([0, 1, 2]), "epoch": np.array([0, 1, 2], dtype=np.int32), "module": ["m"] * 3,
+              "param": ["weight"] * 3, "norm": np.array([1.0, 2.0, 4.0], dtype=np.float32)}  # fmt: skip
+    bare = write_trace(tmp_path / "bare", outputs=outputs)
+    full = write_trace(tmp_path / "full", outputs=outputs, params=params)
+    trace = na.load([bare, full] if order == "without first" else [full, bare])
+    summary = trace.epoch_summary("params")
+    assert summary["run"].unique().to_list() == ["full"]
+    assert summary.sort("epoch")["mean"].to_list() == [1.0, 2.0, 4.0]
+    assert trace.spikes("params", level="epoch", baseline_window=3).height == 0  # read, nothing flagged
