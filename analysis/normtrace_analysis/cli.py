@@ -20,14 +20,15 @@ from typing import Any, Literal, NoReturn
 import polars as pl
 
 from .alignment import recorded_events, series_name
-from .charts import MAX_ROWS, value_title
+from .charts import MAX_ROWS, printable, value_title
 from .errors import TraceError
 from .names import EVENT_WINDOW, PERMUTATIONS, SUMMARY_KEYS, THRESHOLD
 from .progress import progress as show_progress
 from .report import export_charts, report
 from .schema import COMPACT_ROWS, SHARD_SUFFIX, TABLES, compact, drop_covered, lock_name, shard_span
 from .storage import is_url
-from .trace import Trace, load
+from .tensorboard import MAX_POINTS
+from .trace import Trace, load, refuse_inside_tables
 
 EXPORT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
 """Output file extension -> format written by ``normtrace export``."""
@@ -110,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: every kind; a kind no run recorded is an error listing those recorded)",
     )
     loading.add_argument(
-        "--skip-corrupt", action="store_true", help="leave out unreadable shards with a warning"
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out unreadable shards, and runs without any shard (unless all are), with a warning",
     )
     loading.add_argument(
         "--storage-option",
@@ -264,10 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="format of -o (default: from its extension)",
     )
     export.add_argument(
-        "--level", choices=["pass", "epoch"], default="pass", help="TensorBoard step: the pass or the epoch"
+        "--level",
+        choices=["pass", "epoch"],
+        help="TensorBoard step, with --tensorboard only: the pass or the epoch (default: pass)",
     )
     export.add_argument(
-        "--max-points", type=_positive, default=1000, metavar="N", help="TensorBoard points per tag (binned)"
+        "--max-points",
+        type=_positive,
+        metavar="N",
+        help=f"TensorBoard points per tag (binned), with --tensorboard only (default: {MAX_POINTS})",
     )
     export.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     export.set_defaults(handler=_export)
@@ -370,7 +378,8 @@ def _summary(args: argparse.Namespace) -> int:
             if len(shown) == len(epochs)
             else f" ({len(shown)} of {len(epochs)} epochs shown; --csv for all)"
         )
-        print(f"{run} · {args.table}: {args.stat} of the {value_title(trace, args.table)} per epoch{note}")
+        title = f"{args.stat} of the {value_title(trace, args.table)} per epoch{note}"
+        print(f"{printable(run)} · {args.table}: {title}")
         headers = [*keys, *(f"epoch {e}" for e in shown)]
         print(_text_table(headers, wide.rows()))
         print()
@@ -431,14 +440,14 @@ def _spikes(args: argparse.Namespace) -> int:
     if top.height:
         print(_text_table(columns, top.rows()))
     print()
-    if aligned is None or steps is None:
+    if aligned is None or steps is None or event is None:
         print(
             "no events were recorded, so there is nothing to align the spikes with (mark events with "
             "Recorder.event(name), or track_target(module))"
         )
         return 0
     for finding in aligned["finding"]:
-        print(finding)
+        print(printable(finding))
     tested = aligned.filter(pl.col("p_value").is_not_null())
     if tested.height:
         print()
@@ -450,18 +459,19 @@ def _spikes(args: argparse.Namespace) -> int:
         )
     shared = groups.filter(pl.col("size") > 1)
     for _, part in shared.group_by("run", "rank", "group", maintain_order=True):
-        names = ", ".join(_series_name(row, args.table) for row in part.iter_rows(named=True))
+        names = ", ".join(printable(_series_name(row, args.table)) for row in part.iter_rows(named=True))
         print(f"the same excursions (one finding, not {part.height}): {names}")
     steps = steps.filter(pl.col("p_value").is_not_null()).sort("p_value")
     if steps.height:
         print()
         stepping = steps.filter(pl.col("q_value") < 0.05)
         for finding in stepping["finding"]:
-            print(finding)
+            print(printable(finding))
         if stepping.is_empty():
             print(
-                f"no step: in none of the {steps.height} series does the level after a {event} differ "
-                f"from the level before (smallest p = {steps['p_value'][0]:.2g}; --json for all)"
+                f"no step: in none of the {steps.height} series does the level after a "
+                f"{printable(event)} differ from the level before (smallest p = {steps['p_value'][0]:.2g}; "
+                "--json for all)"
             )
     return 0
 
@@ -537,6 +547,9 @@ def _charts_folder(trace: Trace) -> Path:
 def _export(args: argparse.Namespace) -> int:
     if args.tensorboard is not None:
         return _export_tensorboard(args)
+    for option in ("level", "max_points"):  # -o writes the rows as recorded: neither would do anything
+        if getattr(args, option) is not None:
+            raise ValueError(f"argument --{option.replace('_', '-')}: applies to --tensorboard only, not -o")
     args.table = args.table or "outputs"
     kind = args.format or EXPORT_FORMATS.get(args.output.suffix.lower())
     if kind is None:
@@ -575,8 +588,8 @@ def _export_tensorboard(args: argparse.Namespace) -> int:
         folders = to_tensorboard(
             trace,
             args.tensorboard,
-            level=args.level,
-            max_points=args.max_points,
+            level=args.level or "pass",
+            max_points=args.max_points or MAX_POINTS,
             tables=tables,
             overwrite=args.force,
         )
@@ -592,16 +605,8 @@ def _nothing(why: str) -> int:
 
 def _check_target(path: Path, trace: Trace, force: bool) -> None:
     """Refuse to write ``path`` over an existing file (unless ``force``) or anywhere inside a loaded run's
-    table folders, where the next load would find it beside the shards."""
-    where = path.resolve()
-    for run, folder in trace.paths.items():
-        if not isinstance(folder, Path):
-            continue  # a run on object storage: a local output cannot land in it
-        for table in TABLES:
-            if where.is_relative_to((folder / table).resolve()):
-                raise ValueError(
-                    f"{path} is inside the {table}/ folder of run {run!r}; write it somewhere else"
-                )
+    table folders (:func:`.trace.refuse_inside_tables`)."""
+    refuse_inside_tables(trace, path)
     if path.exists() and not force:
         raise ValueError(f"{path} exists; pass --force to overwrite it")
 
@@ -629,8 +634,10 @@ def _spread(values: list[Any], at_most: int) -> list[Any]:
 
 
 def _text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns aligned for a terminal: text left, numbers right at four significant digits."""
-    cells = [[_fmt(v) for v in row] for row in rows]
+    """Columns aligned for a terminal: text left, numbers right at four significant digits; control
+    characters in names (a module named with a newline) spelled as escapes, so no name breaks a row."""
+    headers = [printable(h) for h in headers]
+    cells = [[printable(_fmt(v)) for v in row] for row in rows]
     numeric = [all(isinstance(r[i], int | float) or r[i] is None for r in rows) for i in range(len(headers))]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
 

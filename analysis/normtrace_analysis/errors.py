@@ -63,7 +63,8 @@ class MissingTableError(TraceError, LookupError):
 
 
 class SkippedShardsWarning(UserWarning):
-    """Emitted by ``load(..., on_error="skip")`` listing the corrupt shards left out."""
+    """Emitted by ``load(..., on_error="skip")`` listing the corrupt shards left out, and (a second one)
+    the runs left out for having no shard at all."""
 
 
 class StrayFilesWarning(UserWarning):

@@ -30,7 +30,7 @@ from .errors import TraceError
 from .names import SENSITIVITY_WINDOWS, SERIES_KEYS, SUMMARY_KEYS, Level, Table
 from .progress import progress as show_progress
 from .runs import RUN_COLUMNS, differing
-from .trace import Trace, load
+from .trace import Trace, load, refuse_inside_tables
 
 Source = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -67,12 +67,18 @@ def report(
     are about (one or several); by default every event the runs recorded, the most frequent first (at
     most :data:`REPORT_EVENTS`), so a DQN's report is about its ``target_update`` and a CNN's about its
     ``lr_drop``; a run without events gets findings about its spikes alone. A name no run recorded is
-    an error listing those recorded. ``progress`` shows what it is doing on stderr when slow.
+    an error listing those recorded. ``progress`` shows what it is doing on stderr when slow. A ``path``
+    that is a folder, or inside a loaded run's table folder (``RUN/outputs/``, where the next load would
+    find it), is refused before any work.
 
     ``level`` defaults to "pass" (curves binned over passes, spikes and alignment per pass): a DQN's
     target-sync transients last a few dozen passes and average away in per-epoch means.
     """
+    if Path(path).is_dir():
+        example = Path(path) / "report.html"
+        raise ValueError(f"{path} is a folder, not a file for the HTML report: name the file, e.g. {example}")
     trace = _as_trace(source)
+    refuse_inside_tables(trace, path)
     events = report_events(trace, event)
     parts: dict[str, str] = {}
     with trace.reading(), show_progress("report", enabled=progress) as bar:
@@ -148,12 +154,18 @@ def export_charts(
     """Write each of the report's charts as ``directory/<slug>.png|svg`` (vl-convert, no browser needed).
 
     For papers and READMEs. Charts without data are left out; one that fails is skipped with a warning.
-    Returns the files written, in report order.
+    Returns the files written, in report order. A ``directory`` that is a file, or inside a loaded run's
+    table folder, is refused before any work.
     """
     if format not in ("png", "svg"):
         raise ValueError(f"format must be 'png' or 'svg', not {format!r}")
-    trace = _as_trace(source)
     folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{folder} is a file, not a folder for the {format} charts (a file each): name a folder"
+        )
+    trace = _as_trace(source)
+    refuse_inside_tables(trace, folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     with trace.reading(), show_progress(f"export {format}", enabled=progress) as bar:
@@ -436,8 +448,15 @@ def _chart_html(section: ChartSection) -> str:
 
 
 def _metadata_html(trace: Trace) -> str:
-    """Each run's meta.json as one column of a key/value table, plus any recorder notes."""
-    metas = trace.metas
+    """Each run's meta.json as one column of a key/value table, plus any recorder notes; a killed run's
+    status is "killed", with the "running" its meta.json still says."""
+    status = dict(trace.run_table.select("run", "status").iter_rows())
+    metas = {
+        run: m
+        if status[run] == m.get("status")
+        else {**m, "status": f"{status[run]} (meta.json: {m.get('status')})"}
+        for run, m in trace.metas.items()
+    }
     keys = [k for k in _META_ORDER if any(k in m for m in metas.values())]
     keys += sorted({k for m in metas.values() for k in m} - set(keys))
     head = "".join(f"<th>{_esc(run)}</th>" for run in metas)

@@ -4,20 +4,66 @@ A sweep is many runs that differ in a few settings. ``Recorder(config={...})`` s
 ``meta.json``; this module flattens them (nested mappings become dotted names: ``{"opt": {"lr": 1e-3}}``
 is column ``opt.lr``) so runs can be grouped and filtered by them with ordinary Polars expressions, and
 picks out the settings that differ between runs, which is what a report of a sweep should show.
+
+A run's status is its ``meta.json``'s, except that a run which says "running" while its writer is gone
+(see :func:`writer_gone`) is :data:`KILLED`: a SIGKILL never lets the recorder write its final status.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from .schema import lock_name
+
 RUN_COLUMNS = ("run", "status", "start_time", "end_time", "seconds", "epochs", "passes", "world_size")
 """The fixed columns of :func:`run_table`, before the configuration's."""
+
+KILLED = "killed"
+"""The status of a run whose ``meta.json`` says "running" but whose writer is gone without closing it
+(SIGKILL, the OOM killer, a machine that went down): it will never say anything else."""
+
+
+def writer_gone(run: Path) -> bool:
+    """Whether rank 0's writer of ``run`` has ended: its lock file ``.lock-rank0`` was written on this host
+    and no process holds its ``flock`` (the kernel drops it when the writer dies). False where that cannot
+    be told: a lock of another host (file systems do not share locks), no lock file (a copy of a run,
+    which may still be running where it was recorded), or no ``fcntl``."""
+    try:
+        fd = os.open(run / lock_name(0), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return False
+        if _lock_owner(fd).get("hostname") != socket.gethostname():
+            return False
+        try:  # shared: never in a live writer's way for more than this call; closing the file releases it
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held (or a file system without locks): the writer may be alive
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _lock_owner(fd: int) -> dict[str, Any]:
+    """What a lock file says about its writer (pid, hostname, start time); {} when empty or unreadable."""
+    try:
+        owner = json.loads(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,14 +101,18 @@ def _column(values: list[Any]) -> pl.Series:
                      dtype=pl.String)  # fmt: skip
 
 
-def run_table(metas: Mapping[str, Mapping[str, Any]]) -> pl.DataFrame:
+def run_table(
+    metas: Mapping[str, Mapping[str, Any]], *, status: Mapping[str, Any] | None = None
+) -> pl.DataFrame:
     """One row per run (in load order): ``RUN_COLUMNS``, then one column per configuration key, named as
-    the key (``config.<key>`` where it would collide with a fixed column), null where a run lacks it."""
+    the key (``config.<key>`` where it would collide with a fixed column), null where a run lacks it.
+    ``status`` replaces the metadata's status of the runs it names (a killed run's, see :data:`KILLED`)."""
+    status = status or {}
     configs = {run: flatten(meta.get("config") or {}) for run, meta in metas.items()}
     keys = list(dict.fromkeys(k for c in configs.values() for k in c))
     fixed: dict[str, pl.Series] = {
         "run": pl.Series(list(metas), dtype=pl.String),
-        "status": pl.Series([m.get("status") for m in metas.values()], dtype=pl.String),
+        "status": pl.Series([status.get(r, m.get("status")) for r, m in metas.items()], dtype=pl.String),
         "start_time": pl.Series([m.get("start_time") for m in metas.values()], dtype=pl.String),
         "end_time": pl.Series([m.get("end_time") for m in metas.values()], dtype=pl.String),
         "seconds": pl.Series([_seconds(m) for m in metas.values()], dtype=pl.Float64),

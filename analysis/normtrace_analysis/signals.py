@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from .alignment import TOLERANCE, spike_clusters
+from .alignment import TOLERANCE, check_event, spike_clusters
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -91,7 +91,7 @@ def signal_findings(
         trace: the loaded runs (its filters apply); it must have a signals table.
         event: an event name (e.g. ``"target_update"``), or several, whose alignment with gradient-norm
             spikes is tested (:func:`.alignment.event_alignment` on the signals, ``grad_norm`` only); an
-            event no run recorded is skipped; None: none.
+            event no run recorded raises :class:`MissingEventError`, as the alignment does; None: none.
         tail: share of each run's steps whose median is a level (first and last part of the run).
 
     Returns:
@@ -106,8 +106,10 @@ def signal_findings(
     """
     if not 0 < tail <= 0.5:
         raise ValueError(f"tail must be in (0, 0.5], got {tail}")
-    trace.require("signals")
+    trace.require("signals")  # the missing table first: it is why no event could be tested
     events = () if event is None else (event,) if isinstance(event, str) else tuple(dict.fromkeys(event))
+    for name in events:
+        check_event(trace, name)
     return trace.cached(("signal_findings", events, tail), lambda: _findings(trace, events, tail))
 
 
@@ -376,10 +378,6 @@ def _with_outputs(trace: Trace, runs: int) -> pl.DataFrame:
 def _after_event(trace: Trace, event: str) -> pl.DataFrame:
     """Gradient-norm series whose spikes follow ``event`` (event alignment on the signals, q < 0.05)."""
     if not _has_kind(trace, "grad_norm"):
-        return _frame([])
-    from .alignment import recorded_events
-
-    if event not in recorded_events(trace)["name"].to_list():
         return _frame([])
     aligned = trace.of_kind("grad_norm").event_alignment(event, table="signals")
     found = aligned.filter(pl.col("q_value") < SIGNIFICANT).sort("p_value")

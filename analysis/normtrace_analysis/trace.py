@@ -35,6 +35,7 @@ from .errors import (
     StrayFilesWarning,
 )
 from .names import PERMUTATIONS, SPLITS, Level, Table
+from .runs import KILLED, writer_gone
 from .schema import (
     META_FILE,
     REQUIRED_COLUMNS,
@@ -70,6 +71,8 @@ class _Run:
     meta: dict[str, Any]
     rank_metas: dict[int, dict[str, Any]]
     shards: dict[str, list[tuple[RunPath, pl.Schema]]]
+    status: Any
+    """``meta["status"]``, or :data:`.runs.KILLED` for a run that says "running" whose writer is gone."""
     storage_options: dict[str, Any] | None = None
     """Polars' options for scanning a run on object storage (None for a local run)."""
 
@@ -112,6 +115,7 @@ class Trace:
     _normalize: dict[str, dict[str, bool]]
     _base: dict[str, pl.LazyFrame]
     skipped: list[RunPath]
+    """What ``load(..., on_error="skip")`` left out: corrupt shards, then the folders of runs without one."""
     _filters: _Filters = field(default_factory=_Filters)
     _cache: dict[Hashable, Any] = field(init=False, repr=False, compare=False)
     _by_run: dict[str, dict[str, pl.LazyFrame]] = field(default_factory=dict, repr=False, compare=False)
@@ -171,12 +175,13 @@ class Trace:
 
     @property
     def run_table(self) -> pl.DataFrame:
-        """One row per run: status, start and end, seconds, epochs, passes, world size, and one column per
+        """One row per run: status ("killed" where meta.json says "running" but the writer is gone: see
+        :data:`.runs.KILLED`), start and end, seconds, epochs, passes, world size, and one column per
         ``Recorder(config=...)`` setting (nested ones dotted), to group or filter a sweep by, e.g.
         ``trace.filter(runs=trace.run_table.filter(pl.col("lr") < 1e-3)["run"].to_list())``."""
         from .runs import run_table
 
-        return run_table(self.metas)
+        return run_table(self.metas, status={r.name: r.status for r in self._selected_runs()})
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -589,7 +594,8 @@ class Trace:
     @_reads_shards
     def signal_findings(self, *, event: str | Sequence[str] | None = None, tail: float = 0.1) -> pl.DataFrame:
         """Exploding or vanishing gradients, dead units, update ratios far from 1e-3, gradient spikes
-        with output spikes and after ``event``: one sentence each; see :func:`.signals.signal_findings`."""
+        with output spikes and after ``event``: one sentence each; see :func:`.signals.signal_findings`.
+        An ``event`` no run recorded raises :class:`MissingEventError`, as in :meth:`event_alignment`."""
         from .signals import signal_findings
 
         return signal_findings(self, event=event, tail=tail)
@@ -661,7 +667,8 @@ def load(
     ``normalize=None`` follows each run's ``meta["normalize"]`` (what the lenses asked for); True/False
     forces the RMS (``norm / sqrt(numel)``) or raw L2 view of ``value``. ``on_error="skip"`` reads every
     shard through once and leaves out corrupt or truncated ones with a :class:`SkippedShardsWarning`
-    instead of raising; by default only footers are read, so a shard whose body alone is damaged raises a
+    instead of raising, and runs with no shard (:class:`EmptyRunError`) with another, unless every run
+    is empty; by default only footers are read, so a shard whose body alone is damaged raises a
     :class:`CorruptShardError` naming it when an analysis first reads it. ``.arrow`` files that are not
     shards by name (copies, exports) are left out with a :class:`StrayFilesWarning`.
     """
@@ -683,11 +690,19 @@ def load(
     options = dict(storage_options) if storage_options is not None else None
     local = [(d, n) for d, n in named if not isinstance(d, ObjectPath)]
     remote = [(d, n) for d, n in named if isinstance(d, ObjectPath)]
-    opened = {n: _open_run(d, n, on_error, skipped, stray) for d, n in local}
+    empty: list[tuple[RunPath, EmptyRunError]] = []
+    opened = {n: _open_kept(d, n, on_error, skipped, stray, empty) for d, n in local}
     # remote runs: their listings and footers are requests, made together
-    for run in parallel_map(lambda dn: _open_run(dn[0], dn[1], on_error, skipped, stray, options), remote):
-        opened[run.name] = run
-    runs = [opened[n] for _, n in named]
+    found = parallel_map(
+        lambda dn: _open_kept(dn[0], dn[1], on_error, skipped, stray, empty, options), remote
+    )
+    opened.update(zip((n for _, n in remote), found, strict=True))
+    runs = [run for _, n in named if (run := opened[n]) is not None]
+    if not runs:  # every run is empty: there are no others to leave them out for
+        if len(empty) == 1:
+            raise empty[0][1]
+        each = "; ".join(str(e) for _, e in empty)
+        raise EmptyRunError(f"none of the {len(empty)} runs has a shard: {each}", empty[0][0])
     if stray:
         listing = "\n  ".join(str(p) for p in stray)
         warnings.warn(
@@ -701,6 +716,17 @@ def load(
         warnings.warn(
             f"skipped {len(skipped)} unreadable shard(s):\n  {listing}", SkippedShardsWarning, stacklevel=2
         )
+    if empty:
+        listing = "\n  ".join(
+            f"{d}{' (every shard unreadable)' if any(_inside(p, d) for p in skipped) else ''}"
+            for d, _ in empty
+        )
+        warnings.warn(
+            f"left out {len(empty)} run(s) with no shard in any table:\n  {listing}",
+            SkippedShardsWarning,
+            stacklevel=2,
+        )
+        skipped.extend(d for d, _ in empty)
     norm = {
         r.name: {t: bool(normalize if normalize is not None else _meta_normalize(r.meta, t)) for t in TABLES}
         for r in runs
@@ -709,6 +735,20 @@ def load(
     base = {t: pl.concat(list(by_run[t].values()), how="diagonal") for t in TABLES}
     normalize_views = {r: {t: v[t] for t in ("outputs", "params")} for r, v in norm.items()}
     return Trace(runs, normalize_views, base, skipped, _by_run=by_run)
+
+
+def refuse_inside_tables(trace: Trace, path: PathLike) -> None:
+    """Refuse to write ``path`` anywhere inside a loaded run's table folders (``RUN/outputs/…``), where the
+    next load would find it beside the shards; the error names the run and the folder."""
+    where = Path(path).resolve()
+    for run, folder in trace.paths.items():
+        if not isinstance(folder, Path):
+            continue  # a run on object storage: a local output cannot land in it
+        for table in TABLES:
+            if where.is_relative_to((folder / table).resolve()):
+                raise ValueError(
+                    f"{path} is inside the {table}/ folder of run {run!r}; write it somewhere else"
+                )
 
 
 def _expand(
@@ -759,6 +799,26 @@ def _read_meta(path: RunPath) -> dict[str, Any]:
     return meta
 
 
+def _open_kept(
+    d: RunPath,
+    name: str,
+    on_error: str,
+    skipped: list[RunPath],
+    stray: list[RunPath],
+    empty: list[tuple[RunPath, EmptyRunError]],
+    storage_options: dict[str, Any] | None = None,
+) -> _Run | None:
+    """:func:`_open_run`, but with ``on_error="skip"`` a run without a shard goes to ``empty`` (None):
+    one empty run, a sweep's run that crashed before its first flush, must not block the others."""
+    try:
+        return _open_run(d, name, on_error, skipped, stray, storage_options)
+    except EmptyRunError as exc:
+        if on_error == "raise":
+            raise
+        empty.append((d, exc))
+        return None
+
+
 def _open_run(
     d: RunPath,
     name: str,
@@ -800,7 +860,11 @@ def _open_run(
     if not any(shards.values()):
         why = " (every shard was unreadable and skipped)" if any(_inside(p, d) for p in skipped) else ""
         raise EmptyRunError(f"run {d} has no shards in any of {'/, '.join(TABLES)}/{why}", d)
-    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards, storage_options)
+    status = meta.get("status")
+    if status == "running" and isinstance(d, Path) and writer_gone(d):
+        status = _read_meta(meta_path).get("status")  # a close since the first read removed the lock
+        status = KILLED if status == "running" else status
+    return _Run(name, d, meta, dict(sorted(rank_metas.items())), shards, status, storage_options)
 
 
 def _inside(path: RunPath, folder: RunPath) -> bool:

@@ -180,8 +180,14 @@ def test_a_local_run_with_a_skipped_shard_loads_beside_an_empty_remote_run(
     shard.write_bytes(shard.read_bytes()[:100])
     with s3.open_output_stream("bucket/bare/run/meta.json") as f:
         f.write((local_dir / "a" / "meta.json").read_bytes())
-    with pytest.raises(na.EmptyRunError, match=r"run s3://bucket/bare/run has no shards in any of .*/$"):
-        na.load([damaged, "s3://bucket/bare/run"], storage_options=server, on_error="skip")
+    with pytest.warns(na.SkippedShardsWarning) as caught:
+        trace = na.load([damaged, "s3://bucket/bare/run"], storage_options=server, on_error="skip")
+    assert trace.runs == ["damaged"]  # the empty remote run is left out, the damaged local one kept
+    messages = [str(w.message) for w in caught]
+    assert any("rank0-000002.arrow" in m for m in messages)
+    assert any(
+        m.startswith("left out 1 run(s) with no shard") and "s3://bucket/bare/run" in m for m in messages
+    )
 
 
 def test_charts_of_a_remote_run_need_a_local_folder(uploaded, server, capsys) -> None:
