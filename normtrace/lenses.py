@@ -389,3 +389,9 @@ __all__ = [
     "Selector",
     "parameter_norms",
 ]
+
+
+def default_lenses() -> tuple[Lens, ...]:
+    """The lenses of a ``Recorder`` (and of the framework callbacks) given none: output norms of the
+    activation modules, and every weight and bias's norm at each epoch tick."""
+    return (OutputNorm(), ParameterNorm())

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from normtrace import __version__, lifecycle, rundir, schema
 from normtrace.buffer import COMPACT_VALUES, Buffer
 from normtrace.errors import NormtraceError, RunDirError, WriterError, warn_user
-from normtrace.lenses import graph_task_id, is_data_parallel_replica
+from normtrace.lenses import default_lenses, graph_task_id, is_data_parallel_replica
 from normtrace.lifecycle import critical
 from normtrace.observe import Removable, after_forward, before_forward
 from normtrace.recording import ROOT_NAME, Lens, PassState, Recording, Target, in_transform
@@ -187,7 +187,10 @@ class Recorder:
     """Records what the lenses see into Arrow IPC shards under ``run_dir``, off the training thread.
 
     ``run_dir`` defaults to ``runs/<date>-<time>_<host>`` (as torch's ``SummaryWriter`` does), so code
-    written for the seed's ``PyTorchInspector(lenses=[...])`` runs unchanged.
+    written for the seed's ``PyTorchInspector(lenses=[...])`` runs unchanged. ``lenses`` not given are
+    ``OutputNorm()`` and ``ParameterNorm()`` (``lenses.default_lenses``, the framework callbacks' too), so
+    a recorder attached with no more said records something; ``lenses=[]`` records only passes, epochs,
+    events and the metrics pushed.
 
     ``flush_every`` passes or ``flush_secs`` seconds (whichever comes first), at ``tick_epoch()`` once at
     least ``epoch_flush_secs`` have passed since the last flush (0: at every tick), and at ``close()``,
@@ -208,7 +211,7 @@ class Recorder:
     def __init__(
         self,
         run_dir: str | os.PathLike[str] | None = None,
-        lenses: Sequence[Lens] = (),
+        lenses: Sequence[Lens] | None = None,
         *,
         run_name: str | None = None,
         flush_every: int = 1000,
@@ -228,8 +231,18 @@ class Recorder:
             raise ValueError(f"Recorder(flush_secs=...) must be positive, got {flush_secs!r}")
         if int(max_queued_rows) < 1:
             raise ValueError(f"Recorder(max_queued_rows=...) must be at least 1, got {max_queued_rows!r}")
+        if lenses is None:
+            lenses = default_lenses()
+        elif isinstance(lenses, Lens) or not isinstance(lenses, Iterable):
+            name = type(lenses).__name__
+            hint = f": write lenses=[{name}(...)]" if isinstance(lenses, Lens) else ""
+            raise TypeError(f"Recorder(lenses=...) takes a list of lenses, got {name}{hint}")
         seen: set[type] = set()
         for lens in lenses:
+            if isinstance(lens, type):
+                raise TypeError(
+                    f"Recorder(lenses=...): {lens.__name__} is a class; pass a lens, {lens.__name__}()"
+                )
             if not isinstance(lens, Lens):
                 raise TypeError(
                     f"Recorder(lenses=...): {lens!r} is not a lens: a lens has config() and "
@@ -772,14 +785,22 @@ def run_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         if not isinstance(key, str):
             raise TypeError(f"Recorder(config=...) keys must be strings, got {key!r}")
         try:
-            json.dumps(value, allow_nan=True)
+            json.dumps(value, allow_nan=True, default=_numpy_value)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"Recorder(config=...)[{key!r}] is not a JSON value ({exc}): pass numbers, strings, booleans, "
                 "None, lists or mappings"
             ) from None
-    parsed: dict[str, Any] = json.loads(json.dumps(dict(config), allow_nan=True))
+    parsed: dict[str, Any] = json.loads(json.dumps(dict(config), allow_nan=True, default=_numpy_value))
     return parsed
+
+
+def _numpy_value(value: Any) -> Any:
+    """A NumPy scalar or array in a config (``np.float32(3e-4)``, a seed from ``np.random``) as the
+    Python number or list it holds; anything else is not a JSON value."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

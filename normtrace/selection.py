@@ -155,6 +155,17 @@ class ModuleSelection:
                 stacklevel=5,  # the user's attach call, past the lens's attach and this method
             )
             return chosen
+        selected = {name for name, _ in chosen}
+        for name in sorted(selected):
+            base, sep, count = name.rpartition("#")
+            if sep and count.isdigit() and base in selected:
+                recording.warn(
+                    f"{kind.removeprefix('no_')}_name_clash",
+                    f"{lens}: module {name!r} of {model} has the name its rows give the call {int(count) + 1} "
+                    f"of {base!r} in a pass ({base!r}, then {base + '#1'!r}, ...): if {base!r} runs that often "
+                    f"in a pass, the two share one series. Rename one of them (add_module)",
+                    stacklevel=5,
+                )
         leaves = sum(1 for _, m in target.modules if next(m.children(), None) is None)
         least, share = FEW_SELECTED
         if leaves >= least and len(chosen) < share * leaves:

@@ -593,3 +593,81 @@ def test_a_lens_failing_to_attach_leaves_nothing_attached_and_names_itself(tmp_p
     assert not (tmp_path / "outputs").exists()
     assert read_table(tmp_path, "metrics").column("name").to_pylist() == ["still_recording"]
     assert meta_of(tmp_path)["status"] == "closed"
+
+
+def test_a_recorder_given_no_lenses_records_output_and_parameter_norms(tmp_path):
+    """No ``lenses``: those of the framework callbacks (output norms of the activations, parameter norms
+    per epoch), with the values a direct computation gives; ``lenses=[]``: passes and events only."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x = torch.randn(5, 3)
+    with nt.Recorder(tmp_path / "default") as rec:
+        rec.attach(model)
+        model(x)
+        rec.tick_epoch()
+    outputs = read_table(tmp_path / "default", "outputs").to_pylist()
+    assert [r["module"] for r in outputs] == ["1"]
+    want = torch.linalg.vector_norm(model(x), dim=1).mean().item()
+    assert outputs[0]["norm"] == pytest.approx(want, rel=1e-6)
+    params = {
+        (r["module"], r["param"]): r["norm"] for r in read_table(tmp_path / "default", "params").to_pylist()
+    }
+    assert params == pytest.approx(
+        {("0", n): p.norm().item() for n, p in model[0].named_parameters()}, rel=1e-6
+    )
+    with nt.Recorder(tmp_path / "none", lenses=[]) as rec:
+        rec.attach(model)
+        model(x)
+        rec.event("seen")
+    assert sorted(p.name for p in (tmp_path / "none").iterdir() if p.is_dir()) == ["events"]
+    assert meta_of(tmp_path / "none")["passes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("lenses", "message"),
+    [
+        ([nt.OutputNorm], "Recorder(lenses=...): OutputNorm is a class; pass a lens, OutputNorm()"),
+        (
+            nt.OutputNorm(),
+            "Recorder(lenses=...) takes a list of lenses, got OutputNorm: write lenses=[OutputNorm(...)]",
+        ),
+        (3, "Recorder(lenses=...) takes a list of lenses, got int"),
+    ],
+    ids=["a-class", "one-lens", "not-a-list"],
+)
+def test_lenses_given_wrongly_are_refused_saying_how_to_give_them(tmp_path, lenses, message):
+    with pytest.raises(TypeError) as info:
+        nt.Recorder(tmp_path / "run", lenses=lenses)
+    assert str(info.value) == message
+    assert not (tmp_path / "run").exists()  # refused before the directory was claimed
+
+
+def test_numpy_numbers_in_a_config_are_stored_as_the_numbers_they_hold(tmp_path):
+    import numpy as np
+
+    config = {"lr": np.float32(0.25), "seed": np.int64(7), "sizes": np.array([3, 4]), "flag": np.bool_(True)}
+    with nt.Recorder(tmp_path, config=config):
+        pass
+    assert meta_of(tmp_path)["config"] == {"lr": 0.25, "seed": 7, "sizes": [3, 4], "flag": True}
+
+
+def test_a_module_named_as_another_modules_second_call_is_warned_of(tmp_path):
+    """Rows of a module's k-th call in a pass are labelled ``name#k``: a module literally named so would
+    share that series. The clash is said at attach, naming both."""
+    model = nn.Sequential()
+    model.add_module("relu", nn.ReLU())
+    model.add_module("relu#1", nn.Tanh())
+    with (
+        nt.Recorder(tmp_path, [nt.OutputNorm(include=[nn.Tanh])]) as rec,
+        pytest.warns(UserWarning) as caught,
+    ):
+        rec.attach(model)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "OutputNorm: module 'relu#1' of Sequential has the name its rows give the call 2 of 'relu' in a pass "
+        "('relu', then 'relu#1', ...): if 'relu' runs that often in a pass, the two share one series. Rename "
+        "one of them (add_module)"
+    ]
+    apart = nt.OutputNorm(exclude=["relu"], include=[nn.Tanh])
+    with nt.Recorder(tmp_path / "apart", [apart]) as rec, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.attach(model)  # 'relu' not selected: no clash

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normtrace.lenses import Lens, OutputNorm, ParameterNorm
+from normtrace.lenses import Lens, default_lenses
 from normtrace.recorder import Recorder
 
 LR_STEP = "lr_step"
@@ -37,11 +37,6 @@ def missing(framework: str, extra: str, exc: ImportError) -> ImportError:
         f"normtrace.integrations.{extra} needs {framework}, which is not installed ({exc}); "
         f"install it with: pip install 'normtrace[{extra}]'"
     )
-
-
-def default_lenses() -> tuple[Lens, ...]:
-    """Output norms of the activation modules and every weight and bias's norm at each epoch."""
-    return (OutputNorm(), ParameterNorm())
 
 
 def scalar(value: Any) -> float | torch.Tensor | None:
