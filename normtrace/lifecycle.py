@@ -85,7 +85,8 @@ def critical() -> _Critical:
 def register(rec: Recorder, run: _Run) -> None:
     """A new open recorder: remember it for exit and signals, and forget runs whose writer is done."""
     OPEN[rec._key] = rec
-    _RUNS.difference_update([r for r in _RUNS if not r.writer.alive])
+    _RUNS.difference_update([r for r in list(_RUNS) if not r.writer.alive])  # (list(): one atomic copy,
+    # while another thread's recorder may be registering)
     _RUNS.add(run)
     if rec.handle_signals:
         _install()
@@ -94,7 +95,7 @@ def register(rec: Recorder, run: _Run) -> None:
 def unregister(rec: Recorder) -> None:
     """A recorder is closing: forget it, and put the signal handlers back if no open recorder wants them."""
     if OPEN.get(rec._key) is rec:
-        del OPEN[rec._key]
+        OPEN.pop(rec._key, None)  # (another thread closing it too may have been first)
     if not any(r.handle_signals for r in _open_recorders()):
         _uninstall()
 

@@ -123,6 +123,7 @@ class _Run:
         self.finishing = False  # finish() has told the writer to stop
         self.inert = False  # a forked child's copy: its hooks record nothing
         self.notes: dict[tuple[str, str], str] = {}
+        self.notes_lock = threading.Lock()
         self.compact = True  # merge the shards when the user closes the run (Recorder(compact=...))
 
     def count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -131,17 +132,19 @@ class _Run:
 
     def note(self, module: str, kind: str, detail: str) -> None:
         """Remember, once, that something about ``module`` could not be recorded; lands in meta.json."""
-        if (module, kind) not in self.notes:
+        with self.notes_lock:  # hooks of several threads may note at once
+            if (module, kind) in self.notes:
+                return
             self.notes[(module, kind)] = detail
             self.meta["notes"] = [{"module": m, "kind": k, "detail": d} for (m, k), d in self.notes.items()]
-            self.write_meta()
+        self.write_meta()
 
     def hand_over(self, wait_for_room: bool = True) -> None:
         """Give the buffered rows to the writer; with ``wait_for_room``, first wait while it lags too far
         behind (``ShardWriter.wait_for_room``)."""
-        if wait_for_room:
-            self.writer.wait_for_room()
-        with critical():
+        with critical():  # a signal waits too: its handler joins a writer that needs the lock the wait holds
+            if wait_for_room:
+                self.writer.wait_for_room()
             self.buffer.take(self.writer.submit_records)
 
     def write_meta(self) -> None:

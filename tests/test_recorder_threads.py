@@ -276,3 +276,42 @@ def test_a_metric_pushed_outside_a_pass_carries_the_threads_own_last_pass(tmp_pa
             ("watcher", 1.0, 1),
             ("watcher", 2.0, 3),
         ]
+
+
+def test_notes_of_several_threads_at_once_are_each_kept(tmp_path):
+    """Hooks of two threads failing at once both note it (``Recording.note`` → ``_Run.note``): the notes
+    are kept, and neither hook gets "dictionary changed size during iteration" (which escaped the hooks'
+    own guard into the user's forward). Threads switch every microsecond, so bursts of notes interleave."""
+    interval = sys.getswitchinterval()
+    rec = nt.Recorder(tmp_path, lenses=[], handle_signals=False)
+    run = rec._run
+    run.write_meta = lambda: None  # the race is in the notes themselves: no metadata file per note
+    errors: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def burst(k: int) -> None:
+        for _ in range(150):
+            barrier.wait()
+            if k == 0:
+                run.notes.clear()
+            barrier.wait()
+            try:
+                for i in range(100):
+                    run.note(f"m{k}.{i}", "hook_error", "x")
+            except Exception as exc:
+                errors.append(repr(exc))
+            barrier.wait()
+            if k == 0 and len(run.notes) != 200:
+                errors.append(f"{len(run.notes)} notes kept of 200")
+
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        rec.close()
+    assert errors == []

@@ -134,3 +134,47 @@ def test_a_process_exiting_with_a_recorder_open_ends_and_writes_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert meta_of(run)["status"] == "exited"
     assert read_table(run, "metrics").column("value").to_pylist() == [1.0]
+
+
+SIGNALLED_WHILE_WAITING = """
+import signal, sys, time
+import torch
+from torch import nn
+import normtrace as nt
+import normtrace.writer as writer
+
+write = writer.ShardWriter._write_shard
+writer.ShardWriter._write_shard = lambda self, *a: (time.sleep(0.2), write(self, *a))[1]  # a slow disk
+warn = writer.warn_user
+
+def warn_then_signal(*args, **kwargs):  # SIGTERM arriving while the wait for room holds the writer's lock
+    warn(*args, **kwargs)
+    signal.raise_signal(signal.SIGTERM)
+
+writer.warn_user = warn_then_signal
+model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+rec = nt.Recorder(sys.argv[1], [nt.OutputNorm()], flush_every=1, max_queued_rows=3).attach(model)
+for _ in range(50):
+    model(torch.randn(2, 4))
+"""
+
+
+def test_a_signal_arriving_while_training_waits_for_the_writer_ends_the_run(tmp_path):
+    """SIGTERM handled while ``wait_for_room`` holds the writer's lock: the handler, which writes the run
+    and joins the writer, must not run there (the writer needs that lock to count what it wrote: the
+    process ignored SIGTERM for ever). It runs when the wait ends, and the run reads terminated."""
+    run = tmp_path / "r"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", SIGNALLED_WHILE_WAITING, str(run)],
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE * 3,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("SIGTERM during the wait for room never ended the process")
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    meta = meta_of(run)
+    assert meta["status"] == "terminated"
+    # every pass but the last, whose start waited for room and was ended there before its forward ran
+    assert read_table(run, "outputs").column("pass").to_pylist() == list(range(meta["passes"] - 1))
