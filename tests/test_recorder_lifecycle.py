@@ -52,10 +52,13 @@ def test_recorders_collected_without_close_write_everything_and_stop_their_write
     xs = [torch.randn(3, 4) for _ in range(5)]
     before = writer_threads()
     weights = [train_and_forget_to_close(tmp_path / f"run{i}", xs) for i in range(20)]
-    gc.collect()
     deadline = time.monotonic() + 30
-    for t in writer_threads() - before:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    while writer_threads() - before and time.monotonic() < deadline:
+        # collected again until every recorder is: a gc.collect() returns at once, collecting nothing,
+        # while another thread's collection runs (a writer's, running finalizers of recorders it freed)
+        gc.collect()
+        for t in writer_threads() - before:
+            t.join(timeout=0.2)
     assert writer_threads() - before == set(), "writer threads of collected recorders still run"
     for i, state in enumerate(weights):
         run = tmp_path / f"run{i}"
