@@ -172,7 +172,7 @@ def trace_html(trace: Trace) -> str:
         meta = run.meta
         cells = [
             run.name,
-            meta.get("status", "–"),
+            "–" if run.status is None else run.status,  # "killed" where meta.json still says running
             meta.get("epochs", "–"),
             meta.get("passes", "–"),
             len(run.rank_metas),

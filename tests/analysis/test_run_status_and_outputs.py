@@ -184,6 +184,8 @@ def test_a_run_killed_without_closing_is_killed_and_a_live_one_running(run: Path
         trace = na.load([killed, tmp_path / "live", run])
         assert trace.run_table["status"].to_list() == ["killed", "running", "closed"]
         assert trace.metas["killed"]["status"] == "running"  # what meta.json says is kept
+        cells = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td>", trace._repr_html_())  # a notebook's table
+        assert cells == [("killed", "killed"), ("live", "running"), ("run", "closed")]
     finally:
         live.close()
     assert na.load(tmp_path / "live").run_table["status"].to_list() == ["closed"]
