@@ -21,6 +21,10 @@ from normtrace.selection import ModuleSelection
 
 KINDS = ("active_rate", "dead_fraction")
 
+FLOAT_MASK_DEVICES = frozenset({"cpu"})
+"""Devices where the mask of non-zero entries is written as float32 ones: a bool mask is three times slower
+to write on CPU. Elsewhere it is a bool mask, a quarter of the memory."""
+
 
 def activation_rates(x: Tensor) -> Tensor | None:
     """``[active_rate, dead_fraction]`` of an output, as a float32 tensor on its device (None if empty).
@@ -37,9 +41,8 @@ def activation_rates(x: Tensor) -> Tensor | None:
     # per channel, the share of its entries that are non-zero: active_rate is their mean (every channel
     # has as many entries), dead_fraction the share of channels whose share is 0 (exactly: one non-zero
     # entry makes a share > 0). Four small operations after the per-channel reduction, where counting
-    # took six (seven on a conv map; benchmarks/activation_kernel.py). On CPU the mask is float32 ones
-    # (a bool mask is three times slower to write there); elsewhere a bool mask, a quarter of the memory
-    if x.device.type == "cpu":
+    # took six (seven on a conv map; benchmarks/activation_kernel.py).
+    if x.device.type in FLOAT_MASK_DEVICES:
         nonzero = torch.ne(x, 0, out=torch.empty(x.shape, dtype=torch.float32))
     else:
         nonzero = torch.ne(x, 0)

@@ -25,12 +25,20 @@ def _expected(x: np.ndarray) -> tuple[float, float]:
     return float((batch != 0).mean()), float((~channels.any(axis=1)).mean())
 
 
+@pytest.fixture(params=["float mask", "bool mask"])
+def mask(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both masks of non-zero entries on this CPU: float32 ones (CPU's) and bool (other devices')."""
+    if request.param == "bool mask":
+        monkeypatch.setattr(normtrace.activations, "FLOAT_MASK_DEVICES", frozenset())
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(), (7,), (1, 7), (5, 7), (4, 3, 6), (2, 4, 3, 3), (1, 1)],
     ids=lambda s: "x".join(map(str, s)) or "scalar",
 )
-def test_rates_of_every_shape_match_counts(shape: tuple[int, ...]) -> None:
+def test_rates_of_every_shape_match_counts(shape: tuple[int, ...], mask: str) -> None:
     gen = torch.Generator().manual_seed(len(shape))
     x = torch.relu(torch.randn(shape, generator=gen))
     if len(shape) >= 2 and shape[1] > 2:
@@ -56,7 +64,7 @@ def test_empty_outputs_have_no_rates_and_a_single_value_has_them() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
-def test_nan_and_negative_entries_count_as_active_in_every_dtype(dtype: torch.dtype) -> None:
+def test_nan_and_negative_entries_count_as_active_in_every_dtype(dtype: torch.dtype, mask: str) -> None:
     """Non-zero means ``!= 0``: a negative or NaN entry is active, so a channel holding one is alive
     (a kernel counting ``x > 0``, or ones that NaN turns into NaN, would say otherwise)."""
     x = torch.tensor([[0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
@@ -67,7 +75,7 @@ def test_nan_and_negative_entries_count_as_active_in_every_dtype(dtype: torch.dt
     assert activation_rates(x).tolist() == pytest.approx(expected, rel=1e-6)
 
 
-def test_counts_past_what_half_precision_holds_stay_exact() -> None:
+def test_counts_past_what_half_precision_holds_stay_exact(mask: str) -> None:
     """3,001 of 4,096 entries of one channel non-zero in float16: counted in float32, not in the
     input's precision (float16 holds integers exactly only up to 2,048)."""
     x = torch.zeros(4096, 2, dtype=torch.float16)
