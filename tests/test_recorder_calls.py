@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from recorder_models import QNetwork, meta_of, read_table
+from recorder_models import QNetwork, meta_of, notes, read_table
 from torch import nn
 
 import normtrace as nt
@@ -652,22 +652,28 @@ def test_numpy_numbers_in_a_config_are_stored_as_the_numbers_they_hold(tmp_path)
 
 def test_a_module_named_as_another_modules_second_call_is_warned_of(tmp_path):
     """Rows of a module's k-th call in a pass are labelled ``name#k``: a module literally named so would
-    share that series. The clash is said at attach, naming both."""
+    share that series. The clash is said at attach (at the user's line, and as a note), naming both; the
+    count is what follows the last ``#`` (``b#c#1`` is the second call of ``b#c``)."""
     model = nn.Sequential()
-    model.add_module("relu", nn.ReLU())
-    model.add_module("relu#1", nn.Tanh())
+    for name in ("relu", "relu#1", "b#c", "b#c#1"):
+        model.add_module(name, nn.ReLU() if name == "relu" else nn.Tanh())
     with (
         nt.Recorder(tmp_path, [nt.OutputNorm(include=[nn.Tanh])]) as rec,
         pytest.warns(UserWarning) as caught,
     ):
         rec.attach(model)
     messages = [str(w.message) for w in caught]
-    assert messages == [
-        "OutputNorm: module 'relu#1' of Sequential has the name its rows give the call 2 of 'relu' in a pass "
-        "('relu', then 'relu#1', ...): if 'relu' runs that often in a pass, the two share one series. Rename "
-        "one of them (add_module)"
+    clash = (
+        "OutputNorm: module {!r} of Sequential has the name its rows give the call 2 of {!r} in a pass ({!r}, "
+        "then {!r}, ...): if {!r} runs that often in a pass, the two share one series. Rename one of them "
+        "(add_module)"
+    )
+    assert messages == [clash.format(n + "#1", n, n, n + "#1", n) for n in ("b#c", "relu")]
+    assert {w.filename for w in caught} == {__file__}  # the user's attach line
+    assert [(kind, detail) for _, kind, detail in notes(tmp_path)] == [
+        ("output_modules_name_clash", messages[0])
     ]
-    apart = nt.OutputNorm(exclude=["relu"], include=[nn.Tanh])
+    apart = nt.OutputNorm(exclude=["relu", "b#c"], include=[nn.Tanh])
     with nt.Recorder(tmp_path / "apart", [apart]) as rec, warnings.catch_warnings():
         warnings.simplefilter("error")
-        rec.attach(model)  # 'relu' not selected: no clash
+        rec.attach(model)  # neither base selected: no clash
