@@ -143,6 +143,18 @@ def test_an_all_zero_series_gives_a_finite_score_to_a_jump(tmp_path: Path) -> No
     assert found["score"][0] == pytest.approx(_rms_score(1.0, [1.0]), rel=1e-12)
 
 
+def test_missing_values_are_left_out_of_the_rms_deviation(tmp_path: Path) -> None:
+    """Where the MAD is 0, the root mean square deviation counts the values there are: a gap of 30 NaN
+    values (each a spike of its own) in the span of the jump leaves 174 of its 204 points."""
+    values = np.zeros(300)
+    values[100] = 1.0
+    values[140:170] = np.nan
+    found = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": values}))).spikes()
+    jump = found.filter(pl.col("pass") == 100)
+    assert jump["score"].to_list() == pytest.approx([_rms_score(1.0, [1.0], points=174)], rel=1e-12)
+    assert found.filter(pl.col("pass") != 100)["points"].to_list() == [30]  # the gap, one run of flags
+
+
 def test_quantised_values_flag_rare_changes_not_frequent_ones(tmp_path: Path) -> None:
     """A dead-unit fraction of 32 units: 0 at most passes, so its MAD is 0, and the scale is the root mean
     square deviation, which no more than 1 point in 36 can exceed six times. One unit dead at one pass

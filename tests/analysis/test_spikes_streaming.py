@@ -317,6 +317,7 @@ def flat(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sign = np.where(rng.random(700) < 0.02, -1.0, 1.0)  # the gradient cosine of a one-element bias
     zeros = np.zeros(500)
     zeros[[50, 260, 261]] = [1.0, 0.5, 2.0]
+    zeros[[70, 71, 300]] = np.nan  # values missing where the scale is the RMS deviation
     mixed = 5.0 + 0.1 * rng.standard_normal(800)
     mixed[200:500] = 5.0  # noise, then exactly flat, then noise
     mixed[[350, 420]] = [5.2, 4.7]
