@@ -49,12 +49,11 @@ from .names import (
     EVENT_WINDOW,
     PERMUTATIONS,
     SERIES_KEYS,
-    THRESHOLD,
     Level,
     Table,
 )
 from .series import Series, SeriesInfo, complete_series, epoch_means, series_info
-from .spikes import check_detector, spikes
+from .spikes import check_detector, check_threshold, spikes
 from .stats import bh_qvalues, clopper_pearson, permutation_p
 
 if TYPE_CHECKING:
@@ -159,7 +158,7 @@ def _setup(
     if int(permutations) < 1:
         raise ValueError(f"permutations must be at least 1, got {permutations}")
     mods = modules if modules is None or isinstance(modules, str) else tuple(modules)
-    threshold = THRESHOLD if threshold is None else float(threshold)
+    threshold = check_threshold(threshold)
     return _Setup(table, level, mods, threshold, baseline, int(permutations), int(seed))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spikes.add_argument(
         "--threshold",
-        type=float,
+        type=_positive_number,
         help=f"robust z-score above which a value is a spike (default: {THRESHOLD:g})",
     )
     spikes.add_argument(
@@ -695,6 +696,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

@@ -45,7 +45,7 @@ from .summary import Summary, summary_key
 if TYPE_CHECKING:
     from .trace import Trace
 
-__all__ = ["check_detector", "spikes"]
+__all__ = ["check_detector", "check_threshold", "spikes"]
 
 SCALE_SPAN = 4
 """The scale (rolling MAD) spans this many baseline windows: noise levels change slowly, and a MAD of
@@ -90,7 +90,7 @@ def spikes(
     Example:
         ``na.load("runs/cartpole").spikes("outputs", level="pass", threshold=8)``
     """
-    threshold = THRESHOLD if threshold is None else float(threshold)
+    threshold = check_threshold(threshold)
     window = check_detector(table, level, baseline_window)
     key = ("spikes", table, level, _modules_key(modules), threshold, window)
     return trace.cached(key, lambda: _spikes(trace, table, level, modules, threshold, window))
@@ -160,6 +160,15 @@ def check_detector(table: str, level: str, baseline_window: int | None) -> int:
     if window < 3:
         raise ValueError(f"baseline_window must be at least 3 points, got {window}")
     return window
+
+
+def check_threshold(threshold: float | None) -> float:
+    """The detector's threshold (:data:`THRESHOLD` for None), refused unless a positive finite number: at 0
+    or below every point is a spike, and NaN flags none."""
+    value = THRESHOLD if threshold is None else float(threshold)
+    if not 0 < value < math.inf:
+        raise ValueError(f"threshold must be a positive number of robust SDs, got {threshold!r}")
+    return value
 
 
 def _modules_key(modules: Sequence[str] | str | None) -> tuple[str, ...] | str | None:

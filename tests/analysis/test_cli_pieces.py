@@ -6,7 +6,16 @@ import argparse
 from collections.abc import Callable
 
 import pytest
-from normtrace_analysis.cli import _one_line, _option, _positive, _range, _spread, _text_table, _windows
+from normtrace_analysis.cli import (
+    _one_line,
+    _option,
+    _positive,
+    _positive_number,
+    _range,
+    _spread,
+    _text_table,
+    _windows,
+)
 
 ACCEPTED = [
     (_range, "3", (3, 3)), (_range, "10:", (10, None)), (_range, ":50", (None, 50)), (_range, "2:5", (2, 5)),
@@ -15,6 +24,7 @@ ACCEPTED = [
     (_windows, "1", [1]),
     (_option, "a=b", ("a", "b")), (_option, "a=", ("a", "")), (_option, "k=v=w", ("k", "v=w")),
     (_positive, "1", 1), (_positive, "2", 2), (_positive, "999", 999),
+    (_positive_number, "6", 6.0), (_positive_number, "0.5", 0.5), (_positive_number, "1e3", 1000.0),
 ]  # fmt: skip
 """Each argument type, a text it accepts and the value it gives."""
 
@@ -23,6 +33,7 @@ REFUSED = {
     _windows: ("expected positive integers separated by commas", ["0,5", "5,-1", "x", "", ",", "5,x"]),
     _option: ("expected KEY=VALUE", ["=b", "ab", ""]),
     _positive: ("expected a positive integer", ["0", "-3", "x", "1.5", ""]),
+    _positive_number: ("expected a positive number", ["0", "-1", "nan", "inf", "x", ""]),
 }
 """Each argument type, what its error says, and texts it refuses."""
 

@@ -119,6 +119,18 @@ def _rms_score(deviation: float, window_deviations: list[float], points: int = 2
     return deviation / np.sqrt(sum(d * d for d in window_deviations) / points)
 
 
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_threshold_that_flags_every_point_or_none_is_refused(tmp_path: Path, threshold: float) -> None:
+    """At 0 or below every point is a spike, at NaN or infinity none: refused, in the spikes and in the
+    alignment built on them."""
+    trace = na.load(write_trace(tmp_path / "r", outputs=_outputs({"m": _noise(100, seed=1)})))
+    message = rf"^threshold must be a positive number of robust SDs, got {threshold!r}$"
+    with pytest.raises(ValueError, match=message):
+        trace.spikes(threshold=threshold)
+    with pytest.raises(ValueError, match=message):
+        trace.event_alignment("sync", threshold=threshold)
+
+
 def test_a_flat_series_does_not_flag_rounding_but_flags_a_jump(tmp_path: Path) -> None:
     """MAD 0 (every block's median deviation is 0): the scale is the root mean square deviation, but
     never under 1e-4 of the baseline (0.01 at 100), so a deviation of 1e-5 relative (score ~0.1) is not a
