@@ -411,13 +411,14 @@ def test_the_documented_defaults(tmp_path):
             [("lr", 0.1)],
             "Recorder(config=...) must be a mapping of names to values, got list",
         ),
+        ({1: 0.1}, "Recorder(config=...) keys must be strings, got 1"),
         (
             {"lr": 0.1, "model": object()},
             "Recorder(config=...)['model'] is not a JSON value (Object of type object is not JSON "
             "serializable): pass numbers, strings, booleans, None, lists or mappings",
         ),
     ],
-    ids=["not-a-mapping", "not-json"],
+    ids=["not-a-mapping", "a-key-not-a-string", "not-json"],
 )
 def test_a_config_refusal_names_the_key_and_what_json_takes(tmp_path, config, message):
     with pytest.raises(TypeError) as info:
