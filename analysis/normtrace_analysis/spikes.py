@@ -420,9 +420,7 @@ class _Detector:
         flat = mad == 0
         if flat.any():  # most points exactly on the baseline: the root mean square deviation there instead
             where = np.unique(np.repeat(np.arange(len(per_block)), per_block)[flat])  # the stretches
-            rms = _rms_deviations(
-                absdev, rows, block_rows, bs - s // block, bve - s // block, block, span, where
-            )
+            rms = _rms_deviations(absdev, rows, block_rows, block, span, where)
             sigma[flat] = rms[flat]
         scale = np.repeat(sigma, sizes)
         floor = np.abs(baseline)
@@ -480,22 +478,14 @@ class _Detector:
 
 
 def _rms_deviations(
-    absdev: np.ndarray,
-    rows: np.ndarray,
-    block_rows: np.ndarray,
-    first: np.ndarray,
-    last: np.ndarray,
-    block: int,
-    span: int,
-    where: np.ndarray,
+    absdev: np.ndarray, rows: np.ndarray, block_rows: np.ndarray, block: int, span: int, where: np.ndarray
 ) -> np.ndarray:
     """Per block of the stretches ``where`` (as in :func:`_block_medians`; NaN elsewhere), the root mean
-    square of the known deviations over the ``span`` blocks centred on it, counting only the stretch's
-    blocks ``first`` to ``last`` (its own numbering; those whose every point has its baseline), so a
-    window is cut at a series' ends as over the whole series. Summed window by window: no running sum
-    to lose precision."""
+    square of the known deviations over the ``span`` blocks centred on it, the window cut at the
+    stretch's ends. A scored block's window lies within the stretch's blocks whose every point has its
+    baseline (as its rolling MAD's does), and is cut only at a series' own ends, so it is the whole
+    series' window. Summed window by window: no running sum to lose precision."""
     counts = np.diff(rows)
-    per_block = np.diff(block_rows)
     block_of = (
         np.repeat(block_rows[:-1], counts) + (np.arange(len(absdev)) - np.repeat(rows[:-1], counts)) // block
     )
@@ -503,16 +493,12 @@ def _rms_deviations(
     nblocks = int(block_rows[-1])
     squares = np.bincount(block_of, weights=np.where(known, absdev, 0.0) ** 2, minlength=nblocks)
     found = np.bincount(block_of, weights=known, minlength=nblocks)
-    own = np.arange(nblocks) - np.repeat(block_rows[:-1], per_block)
-    outside = (own < np.repeat(first, per_block)) | (own >= np.repeat(last, per_block))
-    squares[outside] = 0.0
-    found[outside] = 0.0
     out = np.full(nblocks, np.nan)
     half = span // 2
     for b0, b1 in zip(block_rows[where], block_rows[where + 1], strict=True):
         total = sliding_window_view(np.pad(squares[b0:b1], half), span).sum(axis=1)
         number = sliding_window_view(np.pad(found[b0:b1], half), span).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):  # (no known value in a window: NaN)
             out[b0:b1] = np.sqrt(total / number)
     return out
 

@@ -321,7 +321,10 @@ def flat(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mixed = 5.0 + 0.1 * rng.standard_normal(800)
     mixed[200:500] = 5.0  # noise, then exactly flat, then noise
     mixed[[350, 420]] = [5.2, 4.7]
-    series = {"dead": dead, "sign": sign, "zeros": zeros, "mixed": mixed}
+    gapped = np.zeros(900)
+    gapped[[100, 700]] = [1.0, 3.0]
+    gapped[250:600] = np.nan  # longer than the scale's span: windows with no value at all
+    series = {"dead": dead, "sign": sign, "zeros": zeros, "mixed": mixed, "gapped": gapped}
     for n in (14, 27, 40, 75, 110):
         short = 3.0 + 0.05 * rng.standard_normal(n)
         short[n // 2] += 1.0
