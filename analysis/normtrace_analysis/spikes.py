@@ -498,7 +498,7 @@ def _rms_deviations(
     for b0, b1 in zip(block_rows[where], block_rows[where + 1], strict=True):
         total = sliding_window_view(np.pad(squares[b0:b1], half), span).sum(axis=1)
         number = sliding_window_view(np.pad(found[b0:b1], half), span).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):  # (no known value in a window: NaN)
+        with np.errstate(invalid="ignore"):  # 0/0 where a window holds no known value: NaN
             out[b0:b1] = np.sqrt(total / number)
     return out
 
