@@ -85,8 +85,8 @@ def critical() -> _Critical:
 def register(rec: Recorder, run: _Run) -> None:
     """A new open recorder: remember it for exit and signals, and forget runs whose writer is done."""
     OPEN[rec._key] = rec
-    _RUNS.difference_update([r for r in list(_RUNS) if not r.writer.alive])  # (list(): one atomic copy,
-    # while another thread's recorder may be registering)
+    # list(): one atomic copy, while another thread's recorder may be registering
+    _RUNS.difference_update([r for r in list(_RUNS) if not r.writer.alive])
     _RUNS.add(run)
     if rec.handle_signals:
         _install()

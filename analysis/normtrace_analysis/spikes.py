@@ -54,7 +54,6 @@ only one window's points is so variable that on 1e5-point series it would flag p
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for Gaussian noise."""
 
-
 SCALE_FLOOR = 1e-4
 """Smallest scale relative to the baseline, so a flat series does not flag float rounding."""
 
@@ -411,8 +410,8 @@ class _Detector:
         # (Polars' rolling median takes a much slower path as soon as a column has a null).
         block_mad[block_pos < np.repeat(bs, per_block)] = 0.0
         mad = _centred_median(block_mad, block_rows, s // block, bs, bve, seed[:, 1], span)
-        # A whole series of too few blocks for a rolling MAD (fewer than half a span: every rolling
-        # median would be missing) takes the median of all its blocks' MADs.
+        # A whole series of too few blocks for a rolling MAD (no more than half a span: the rolling median
+        # needs one more, so every one would be missing) takes the median of all its blocks' MADs.
         for i in np.flatnonzero((s == 0) & ended & (nb <= span // 2)):
             own = block_mad[block_rows[i] : block_rows[i + 1]]
             mad[block_rows[i] : block_rows[i + 1]] = np.nanmedian(own) if (~np.isnan(own)).any() else np.nan
