@@ -108,7 +108,7 @@ def _lock(run_dir: Path, rank: int, overwrite: bool) -> tuple[RunDirLock, str]:
     """The rank's lock, and what to say about a previous owner it was taken from ("" when none)."""
     path = run_dir / schema.lock_name(rank)
     fd = _open_locked(path, run_dir)
-    previous = _owner(fd)
+    previous = schema.lock_owner(fd)
     taken_from = ""
     if previous:
         if previous.get("hostname") == socket.gethostname() and fcntl is not None:
@@ -166,7 +166,7 @@ def _live_owner(fd: int, patience: float = 2.0) -> dict[str, Any]:
     a file that is empty or names a process gone from this host is read again for a moment."""
     deadline = time.monotonic() + patience
     while True:
-        owner = _owner(fd)
+        owner = schema.lock_owner(fd)
         if (owner and not _gone(owner)) or time.monotonic() > deadline:
             return owner
         time.sleep(0.005)
@@ -184,15 +184,6 @@ def _gone(owner: dict[str, Any]) -> bool:
     except OSError:  # alive, another user's
         return False
     return False
-
-
-def _owner(fd: int) -> dict[str, Any]:
-    """What a lock file says about its owner ({} when empty or unreadable)."""
-    try:
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
 
 
 def _describe(owner: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ older reader could misread.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -339,3 +340,13 @@ def meta_name(rank: int) -> str:
 def lock_name(rank: int) -> str:
     """The lock file a rank's writer holds while it writes the run: ``.lock-rank{r}`` (readers ignore it)."""
     return f".lock-rank{rank}"
+
+
+def lock_owner(fd: int) -> dict[str, Any]:
+    """What a lock file (open as ``fd``) says about the process writing its rank: ``pid``, ``hostname``,
+    ``start_time``; {} when empty or unreadable (its writer signs it just after taking the lock)."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from .schema import lock_name
+from .schema import lock_name, lock_owner
 
 RUN_COLUMNS = ("run", "status", "start_time", "end_time", "seconds", "epochs", "passes", "world_size")
 """The fixed columns of :func:`run_table`, before the configuration's."""
@@ -46,7 +46,7 @@ def writer_gone(run: Path) -> bool:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return False
-        if _lock_owner(fd).get("hostname") != socket.gethostname():
+        if lock_owner(fd).get("hostname") != socket.gethostname():
             return False
         try:  # shared: never in a live writer's way for more than this call; closing the file releases it
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -55,15 +55,6 @@ def writer_gone(run: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _lock_owner(fd: int) -> dict[str, Any]:
-    """What a lock file says about its writer (pid, hostname, start time); {} when empty or unreadable."""
-    try:
-        owner = json.loads(os.read(fd, 4096) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,6 +45,9 @@ COMPACT_ROWS: int = _format.COMPACT_ROWS
 lock_name = _format.lock_name
 """The lock file a rank's writer holds on its run directory while it writes."""
 
+lock_owner = _format.lock_owner
+"""What a lock file says about its writer (pid, hostname, start time)."""
+
 META_KEYS: tuple[str, ...] = _format.META_KEYS
 """The keys of every ``meta.json`` (``docs/trace-format.md``)."""
 
